@@ -1,0 +1,391 @@
+//! A stored entry: one key's CRDT value(s) and its causal context.
+//!
+//! An entry is the product of one optional component per value kind (a
+//! multi-value register, a last-writer-wins register, a PN-counter and an
+//! observed-remove set, all from the `crdts` crate) plus the key's causal
+//! context. Merging merges component-wise and joins the contexts, so the laws
+//! hold because they hold for each component: merge is commutative,
+//! associative and idempotent.
+//!
+//! A key holds one kind: a local write of another kind is refused. Two
+//! replicas that create the same key concurrently as different kinds end up
+//! with both components after they sync; nothing is dropped, and a read shows
+//! the first in [`ValueKind`] order with the others beside it.
+//!
+//! Invariants (checked by [`Entry::validate`] on anything read from disk or
+//! received from a peer):
+//! - the context is non-empty and holds no zero counter;
+//! - every register sibling's clock is non-empty and covered by the context;
+//! - every set add dot is covered by the context.
+//!
+//! The highest dot of each node in the context names the entry in the
+//! change index. A store that has incorporated all of those writes has a
+//! state at least as new as this entry (each such write was made on top of
+//! its node's whole state of the key, and entries move whole), which is what
+//! lets sync send an entry only when one of those dots is missing.
+
+use super::{CausalContext, Dot, HlcTimestamp, NodeId};
+use crdts::ctx::AddCtx;
+use crdts::{CmRDT, CvRDT, LWWReg, MVReg, Orswot, PNCounter, VClock};
+use serde::{Deserialize, Serialize};
+use std::fmt;
+
+/// Version byte in front of every encoded entry.
+pub(crate) const ENTRY_FORMAT: u8 = 1;
+
+/// A register sibling or LWW value: `None` is a delete (tombstone).
+type Slot = Option<Vec<u8>>;
+
+/// The kinds of value a key can hold.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum ValueKind {
+    /// Multi-value register: concurrent writes are kept as siblings.
+    Register,
+    /// Last-writer-wins register ordered by hybrid logical clock.
+    Lww,
+    /// PN-counter.
+    Counter,
+    /// Observed-remove set of byte strings.
+    Set,
+}
+
+impl ValueKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            ValueKind::Register => "register",
+            ValueKind::Lww => "lww",
+            ValueKind::Counter => "counter",
+            ValueKind::Set => "set",
+        }
+    }
+}
+
+impl fmt::Display for ValueKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// A value as read.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Value {
+    /// The register's siblings: one value unless writes were concurrent.
+    /// Sorted and without duplicates.
+    Register(Vec<Vec<u8>>),
+    Lww(Vec<u8>),
+    Counter(i64),
+    /// The set's members, sorted.
+    Set(Vec<Vec<u8>>),
+}
+
+impl Value {
+    pub fn kind(&self) -> ValueKind {
+        match self {
+            Value::Register(_) => ValueKind::Register,
+            Value::Lww(_) => ValueKind::Lww,
+            Value::Counter(_) => ValueKind::Counter,
+            Value::Set(_) => ValueKind::Set,
+        }
+    }
+}
+
+/// What a read returns for a live key.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Record {
+    pub value: Value,
+    /// Hand this back with the next write to supersede what was read.
+    pub context: CausalContext,
+    /// Values of other kinds, present only when replicas created the key
+    /// concurrently as different kinds. Normally empty.
+    pub other_kinds: Vec<Value>,
+}
+
+/// Order of LWW writes: hybrid logical time, then node id to break ties.
+#[derive(
+    Copy, Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
+pub(crate) struct LwwMarker {
+    pub(crate) time: HlcTimestamp,
+    pub(crate) node: NodeId,
+}
+
+/// Why an entry could not be decoded or failed validation.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum EntryError {
+    #[error("empty entry")]
+    Empty,
+    #[error("entry format version {0} is not supported (expected {ENTRY_FORMAT})")]
+    Format(u8),
+    #[error("undecodable entry: {0}")]
+    Decode(String),
+    #[error("invalid entry: {0}")]
+    Invalid(&'static str),
+}
+
+/// Why a local counter add was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct CounterOverflow;
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub(crate) struct Entry {
+    pub(crate) context: CausalContext,
+    register: Option<MVReg<Slot, NodeId>>,
+    lww: Option<LWWReg<Slot, LwwMarker>>,
+    counter: Option<PNCounter<NodeId>>,
+    set: Option<Orswot<Vec<u8>, NodeId>>,
+}
+
+impl Entry {
+    /// The kinds holding a live value, in [`ValueKind`] order. Empty for a
+    /// deleted key (a tombstone).
+    pub(crate) fn live_kinds(&self) -> Vec<ValueKind> {
+        let mut kinds = Vec::new();
+        if let Some(reg) = &self.register {
+            if reg.read().val.iter().any(Option::is_some) {
+                kinds.push(ValueKind::Register);
+            }
+        }
+        if self.lww.as_ref().is_some_and(|l| l.val.is_some()) {
+            kinds.push(ValueKind::Lww);
+        }
+        if self.counter.is_some() {
+            kinds.push(ValueKind::Counter);
+        }
+        if self.set.is_some() {
+            kinds.push(ValueKind::Set);
+        }
+        kinds
+    }
+
+    pub(crate) fn is_tombstone(&self) -> bool {
+        self.live_kinds().is_empty()
+    }
+
+    /// A local write of `kind` is allowed unless the key is live as another kind.
+    pub(crate) fn check_writable(&self, kind: ValueKind) -> Result<(), ValueKind> {
+        let live = self.live_kinds();
+        match live.first() {
+            Some(&found) if !live.contains(&kind) => Err(found),
+            _ => Ok(()),
+        }
+    }
+
+    /// The dots that index this entry: the highest of each node.
+    pub(crate) fn index_dots(&self) -> Vec<Dot> {
+        self.context.dots().collect()
+    }
+
+    /// Writes (or, with `None`, deletes) the register. The write supersedes
+    /// the siblings `seen` covers; others stay as siblings.
+    pub(crate) fn write_register(&mut self, value: Slot, dot: Dot, seen: &CausalContext) {
+        let mut clock = seen.0.clone();
+        let crdt_dot = crdts::Dot::new(dot.node, dot.seq);
+        clock.apply(crdt_dot);
+        let reg = self.register.get_or_insert_with(MVReg::new);
+        let op = reg.write(
+            value,
+            AddCtx {
+                clock,
+                dot: crdt_dot,
+            },
+        );
+        reg.apply(op);
+        self.context.apply(dot);
+    }
+
+    /// Writes (or, with `None`, deletes) the LWW register.
+    pub(crate) fn write_lww(&mut self, value: Slot, dot: Dot, time: HlcTimestamp) {
+        let marker = LwwMarker {
+            time,
+            node: dot.node,
+        };
+        match &mut self.lww {
+            Some(reg) => reg.update(value, marker),
+            None => self.lww = Some(LWWReg { val: value, marker }),
+        }
+        self.context.apply(dot);
+    }
+
+    /// The newest LWW timestamp held, to feed the hybrid clock.
+    pub(crate) fn lww_time(&self) -> Option<HlcTimestamp> {
+        self.lww.as_ref().map(|l| l.marker.time)
+    }
+
+    /// Adds `amount` to the counter. Refused if this node's tally would
+    /// overflow or the value would leave the `i64` range.
+    pub(crate) fn counter_add(&mut self, amount: i64, dot: Dot) -> Result<i64, CounterOverflow> {
+        let counter = self.counter.get_or_insert_with(PNCounter::new);
+        let current = i64::try_from(counter.read()).map_err(|_| CounterOverflow)?;
+        let new_value = current.checked_add(amount).ok_or(CounterOverflow)?;
+        let steps = amount.unsigned_abs();
+        // An op of zero steps carries this node's current tally in its dot.
+        let op = if amount >= 0 {
+            let tally = counter.inc_many(dot.node, 0).dot.counter;
+            tally.checked_add(steps).ok_or(CounterOverflow)?;
+            counter.inc_many(dot.node, steps)
+        } else {
+            let tally = counter.dec_many(dot.node, 0).dot.counter;
+            tally.checked_add(steps).ok_or(CounterOverflow)?;
+            counter.dec_many(dot.node, steps)
+        };
+        counter.apply(op);
+        self.context.apply(dot);
+        Ok(new_value)
+    }
+
+    pub(crate) fn set_add(&mut self, member: Vec<u8>, dot: Dot) {
+        let set = self.set.get_or_insert_with(Orswot::new);
+        let crdt_dot = crdts::Dot::new(dot.node, dot.seq);
+        let op = set.add(
+            member,
+            AddCtx {
+                clock: VClock::new(),
+                dot: crdt_dot,
+            },
+        );
+        set.apply(op);
+        self.context.apply(dot);
+    }
+
+    /// Removes the additions of `member` this entry has observed. The remove
+    /// gets its own dot in the context so that it replicates like any write.
+    pub(crate) fn set_remove(&mut self, member: Vec<u8>, dot: Dot) {
+        let set = self.set.get_or_insert_with(Orswot::new);
+        let rm_ctx = set.contains(&member).derive_rm_ctx();
+        let op = set.rm(member, rm_ctx);
+        set.apply(op);
+        self.context.apply(dot);
+    }
+
+    /// Merges another replica's state of the same key into this one.
+    pub(crate) fn merge(&mut self, other: Entry) {
+        self.context.join(&other.context);
+        merge_option(&mut self.register, other.register);
+        merge_option(&mut self.lww, other.lww);
+        merge_option(&mut self.counter, other.counter);
+        merge_option(&mut self.set, other.set);
+    }
+
+    /// The read view, or `None` for a tombstone.
+    pub(crate) fn record(&self) -> Option<Record> {
+        let mut values = Vec::new();
+        for kind in self.live_kinds() {
+            values.push(match kind {
+                ValueKind::Register => {
+                    let mut siblings: Vec<Vec<u8>> = self
+                        .register
+                        .iter()
+                        .flat_map(|r| r.read().val)
+                        .flatten()
+                        .collect();
+                    siblings.sort();
+                    siblings.dedup();
+                    Value::Register(siblings)
+                }
+                ValueKind::Lww => Value::Lww(
+                    self.lww
+                        .as_ref()
+                        .and_then(|l| l.val.clone())
+                        .unwrap_or_default(),
+                ),
+                ValueKind::Counter => Value::Counter(self.counter_value()),
+                ValueKind::Set => Value::Set(self.members()),
+            });
+        }
+        let mut values = values.into_iter();
+        let value = values.next()?;
+        Some(Record {
+            value,
+            context: self.context.clone(),
+            other_kinds: values.collect(),
+        })
+    }
+
+    /// The counter's value. Replicas cannot push it out of range through
+    /// local adds; a sum of concurrent adds beyond `i64` saturates.
+    pub(crate) fn counter_value(&self) -> i64 {
+        let Some(counter) = &self.counter else {
+            return 0;
+        };
+        let value = counter.read();
+        i64::try_from(&value).unwrap_or(if value.sign() == num_bigint::Sign::Minus {
+            i64::MIN
+        } else {
+            i64::MAX
+        })
+    }
+
+    pub(crate) fn members(&self) -> Vec<Vec<u8>> {
+        let mut members: Vec<Vec<u8>> = self
+            .set
+            .as_ref()
+            .map(|s| s.read().val.into_iter().collect())
+            .unwrap_or_default();
+        members.sort();
+        members
+    }
+
+    pub(crate) fn validate(&self) -> Result<(), EntryError> {
+        if self.context.is_empty() {
+            return Err(EntryError::Invalid("empty causal context"));
+        }
+        if self.context.dots().any(|d| d.seq == 0) {
+            return Err(EntryError::Invalid("zero counter in causal context"));
+        }
+        if let Some(reg) = &self.register {
+            let ctx = &self.context.0;
+            // The sibling clocks are only reachable through the read context,
+            // whose add clock is their join.
+            let read = reg.read();
+            if read.val.is_empty() {
+                return Err(EntryError::Invalid("register without siblings"));
+            }
+            if !covered_by(&read.add_clock, ctx) {
+                return Err(EntryError::Invalid(
+                    "register sibling not covered by the causal context",
+                ));
+            }
+        }
+        if let Some(set) = &self.set {
+            if !covered_by(&set.clock(), &self.context.0) {
+                return Err(EntryError::Invalid(
+                    "set addition not covered by the causal context",
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    pub(crate) fn encode(&self) -> Vec<u8> {
+        let mut out = vec![ENTRY_FORMAT];
+        // Serializing plain data into a Vec does not fail.
+        out.extend(postcard::to_allocvec(self).unwrap_or_default());
+        out
+    }
+
+    pub(crate) fn decode(bytes: &[u8]) -> Result<Entry, EntryError> {
+        let (&format, body) = bytes.split_first().ok_or(EntryError::Empty)?;
+        if format != ENTRY_FORMAT {
+            return Err(EntryError::Format(format));
+        }
+        let (entry, rest): (Entry, _) =
+            postcard::take_from_bytes(body).map_err(|e| EntryError::Decode(e.to_string()))?;
+        if !rest.is_empty() {
+            return Err(EntryError::Decode(format!("{} trailing bytes", rest.len())));
+        }
+        entry.validate()?;
+        Ok(entry)
+    }
+}
+
+fn covered_by(clock: &VClock<NodeId>, by: &VClock<NodeId>) -> bool {
+    clock.iter().all(|d| by.get(d.actor) >= d.counter)
+}
+
+fn merge_option<T: CvRDT>(mine: &mut Option<T>, theirs: Option<T>) {
+    match (mine.as_mut(), theirs) {
+        (Some(m), Some(t)) => m.merge(t),
+        (None, Some(t)) => *mine = Some(t),
+        (_, None) => {}
+    }
+}

@@ -1,0 +1,311 @@
+//! Sync primitives: list what another store lacks, apply what it sent, and
+//! purge causally stable tombstones.
+//!
+//! `changes_since(p, since)` walks the change index of partition `p` from
+//! `since` onward, origin by origin, so it reads only rows for dots `since`
+//! does not cover: time proportional to the answer (plus one seek per origin
+//! node), not to the store. It runs in one read snapshot and yields chunks
+//! bounded in entries and bytes; the last chunk carries `complete`: the
+//! source's version vector at that snapshot.
+//!
+//! Applying a chunk merges its entries and records their index dots. Only the
+//! final chunk lets the receiver raise its version vector to the source's:
+//! that is safe once the receiver holds every entry the source had that
+//! `since` did not cover, and `since` was the receiver's own vector earlier
+//! (vectors only grow). A stream cut short leaves the receiver with the dots
+//! it did receive, so the next exchange resumes from there.
+
+use super::tables::*;
+use super::write::check_key;
+use super::{read_version, Store};
+use crate::crdt::entry::Entry;
+use crate::crdt::{NodeId, VersionVector};
+use crate::error::{show_key, Error, Result};
+use redb::{ReadOnlyTable, ReadTransaction, ReadableDatabase};
+use serde::{Deserialize, Serialize};
+
+/// Bounds on one chunk of a change stream.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub struct ChunkLimits {
+    pub max_entries: usize,
+    /// Encoded key and entry bytes. A single entry larger than this still
+    /// goes out, alone in its chunk.
+    pub max_bytes: usize,
+}
+
+impl Default for ChunkLimits {
+    fn default() -> Self {
+        ChunkLimits {
+            max_entries: 1024,
+            max_bytes: 1 << 20,
+        }
+    }
+}
+
+/// One key's entry as it travels between stores: encoded, checked on arrival.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RemoteEntry {
+    pub key: Vec<u8>,
+    pub entry: Vec<u8>,
+}
+
+/// A bounded piece of a change stream.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChangeChunk {
+    pub partition: u16,
+    pub entries: Vec<RemoteEntry>,
+    /// Set on the last chunk only: the source's version vector of the
+    /// partition when the stream began. Apply it only after every earlier
+    /// chunk of the same stream, in order.
+    pub complete: Option<VersionVector>,
+}
+
+impl ChangeChunk {
+    /// Key and entry bytes carried.
+    pub fn payload_bytes(&self) -> usize {
+        self.entries
+            .iter()
+            .map(|e| e.key.len() + e.entry.len())
+            .sum()
+    }
+}
+
+/// What applying a chunk did.
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
+pub struct ApplyReport {
+    /// Entries that brought writes this store lacked and were merged.
+    pub merged: usize,
+    /// Entries whose writes this store had already incorporated.
+    pub skipped: usize,
+}
+
+/// The chunks of `Store::changes_since`, read from one snapshot.
+pub struct ChangeStream {
+    _txn: ReadTransaction,
+    entries: ReadOnlyTable<&'static [u8], &'static [u8]>,
+    changes: ReadOnlyTable<(u16, u64, u64), &'static [u8]>,
+    partition: u16,
+    since: VersionVector,
+    source: VersionVector,
+    limits: ChunkLimits,
+    /// Next position to read: origin node and sequence; `None` when the
+    /// index has been walked to its end.
+    cursor: Option<(NodeId, u64)>,
+    finished: bool,
+}
+
+impl Store {
+    /// The entries of `partition` with a dot that `since` does not cover,
+    /// in chunks. See the module docs for what applying them guarantees.
+    pub fn changes_since(&self, partition: u16, since: &VersionVector) -> Result<ChangeStream> {
+        self.changes_since_with(partition, since, ChunkLimits::default())
+    }
+
+    pub fn changes_since_with(
+        &self,
+        partition: u16,
+        since: &VersionVector,
+        limits: ChunkLimits,
+    ) -> Result<ChangeStream> {
+        self.check_partition(partition)?;
+        let mut since = since.clone();
+        since.normalize();
+        let txn = self.db.begin_read()?;
+        let source = read_version(&txn.open_table(VERSIONS)?, partition)?;
+        let entries = txn.open_table(ENTRIES)?;
+        let changes = txn.open_table(CHANGES)?;
+        let mut stream = ChangeStream {
+            _txn: txn,
+            entries,
+            changes,
+            partition,
+            since,
+            source,
+            limits: ChunkLimits {
+                max_entries: limits.max_entries.max(1),
+                max_bytes: limits.max_bytes.max(1),
+            },
+            cursor: None,
+            finished: false,
+        };
+        stream.cursor = stream
+            .first_origin_from(0)?
+            .map(|n| (n, stream.since.base(n) + 1));
+        Ok(stream)
+    }
+
+    /// Merges a chunk received from another store's `changes_since`.
+    /// Everything in it is checked before anything is written; a bad entry
+    /// rejects the whole chunk.
+    pub fn apply(&self, chunk: &ChangeChunk) -> Result<ApplyReport> {
+        let partition = chunk.partition;
+        self.check_partition(partition)?;
+        let mut decoded = Vec::with_capacity(chunk.entries.len());
+        for remote in &chunk.entries {
+            let key = remote.key.as_slice();
+            check_key(key)?;
+            let actual = self.partition_of(key);
+            if actual != partition {
+                return Err(Error::MisroutedEntry {
+                    key: show_key(key),
+                    claimed: partition,
+                    actual,
+                });
+            }
+            let entry = Entry::decode(&remote.entry).map_err(|e| Error::InvalidEntry {
+                key: show_key(key),
+                reason: e.to_string(),
+            })?;
+            decoded.push((key, entry));
+        }
+        let mut complete = chunk.complete.clone();
+        if let Some(vv) = &mut complete {
+            vv.normalize();
+        }
+        self.with_write(|w| {
+            let mut report = ApplyReport::default();
+            for (key, entry) in decoded {
+                if w.merge_remote(partition, key, entry)? {
+                    report.merged += 1;
+                } else {
+                    report.skipped += 1;
+                }
+            }
+            if let Some(vv) = &complete {
+                w.version_mut(partition).join(vv);
+            }
+            Ok(report)
+        })
+    }
+
+    /// Removes the tombstones of `partition` whose writes `stable` covers:
+    /// `stable` must be covered by every replica's version vector (the
+    /// caller computes it, e.g. as the meet of all replicas' vectors).
+    /// Returns how many were purged.
+    pub fn purge(&self, partition: u16, stable: &VersionVector) -> Result<usize> {
+        self.check_partition(partition)?;
+        self.with_write(|w| {
+            let mut purged = 0;
+            for key in w.tombstone_keys(partition)? {
+                let Some(entry) = w.load(&key)? else { continue };
+                let local = w.version(partition);
+                let stable_here = entry
+                    .index_dots()
+                    .iter()
+                    .all(|&d| stable.covers(d) && local.covers(d));
+                if entry.is_tombstone() && stable_here {
+                    w.remove_entry(partition, &key, &entry)?;
+                    purged += 1;
+                }
+            }
+            Ok(purged)
+        })
+    }
+}
+
+impl ChangeStream {
+    /// The source's version vector of the partition at this stream's snapshot.
+    pub fn source_version(&self) -> &VersionVector {
+        &self.source
+    }
+
+    /// The smallest origin node at or after `from` with rows in the index.
+    fn first_origin_from(&self, from: u64) -> Result<Option<NodeId>> {
+        let start = (self.partition, from, 0u64);
+        let end = (self.partition, u64::MAX, u64::MAX);
+        match self.changes.range(start..=end)?.next() {
+            Some(row) => Ok(Some(NodeId(row?.0.value().1))),
+            None => Ok(None),
+        }
+    }
+
+    /// Whether an entry reached through origin `via` is sent there: it is
+    /// sent at the first origin, in walk order, whose dot `since` lacks, so
+    /// that an entry indexed by several uncovered dots goes out once.
+    fn first_uncovered_origin_is(&self, entry: &Entry, via: NodeId) -> bool {
+        entry
+            .index_dots()
+            .into_iter()
+            .find(|&d| !self.since.covers(d))
+            .is_some_and(|d| d.node == via)
+    }
+
+    fn next_chunk(&mut self) -> Result<ChangeChunk> {
+        let mut entries = Vec::new();
+        let mut bytes = 0usize;
+        while let Some((origin, from_seq)) = self.cursor {
+            let start = (self.partition, origin.0, from_seq);
+            let end = (self.partition, origin.0, u64::MAX);
+            let mut next_cursor = None;
+            for row in self.changes.range(start..=end)? {
+                let (position, key) = row?;
+                let (_, _, seq) = position.value();
+                if entries.len() >= self.limits.max_entries || bytes >= self.limits.max_bytes {
+                    next_cursor = Some((origin, seq));
+                    break;
+                }
+                if self.since.covers(crate::crdt::Dot::new(origin, seq)) {
+                    continue;
+                }
+                let key = key.value();
+                let stored = self.entries.get(key)?.ok_or_else(|| Error::Corrupt {
+                    what: "change index".into(),
+                    reason: format!(
+                        "row ({}, {origin}, {seq}) names missing key {}",
+                        self.partition,
+                        show_key(key)
+                    ),
+                })?;
+                let encoded = stored.value();
+                let entry = super::decode_entry(key, encoded)?;
+                if !self.first_uncovered_origin_is(&entry, origin) {
+                    continue;
+                }
+                bytes += key.len() + encoded.len();
+                entries.push(RemoteEntry {
+                    key: key.to_vec(),
+                    entry: encoded.to_vec(),
+                });
+            }
+            match next_cursor {
+                Some(cursor) => {
+                    self.cursor = Some(cursor);
+                    return Ok(ChangeChunk {
+                        partition: self.partition,
+                        entries,
+                        complete: None,
+                    });
+                }
+                None => {
+                    self.cursor = match origin.0.checked_add(1) {
+                        Some(next) => self
+                            .first_origin_from(next)?
+                            .map(|n| (n, self.since.base(n) + 1)),
+                        None => None,
+                    };
+                }
+            }
+        }
+        self.finished = true;
+        Ok(ChangeChunk {
+            partition: self.partition,
+            entries,
+            complete: Some(self.source.clone()),
+        })
+    }
+}
+
+impl Iterator for ChangeStream {
+    type Item = Result<ChangeChunk>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.finished {
+            return None;
+        }
+        let chunk = self.next_chunk();
+        if chunk.is_err() {
+            self.finished = true;
+        }
+        Some(chunk)
+    }
+}

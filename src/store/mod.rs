@@ -1,0 +1,453 @@
+//! The local store: one redb database holding a node's entries, the change
+//! index, per-partition version vectors and metadata.
+//!
+//! Reads run in redb read transactions and never wait for writers. Writes
+//! (local ops and applied remote entries) are serialized: a write takes the
+//! writer lock, which holds the in-memory copy of every partition's version
+//! vector, for the length of its redb transaction, and publishes the updated
+//! vectors only after the commit succeeds.
+
+mod changes;
+mod partition;
+mod tables;
+mod write;
+
+pub use changes::{ApplyReport, ChangeChunk, ChangeStream, ChunkLimits, RemoteEntry};
+pub use partition::{partition_of, DEFAULT_PARTITIONS, HASH_SCHEME};
+pub use write::{Batch, Op};
+
+use crate::crdt::entry::Entry;
+use crate::crdt::{
+    HlcTimestamp, HybridClock, NodeId, Record, SystemClock, ValueKind, VersionVector, WallClock,
+};
+use crate::error::{show_key, Error, Result};
+use redb::{Database, ReadableDatabase, ReadableTable};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+use tables::*;
+
+/// The largest key accepted, in bytes.
+pub const MAX_KEY_BYTES: usize = 8 * 1024;
+/// The largest register value or set member accepted, in bytes.
+pub const MAX_VALUE_BYTES: usize = 4 * 1024 * 1024;
+
+/// When a commit is on disk.
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
+pub enum Durability {
+    /// Every commit is flushed to disk before it returns (the default).
+    #[default]
+    Immediate,
+    /// Commits are not flushed: a crash may lose the latest commits (the
+    /// store reopens at an earlier consistent state) but never corrupts it.
+    Buffered,
+}
+
+/// How to open a store.
+#[derive(Clone)]
+pub struct StoreOptions {
+    /// This store's node id. A new store gets a random one if `None`; an
+    /// existing store must match if `Some`.
+    pub node_id: Option<NodeId>,
+    /// Partition count of a new store (default 256); an existing store must
+    /// match if `Some`.
+    pub partitions: Option<u16>,
+    pub durability: Durability,
+    /// redb page cache size in bytes (`None`: redb's default).
+    pub cache_bytes: Option<usize>,
+    /// Wall-clock source for the hybrid logical clock.
+    pub clock: Arc<dyn WallClock>,
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        StoreOptions {
+            node_id: None,
+            partitions: None,
+            durability: Durability::default(),
+            cache_bytes: None,
+            clock: Arc::new(SystemClock),
+        }
+    }
+}
+
+impl std::fmt::Debug for StoreOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StoreOptions")
+            .field("node_id", &self.node_id)
+            .field("partitions", &self.partitions)
+            .field("durability", &self.durability)
+            .field("cache_bytes", &self.cache_bytes)
+            .finish_non_exhaustive()
+    }
+}
+
+impl StoreOptions {
+    pub fn node_id(mut self, node: NodeId) -> Self {
+        self.node_id = Some(node);
+        self
+    }
+
+    pub fn partitions(mut self, partitions: u16) -> Self {
+        self.partitions = Some(partitions);
+        self
+    }
+
+    pub fn durability(mut self, durability: Durability) -> Self {
+        self.durability = durability;
+        self
+    }
+
+    pub fn clock(mut self, clock: Arc<dyn WallClock>) -> Self {
+        self.clock = clock;
+        self
+    }
+}
+
+/// What only the writer touches: the committed version vectors and clock.
+struct WriterState {
+    versions: Vec<VersionVector>,
+    hlc: HybridClock,
+}
+
+/// A node's local store. Cheap to share behind an `Arc`; all methods take `&self`.
+pub struct Store {
+    db: Database,
+    node: NodeId,
+    partitions: u16,
+    durability: Durability,
+    clock: Arc<dyn WallClock>,
+    writer: Mutex<WriterState>,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store")
+            .field("node", &self.node)
+            .field("partitions", &self.partitions)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Store {
+    /// Opens the store at `path`, creating it if the file does not exist.
+    pub fn open(path: impl AsRef<Path>, options: StoreOptions) -> Result<Store> {
+        let path = path.as_ref();
+        check_options(&options)?;
+        let mut builder = Database::builder();
+        if let Some(bytes) = options.cache_bytes {
+            builder.set_cache_size(bytes);
+        }
+        let opened = if path.exists() {
+            builder.open(path)
+        } else {
+            builder.create(path)
+        };
+        let db = opened.map_err(|e| Error::Open {
+            path: path.to_path_buf(),
+            source: e.into(),
+        })?;
+        Self::init(db, options, path.display().to_string())
+    }
+
+    /// Opens a store that lives in memory only (tests, simulation, caches).
+    pub fn open_in_memory(options: StoreOptions) -> Result<Store> {
+        check_options(&options)?;
+        let db = Database::builder()
+            .create_with_backend(redb::backends::InMemoryBackend::new())
+            .map_err(|e| Error::Open {
+                path: PathBuf::from(":memory:"),
+                source: e.into(),
+            })?;
+        Self::init(db, options, ":memory:".to_string())
+    }
+
+    fn init(db: Database, options: StoreOptions, path: String) -> Result<Store> {
+        let txn = db.begin_write()?;
+        let (node, partitions, hlc) = {
+            let existing_tables = txn.list_tables()?.count();
+            let mut meta = txn.open_table(META)?;
+            let format = meta.get(META_FORMAT)?.map(|v| v.value().to_vec());
+            match format {
+                None if existing_tables > 0 => {
+                    return Err(Error::NotAStore {
+                        path,
+                        reason: "the database has tables but no gossipkv metadata".into(),
+                    })
+                }
+                None => {
+                    let node = options.node_id.unwrap_or_else(NodeId::random);
+                    let partitions = options.partitions.unwrap_or(DEFAULT_PARTITIONS);
+                    meta.insert(META_FORMAT, FORMAT_VERSION.to_le_bytes().as_slice())?;
+                    meta.insert(META_NODE_ID, node.0.to_le_bytes().as_slice())?;
+                    meta.insert(META_PARTITIONS, partitions.to_le_bytes().as_slice())?;
+                    meta.insert(META_HASH, HASH_SCHEME.as_bytes())?;
+                    (node, partitions, HybridClock::default())
+                }
+                Some(format) => {
+                    let found = u32::from_le_bytes(fixed(&format, &path, META_FORMAT)?);
+                    if found != FORMAT_VERSION {
+                        return Err(Error::UnsupportedFormat {
+                            found,
+                            supported: FORMAT_VERSION,
+                        });
+                    }
+                    let read = |name: &str| -> Result<Vec<u8>> {
+                        meta.get(name)?.map(|v| v.value().to_vec()).ok_or_else(|| {
+                            Error::NotAStore {
+                                path: path.clone(),
+                                reason: format!("metadata field {name} is missing"),
+                            }
+                        })
+                    };
+                    let node = NodeId(u64::from_le_bytes(fixed(
+                        &read(META_NODE_ID)?,
+                        &path,
+                        META_NODE_ID,
+                    )?));
+                    let partitions =
+                        u16::from_le_bytes(fixed(&read(META_PARTITIONS)?, &path, META_PARTITIONS)?);
+                    let hash = read(META_HASH)?;
+                    if hash != HASH_SCHEME.as_bytes() || partitions == 0 {
+                        return Err(Error::Corrupt {
+                            what: "metadata".into(),
+                            reason: format!(
+                                "hash scheme {:?} with {partitions} partitions (this build uses {HASH_SCHEME})",
+                                String::from_utf8_lossy(&hash)
+                            ),
+                        });
+                    }
+                    if let Some(requested) = options.node_id.filter(|&n| n != node) {
+                        return Err(Error::NodeIdMismatch {
+                            stored: node,
+                            requested,
+                        });
+                    }
+                    if let Some(requested) = options.partitions.filter(|&p| p != partitions) {
+                        return Err(Error::PartitionCountMismatch {
+                            stored: partitions,
+                            requested,
+                        });
+                    }
+                    let hlc = match meta.get(META_HLC)? {
+                        Some(v) => {
+                            HlcTimestamp(u64::from_le_bytes(fixed(v.value(), &path, META_HLC)?))
+                        }
+                        None => HlcTimestamp::default(),
+                    };
+                    (node, partitions, HybridClock::resume(hlc))
+                }
+            }
+        };
+        // Create the other tables so that read transactions find them.
+        txn.open_table(ENTRIES)?;
+        txn.open_table(CHANGES)?;
+        txn.open_table(TOMBSTONES)?;
+        let mut versions = vec![VersionVector::new(); usize::from(partitions)];
+        {
+            let table = txn.open_table(VERSIONS)?;
+            for row in table.iter()? {
+                let (p, bytes) = row?;
+                let p = p.value();
+                let slot = versions
+                    .get_mut(usize::from(p))
+                    .ok_or_else(|| Error::Corrupt {
+                        what: "partition versions".into(),
+                        reason: format!("partition {p} is out of range ({partitions} partitions)"),
+                    })?;
+                *slot = decode_version(bytes.value(), p)?;
+            }
+        }
+        txn.commit()?;
+        Ok(Store {
+            db,
+            node,
+            partitions,
+            durability: options.durability,
+            clock: options.clock,
+            writer: Mutex::new(WriterState { versions, hlc }),
+        })
+    }
+
+    pub fn node_id(&self) -> NodeId {
+        self.node
+    }
+
+    pub fn partitions(&self) -> u16 {
+        self.partitions
+    }
+
+    /// The partition `key` belongs to in this store.
+    pub fn partition_of(&self, key: &[u8]) -> u16 {
+        partition_of(key, self.partitions)
+    }
+
+    /// Reads a key. `None` if it was never written, or deleted.
+    pub fn get(&self, key: &[u8]) -> Result<Option<Record>> {
+        Ok(self.load(key)?.and_then(|e| e.record()))
+    }
+
+    /// A counter's value; 0 if the key does not exist.
+    pub fn counter(&self, key: &[u8]) -> Result<i64> {
+        let entry = self.load_as(key, ValueKind::Counter)?;
+        Ok(entry.map(|e| e.counter_value()).unwrap_or(0))
+    }
+
+    /// A set's members, sorted; empty if the key does not exist.
+    pub fn set_members(&self, key: &[u8]) -> Result<Vec<Vec<u8>>> {
+        let entry = self.load_as(key, ValueKind::Set)?;
+        Ok(entry.map(|e| e.members()).unwrap_or_default())
+    }
+
+    /// Live keys starting with `prefix`, in key order, with their records.
+    pub fn scan_prefix(&self, prefix: &[u8]) -> Result<PrefixIter> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(ENTRIES)?;
+        let range = table.range::<&[u8]>(prefix..)?;
+        Ok(PrefixIter {
+            range,
+            prefix: prefix.to_vec(),
+            done: false,
+        })
+    }
+
+    /// The partition's version vector: the writes this store has incorporated.
+    pub fn partition_version(&self, partition: u16) -> Result<VersionVector> {
+        self.check_partition(partition)?;
+        let txn = self.db.begin_read()?;
+        read_version(&txn.open_table(VERSIONS)?, partition)
+    }
+
+    fn load(&self, key: &[u8]) -> Result<Option<Entry>> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(ENTRIES)?;
+        let bytes = table.get(key)?;
+        bytes.map(|b| decode_entry(key, b.value())).transpose()
+    }
+
+    fn load_as(&self, key: &[u8], kind: ValueKind) -> Result<Option<Entry>> {
+        let entry = self.load(key)?;
+        if let Some(entry) = &entry {
+            if let Err(found) = entry.check_writable(kind) {
+                return Err(Error::WrongType {
+                    key: show_key(key),
+                    expected: kind,
+                    found,
+                });
+            }
+        }
+        Ok(entry)
+    }
+
+    fn check_partition(&self, partition: u16) -> Result<()> {
+        if partition >= self.partitions {
+            return Err(Error::PartitionOutOfRange {
+                partition,
+                count: self.partitions,
+            });
+        }
+        Ok(())
+    }
+
+    /// The writer lock. A panic while it was held cannot leave it
+    /// inconsistent: the vectors are only replaced after a commit.
+    fn writer(&self) -> MutexGuard<'_, WriterState> {
+        self.writer
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+/// Iterator over live keys with a prefix: see [`Store::scan_prefix`].
+pub struct PrefixIter {
+    range: redb::Range<'static, &'static [u8], &'static [u8]>,
+    prefix: Vec<u8>,
+    done: bool,
+}
+
+impl Iterator for PrefixIter {
+    type Item = Result<(Vec<u8>, Record)>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        while !self.done {
+            let (key, bytes) = match self.range.next()? {
+                Ok(row) => row,
+                Err(e) => {
+                    self.done = true;
+                    return Some(Err(e.into()));
+                }
+            };
+            let key = key.value();
+            if !key.starts_with(&self.prefix) {
+                self.done = true;
+                break;
+            }
+            match decode_entry(key, bytes.value()) {
+                Ok(entry) => {
+                    if let Some(record) = entry.record() {
+                        return Some(Ok((key.to_vec(), record)));
+                    }
+                }
+                Err(e) => return Some(Err(e)),
+            }
+        }
+        None
+    }
+}
+
+fn check_options(options: &StoreOptions) -> Result<()> {
+    if options.partitions == Some(0) {
+        return Err(Error::InvalidOption {
+            name: "partitions",
+            reason: "must be at least 1".into(),
+        });
+    }
+    Ok(())
+}
+
+fn fixed<const N: usize>(bytes: &[u8], path: &str, field: &str) -> Result<[u8; N]> {
+    bytes.try_into().map_err(|_| Error::NotAStore {
+        path: path.to_string(),
+        reason: format!(
+            "metadata field {field} has {} bytes, expected {N}",
+            bytes.len()
+        ),
+    })
+}
+
+pub(crate) fn decode_entry(key: &[u8], bytes: &[u8]) -> Result<Entry> {
+    Entry::decode(bytes).map_err(|e| Error::Corrupt {
+        what: format!("entry {}", show_key(key)),
+        reason: e.to_string(),
+    })
+}
+
+fn decode_version(bytes: &[u8], partition: u16) -> Result<VersionVector> {
+    let corrupt = |reason: String| Error::Corrupt {
+        what: format!("version vector of partition {partition}"),
+        reason,
+    };
+    let (mut vv, rest): (VersionVector, _) =
+        postcard::take_from_bytes(bytes).map_err(|e| corrupt(e.to_string()))?;
+    if !rest.is_empty() {
+        return Err(corrupt(format!("{} trailing bytes", rest.len())));
+    }
+    if vv.normalize() {
+        return Err(corrupt("not in normal form".into()));
+    }
+    Ok(vv)
+}
+
+fn read_version(
+    table: &impl ReadableTable<u16, &'static [u8]>,
+    partition: u16,
+) -> Result<VersionVector> {
+    match table.get(partition)? {
+        Some(bytes) => decode_version(bytes.value(), partition),
+        None => Ok(VersionVector::new()),
+    }
+}
+
+fn encode_version(vv: &VersionVector) -> Vec<u8> {
+    // Serializing plain data into a Vec does not fail.
+    postcard::to_allocvec(vv).unwrap_or_default()
+}

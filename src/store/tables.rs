@@ -1,0 +1,30 @@
+//! The redb tables of a store. See ARCHITECTURE.md, "Store layout".
+//!
+//! - `meta`: format version, node id, partition count, hash scheme, HLC.
+//! - `entries`: user key -> encoded [`Entry`](crate::crdt::entry::Entry).
+//!   Ordered by key, which gives prefix iteration.
+//! - `changes`: (partition, origin node, seq) -> user key. One row per
+//!   entry and node in its causal context, at that node's highest dot. A
+//!   node's writes append at the end of its range.
+//! - `partition_versions`: partition -> encoded version vector.
+//! - `tombstones`: (partition, user key) for deleted keys awaiting purge.
+//!
+//! Invariant: every write commits the entry, its `changes` rows, its
+//! `tombstones` row and its partition's version vector in one transaction.
+
+use redb::TableDefinition;
+
+pub(crate) const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
+pub(crate) const ENTRIES: TableDefinition<&[u8], &[u8]> = TableDefinition::new("entries");
+pub(crate) const CHANGES: TableDefinition<(u16, u64, u64), &[u8]> = TableDefinition::new("changes");
+pub(crate) const VERSIONS: TableDefinition<u16, &[u8]> = TableDefinition::new("partition_versions");
+pub(crate) const TOMBSTONES: TableDefinition<(u16, &[u8]), ()> = TableDefinition::new("tombstones");
+
+pub(crate) const META_FORMAT: &str = "format";
+pub(crate) const META_NODE_ID: &str = "node_id";
+pub(crate) const META_PARTITIONS: &str = "partitions";
+pub(crate) const META_HASH: &str = "hash";
+pub(crate) const META_HLC: &str = "hlc";
+
+/// Version of the store's file layout.
+pub(crate) const FORMAT_VERSION: u32 = 1;

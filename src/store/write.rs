@@ -1,0 +1,534 @@
+//! Writes: local operations (alone or batched) and merges of remote entries,
+//! each batch in one redb transaction.
+//!
+//! Every local operation gets a fresh dot `(this node, seq)` where `seq` is
+//! one above the highest sequence of this node in the key's partition. The
+//! entry, its change-index rows, its tombstone row and the partition's
+//! version vector are written in the same transaction, so after a crash a
+//! store never holds an entry its version vector does not account for, nor
+//! the reverse.
+
+use super::tables::*;
+use super::{
+    decode_entry, encode_version, Durability, Store, WriterState, MAX_KEY_BYTES, MAX_VALUE_BYTES,
+};
+use crate::crdt::entry::{CounterOverflow, Entry};
+use crate::crdt::{CausalContext, Dot, HybridClock, NodeId, ValueKind, VersionVector};
+use crate::error::{show_key, Error, Result};
+use redb::{ReadableTable, Table, WriteTransaction};
+use std::collections::BTreeMap;
+
+/// One local operation.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Op {
+    /// Write a register value. With a context, supersede exactly what it
+    /// covers; without, supersede everything this store has seen of the key.
+    Put {
+        key: Vec<u8>,
+        value: Vec<u8>,
+        context: Option<CausalContext>,
+    },
+    /// Write a last-writer-wins value.
+    PutLww { key: Vec<u8>, value: Vec<u8> },
+    /// Delete a register or LWW key, leaving a causal tombstone.
+    Delete {
+        key: Vec<u8>,
+        context: Option<CausalContext>,
+    },
+    /// Add a signed amount to a counter.
+    CounterAdd { key: Vec<u8>, amount: i64 },
+    /// Add a member to a set.
+    SetAdd { key: Vec<u8>, member: Vec<u8> },
+    /// Remove the additions of a member this store has observed.
+    SetRemove { key: Vec<u8>, member: Vec<u8> },
+}
+
+impl Op {
+    fn key(&self) -> &[u8] {
+        match self {
+            Op::Put { key, .. }
+            | Op::PutLww { key, .. }
+            | Op::Delete { key, .. }
+            | Op::CounterAdd { key, .. }
+            | Op::SetAdd { key, .. }
+            | Op::SetRemove { key, .. } => key,
+        }
+    }
+}
+
+/// Operations committed together: all of them or none.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Batch {
+    ops: Vec<Op>,
+}
+
+impl Batch {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn push(&mut self, op: Op) -> &mut Self {
+        self.ops.push(op);
+        self
+    }
+
+    pub fn put(&mut self, key: impl Into<Vec<u8>>, value: impl Into<Vec<u8>>) -> &mut Self {
+        self.push(Op::Put {
+            key: key.into(),
+            value: value.into(),
+            context: None,
+        })
+    }
+
+    pub fn put_with_context(
+        &mut self,
+        key: impl Into<Vec<u8>>,
+        value: impl Into<Vec<u8>>,
+        context: CausalContext,
+    ) -> &mut Self {
+        self.push(Op::Put {
+            key: key.into(),
+            value: value.into(),
+            context: Some(context),
+        })
+    }
+
+    pub fn put_lww(&mut self, key: impl Into<Vec<u8>>, value: impl Into<Vec<u8>>) -> &mut Self {
+        self.push(Op::PutLww {
+            key: key.into(),
+            value: value.into(),
+        })
+    }
+
+    pub fn delete(&mut self, key: impl Into<Vec<u8>>, context: Option<CausalContext>) -> &mut Self {
+        self.push(Op::Delete {
+            key: key.into(),
+            context,
+        })
+    }
+
+    pub fn counter_add(&mut self, key: impl Into<Vec<u8>>, amount: i64) -> &mut Self {
+        self.push(Op::CounterAdd {
+            key: key.into(),
+            amount,
+        })
+    }
+
+    pub fn set_add(&mut self, key: impl Into<Vec<u8>>, member: impl Into<Vec<u8>>) -> &mut Self {
+        self.push(Op::SetAdd {
+            key: key.into(),
+            member: member.into(),
+        })
+    }
+
+    pub fn set_remove(&mut self, key: impl Into<Vec<u8>>, member: impl Into<Vec<u8>>) -> &mut Self {
+        self.push(Op::SetRemove {
+            key: key.into(),
+            member: member.into(),
+        })
+    }
+
+    pub fn len(&self) -> usize {
+        self.ops.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ops.is_empty()
+    }
+}
+
+/// What a local operation left behind.
+struct Applied {
+    context: CausalContext,
+    counter: Option<i64>,
+}
+
+impl Store {
+    /// Writes a register value; returns the key's new causal context.
+    pub fn put(
+        &self,
+        key: &[u8],
+        value: &[u8],
+        context: Option<&CausalContext>,
+    ) -> Result<CausalContext> {
+        let op = Op::Put {
+            key: key.to_vec(),
+            value: value.to_vec(),
+            context: context.cloned(),
+        };
+        Ok(self.write_one(op)?.context)
+    }
+
+    /// Writes a last-writer-wins value; returns the key's new causal context.
+    pub fn put_lww(&self, key: &[u8], value: &[u8]) -> Result<CausalContext> {
+        Ok(self
+            .write_one(Op::PutLww {
+                key: key.to_vec(),
+                value: value.to_vec(),
+            })?
+            .context)
+    }
+
+    /// Deletes a register or LWW key. Without a context, deletes what this
+    /// store has seen; a value written concurrently elsewhere survives.
+    pub fn delete(&self, key: &[u8], context: Option<&CausalContext>) -> Result<CausalContext> {
+        Ok(self
+            .write_one(Op::Delete {
+                key: key.to_vec(),
+                context: context.cloned(),
+            })?
+            .context)
+    }
+
+    /// Adds `amount` (which may be negative) to a counter; returns its new value here.
+    pub fn counter_add(&self, key: &[u8], amount: i64) -> Result<i64> {
+        let applied = self.write_one(Op::CounterAdd {
+            key: key.to_vec(),
+            amount,
+        })?;
+        Ok(applied.counter.unwrap_or_default())
+    }
+
+    pub fn set_add(&self, key: &[u8], member: &[u8]) -> Result<CausalContext> {
+        Ok(self
+            .write_one(Op::SetAdd {
+                key: key.to_vec(),
+                member: member.to_vec(),
+            })?
+            .context)
+    }
+
+    pub fn set_remove(&self, key: &[u8], member: &[u8]) -> Result<CausalContext> {
+        Ok(self
+            .write_one(Op::SetRemove {
+                key: key.to_vec(),
+                member: member.to_vec(),
+            })?
+            .context)
+    }
+
+    /// Commits every operation of the batch in one transaction, or none of
+    /// them if one fails. Returns each key's causal context after its op.
+    pub fn write(&self, batch: &Batch) -> Result<Vec<CausalContext>> {
+        self.with_write(|w| {
+            batch
+                .ops
+                .iter()
+                .map(|op| w.local(op).map(|a| a.context))
+                .collect()
+        })
+    }
+
+    fn write_one(&self, op: Op) -> Result<Applied> {
+        self.with_write(|w| w.local(&op))
+    }
+
+    /// Runs `f` in a write transaction and commits. The writer state is
+    /// updated only after the commit succeeded.
+    pub(super) fn with_write<R>(&self, f: impl FnOnce(&mut Writer<'_>) -> Result<R>) -> Result<R> {
+        let mut state = self.writer();
+        let mut txn = self.db.begin_write()?;
+        txn.set_durability(match self.durability {
+            Durability::Immediate => redb::Durability::Immediate,
+            Durability::Buffered => redb::Durability::None,
+        })?;
+        let (result, touched, hlc) = {
+            let mut writer = Writer::new(self, &txn, &state)?;
+            let result = f(&mut writer)?;
+            writer.flush()?;
+            (result, writer.touched, writer.hlc)
+        };
+        txn.commit()?;
+        for (p, vv) in touched {
+            state.versions[usize::from(p)] = vv;
+        }
+        state.hlc = hlc;
+        Ok(result)
+    }
+}
+
+/// The tables and uncommitted state of one write transaction.
+pub(super) struct Writer<'t> {
+    store: &'t Store,
+    entries: Table<'t, &'static [u8], &'static [u8]>,
+    changes: Table<'t, (u16, u64, u64), &'static [u8]>,
+    tombstones: Table<'t, (u16, &'static [u8]), ()>,
+    versions_table: Table<'t, u16, &'static [u8]>,
+    meta: Table<'t, &'static str, &'static [u8]>,
+    committed: &'t [VersionVector],
+    /// Version vectors this transaction changed.
+    pub(super) touched: BTreeMap<u16, VersionVector>,
+    hlc: HybridClock,
+    hlc_start: HybridClock,
+}
+
+impl<'t> Writer<'t> {
+    fn new(store: &'t Store, txn: &'t WriteTransaction, state: &'t WriterState) -> Result<Self> {
+        Ok(Writer {
+            store,
+            entries: txn.open_table(ENTRIES)?,
+            changes: txn.open_table(CHANGES)?,
+            tombstones: txn.open_table(TOMBSTONES)?,
+            versions_table: txn.open_table(VERSIONS)?,
+            meta: txn.open_table(META)?,
+            committed: &state.versions,
+            touched: BTreeMap::new(),
+            hlc: state.hlc,
+            hlc_start: state.hlc,
+        })
+    }
+
+    fn node(&self) -> NodeId {
+        self.store.node
+    }
+
+    pub(super) fn version_mut(&mut self, partition: u16) -> &mut VersionVector {
+        let committed = self.committed;
+        self.touched
+            .entry(partition)
+            .or_insert_with(|| committed[usize::from(partition)].clone())
+    }
+
+    pub(super) fn version(&self, partition: u16) -> &VersionVector {
+        self.touched
+            .get(&partition)
+            .unwrap_or(&self.committed[usize::from(partition)])
+    }
+
+    pub(super) fn load(&self, key: &[u8]) -> Result<Option<Entry>> {
+        let bytes = self.entries.get(key)?;
+        bytes.map(|b| decode_entry(key, b.value())).transpose()
+    }
+
+    fn local(&mut self, op: &Op) -> Result<Applied> {
+        let key = op.key();
+        check_key(key)?;
+        let partition = self.store.partition_of(key);
+        let existing = self.load(key)?;
+        let was_tombstone = existing.as_ref().map(Entry::is_tombstone);
+        let mut entry = existing.unwrap_or_default();
+        let before = entry.index_dots();
+        let kind = match op {
+            Op::Put { .. } => ValueKind::Register,
+            Op::PutLww { .. } => ValueKind::Lww,
+            Op::CounterAdd { .. } => ValueKind::Counter,
+            Op::SetAdd { .. } | Op::SetRemove { .. } => ValueKind::Set,
+            Op::Delete { context, .. } => {
+                let live = entry.live_kinds();
+                match live.first() {
+                    Some(&k @ (ValueKind::Counter | ValueKind::Set)) => {
+                        return Err(Error::DeleteUnsupported {
+                            key: show_key(key),
+                            kind: k,
+                        })
+                    }
+                    None if was_tombstone.is_none() && context.is_none() => {
+                        // Nothing here and nothing seen elsewhere: no-op.
+                        return Ok(Applied {
+                            context: CausalContext::new(),
+                            counter: None,
+                        });
+                    }
+                    Some(&k) => k,
+                    None => ValueKind::Register,
+                }
+            }
+        };
+        if let Err(found) = entry.check_writable(kind) {
+            return Err(Error::WrongType {
+                key: show_key(key),
+                expected: kind,
+                found,
+            });
+        }
+        let node = self.node();
+        let issued = self.version(partition).max_seq(node);
+        let dot = Dot::new(node, issued + 1);
+        let mut counter = None;
+        match op {
+            Op::Put { value, context, .. } => {
+                check_value("value", value)?;
+                let seen = self.check_context(key, partition, context.as_ref(), &entry)?;
+                entry.write_register(Some(value.clone()), dot, &seen);
+            }
+            Op::PutLww { value, .. } => {
+                check_value("value", value)?;
+                let time = self.hlc.tick(self.store.clock.now_ms());
+                entry.write_lww(Some(value.clone()), dot, time);
+            }
+            Op::Delete { context, .. } => {
+                let seen = self.check_context(key, partition, context.as_ref(), &entry)?;
+                if kind == ValueKind::Lww {
+                    let time = self.hlc.tick(self.store.clock.now_ms());
+                    entry.write_lww(None, dot, time);
+                } else {
+                    entry.write_register(None, dot, &seen);
+                }
+            }
+            Op::CounterAdd { amount, .. } => {
+                let value = entry
+                    .counter_add(*amount, dot)
+                    .map_err(|CounterOverflow| Error::CounterOverflow { key: show_key(key) })?;
+                counter = Some(value);
+            }
+            Op::SetAdd { member, .. } => {
+                check_value("set member", member)?;
+                entry.set_add(member.clone(), dot);
+            }
+            Op::SetRemove { member, .. } => entry.set_remove(member.clone(), dot),
+        }
+        self.version_mut(partition).add(dot);
+        self.store_entry(partition, key, &before, was_tombstone, &entry)?;
+        Ok(Applied {
+            context: entry.context,
+            counter,
+        })
+    }
+
+    /// The context a register write supersedes: the client's, checked, or
+    /// everything this store has seen of the key.
+    fn check_context(
+        &self,
+        key: &[u8],
+        partition: u16,
+        context: Option<&CausalContext>,
+        entry: &Entry,
+    ) -> Result<CausalContext> {
+        let Some(context) = context else {
+            return Ok(entry.context.clone());
+        };
+        let node = self.node();
+        let issued = self.version(partition).max_seq(node);
+        let claimed = context.get(node);
+        if claimed > issued {
+            return Err(Error::ContextFromFuture {
+                key: show_key(key),
+                node,
+                claimed,
+                issued,
+            });
+        }
+        Ok(context.clone())
+    }
+
+    /// Merges a remote entry. Returns false if it brought nothing new: every
+    /// write it carries was already incorporated here. Skipping those is what
+    /// keeps a purged tombstone from being resurrected by a stale copy.
+    pub(super) fn merge_remote(
+        &mut self,
+        partition: u16,
+        key: &[u8],
+        incoming: Entry,
+    ) -> Result<bool> {
+        let dots = incoming.index_dots();
+        if dots.iter().all(|&d| self.version(partition).covers(d)) {
+            return Ok(false);
+        }
+        if let Some(time) = incoming.lww_time() {
+            self.hlc.observe(time, self.store.clock.now_ms());
+        }
+        let existing = self.load(key)?;
+        let was_tombstone = existing.as_ref().map(Entry::is_tombstone);
+        let mut entry = existing.unwrap_or_default();
+        let before = entry.index_dots();
+        entry.merge(incoming);
+        let vv = self.version_mut(partition);
+        for dot in dots {
+            vv.add(dot);
+        }
+        self.store_entry(partition, key, &before, was_tombstone, &entry)?;
+        Ok(true)
+    }
+
+    /// Writes the entry with its index and tombstone rows. `before` are the
+    /// index dots of the entry as stored (empty if new).
+    pub(super) fn store_entry(
+        &mut self,
+        partition: u16,
+        key: &[u8],
+        before: &[Dot],
+        was_tombstone: Option<bool>,
+        entry: &Entry,
+    ) -> Result<()> {
+        let after = entry.index_dots();
+        for dot in before.iter().filter(|d| !after.contains(d)) {
+            self.changes.remove((partition, dot.node.0, dot.seq))?;
+        }
+        for dot in after.iter().filter(|d| !before.contains(d)) {
+            self.changes.insert((partition, dot.node.0, dot.seq), key)?;
+        }
+        self.entries.insert(key, entry.encode().as_slice())?;
+        let is_tombstone = entry.is_tombstone();
+        if was_tombstone != Some(is_tombstone) {
+            if is_tombstone {
+                self.tombstones.insert((partition, key), ())?;
+            } else if was_tombstone == Some(true) {
+                self.tombstones.remove((partition, key))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Removes an entry and its rows (tombstone purge).
+    pub(super) fn remove_entry(&mut self, partition: u16, key: &[u8], entry: &Entry) -> Result<()> {
+        for dot in entry.index_dots() {
+            self.changes.remove((partition, dot.node.0, dot.seq))?;
+        }
+        self.entries.remove(key)?;
+        self.tombstones.remove((partition, key))?;
+        Ok(())
+    }
+
+    /// Keys with tombstones in a partition, in key order.
+    pub(super) fn tombstone_keys(&self, partition: u16) -> Result<Vec<Vec<u8>>> {
+        let mut keys = Vec::new();
+        let start: (u16, &[u8]) = (partition, &[]);
+        for row in self.tombstones.range(start..)? {
+            let (k, _) = row?;
+            let (p, key) = k.value();
+            if p != partition {
+                break;
+            }
+            keys.push(key.to_vec());
+        }
+        Ok(keys)
+    }
+
+    /// Persists the changed version vectors and the clock.
+    fn flush(&mut self) -> Result<()> {
+        for (&p, vv) in &self.touched {
+            self.versions_table
+                .insert(p, encode_version(vv).as_slice())?;
+        }
+        if self.hlc.last() != self.hlc_start.last() {
+            self.meta
+                .insert(META_HLC, self.hlc.last().0.to_le_bytes().as_slice())?;
+        }
+        Ok(())
+    }
+}
+
+pub(super) fn check_key(key: &[u8]) -> Result<()> {
+    if key.is_empty() {
+        return Err(Error::InvalidKey("keys must not be empty".into()));
+    }
+    if key.len() > MAX_KEY_BYTES {
+        return Err(Error::TooLarge {
+            what: "key",
+            len: key.len(),
+            max: MAX_KEY_BYTES,
+        });
+    }
+    Ok(())
+}
+
+fn check_value(what: &'static str, value: &[u8]) -> Result<()> {
+    if value.len() > MAX_VALUE_BYTES {
+        return Err(Error::TooLarge {
+            what,
+            len: value.len(),
+            max: MAX_VALUE_BYTES,
+        });
+    }
+    Ok(())
+}
