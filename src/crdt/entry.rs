@@ -26,7 +26,7 @@
 
 use super::{CausalContext, Dot, HlcTimestamp, NodeId};
 use crdts::ctx::AddCtx;
-use crdts::{CmRDT, CvRDT, LWWReg, MVReg, Orswot, PNCounter, VClock};
+use crdts::{CmRDT, CvRDT, LWWReg, Orswot, PNCounter, VClock};
 use serde::{Deserialize, Serialize};
 use std::fmt;
 
@@ -129,7 +129,7 @@ pub(crate) struct CounterOverflow;
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub(crate) struct Entry {
     pub(crate) context: CausalContext,
-    register: Option<MVReg<Slot, NodeId>>,
+    register: Option<Siblings>,
     lww: Option<LWWReg<Slot, LwwMarker>>,
     counter: Option<PNCounter<NodeId>>,
     set: Option<Orswot<Vec<u8>, NodeId>>,
@@ -140,10 +140,8 @@ impl Entry {
     /// deleted key (a tombstone).
     pub(crate) fn live_kinds(&self) -> Vec<ValueKind> {
         let mut kinds = Vec::new();
-        if let Some(reg) = &self.register {
-            if reg.read().val.iter().any(Option::is_some) {
-                kinds.push(ValueKind::Register);
-            }
+        if self.register.as_ref().is_some_and(Siblings::is_live) {
+            kinds.push(ValueKind::Register);
         }
         if self.lww.as_ref().is_some_and(|l| l.val.is_some()) {
             kinds.push(ValueKind::Lww);
@@ -178,18 +176,10 @@ impl Entry {
     /// Writes (or, with `None`, deletes) the register. The write supersedes
     /// the siblings `seen` covers; others stay as siblings.
     pub(crate) fn write_register(&mut self, value: Slot, dot: Dot, seen: &CausalContext) {
-        let mut clock = seen.0.clone();
-        let crdt_dot = crdts::Dot::new(dot.node, dot.seq);
-        clock.apply(crdt_dot);
-        let reg = self.register.get_or_insert_with(MVReg::new);
-        let op = reg.write(
-            value,
-            AddCtx {
-                clock,
-                dot: crdt_dot,
-            },
-        );
-        reg.apply(op);
+        self.register
+            .get_or_insert_with(Siblings::default)
+            .write(dot, value, seen);
+        self.context.join(seen);
         self.context.apply(dot);
     }
 
@@ -259,8 +249,17 @@ impl Entry {
 
     /// Merges another replica's state of the same key into this one.
     pub(crate) fn merge(&mut self, other: Entry) {
+        match (&mut self.register, other.register) {
+            (Some(mine), Some(theirs)) => mine.merge(&self.context, theirs, &other.context),
+            (None, Some(theirs)) => {
+                // Siblings this entry has seen superseded stay superseded.
+                let mut kept = Siblings::default();
+                kept.merge(&self.context, theirs, &other.context);
+                self.register = Some(kept);
+            }
+            (_, None) => {}
+        }
         self.context.join(&other.context);
-        merge_option(&mut self.register, other.register);
         merge_option(&mut self.lww, other.lww);
         merge_option(&mut self.counter, other.counter);
         merge_option(&mut self.set, other.set);
@@ -275,8 +274,7 @@ impl Entry {
                     let mut siblings: Vec<Vec<u8>> = self
                         .register
                         .iter()
-                        .flat_map(|r| r.read().val)
-                        .flatten()
+                        .flat_map(|r| r.0.iter().filter_map(|(_, v)| v.clone()))
                         .collect();
                     siblings.sort();
                     siblings.dedup();
@@ -333,14 +331,13 @@ impl Entry {
             return Err(EntryError::Invalid("zero counter in causal context"));
         }
         if let Some(reg) = &self.register {
-            let ctx = &self.context.0;
-            // The sibling clocks are only reachable through the read context,
-            // whose add clock is their join.
-            let read = reg.read();
-            if read.val.is_empty() {
+            if reg.0.is_empty() {
                 return Err(EntryError::Invalid("register without siblings"));
             }
-            if !covered_by(&read.add_clock, ctx) {
+            if !reg.0.windows(2).all(|w| w[0].0 < w[1].0) {
+                return Err(EntryError::Invalid("register siblings not sorted by dot"));
+            }
+            if !reg.0.iter().all(|(dot, _)| self.context.covers(*dot)) {
                 return Err(EntryError::Invalid(
                     "register sibling not covered by the causal context",
                 ));
@@ -375,6 +372,56 @@ impl Entry {
         }
         entry.validate()?;
         Ok(entry)
+    }
+}
+
+/// The register: a dotted version vector set. Each sibling is a write
+/// named by its dot; the entry's causal context is the set's causal past.
+///
+/// A write supersedes exactly the siblings its context covers, and a merge
+/// keeps a sibling unless the other side's context covers its dot and the
+/// other side no longer holds it (it was superseded there). Comparing dots
+/// with contexts, rather than whole clocks as `crdts::MVReg` does, is what
+/// keeps a write made through node A with an older context from wiping out
+/// A's own concurrent writes.
+///
+/// Kept sorted by dot, dots unique.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+struct Siblings(Vec<(Dot, Slot)>);
+
+impl Siblings {
+    fn is_live(&self) -> bool {
+        self.0.iter().any(|(_, v)| v.is_some())
+    }
+
+    fn write(&mut self, dot: Dot, value: Slot, seen: &CausalContext) {
+        self.0.retain(|(d, _)| !seen.covers(*d));
+        self.0.push((dot, value));
+        self.0.sort_by_key(|(d, _)| *d);
+    }
+
+    fn merge(
+        &mut self,
+        my_context: &CausalContext,
+        theirs: Siblings,
+        their_context: &CausalContext,
+    ) {
+        let mine = std::mem::take(&mut self.0);
+        let held_by =
+            |list: &[(Dot, Slot)], dot: Dot| list.binary_search_by_key(&dot, |(d, _)| *d).is_ok();
+        let mut merged: Vec<(Dot, Slot)> = mine
+            .iter()
+            .filter(|(d, _)| held_by(&theirs.0, *d) || !their_context.covers(*d))
+            .cloned()
+            .collect();
+        merged.extend(
+            theirs
+                .0
+                .into_iter()
+                .filter(|(d, _)| !held_by(&mine, *d) && !my_context.covers(*d)),
+        );
+        merged.sort_by_key(|(d, _)| *d);
+        self.0 = merged;
     }
 }
 

@@ -1,0 +1,364 @@
+//! Model-checked sync: random operations on 2–4 stores, random partial and
+//! interrupted syncs in random order, then a full sync. Afterwards every
+//! store holds the same contents, and those contents are exactly what the
+//! CRDT semantics say they must be:
+//! - a register holds every write no other write has seen (siblings), and
+//!   nothing that a later write superseded;
+//! - a counter equals the sum of all its adds;
+//! - a set holds every member with an addition no removal observed.
+
+use gossipkv::crdt::Dot;
+use gossipkv::store::ChunkLimits;
+use gossipkv::sync::{pull, pull_partition};
+use gossipkv::{CausalContext, NodeId, Record, Store, StoreOptions, Value, VersionVector};
+use proptest::prelude::*;
+use std::collections::{BTreeMap, BTreeSet};
+
+const PARTITIONS: u16 = 4;
+const REGISTERS: usize = 4;
+const COUNTERS: usize = 2;
+const SETS: usize = 2;
+const MEMBERS: u8 = 4;
+
+#[derive(Clone, Debug)]
+enum Step {
+    /// Read a register and keep its context, as a client would.
+    Read { store: usize, key: usize },
+    /// Write a register, with the kept context or blind.
+    Put {
+        store: usize,
+        key: usize,
+        with_context: bool,
+    },
+    Delete {
+        store: usize,
+        key: usize,
+        with_context: bool,
+    },
+    CounterAdd {
+        store: usize,
+        key: usize,
+        amount: i64,
+    },
+    SetAdd {
+        store: usize,
+        key: usize,
+        member: u8,
+    },
+    SetRemove {
+        store: usize,
+        key: usize,
+        member: u8,
+    },
+    /// Sync some partitions from one store to another, stopping after
+    /// `cut` chunks when given (an interrupted stream).
+    Sync {
+        from: usize,
+        to: usize,
+        partitions: u8,
+        cut: Option<usize>,
+    },
+    /// Apply again a chunk a store already applied.
+    Replay { store: usize },
+}
+
+fn step(stores: usize) -> impl Strategy<Value = Step> {
+    let s = 0..stores;
+    prop_oneof![
+        2 => (s.clone(), 0..REGISTERS).prop_map(|(store, key)| Step::Read { store, key }),
+        4 => (s.clone(), 0..REGISTERS, any::<bool>())
+            .prop_map(|(store, key, with_context)| Step::Put { store, key, with_context }),
+        1 => (s.clone(), 0..REGISTERS, any::<bool>())
+            .prop_map(|(store, key, with_context)| Step::Delete { store, key, with_context }),
+        2 => (s.clone(), 0..COUNTERS, -50i64..50)
+            .prop_map(|(store, key, amount)| Step::CounterAdd { store, key, amount }),
+        2 => (s.clone(), 0..SETS, 0..MEMBERS)
+            .prop_map(|(store, key, member)| Step::SetAdd { store, key, member }),
+        1 => (s.clone(), 0..SETS, 0..MEMBERS)
+            .prop_map(|(store, key, member)| Step::SetRemove { store, key, member }),
+        3 => (s.clone(), s.clone(), 1u8..16, proptest::option::of(0usize..3))
+            .prop_map(|(from, to, partitions, cut)| Step::Sync { from, to, partitions, cut }),
+        1 => s.prop_map(|store| Step::Replay { store }),
+    ]
+}
+
+fn scenario() -> impl Strategy<Value = (usize, Vec<Step>)> {
+    (2usize..=4).prop_flat_map(|n| (Just(n), proptest::collection::vec(step(n), 1..80)))
+}
+
+fn register_key(i: usize) -> Vec<u8> {
+    format!("reg{i}").into_bytes()
+}
+fn counter_key(i: usize) -> Vec<u8> {
+    format!("ctr{i}").into_bytes()
+}
+fn set_key(i: usize) -> Vec<u8> {
+    format!("set{i}").into_bytes()
+}
+
+/// A register write as the model sees it.
+struct RegisterWrite {
+    dot: Dot,
+    /// What the write superseded: the context it carried, or the writing
+    /// store's context of the key.
+    seen: CausalContext,
+    value: Option<Vec<u8>>,
+}
+
+#[derive(Default)]
+struct Model {
+    registers: BTreeMap<usize, Vec<RegisterWrite>>,
+    counters: BTreeMap<usize, i64>,
+    set_adds: BTreeMap<usize, Vec<(u8, Dot)>>,
+    set_removes: BTreeMap<usize, Vec<(u8, CausalContext)>>,
+}
+
+impl Model {
+    fn register(&self, key: usize) -> Option<Value> {
+        let writes = self.registers.get(&key)?;
+        let mut live: Vec<Vec<u8>> = writes
+            .iter()
+            .filter(|w| {
+                !writes
+                    .iter()
+                    .any(|o| o.dot != w.dot && o.seen.covers(w.dot))
+            })
+            .filter_map(|w| w.value.clone())
+            .collect();
+        live.sort();
+        live.dedup();
+        (!live.is_empty()).then_some(Value::Register(live))
+    }
+
+    fn set(&self, key: usize) -> Vec<Vec<u8>> {
+        let removes = self.set_removes.get(&key).map(Vec::as_slice).unwrap_or(&[]);
+        let members: BTreeSet<Vec<u8>> = self
+            .set_adds
+            .get(&key)
+            .into_iter()
+            .flatten()
+            .filter(|(m, dot)| {
+                !removes
+                    .iter()
+                    .any(|(rm, seen)| rm == m && seen.covers(*dot))
+            })
+            .map(|(m, _)| vec![*m])
+            .collect();
+        members.into_iter().collect()
+    }
+}
+
+/// The dot a write got: its node's entry in the context it returned.
+fn own_dot(store: &Store, context: &CausalContext) -> Dot {
+    Dot::new(store.node_id(), context.get(store.node_id()))
+}
+
+fn dump(store: &Store) -> (Vec<(Vec<u8>, Record)>, Vec<VersionVector>) {
+    let rows = store
+        .scan_prefix(b"")
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    let versions = (0..store.partitions())
+        .map(|p| store.partition_version(p).unwrap())
+        .collect();
+    (rows, versions)
+}
+
+fn run(n: usize, steps: &[Step]) -> Result<(), TestCaseError> {
+    let stores: Vec<Store> = (0..n)
+        .map(|i| {
+            let options = StoreOptions::default()
+                .node_id(NodeId(i as u64 + 1))
+                .partitions(PARTITIONS);
+            Store::open_in_memory(options).unwrap()
+        })
+        .collect();
+    let mut model = Model::default();
+    let mut kept: BTreeMap<(usize, usize), CausalContext> = BTreeMap::new();
+    let mut last_chunk: BTreeMap<usize, gossipkv::store::ChangeChunk> = BTreeMap::new();
+    let mut value_counter = 0u32;
+
+    for step in steps {
+        match *step {
+            Step::Read { store, key } => {
+                let context = stores[store]
+                    .get(&register_key(key))
+                    .unwrap()
+                    .map(|r| r.context)
+                    .unwrap_or_default();
+                kept.insert((store, key), context);
+            }
+            Step::Put {
+                store,
+                key,
+                with_context,
+            }
+            | Step::Delete {
+                store,
+                key,
+                with_context,
+            } => {
+                let s = &stores[store];
+                let context = if with_context {
+                    kept.get(&(store, key)).cloned()
+                } else {
+                    None
+                };
+                let value = matches!(step, Step::Put { .. }).then(|| {
+                    value_counter += 1;
+                    format!("v{value_counter}").into_bytes()
+                });
+                let after = match &value {
+                    Some(v) => s.put(&register_key(key), v, context.as_ref()).unwrap(),
+                    None => s.delete(&register_key(key), context.as_ref()).unwrap(),
+                };
+                if after.is_empty() {
+                    continue; // a blind delete of a key this store never saw
+                }
+                let seen = context.unwrap_or_else(|| after.clone());
+                let dot = own_dot(s, &after);
+                model
+                    .registers
+                    .entry(key)
+                    .or_default()
+                    .push(RegisterWrite { dot, seen, value });
+            }
+            Step::CounterAdd { store, key, amount } => {
+                stores[store]
+                    .counter_add(&counter_key(key), amount)
+                    .unwrap();
+                *model.counters.entry(key).or_default() += amount;
+            }
+            Step::SetAdd { store, key, member } => {
+                let s = &stores[store];
+                let after = s.set_add(&set_key(key), &[member]).unwrap();
+                model
+                    .set_adds
+                    .entry(key)
+                    .or_default()
+                    .push((member, own_dot(s, &after)));
+            }
+            Step::SetRemove { store, key, member } => {
+                let s = &stores[store];
+                let before = s
+                    .get(&set_key(key))
+                    .unwrap()
+                    .map(|r| r.context)
+                    .unwrap_or_default();
+                s.set_remove(&set_key(key), &[member]).unwrap();
+                model
+                    .set_removes
+                    .entry(key)
+                    .or_default()
+                    .push((member, before));
+            }
+            Step::Sync {
+                from,
+                to,
+                partitions,
+                cut,
+            } => {
+                if from == to {
+                    continue;
+                }
+                let limits = ChunkLimits {
+                    max_entries: 2,
+                    max_bytes: 1 << 20,
+                };
+                for p in (0..PARTITIONS).filter(|p| partitions & (1 << p) != 0) {
+                    let since = stores[to].partition_version(p).unwrap();
+                    let stream = stores[from].changes_since_with(p, &since, limits).unwrap();
+                    for chunk in stream.take(cut.unwrap_or(usize::MAX)) {
+                        let chunk = chunk.unwrap();
+                        stores[to].apply(&chunk).unwrap();
+                        last_chunk.insert(to, chunk);
+                    }
+                }
+            }
+            Step::Replay { store } => {
+                if let Some(chunk) = last_chunk.get(&store) {
+                    let before = dump(&stores[store]);
+                    let report = stores[store].apply(chunk).unwrap();
+                    prop_assert_eq!(report.merged, 0, "a replayed chunk merged something");
+                    prop_assert_eq!(
+                        &dump(&stores[store]),
+                        &before,
+                        "replaying a chunk changed the store"
+                    );
+                }
+            }
+        }
+    }
+
+    // Full sync: everything into store 0, then store 0 into everyone.
+    for i in 1..n {
+        pull(&stores[i], &stores[0]).unwrap();
+    }
+    for i in 1..n {
+        pull(&stores[0], &stores[i]).unwrap();
+    }
+
+    let reference = dump(&stores[0]);
+    for (i, store) in stores.iter().enumerate().skip(1) {
+        prop_assert_eq!(&dump(store), &reference, "store {} differs from store 0", i);
+    }
+    // Synced stores have nothing to send each other.
+    for p in 0..PARTITIONS {
+        let report = pull_partition(&stores[1], &stores[0], p, ChunkLimits::default()).unwrap();
+        prop_assert_eq!(report.entries, 0);
+    }
+
+    let store = &stores[0];
+    for key in 0..REGISTERS {
+        let value = store.get(&register_key(key)).unwrap().map(|r| r.value);
+        prop_assert_eq!(value, model.register(key), "register {}", key);
+    }
+    for key in 0..COUNTERS {
+        let expected = model.counters.get(&key).copied().unwrap_or(0);
+        prop_assert_eq!(
+            store.counter(&counter_key(key)).unwrap(),
+            expected,
+            "counter {}",
+            key
+        );
+    }
+    for key in 0..SETS {
+        prop_assert_eq!(
+            store.set_members(&set_key(key)).unwrap(),
+            model.set(key),
+            "set {}",
+            key
+        );
+    }
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 96, ..ProptestConfig::default() })]
+
+    #[test]
+    fn synced_stores_converge_to_the_crdt_semantics((n, steps) in scenario()) {
+        run(n, &steps)?;
+    }
+}
+
+/// The classic lost-update case, spelled out: two stores write the same key
+/// concurrently; after sync both writes are siblings on both; a write with
+/// the merged context replaces both everywhere.
+#[test]
+fn concurrent_register_writes_become_siblings_until_superseded() {
+    let a = Store::open_in_memory(StoreOptions::default().node_id(NodeId(1))).unwrap();
+    let b = Store::open_in_memory(StoreOptions::default().node_id(NodeId(2))).unwrap();
+    a.put(b"k", b"from a", None).unwrap();
+    b.put(b"k", b"from b", None).unwrap();
+    gossipkv::sync::sync(&a, &b).unwrap();
+    let expected = Value::Register(vec![b"from a".to_vec(), b"from b".to_vec()]);
+    assert_eq!(a.get(b"k").unwrap().unwrap().value, expected);
+    assert_eq!(b.get(b"k").unwrap().unwrap().value, expected);
+    let context = b.get(b"k").unwrap().unwrap().context;
+    b.put(b"k", b"resolved", Some(&context)).unwrap();
+    gossipkv::sync::sync(&a, &b).unwrap();
+    let resolved = Value::Register(vec![b"resolved".to_vec()]);
+    assert_eq!(a.get(b"k").unwrap().unwrap().value, resolved);
+}
