@@ -50,6 +50,14 @@ pub enum ValueKind {
 }
 
 impl ValueKind {
+    /// Every kind, in the order reads report them.
+    pub const ALL: [ValueKind; 4] = [
+        ValueKind::Register,
+        ValueKind::Lww,
+        ValueKind::Counter,
+        ValueKind::Set,
+    ];
+
     pub fn name(self) -> &'static str {
         match self {
             ValueKind::Register => "register",
@@ -136,34 +144,29 @@ pub(crate) struct Entry {
 }
 
 impl Entry {
-    /// The kinds holding a live value, in [`ValueKind`] order. Empty for a
+    fn is_live(&self, kind: ValueKind) -> bool {
+        match kind {
+            ValueKind::Register => self.register.as_ref().is_some_and(Siblings::is_live),
+            ValueKind::Lww => self.lww.as_ref().is_some_and(|l| l.val.is_some()),
+            ValueKind::Counter => self.counter.is_some(),
+            ValueKind::Set => self.set.is_some(),
+        }
+    }
+
+    /// The kinds holding a live value, in [`ValueKind`] order. None for a
     /// deleted key (a tombstone).
-    pub(crate) fn live_kinds(&self) -> Vec<ValueKind> {
-        let mut kinds = Vec::new();
-        if self.register.as_ref().is_some_and(Siblings::is_live) {
-            kinds.push(ValueKind::Register);
-        }
-        if self.lww.as_ref().is_some_and(|l| l.val.is_some()) {
-            kinds.push(ValueKind::Lww);
-        }
-        if self.counter.is_some() {
-            kinds.push(ValueKind::Counter);
-        }
-        if self.set.is_some() {
-            kinds.push(ValueKind::Set);
-        }
-        kinds
+    pub(crate) fn live_kinds(&self) -> impl Iterator<Item = ValueKind> + '_ {
+        ValueKind::ALL.into_iter().filter(|&k| self.is_live(k))
     }
 
     pub(crate) fn is_tombstone(&self) -> bool {
-        self.live_kinds().is_empty()
+        self.live_kinds().next().is_none()
     }
 
     /// A local write of `kind` is allowed unless the key is live as another kind.
     pub(crate) fn check_writable(&self, kind: ValueKind) -> Result<(), ValueKind> {
-        let live = self.live_kinds();
-        match live.first() {
-            Some(&found) if !live.contains(&kind) => Err(found),
+        match self.live_kinds().next() {
+            Some(found) if !self.is_live(kind) => Err(found),
             _ => Ok(()),
         }
     }
@@ -266,26 +269,26 @@ impl Entry {
     }
 
     /// The read view, or `None` for a tombstone.
-    pub(crate) fn record(&self) -> Option<Record> {
-        let mut values = Vec::new();
-        for kind in self.live_kinds() {
+    pub(crate) fn into_record(mut self) -> Option<Record> {
+        let mut values = Vec::with_capacity(1);
+        for kind in ValueKind::ALL {
+            if !self.is_live(kind) {
+                continue;
+            }
             values.push(match kind {
                 ValueKind::Register => {
-                    let mut siblings: Vec<Vec<u8>> = self
-                        .register
-                        .iter()
-                        .flat_map(|r| r.0.iter().filter_map(|(_, v)| v.clone()))
-                        .collect();
-                    siblings.sort();
-                    siblings.dedup();
-                    Value::Register(siblings)
+                    let siblings = self.register.take().map(|r| r.0).unwrap_or_default();
+                    let mut values: Vec<Vec<u8>> =
+                        siblings.into_iter().filter_map(|(_, v)| v).collect();
+                    if values.len() > 1 {
+                        values.sort();
+                        values.dedup();
+                    }
+                    Value::Register(values)
                 }
-                ValueKind::Lww => Value::Lww(
-                    self.lww
-                        .as_ref()
-                        .and_then(|l| l.val.clone())
-                        .unwrap_or_default(),
-                ),
+                ValueKind::Lww => {
+                    Value::Lww(self.lww.take().and_then(|l| l.val).unwrap_or_default())
+                }
                 ValueKind::Counter => Value::Counter(self.counter_value()),
                 ValueKind::Set => Value::Set(self.members()),
             });
@@ -294,7 +297,7 @@ impl Entry {
         let value = values.next()?;
         Some(Record {
             value,
-            context: self.context.clone(),
+            context: self.context,
             other_kinds: values.collect(),
         })
     }

@@ -18,7 +18,8 @@ pub use write::{Batch, Op};
 
 use crate::crdt::entry::Entry;
 use crate::crdt::{
-    HlcTimestamp, HybridClock, NodeId, Record, SystemClock, ValueKind, VersionVector, WallClock,
+    CausalContext, HlcTimestamp, HybridClock, NodeId, Record, SystemClock, ValueKind,
+    VersionVector, WallClock,
 };
 use crate::error::{show_key, Error, Result};
 use redb::{Database, ReadableDatabase, ReadableTable};
@@ -283,7 +284,13 @@ impl Store {
 
     /// Reads a key. `None` if it was never written, or deleted.
     pub fn get(&self, key: &[u8]) -> Result<Option<Record>> {
-        Ok(self.load(key)?.and_then(|e| e.record()))
+        Ok(self.load(key)?.and_then(Entry::into_record))
+    }
+
+    /// The key's causal context, also for a deleted key whose tombstone has
+    /// not been purged yet. `None` if the store holds nothing for the key.
+    pub fn causal_context(&self, key: &[u8]) -> Result<Option<CausalContext>> {
+        Ok(self.load(key)?.map(|e| e.context))
     }
 
     /// A counter's value; 0 if the key does not exist.
@@ -383,7 +390,7 @@ impl Iterator for PrefixIter {
             }
             match decode_entry(key, bytes.value()) {
                 Ok(entry) => {
-                    if let Some(record) = entry.record() {
+                    if let Some(record) = entry.into_record() {
                         return Some(Ok((key.to_vec(), record)));
                     }
                 }

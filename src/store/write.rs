@@ -314,9 +314,8 @@ impl<'t> Writer<'t> {
             Op::CounterAdd { .. } => ValueKind::Counter,
             Op::SetAdd { .. } | Op::SetRemove { .. } => ValueKind::Set,
             Op::Delete { context, .. } => {
-                let live = entry.live_kinds();
-                match live.first() {
-                    Some(&k @ (ValueKind::Counter | ValueKind::Set)) => {
+                match entry.live_kinds().next() {
+                    Some(k @ (ValueKind::Counter | ValueKind::Set)) => {
                         return Err(Error::DeleteUnsupported {
                             key: show_key(key),
                             kind: k,
@@ -329,7 +328,7 @@ impl<'t> Writer<'t> {
                             counter: None,
                         });
                     }
-                    Some(&k) => k,
+                    Some(k) => k,
                     None => ValueKind::Register,
                 }
             }
