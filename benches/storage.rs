@@ -33,7 +33,7 @@ fn metric(name: &str, value: f64, unit: &str) {
 }
 
 fn progress(what: &str, done: usize, total: usize) {
-    if done == total || done % (total / 10).max(1) == 0 {
+    if done == total || done.is_multiple_of((total / 10).max(1)) {
         eprint!("\r{what}: {:>3}%", done * 100 / total.max(1));
         if done == total {
             eprintln!();

@@ -19,3 +19,8 @@ pub mod sync;
 pub use crdt::{CausalContext, NodeId, Record, Value, ValueKind, VersionVector};
 pub use error::{Error, Result};
 pub use store::{Batch, Durability, Store, StoreOptions};
+
+/// The README's tour runs as a doctest, so it stays true.
+#[doc = include_str!("../README.md")]
+#[cfg(doctest)]
+pub struct ReadmeDoctests;

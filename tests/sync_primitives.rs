@@ -13,11 +13,18 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 fn store(node: u64, partitions: u16) -> Store {
-    let options = StoreOptions::default().node_id(NodeId(node)).partitions(partitions);
+    let options = StoreOptions::default()
+        .node_id(NodeId(node))
+        .partitions(partitions);
     Store::open_in_memory(options).unwrap()
 }
 
-fn listed(store: &Store, partition: u16, since: &VersionVector, limits: ChunkLimits) -> Vec<ChangeChunk> {
+fn listed(
+    store: &Store,
+    partition: u16,
+    since: &VersionVector,
+    limits: ChunkLimits,
+) -> Vec<ChangeChunk> {
     store
         .changes_since_with(partition, since, limits)
         .unwrap()
@@ -26,7 +33,10 @@ fn listed(store: &Store, partition: u16, since: &VersionVector, limits: ChunkLim
 }
 
 fn keys_of(chunks: &[ChangeChunk]) -> Vec<Vec<u8>> {
-    chunks.iter().flat_map(|c| c.entries.iter().map(|e| e.key.clone())).collect()
+    chunks
+        .iter()
+        .flat_map(|c| c.entries.iter().map(|e| e.key.clone()))
+        .collect()
 }
 
 proptest! {
@@ -91,16 +101,26 @@ fn chunks_respect_the_byte_limit_and_an_oversized_entry_goes_alone() {
         a.put(&[b'k', i], &[i; 100], None).unwrap();
     }
     a.put(b"big", &[7; 5000], None).unwrap();
-    let limits = ChunkLimits { max_entries: 1000, max_bytes: 450 };
+    let limits = ChunkLimits {
+        max_entries: 1000,
+        max_bytes: 450,
+    };
     let chunks = listed(&a, 0, &VersionVector::new(), limits);
     assert_eq!(keys_of(&chunks).len(), 21);
     for chunk in &chunks {
         // A chunk stops at the first entry that reaches the limit.
         let bytes = chunk.payload_bytes();
-        let largest = chunk.entries.iter().map(|e| e.key.len() + e.entry.len()).max().unwrap_or(0);
+        let largest = chunk
+            .entries
+            .iter()
+            .map(|e| e.key.len() + e.entry.len())
+            .max()
+            .unwrap_or(0);
         assert!(bytes < 450 + largest, "chunk of {bytes} bytes");
     }
-    assert!(chunks.iter().any(|c| c.entries.len() == 1 && c.entries[0].key == b"big"));
+    assert!(chunks
+        .iter()
+        .any(|c| c.entries.len() == 1 && c.entries[0].key == b"big"));
 }
 
 #[test]
@@ -110,8 +130,13 @@ fn an_interrupted_stream_resumes_from_what_arrived() {
     for i in 0..100u8 {
         source.put(&[i], b"v", None).unwrap();
     }
-    let limits = ChunkLimits { max_entries: 10, max_bytes: 1 << 20 };
-    let stream = source.changes_since_with(0, &VersionVector::new(), limits).unwrap();
+    let limits = ChunkLimits {
+        max_entries: 10,
+        max_bytes: 1 << 20,
+    };
+    let stream = source
+        .changes_since_with(0, &VersionVector::new(), limits)
+        .unwrap();
     for chunk in stream.take(3) {
         receiver.apply(&chunk.unwrap()).unwrap();
     }
@@ -119,11 +144,18 @@ fn an_interrupted_stream_resumes_from_what_arrived() {
     // Only the dots that arrived are claimed, not the source's whole vector.
     assert_eq!(since.base(NodeId(1)), 30);
     let rest = listed(&source, 0, &since, limits);
-    assert_eq!(keys_of(&rest).len(), 70, "the resumed stream re-sent entries");
+    assert_eq!(
+        keys_of(&rest).len(),
+        70,
+        "the resumed stream re-sent entries"
+    );
     for chunk in &rest {
         receiver.apply(chunk).unwrap();
     }
-    assert_eq!(receiver.partition_version(0).unwrap(), source.partition_version(0).unwrap());
+    assert_eq!(
+        receiver.partition_version(0).unwrap(),
+        source.partition_version(0).unwrap()
+    );
 }
 
 #[test]
@@ -133,15 +165,29 @@ fn apply_claims_out_of_order_dots_without_filling_the_gaps() {
     a.put(b"x", b"1", None).unwrap(); // dot 1
     a.put(b"y", b"1", None).unwrap(); // dot 2
     a.put(b"x", b"2", None).unwrap(); // dot 3 supersedes dot 1
-    // Deliver only the entry for x (dot 3), as a cut stream would.
-    let chunks = listed(&a, 0, &VersionVector::new(), ChunkLimits { max_entries: 1, max_bytes: 1 << 20 });
-    let x_chunk = chunks.iter().find(|c| c.entries.iter().any(|e| e.key == b"x")).unwrap();
+                                      // Deliver only the entry for x (dot 3), as a cut stream would.
+    let chunks = listed(
+        &a,
+        0,
+        &VersionVector::new(),
+        ChunkLimits {
+            max_entries: 1,
+            max_bytes: 1 << 20,
+        },
+    );
+    let x_chunk = chunks
+        .iter()
+        .find(|c| c.entries.iter().any(|e| e.key == b"x"))
+        .unwrap();
     let mut partial = x_chunk.clone();
     partial.complete = None;
     b.apply(&partial).unwrap();
     let vv = b.partition_version(0).unwrap();
     assert!(vv.covers(Dot::new(NodeId(1), 3)));
-    assert!(!vv.covers(Dot::new(NodeId(1), 2)), "claimed a dot it never received");
+    assert!(
+        !vv.covers(Dot::new(NodeId(1), 2)),
+        "claimed a dot it never received"
+    );
     // The next exchange sends y and nothing already held.
     let rest = listed(&a, 0, &vv, ChunkLimits::default());
     assert_eq!(keys_of(&rest), vec![b"y".to_vec()]);
@@ -158,9 +204,15 @@ fn purged_tombstones_do_not_come_back_from_a_stale_copy() {
     a.delete(b"gone", None).unwrap();
     sync(&a, &b).unwrap();
     assert!(b.get(b"gone").unwrap().is_none());
-    assert!(b.causal_context(b"gone").unwrap().is_some(), "tombstone kept until stable");
+    assert!(
+        b.causal_context(b"gone").unwrap().is_some(),
+        "tombstone kept until stable"
+    );
 
-    let stable = a.partition_version(p).unwrap().meet(&b.partition_version(p).unwrap());
+    let stable = a
+        .partition_version(p)
+        .unwrap()
+        .meet(&b.partition_version(p).unwrap());
     assert_eq!(a.purge(p, &stable).unwrap(), 1);
     assert_eq!(b.purge(p, &stable).unwrap(), 1);
     assert!(a.causal_context(b"gone").unwrap().is_none());
@@ -169,7 +221,10 @@ fn purged_tombstones_do_not_come_back_from_a_stale_copy() {
         let report = a.apply(chunk).unwrap();
         assert_eq!(report.merged, 0);
     }
-    assert!(a.causal_context(b"gone").unwrap().is_none(), "a purged key was resurrected");
+    assert!(
+        a.causal_context(b"gone").unwrap().is_none(),
+        "a purged key was resurrected"
+    );
 }
 
 #[test]
@@ -180,7 +235,10 @@ fn a_tombstone_not_yet_seen_everywhere_is_not_purged() {
     sync(&a, &b).unwrap();
     a.delete(b"k", None).unwrap();
     // b has not seen the delete: the stable vector does not cover it.
-    let stable = a.partition_version(0).unwrap().meet(&b.partition_version(0).unwrap());
+    let stable = a
+        .partition_version(0)
+        .unwrap()
+        .meet(&b.partition_version(0).unwrap());
     assert_eq!(a.purge(0, &stable).unwrap(), 0);
     assert!(a.causal_context(b"k").unwrap().is_some());
 }
@@ -213,7 +271,10 @@ fn a_blind_delete_keeps_a_concurrent_write() {
     b.put(b"k", b"new", None).unwrap();
     sync(&a, &b).unwrap();
     for s in [&a, &b] {
-        assert_eq!(s.get(b"k").unwrap().unwrap().value, Value::Register(vec![b"new".to_vec()]));
+        assert_eq!(
+            s.get(b"k").unwrap().unwrap().value,
+            Value::Register(vec![b"new".to_vec()])
+        );
     }
 }
 
@@ -226,7 +287,9 @@ impl WallClock for ManualClock {
 
 fn clocked(node: u64, ms: u64) -> (Store, Arc<ManualClock>) {
     let clock = Arc::new(ManualClock(AtomicU64::new(ms)));
-    let options = StoreOptions::default().node_id(NodeId(node)).clock(clock.clone());
+    let options = StoreOptions::default()
+        .node_id(NodeId(node))
+        .clock(clock.clone());
     (Store::open_in_memory(options).unwrap(), clock)
 }
 
@@ -240,7 +303,10 @@ fn lww_orders_by_hybrid_clock_even_when_a_wall_clock_lags() {
     behind.put_lww(b"k", b"second").unwrap();
     sync(&ahead, &behind).unwrap();
     for s in [&ahead, &behind] {
-        assert_eq!(s.get(b"k").unwrap().unwrap().value, Value::Lww(b"second".to_vec()));
+        assert_eq!(
+            s.get(b"k").unwrap().unwrap().value,
+            Value::Lww(b"second".to_vec())
+        );
     }
 }
 
@@ -252,7 +318,10 @@ fn lww_ties_break_by_node_id_the_same_everywhere() {
     high.put_lww(b"k", b"high").unwrap();
     sync(&low, &high).unwrap();
     for s in [&low, &high] {
-        assert_eq!(s.get(b"k").unwrap().unwrap().value, Value::Lww(b"high".to_vec()));
+        assert_eq!(
+            s.get(b"k").unwrap().unwrap().value,
+            Value::Lww(b"high".to_vec())
+        );
     }
 }
 
@@ -261,7 +330,9 @@ fn the_hybrid_clock_survives_a_restart() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("s.redb");
     let clock = Arc::new(ManualClock(AtomicU64::new(9_000)));
-    let options = StoreOptions::default().node_id(NodeId(1)).clock(clock.clone());
+    let options = StoreOptions::default()
+        .node_id(NodeId(1))
+        .clock(clock.clone());
     {
         let s = Store::open(&path, options.clone()).unwrap();
         s.put_lww(b"k", b"before restart").unwrap();
@@ -270,5 +341,8 @@ fn the_hybrid_clock_survives_a_restart() {
     clock.0.store(1_000, Ordering::SeqCst);
     let s = Store::open(&path, options).unwrap();
     s.put_lww(b"k", b"after restart").unwrap();
-    assert_eq!(s.get(b"k").unwrap().unwrap().value, Value::Lww(b"after restart".to_vec()));
+    assert_eq!(
+        s.get(b"k").unwrap().unwrap().value,
+        Value::Lww(b"after restart".to_vec())
+    );
 }

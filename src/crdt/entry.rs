@@ -439,3 +439,138 @@ fn merge_option<T: CvRDT>(mine: &mut Option<T>, theirs: Option<T>) {
         (_, None) => {}
     }
 }
+
+#[cfg(test)]
+mod laws {
+    //! The CRDT laws for whole entries, on states reached by random
+    //! operations on three replicas with random merges between them.
+    use super::*;
+    use proptest::prelude::*;
+
+    #[derive(Clone, Debug)]
+    enum Step {
+        Put(usize, bool),
+        Delete(usize),
+        Lww(usize),
+        Add(usize, i64),
+        SetAdd(usize, u8),
+        SetRemove(usize, u8),
+        Merge(usize, usize),
+    }
+
+    fn step() -> impl Strategy<Value = Step> {
+        let r = 0usize..3;
+        prop_oneof![
+            (r.clone(), any::<bool>()).prop_map(|(r, blind)| Step::Put(r, blind)),
+            r.clone().prop_map(Step::Delete),
+            r.clone().prop_map(Step::Lww),
+            (r.clone(), -5i64..5).prop_map(|(r, n)| Step::Add(r, n)),
+            (r.clone(), 0u8..3).prop_map(|(r, m)| Step::SetAdd(r, m)),
+            (r.clone(), 0u8..3).prop_map(|(r, m)| Step::SetRemove(r, m)),
+            (r.clone(), r).prop_map(|(a, b)| Step::Merge(a, b)),
+        ]
+    }
+
+    fn replicas(steps: &[Step]) -> [Entry; 3] {
+        let mut replicas: [Entry; 3] = Default::default();
+        let mut seqs = [0u64; 3];
+        let mut time = 0u64;
+        for (i, step) in steps.iter().enumerate() {
+            let r = match step {
+                Step::Merge(a, b) => {
+                    let other = replicas[*b].clone();
+                    replicas[*a].merge(other);
+                    continue;
+                }
+                Step::Put(r, _)
+                | Step::Delete(r)
+                | Step::Lww(r)
+                | Step::Add(r, _)
+                | Step::SetAdd(r, _)
+                | Step::SetRemove(r, _) => *r,
+            };
+            seqs[r] += 1;
+            time += 1;
+            let dot = Dot::new(NodeId(r as u64 + 1), seqs[r]);
+            let e = &mut replicas[r];
+            match step {
+                Step::Put(_, blind) => {
+                    let seen = if *blind {
+                        CausalContext::new()
+                    } else {
+                        e.context.clone()
+                    };
+                    e.write_register(Some(vec![i as u8]), dot, &seen);
+                }
+                Step::Delete(_) => {
+                    let seen = e.context.clone();
+                    e.write_register(None, dot, &seen);
+                }
+                Step::Lww(_) => e.write_lww(Some(vec![i as u8]), dot, HlcTimestamp(time)),
+                Step::Add(_, n) => {
+                    e.counter_add(*n, dot).unwrap();
+                }
+                Step::SetAdd(_, m) => e.set_add(vec![*m], dot),
+                Step::SetRemove(_, m) => e.set_remove(vec![*m], dot),
+                Step::Merge(..) => unreachable!("handled above"),
+            }
+        }
+        replicas
+    }
+
+    fn merged(a: &Entry, b: &Entry) -> Entry {
+        let mut m = a.clone();
+        m.merge(b.clone());
+        m
+    }
+
+    proptest! {
+        #[test]
+        fn merge_is_commutative_associative_and_idempotent(
+            steps in proptest::collection::vec(step(), 0..40)
+        ) {
+            let [a, b, c] = replicas(&steps);
+            prop_assert_eq!(merged(&a, &b), merged(&b, &a));
+            prop_assert_eq!(merged(&merged(&a, &b), &c), merged(&a, &merged(&b, &c)));
+            prop_assert_eq!(merged(&a, &a), a.clone());
+            // Merging never loses what either side had.
+            let ab = merged(&a, &b);
+            prop_assert_eq!(merged(&ab, &a), ab.clone());
+            for e in [&a, &b, &c, &ab] {
+                if !e.context.is_empty() {
+                    prop_assert!(e.validate().is_ok());
+                    prop_assert_eq!(&Entry::decode(&e.encode()).unwrap(), e);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn decode_rejects_what_it_cannot_trust() {
+        assert_eq!(Entry::decode(&[]), Err(EntryError::Empty));
+        assert_eq!(Entry::decode(&[9, 0]), Err(EntryError::Format(9)));
+        assert!(matches!(
+            Entry::decode(&[ENTRY_FORMAT, 200]),
+            Err(EntryError::Decode(_))
+        ));
+        // A well-formed encoding of an entry with an empty context.
+        let empty = Entry::default().encode();
+        assert_eq!(
+            Entry::decode(&empty),
+            Err(EntryError::Invalid("empty causal context"))
+        );
+        // A sibling whose dot the context does not cover.
+        let mut e = Entry::default();
+        e.write_register(
+            Some(b"v".to_vec()),
+            Dot::new(NodeId(1), 5),
+            &CausalContext::new(),
+        );
+        e.context = CausalContext::new();
+        e.context.apply(Dot::new(NodeId(1), 1));
+        assert!(matches!(
+            Entry::decode(&e.encode()),
+            Err(EntryError::Invalid(_))
+        ));
+    }
+}

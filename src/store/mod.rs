@@ -138,16 +138,32 @@ impl Store {
         if let Some(bytes) = options.cache_bytes {
             builder.set_cache_size(bytes);
         }
-        let opened = if path.exists() {
-            builder.open(path)
-        } else {
-            builder.create(path)
-        };
-        let db = opened.map_err(|e| Error::Open {
-            path: path.to_path_buf(),
-            source: e.into(),
-        })?;
-        Self::init(db, options, path.display().to_string())
+        // redb trusts page contents once its header checks out, and panics
+        // on some damaged files; a damaged file must be an error, not a crash.
+        let shown = path.display().to_string();
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let opened = if path.exists() {
+                builder.open(path)
+            } else {
+                builder.create(path)
+            };
+            let db = opened.map_err(|e| Error::Open {
+                path: path.to_path_buf(),
+                source: e.into(),
+            })?;
+            Self::init(db, options, shown.clone())
+        }))
+        .unwrap_or_else(|panic| {
+            let reason = panic
+                .downcast_ref::<String>()
+                .map(String::as_str)
+                .or_else(|| panic.downcast_ref::<&str>().copied())
+                .unwrap_or("the database engine panicked");
+            Err(Error::Corrupt {
+                what: format!("database file {shown}"),
+                reason: format!("damaged pages ({reason})"),
+            })
+        })
     }
 
     /// Opens a store that lives in memory only (tests, simulation, caches).
@@ -165,8 +181,15 @@ impl Store {
     fn init(db: Database, options: StoreOptions, path: String) -> Result<Store> {
         let txn = db.begin_write()?;
         let (node, partitions, hlc) = {
-            let existing_tables = txn.list_tables()?.count();
-            let mut meta = txn.open_table(META)?;
+            let existing_tables = txn.list_tables()?.count() + txn.list_multimap_tables()?.count();
+            let mut meta = txn.open_table(META).map_err(|e| match e {
+                redb::TableError::TableTypeMismatch { .. }
+                | redb::TableError::TableIsMultimap(_) => Error::NotAStore {
+                    path: path.clone(),
+                    reason: format!("its meta table is not gossipkv's ({e})"),
+                },
+                e => e.into(),
+            })?;
             let format = meta.get(META_FORMAT)?.map(|v| v.value().to_vec());
             match format {
                 None if existing_tables > 0 => {
