@@ -47,15 +47,18 @@ pub enum Error {
     DeleteUnsupported { key: String, kind: ValueKind },
     #[error("bad causal context token: {0}")]
     BadToken(#[from] TokenError),
-    /// The context claims a write of this node that it never made: it was
-    /// forged, or belongs to another store that reused this node id.
-    #[error("causal context for key {key} claims write {claimed} of node {node}, which has only issued up to {issued} in that partition")]
-    ContextFromFuture {
-        key: String,
+    /// A context, entry or version vector claims a write of this node that
+    /// it never made: it was forged, or this node's data was lost and its id
+    /// reused. Nothing was written.
+    #[error("{what} claims write {claimed} of node {node}, which has only issued up to {issued} in that partition")]
+    UnissuedWrite {
+        what: String,
         node: NodeId,
         claimed: u64,
         issued: u64,
     },
+    #[error("partition {partition} has used up its sequence numbers")]
+    SequenceExhausted { partition: u16 },
     #[error("counter {key} would leave the range of a 64-bit signed integer")]
     CounterOverflow { key: String },
     #[error("partition {partition} is out of range: the store has {count} partitions")]

@@ -538,8 +538,8 @@ fn a_context_that_claims_writes_this_node_never_made_is_refused() -> TestResult 
     let b = memory_store(1, 16);
     let before = snapshot(&b);
     let check = |result: Result<CausalContext, Error>| match result {
-        Err(err @ Error::ContextFromFuture { .. }) => {
-            let Error::ContextFromFuture {
+        Err(err @ Error::UnissuedWrite { .. }) => {
+            let Error::UnissuedWrite {
                 node,
                 claimed,
                 issued,
@@ -551,7 +551,7 @@ fn a_context_that_claims_writes_this_node_never_made_is_refused() -> TestResult 
             assert_eq!((*node, *claimed, *issued), (NodeId(1), 5, 0));
             assert!(err.to_string().contains("\"key\""), "{err}");
         }
-        other => panic!("expected ContextFromFuture, got {other:?}"),
+        other => panic!("expected UnissuedWrite, got {other:?}"),
     };
     check(b.put(b"key", b"v", Some(&parsed)));
     check(b.delete(b"key", Some(&parsed)));
@@ -560,8 +560,8 @@ fn a_context_that_claims_writes_this_node_never_made_is_refused() -> TestResult 
         .put("other", "x")
         .put_with_context("key", "v", parsed.clone());
     match b.write(&batch) {
-        Err(Error::ContextFromFuture { claimed: 5, .. }) => {}
-        other => panic!("expected ContextFromFuture, got {other:?}"),
+        Err(Error::UnissuedWrite { claimed: 5, .. }) => {}
+        other => panic!("expected UnissuedWrite, got {other:?}"),
     }
     assert_eq!(snapshot(&b), before, "a refused write changed the store");
     // B's own writes are unaffected.

@@ -83,7 +83,7 @@ impl VersionVector {
         if dot.seq == 0 || self.covers(dot) {
             return;
         }
-        if dot.seq == self.base(dot.node) + 1 {
+        if dot.seq == self.base(dot.node).saturating_add(1) {
             self.base.insert(dot.node, dot.seq);
         } else {
             self.extra.entry(dot.node).or_default().insert(dot.seq);
@@ -150,7 +150,7 @@ impl VersionVector {
         };
         let mut base = self.base.get(&node).copied().unwrap_or(0);
         while let Some(&first) = seqs.first() {
-            if first <= base + 1 {
+            if first <= base.saturating_add(1) {
                 base = base.max(first);
                 seqs.pop_first();
             } else {

@@ -19,7 +19,7 @@ use super::tables::*;
 use super::write::check_key;
 use super::{read_version, Store};
 use crate::crdt::entry::Entry;
-use crate::crdt::{NodeId, VersionVector};
+use crate::crdt::{Dot, NodeId, VersionVector};
 use crate::error::{show_key, Error, Result};
 use redb::{ReadOnlyTable, ReadTransaction, ReadableDatabase};
 use serde::{Deserialize, Serialize};
@@ -130,7 +130,7 @@ impl Store {
         };
         stream.cursor = stream
             .first_origin_from(0)?
-            .map(|n| (n, stream.since.base(n) + 1));
+            .map(|n| (n, stream.since.base(n).saturating_add(1)));
         Ok(stream)
     }
 
@@ -172,6 +172,9 @@ impl Store {
                 }
             }
             if let Some(vv) = &complete {
+                let node = self.node_id();
+                let claimed = Dot::new(node, vv.max_seq(node));
+                w.check_issued(partition, "the source's version vector", &[claimed])?;
                 w.version_mut(partition).join(vv);
             }
             Ok(report)
@@ -280,7 +283,7 @@ impl ChangeStream {
                     self.cursor = match origin.0.checked_add(1) {
                         Some(next) => self
                             .first_origin_from(next)?
-                            .map(|n| (n, self.since.base(n) + 1)),
+                            .map(|n| (n, self.since.base(n).saturating_add(1))),
                         None => None,
                     };
                 }

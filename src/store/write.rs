@@ -342,7 +342,10 @@ impl<'t> Writer<'t> {
         }
         let node = self.node();
         let issued = self.version(partition).max_seq(node);
-        let dot = Dot::new(node, issued + 1);
+        let seq = issued
+            .checked_add(1)
+            .ok_or(Error::SequenceExhausted { partition })?;
+        let dot = Dot::new(node, seq);
         let mut counter = None;
         match op {
             Op::Put { value, context, .. } => {
@@ -396,17 +399,9 @@ impl<'t> Writer<'t> {
         let Some(context) = context else {
             return Ok(entry.context.clone());
         };
+        let what = format!("causal context for key {}", show_key(key));
         let node = self.node();
-        let issued = self.version(partition).max_seq(node);
-        let claimed = context.get(node);
-        if claimed > issued {
-            return Err(Error::ContextFromFuture {
-                key: show_key(key),
-                node,
-                claimed,
-                issued,
-            });
-        }
+        self.check_issued(partition, &what, &[Dot::new(node, context.get(node))])?;
         Ok(context.clone())
     }
 
@@ -420,6 +415,8 @@ impl<'t> Writer<'t> {
         incoming: Entry,
     ) -> Result<bool> {
         let dots = incoming.index_dots();
+        let what = format!("remote entry for key {}", show_key(key));
+        self.check_issued(partition, &what, &dots)?;
         if dots.iter().all(|&d| self.version(partition).covers(d)) {
             return Ok(false);
         }
@@ -437,6 +434,24 @@ impl<'t> Writer<'t> {
         }
         self.store_entry(partition, key, &before, was_tombstone, &entry)?;
         Ok(true)
+    }
+
+    /// Refuses dots of this node above what it has issued: no peer can have
+    /// seen a write of ours that we never made. They appear when a node's
+    /// data was lost and its id reused, or when a peer lies; taking them
+    /// would make this node reuse those sequence numbers for new writes.
+    pub(super) fn check_issued(&self, partition: u16, what: &str, dots: &[Dot]) -> Result<()> {
+        let node = self.node();
+        let issued = self.version(partition).max_seq(node);
+        match dots.iter().find(|d| d.node == node && d.seq > issued) {
+            Some(d) => Err(Error::UnissuedWrite {
+                what: what.to_string(),
+                node,
+                claimed: d.seq,
+                issued,
+            }),
+            None => Ok(()),
+        }
     }
 
     /// Writes the entry with its index and tombstone rows. `before` are the

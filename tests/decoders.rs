@@ -1,0 +1,137 @@
+//! Fuzzing the decoders of outside input inside the test suite: tokens,
+//! remote entries and chunks, and version vectors from peers. Whatever the
+//! bytes, the answer is a value or a typed error, never a panic, and a
+//! store that refused or merged them stays readable and syncable.
+
+use gossipkv::crdt::Dot;
+use gossipkv::store::{ChangeChunk, ChunkLimits, RemoteEntry};
+use gossipkv::sync::sync;
+use gossipkv::{CausalContext, NodeId, Store, StoreOptions, VersionVector};
+use proptest::prelude::*;
+
+fn store(node: u64) -> Store {
+    let options = StoreOptions::default().node_id(NodeId(node)).partitions(1);
+    Store::open_in_memory(options).unwrap()
+}
+
+/// Valid encoded entries of every kind, to mutate.
+fn valid_entries() -> Vec<RemoteEntry> {
+    let s = store(7);
+    s.put(b"r", b"value", None).unwrap();
+    s.put_lww(b"l", b"value").unwrap();
+    s.counter_add(b"c", -3).unwrap();
+    s.set_add(b"s", b"m").unwrap();
+    s.set_remove(b"s", b"m").unwrap();
+    s.put(b"d", b"x", None).unwrap();
+    s.delete(b"d", None).unwrap();
+    s.changes_since(0, &VersionVector::new())
+        .unwrap()
+        .flat_map(|c| c.unwrap().entries)
+        .collect()
+}
+
+fn still_healthy(s: &Store) {
+    for row in s.scan_prefix(b"").unwrap() {
+        // A row may be an error only if it is reported as one.
+        let _ = row;
+    }
+    let peer = store(99);
+    peer.put(b"after", b"fuzz", None).unwrap();
+    sync(s, &peer).unwrap();
+    assert!(s.get(b"after").unwrap().is_some());
+}
+
+fn vector_from(dots: &[(u64, u64)], bases: &[(u64, u64)]) -> VersionVector {
+    let mut vv = VersionVector::new();
+    for &(node, seq) in dots {
+        vv.add(Dot::new(NodeId(node), seq));
+    }
+    for &(node, seq) in bases {
+        vv.raise_base(NodeId(node), seq);
+    }
+    vv
+}
+
+fn seq() -> impl Strategy<Value = u64> {
+    prop_oneof![0u64..8, Just(u64::MAX), Just(u64::MAX - 1), any::<u64>()]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
+
+    #[test]
+    fn tokens_from_any_bytes_or_text_decode_or_fail_cleanly(bytes in proptest::collection::vec(any::<u8>(), 0..64), text in ".{0,64}") {
+        let _ = CausalContext::from_bytes(&bytes);
+        let _ = text.parse::<CausalContext>();
+        if let Ok(ctx) = CausalContext::from_bytes(&bytes) {
+            prop_assert_eq!(CausalContext::from_bytes(&ctx.to_bytes()).unwrap(), ctx);
+        }
+    }
+
+    #[test]
+    fn random_entry_bytes_are_refused_or_merged_never_a_panic(
+        entries in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..96), 1..4),
+    ) {
+        let s = store(1);
+        let chunk = ChangeChunk {
+            partition: 0,
+            entries: entries.into_iter().map(|entry| RemoteEntry { key: b"k".to_vec(), entry }).collect(),
+            complete: None,
+        };
+        let _ = s.apply(&chunk);
+        still_healthy(&s);
+    }
+
+    #[test]
+    fn mutated_valid_entries_are_refused_or_merged_never_a_panic(
+        pick in any::<prop::sample::Index>(),
+        flips in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 0..4),
+        cut in proptest::option::of(any::<prop::sample::Index>()),
+    ) {
+        let valid = valid_entries();
+        let mut remote = valid[pick.index(valid.len())].clone();
+        for (at, byte) in flips {
+            let i = at.index(remote.entry.len());
+            remote.entry[i] ^= byte;
+        }
+        if let Some(cut) = cut {
+            remote.entry.truncate(cut.index(remote.entry.len() + 1));
+        }
+        let s = store(1);
+        let _ = s.apply(&ChangeChunk { partition: 0, entries: vec![remote], complete: None });
+        still_healthy(&s);
+    }
+
+    #[test]
+    fn version_vectors_from_peers_are_safe_as_since_and_as_complete(
+        dots in proptest::collection::vec((0u64..4, seq()), 0..8),
+        bases in proptest::collection::vec((0u64..4, seq()), 0..4),
+    ) {
+        let s = store(1);
+        s.put(b"a", b"1", None).unwrap();
+        s.put(b"b", b"2", None).unwrap();
+        let vv = vector_from(&dots, &bases);
+        let listed: usize = s
+            .changes_since_with(0, &vv, ChunkLimits { max_entries: 1, max_bytes: 1 })
+            .unwrap()
+            .map(|c| c.unwrap().entries.len())
+            .sum();
+        prop_assert!(listed <= 2);
+        let receiver = store(2);
+        let _ = receiver.apply(&ChangeChunk { partition: 0, entries: vec![], complete: Some(vv.clone()) });
+        still_healthy(&receiver);
+        // Decoding a vector from arbitrary bytes is as safe.
+        let bytes = postcard::to_allocvec(&vv).unwrap();
+        let decoded: VersionVector = postcard::from_bytes(&bytes).unwrap();
+        prop_assert!(decoded.dominates(&vv) && vv.dominates(&decoded));
+    }
+
+    #[test]
+    fn chunks_decoded_from_any_bytes_are_applied_or_refused(bytes in proptest::collection::vec(any::<u8>(), 0..256)) {
+        if let Ok(chunk) = postcard::from_bytes::<ChangeChunk>(&bytes) {
+            let s = store(1);
+            let _ = s.apply(&chunk);
+            still_healthy(&s);
+        }
+    }
+}
