@@ -13,6 +13,7 @@
 
 pub mod crdt;
 mod error;
+
 pub mod store;
 pub mod sync;
 

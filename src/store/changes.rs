@@ -206,6 +206,54 @@ impl Store {
     }
 }
 
+impl Store {
+    /// Every partition's version vector, read from one snapshot.
+    pub fn partition_versions(&self) -> Result<Vec<VersionVector>> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(VERSIONS)?;
+        (0..self.partitions)
+            .map(|p| read_version(&table, p))
+            .collect()
+    }
+
+    /// Removes everything this store holds of `partition`: its entries,
+    /// index rows, tombstones and version vector. Used once a partition has
+    /// moved to other replicas that are ready. Returns the entries removed.
+    pub fn drop_partition(&self, partition: u16) -> Result<usize> {
+        self.check_partition(partition)?;
+        self.with_write(|w| w.drop_partition(partition))
+    }
+
+    /// Live and tombstoned entries and their encoded bytes in a partition,
+    /// counted from the change index (one row per entry and writer).
+    pub fn partition_stats(&self, partition: u16) -> Result<PartitionStats> {
+        self.check_partition(partition)?;
+        let txn = self.db.begin_read()?;
+        let changes = txn.open_table(CHANGES)?;
+        let entries = txn.open_table(ENTRIES)?;
+        let mut keys = std::collections::BTreeSet::new();
+        for row in changes.range((partition, 0u64, 0u64)..=(partition, u64::MAX, u64::MAX))? {
+            keys.insert(row?.1.value().to_vec());
+        }
+        let mut stats = PartitionStats::default();
+        for key in keys {
+            if let Some(bytes) = entries.get(key.as_slice())? {
+                stats.entries += 1;
+                stats.bytes += (key.len() + bytes.value().len()) as u64;
+            }
+        }
+        Ok(stats)
+    }
+}
+
+/// Size of a partition's contents.
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
+pub struct PartitionStats {
+    pub entries: u64,
+    /// Key and encoded entry bytes: what a full copy would move.
+    pub bytes: u64,
+}
+
 impl ChangeStream {
     /// The source's version vector of the partition at this stream's snapshot.
     pub fn source_version(&self) -> &VersionVector {

@@ -12,7 +12,9 @@ mod partition;
 mod tables;
 mod write;
 
-pub use changes::{ApplyReport, ChangeChunk, ChangeStream, ChunkLimits, RemoteEntry};
+pub use changes::{
+    ApplyReport, ChangeChunk, ChangeStream, ChunkLimits, PartitionStats, RemoteEntry,
+};
 pub use partition::{partition_of, DEFAULT_PARTITIONS, HASH_SCHEME};
 pub use write::{Batch, Op};
 
@@ -107,6 +109,8 @@ impl StoreOptions {
 /// What only the writer touches: the committed version vectors and clock.
 struct WriterState {
     versions: Vec<VersionVector>,
+    /// Per partition: see `tables::ISSUED_FLOOR`.
+    issued_floor: Vec<u64>,
     hlc: HybridClock,
 }
 
@@ -281,6 +285,13 @@ impl Store {
                 *slot = decode_version(bytes.value(), p)?;
             }
         }
+        let mut issued_floor = vec![0u64; usize::from(partitions)];
+        for row in txn.open_table(ISSUED_FLOOR)?.iter()? {
+            let (p, seq) = row?;
+            if let Some(slot) = issued_floor.get_mut(usize::from(p.value())) {
+                *slot = seq.value();
+            }
+        }
         txn.commit()?;
         Ok(Store {
             db,
@@ -288,7 +299,11 @@ impl Store {
             partitions,
             durability: options.durability,
             clock: options.clock,
-            writer: Mutex::new(WriterState { versions, hlc }),
+            writer: Mutex::new(WriterState {
+                versions,
+                issued_floor,
+                hlc,
+            }),
         })
     }
 

@@ -18,6 +18,10 @@ pub(crate) const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta
 pub(crate) const ENTRIES: TableDefinition<&[u8], &[u8]> = TableDefinition::new("entries");
 pub(crate) const CHANGES: TableDefinition<(u16, u64, u64), &[u8]> = TableDefinition::new("changes");
 pub(crate) const VERSIONS: TableDefinition<u16, &[u8]> = TableDefinition::new("partition_versions");
+/// partition -> the highest sequence this node issued there before it
+/// dropped the partition: new writes continue above it, so a dot is never
+/// reused even after the partition's data and version vector are gone.
+pub(crate) const ISSUED_FLOOR: TableDefinition<u16, u64> = TableDefinition::new("issued_floor");
 pub(crate) const TOMBSTONES: TableDefinition<(u16, &[u8]), ()> = TableDefinition::new("tombstones");
 
 pub(crate) const META_FORMAT: &str = "format";

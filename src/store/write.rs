@@ -232,13 +232,17 @@ impl Store {
             Durability::Immediate => redb::Durability::Immediate,
             Durability::Buffered => redb::Durability::None,
         })?;
-        let (result, touched, hlc) = {
+        let (result, touched, dropped, hlc) = {
             let mut writer = Writer::new(self, &txn, &state)?;
             let result = f(&mut writer)?;
             writer.flush()?;
-            (result, writer.touched, writer.hlc)
+            (result, writer.touched, writer.dropped, writer.hlc)
         };
         txn.commit()?;
+        for (p, issued) in dropped {
+            state.versions[usize::from(p)] = VersionVector::new();
+            state.issued_floor[usize::from(p)] = issued;
+        }
         for (p, vv) in touched {
             state.versions[usize::from(p)] = vv;
         }
@@ -258,6 +262,10 @@ pub(super) struct Writer<'t> {
     committed: &'t [VersionVector],
     /// Version vectors this transaction changed.
     pub(super) touched: BTreeMap<u16, VersionVector>,
+    /// Partitions this transaction dropped whole, with their issued floor.
+    dropped: Vec<(u16, u64)>,
+    issued_table: Table<'t, u16, u64>,
+    issued_floor: &'t [u64],
     hlc: HybridClock,
     hlc_start: HybridClock,
 }
@@ -273,6 +281,9 @@ impl<'t> Writer<'t> {
             meta: txn.open_table(META)?,
             committed: &state.versions,
             touched: BTreeMap::new(),
+            dropped: Vec::new(),
+            issued_table: txn.open_table(ISSUED_FLOOR)?,
+            issued_floor: &state.issued_floor,
             hlc: state.hlc,
             hlc_start: state.hlc,
         })
@@ -293,6 +304,12 @@ impl<'t> Writer<'t> {
         self.touched
             .get(&partition)
             .unwrap_or(&self.committed[usize::from(partition)])
+    }
+
+    /// The highest sequence this node has issued in the partition.
+    fn issued(&self, partition: u16) -> u64 {
+        let floor = self.issued_floor[usize::from(partition)];
+        self.version(partition).max_seq(self.node()).max(floor)
     }
 
     pub(super) fn load(&self, key: &[u8]) -> Result<Option<Entry>> {
@@ -341,7 +358,7 @@ impl<'t> Writer<'t> {
             });
         }
         let node = self.node();
-        let issued = self.version(partition).max_seq(node);
+        let issued = self.issued(partition);
         let seq = issued
             .checked_add(1)
             .ok_or(Error::SequenceExhausted { partition })?;
@@ -442,7 +459,7 @@ impl<'t> Writer<'t> {
     /// would make this node reuse those sequence numbers for new writes.
     pub(super) fn check_issued(&self, partition: u16, what: &str, dots: &[Dot]) -> Result<()> {
         let node = self.node();
-        let issued = self.version(partition).max_seq(node);
+        let issued = self.issued(partition);
         match dots.iter().find(|d| d.node == node && d.seq > issued) {
             Some(d) => Err(Error::UnissuedWrite {
                 what: what.to_string(),
@@ -491,6 +508,31 @@ impl<'t> Writer<'t> {
         self.entries.remove(key)?;
         self.tombstones.remove((partition, key))?;
         Ok(())
+    }
+
+    pub(super) fn drop_partition(&mut self, partition: u16) -> Result<usize> {
+        let mut rows = Vec::new();
+        let range = (partition, 0u64, 0u64)..=(partition, u64::MAX, u64::MAX);
+        for row in self.changes.range(range)? {
+            let (position, key) = row?;
+            rows.push((position.value(), key.value().to_vec()));
+        }
+        let mut removed = 0;
+        for (position, key) in rows {
+            self.changes.remove(position)?;
+            if self.entries.remove(key.as_slice())?.is_some() {
+                removed += 1;
+            }
+        }
+        for key in self.tombstone_keys(partition)? {
+            self.tombstones.remove((partition, key.as_slice()))?;
+        }
+        let issued = self.issued(partition);
+        self.issued_table.insert(partition, issued)?;
+        self.versions_table.remove(partition)?;
+        self.touched.remove(&partition);
+        self.dropped.push((partition, issued));
+        Ok(removed)
     }
 
     /// Keys with tombstones in a partition, in key order.
