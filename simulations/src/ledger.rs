@@ -1,0 +1,170 @@
+//! What clients were told: every acknowledged write, and what the replicas
+//! must hold because of it.
+//!
+//! - Register: a write is acknowledged once stored on one replica. It must
+//!   be a sibling everywhere until a write that saw it (its context covers
+//!   the write's dot) supersedes it. So the expected siblings of a key are
+//!   the acknowledged writes no other acknowledged write saw.
+//! - Counter: the value must equal the exact sum of acknowledged adds.
+
+use crate::sim::Sim;
+use gossipkv::crdt::Dot;
+use gossipkv::{Batch, CausalContext, NodeId, Value};
+use std::collections::BTreeMap;
+
+struct RegisterWrite {
+    dot: Dot,
+    seen: CausalContext,
+    value: Vec<u8>,
+}
+
+#[derive(Default)]
+pub struct Ledger {
+    registers: BTreeMap<Vec<u8>, Vec<RegisterWrite>>,
+    counters: BTreeMap<Vec<u8>, i64>,
+    pub acknowledged: u64,
+    next_value: u64,
+}
+
+pub fn register_key(i: u64) -> Vec<u8> {
+    format!("key-{i:08}").into_bytes()
+}
+
+pub fn counter_key(i: u64) -> Vec<u8> {
+    format!("counter-{i:04}").into_bytes()
+}
+
+impl Ledger {
+    /// Up nodes that hold `key`'s partition in their own view.
+    pub fn holders(sim: &Sim, key: &[u8], among: &[NodeId]) -> Vec<NodeId> {
+        among
+            .iter()
+            .copied()
+            .filter(|&n| {
+                sim.replica(n).is_some_and(|r| {
+                    let p = r.store().partition_of(key);
+                    r.layout().holds(n, p)
+                })
+            })
+            .collect()
+    }
+
+    /// Writes a fresh value to `key` on a random holder among `among`.
+    /// Returns false if no such node holds the key.
+    pub fn put(&mut self, sim: &mut Sim, key: &[u8], among: &[NodeId]) -> bool {
+        let holders = Self::holders(sim, key, among);
+        if holders.is_empty() {
+            return false;
+        }
+        let node = holders[rand::Rng::random_range(sim.rng(), 0..holders.len())];
+        self.next_value += 1;
+        let value = format!("v{}", self.next_value).into_bytes();
+        let Some(store) = sim.store(node) else { return false };
+        let Ok(context) = store.put(key, &value, None) else { return false };
+        self.record(node, key, value, context);
+        true
+    }
+
+    /// Writes many keys, each to one random holder, in one batch per node.
+    pub fn put_many(&mut self, sim: &mut Sim, keys: &[Vec<u8>], among: &[NodeId]) -> u64 {
+        let mut per_node: BTreeMap<NodeId, Vec<(Vec<u8>, Vec<u8>)>> = BTreeMap::new();
+        for key in keys {
+            let holders = Self::holders(sim, key, among);
+            if holders.is_empty() {
+                continue;
+            }
+            let node = holders[rand::Rng::random_range(sim.rng(), 0..holders.len())];
+            self.next_value += 1;
+            let value = format!("v{}", self.next_value).into_bytes();
+            per_node.entry(node).or_default().push((key.clone(), value));
+        }
+        let mut written = 0;
+        for (node, writes) in per_node {
+            let Some(store) = sim.store(node).cloned() else { continue };
+            for chunk in writes.chunks(1000) {
+                let mut batch = Batch::new();
+                for (key, value) in chunk {
+                    batch.put(key.clone(), value.clone());
+                }
+                let Ok(contexts) = store.write(&batch) else { continue };
+                for ((key, value), context) in chunk.iter().zip(contexts) {
+                    self.record(node, key, value.clone(), context);
+                    written += 1;
+                }
+            }
+        }
+        written
+    }
+
+    fn record(&mut self, node: NodeId, key: &[u8], value: Vec<u8>, context: CausalContext) {
+        let dot = Dot::new(node, context.get(node));
+        self.registers
+            .entry(key.to_vec())
+            .or_default()
+            .push(RegisterWrite { dot, seen: context, value });
+        self.acknowledged += 1;
+    }
+
+    /// Adds to a counter on a random holder among `among`.
+    pub fn add(&mut self, sim: &mut Sim, key: &[u8], amount: i64, among: &[NodeId]) -> bool {
+        let holders = Self::holders(sim, key, among);
+        if holders.is_empty() {
+            return false;
+        }
+        let node = holders[rand::Rng::random_range(sim.rng(), 0..holders.len())];
+        let Some(store) = sim.store(node) else { return false };
+        if store.counter_add(key, amount).is_err() {
+            return false;
+        }
+        *self.counters.entry(key.to_vec()).or_default() += amount;
+        self.acknowledged += 1;
+        true
+    }
+
+    fn expected_register(writes: &[RegisterWrite]) -> Value {
+        let mut live: Vec<Vec<u8>> = writes
+            .iter()
+            .filter(|w| !writes.iter().any(|o| o.dot != w.dot && o.seen.covers(w.dot)))
+            .map(|w| w.value.clone())
+            .collect();
+        live.sort();
+        live.dedup();
+        Value::Register(live)
+    }
+
+    /// Checks every key on every up holder of the final layout.
+    pub fn check(&self, sim: &Sim) -> Result<(), String> {
+        let up = sim.up_nodes();
+        for (key, writes) in &self.registers {
+            let expected = Self::expected_register(writes);
+            let holders = Self::holders(sim, key, &up);
+            if holders.is_empty() {
+                return Err(format!("no up replica holds {}", String::from_utf8_lossy(key)));
+            }
+            for n in holders {
+                let got = sim.store(n).and_then(|s| s.get(key).ok()).flatten().map(|r| r.value);
+                if got.as_ref() != Some(&expected) {
+                    return Err(format!(
+                        "node {n} holds {:?} for {}, expected {:?}: an acknowledged write is missing or a superseded one came back",
+                        got,
+                        String::from_utf8_lossy(key),
+                        expected
+                    ));
+                }
+            }
+        }
+        for (key, sum) in &self.counters {
+            for n in Self::holders(sim, key, &up) {
+                let got = sim.store(n).and_then(|s| s.counter(key).ok());
+                if got != Some(*sum) {
+                    return Err(format!(
+                        "node {n} counts {:?} for {}, the acknowledged adds sum to {sum}",
+                        got,
+                        String::from_utf8_lossy(key)
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+}

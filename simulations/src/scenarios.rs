@@ -1,0 +1,388 @@
+//! The scenarios: each sets up a cluster, applies a workload and faults,
+//! checks its invariants and reports figures.
+
+use crate::ledger::{counter_key, register_key, Ledger};
+use crate::sim::{default_meta, NetConfig, Sim};
+use gossipkv::replication::layout::Layout;
+use gossipkv::NodeId;
+use rand::Rng;
+use std::time::Duration;
+
+pub const SCENARIOS: &[&str] = &["converge", "steady", "partition", "churn", "join", "rejoin", "rebalance"];
+
+/// What a scenario is run with.
+#[derive(Clone, Debug)]
+pub struct Params {
+    pub nodes: Option<usize>,
+    pub seed: u64,
+    pub keys: Option<u64>,
+    pub sweep: bool,
+    pub partitions: u16,
+    pub replicas: u8,
+}
+
+impl Default for Params {
+    fn default() -> Self {
+        Params { nodes: None, seed: 1, keys: None, sweep: false, partitions: 256, replicas: 3 }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Metric {
+    pub name: String,
+    pub value: f64,
+    pub unit: &'static str,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct Report {
+    pub metrics: Vec<Metric>,
+}
+
+impl Report {
+    fn metric(&mut self, name: impl Into<String>, value: f64, unit: &'static str) {
+        self.metrics.push(Metric { name: name.into(), value, unit });
+    }
+
+    pub fn get(&self, name: &str) -> Option<f64> {
+        self.metrics.iter().find(|m| m.name == name).map(|m| m.value)
+    }
+}
+
+/// An invariant that did not hold, in one line.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Violation(pub String);
+
+type Outcome = Result<Report, Violation>;
+
+const ROUND: Duration = Duration::from_secs(1);
+
+fn fail(reason: impl Into<String>) -> Violation {
+    Violation(reason.into())
+}
+
+pub fn run(name: &str, params: &Params) -> Outcome {
+    match name {
+        "converge" => converge(params),
+        "steady" => steady(params),
+        "partition" => partition(params),
+        "churn" => churn(params),
+        "join" => join(params),
+        "rejoin" => rejoin(params),
+        "rebalance" => rebalance(params),
+        other => Err(fail(format!("unknown scenario {other:?}; scenarios: {}", SCENARIOS.join(", ")))),
+    }
+}
+
+/// A cluster of `n` nodes whose membership has settled.
+fn cluster(params: &Params, n: usize) -> Result<Sim, Violation> {
+    let mut sim = Sim::new(params.seed, n, params.partitions, params.replicas);
+    sim.bootstrap(n);
+    let limit = Duration::from_secs(60 + 2 * n as u64);
+    sim.run_until_condition(ROUND, limit, |s| {
+        s.up_nodes().iter().all(|&id| s.replica(id).is_some_and(|r| r.membership().alive().len() + 1 == n))
+    })
+    .ok_or_else(|| fail(format!("membership of {n} nodes did not settle in {limit:?}")))?;
+    Ok(sim)
+}
+
+fn settle(sim: &mut Sim, limit: Duration, what: &str) -> Result<Duration, Violation> {
+    sim.run_until_condition(ROUND, limit, Sim::converged)
+        .ok_or_else(|| fail(format!("{what}: replicas did not converge within {limit:?} (seed {})", sim_seed(sim))))
+}
+
+fn sim_seed(sim: &Sim) -> String {
+    format!("t={:?}", sim.now)
+}
+
+fn rounds(d: Duration) -> f64 {
+    d.as_secs_f64() / ROUND.as_secs_f64()
+}
+
+fn converge_once(params: &Params, n: usize, keys: u64) -> Result<f64, Violation> {
+    let mut sim = cluster(params, n)?;
+    let up = sim.up_nodes();
+    let mut ledger = Ledger::default();
+    let keys: Vec<Vec<u8>> = (0..keys).map(register_key).collect();
+    ledger.put_many(&mut sim, &keys, &up);
+    let took = settle(&mut sim, Duration::from_secs(600), "converge")?;
+    ledger.check(&sim).map_err(fail)?;
+    Ok(rounds(took))
+}
+
+/// Random writes on random replicas, then quiet: every replica of every
+/// key ends equal; how many anti-entropy rounds that takes.
+fn converge(params: &Params) -> Outcome {
+    let mut report = Report::default();
+    let keys = params.keys.unwrap_or(1_000);
+    if params.sweep {
+        for n in [10usize, 100, 1_000] {
+            let r = converge_once(params, n, keys)?;
+            report.metric(format!("rounds_to_converge_n{n}"), r, "rounds");
+            report.metric(format!("log2_n{n}"), (n as f64).log2(), "rounds");
+        }
+    } else {
+        let n = params.nodes.unwrap_or(10);
+        let r = converge_once(params, n, keys)?;
+        report.metric("rounds_to_converge", r, "rounds");
+        report.metric("log2_n", (n as f64).log2(), "rounds");
+    }
+    Ok(report)
+}
+
+/// An in-sync cluster: what anti-entropy costs when nothing differs.
+fn steady(params: &Params) -> Outcome {
+    let n = params.nodes.unwrap_or(10);
+    let mut sim = cluster(params, n)?;
+    let up = sim.up_nodes();
+    let mut ledger = Ledger::default();
+    let keys: Vec<Vec<u8>> = (0..params.keys.unwrap_or(1_000)).map(register_key).collect();
+    ledger.put_many(&mut sim, &keys, &up);
+    settle(&mut sim, Duration::from_secs(300), "steady")?;
+    let before = sim.bytes_of("digest");
+    let repair_before = sim.bytes_of("repair");
+    let measured = 20u32;
+    sim.run_for(ROUND * measured);
+    let digest = sim.bytes_of("digest") - before;
+    let repair = sim.bytes_of("repair") - repair_before;
+    if repair > 0 {
+        return Err(fail(format!("an in-sync cluster sent {repair} repair bytes")));
+    }
+    let mut report = Report::default();
+    report.metric("digest_bytes_per_node_round", digest as f64 / (n as f64 * f64::from(measured)), "bytes");
+    Ok(report)
+}
+
+/// Split in two while both sides write the same keys and add to the same
+/// counters; heal; everything converges with nothing acknowledged lost.
+fn partition(params: &Params) -> Outcome {
+    let n = params.nodes.unwrap_or(6);
+    let mut sim = cluster(params, n)?;
+    let nodes = sim.up_nodes();
+    let (left, right) = nodes.split_at(n / 2);
+    let (left, right) = (left.to_vec(), right.to_vec());
+    let mut ledger = Ledger::default();
+    let keys = params.keys.unwrap_or(200);
+    let all: Vec<Vec<u8>> = (0..keys).map(register_key).collect();
+    ledger.put_many(&mut sim, &all, &nodes);
+    settle(&mut sim, Duration::from_secs(300), "partition (before split)")?;
+
+    sim.split(&left, &right);
+    for step in 0..20 {
+        for side in [&left, &right] {
+            for _ in 0..(keys / 10).max(1) {
+                let k = sim.rng().random_range(0..keys);
+                ledger.put(&mut sim, &register_key(k), side);
+            }
+            for c in 0..4 {
+                let amount = sim.rng().random_range(-5..=10);
+                ledger.add(&mut sim, &counter_key(c), amount, side);
+            }
+        }
+        let _ = step;
+        sim.run_for(ROUND);
+    }
+    sim.heal();
+    let took = settle(&mut sim, Duration::from_secs(600), "partition (after heal)")?;
+    ledger.check(&sim).map_err(fail)?;
+    let mut report = Report::default();
+    report.metric("rounds_to_converge_after_heal", rounds(took), "rounds");
+    report.metric("acknowledged_writes", ledger.acknowledged as f64, "writes");
+    Ok(report)
+}
+
+/// Crashes, restarts, joins and leaves under loss, duplication and
+/// reordering, with writes throughout; after quiet, all converge and
+/// nothing acknowledged is lost.
+fn churn(params: &Params) -> Outcome {
+    let n = params.nodes.unwrap_or(8);
+    let mut sim = cluster(params, n)?;
+    sim.net = NetConfig { loss: 0.05, duplicate: 0.05, delay_ms: (1, 80) };
+    let mut ledger = Ledger::default();
+    let keys = params.keys.unwrap_or(300);
+    let mut next_id = n as u64 + 1;
+    let mut crashed: Vec<NodeId> = Vec::new();
+    let mut leaving: Vec<NodeId> = Vec::new();
+    for step in 0..60u32 {
+        let up: Vec<NodeId> = sim.up_nodes().into_iter().filter(|n| !leaving.contains(n)).collect();
+        for _ in 0..5 {
+            let k = sim.rng().random_range(0..keys);
+            ledger.put(&mut sim, &register_key(k), &up);
+        }
+        let amount = sim.rng().random_range(1..=3);
+        ledger.add(&mut sim, &counter_key(0), amount, &up);
+        if step % 6 == 3 {
+            match sim.rng().random_range(0..4) {
+                0 if crashed.len() < 2 && up.len() > 4 => {
+                    let victim = up[sim.rng().random_range(1..up.len())];
+                    sim.crash(victim);
+                    crashed.push(victim);
+                }
+                1 if !crashed.is_empty() => {
+                    let back = crashed.remove(0);
+                    sim.restart(back);
+                }
+                2 => {
+                    let id = NodeId(next_id);
+                    next_id += 1;
+                    let seed = sim.addr(up[0]);
+                    sim.add_joining_node(id, default_meta(), seed);
+                }
+                _ if leaving.is_empty() && up.len() > 4 => {
+                    let goer = up[sim.rng().random_range(1..up.len())];
+                    sim.leave(goer);
+                    leaving.push(goer);
+                }
+                _ => {}
+            }
+        }
+        sim.run_for(ROUND);
+    }
+    // Quiet: crashed nodes come back, the network heals.
+    for id in crashed.drain(..) {
+        sim.restart(id);
+    }
+    sim.net = NetConfig::default();
+    let took = settle(&mut sim, Duration::from_secs(900), "churn")?;
+    // A node that left hands everything off before it goes.
+    for id in &leaving {
+        if let Some(store) = sim.store(*id) {
+            let held = store.partition_versions().map_err(|e| fail(e.to_string()))?;
+            if held.iter().any(|v| !v.is_empty()) {
+                return Err(fail(format!("node {id} left but still holds partitions")));
+            }
+        }
+        sim.crash(*id);
+    }
+    ledger.check(&sim).map_err(fail)?;
+    let mut report = Report::default();
+    report.metric("rounds_to_converge_after_churn", rounds(took), "rounds");
+    report.metric("acknowledged_writes", ledger.acknowledged as f64, "writes");
+    report.metric("streams_broken", sim.up_nodes().iter().filter_map(|&n| sim.replica(n)).map(|r| r.stats().streams_broken).sum::<u64>() as f64, "streams");
+    Ok(report)
+}
+
+/// Sum of key and entry bytes of the partitions `node` holds.
+fn share_bytes(sim: &Sim, node: NodeId) -> Result<u64, Violation> {
+    let (Some(replica), Some(store)) = (sim.replica(node), sim.store(node)) else {
+        return Err(fail(format!("node {node} is down")));
+    };
+    let mut bytes = 0;
+    for p in replica.layout().current().partitions_of(node) {
+        bytes += store.partition_stats(p).map_err(|e| fail(e.to_string()))?.bytes;
+    }
+    Ok(bytes)
+}
+
+fn loaded_cluster(params: &Params, n: usize) -> Result<(Sim, Ledger), Violation> {
+    let mut sim = cluster(params, n)?;
+    let up = sim.up_nodes();
+    let mut ledger = Ledger::default();
+    let keys: Vec<Vec<u8>> = (0..params.keys.unwrap_or(100_000)).map(register_key).collect();
+    ledger.put_many(&mut sim, &keys, &up);
+    settle(&mut sim, Duration::from_secs(900), "initial load")?;
+    Ok((sim, ledger))
+}
+
+/// Slots gained per node between two layouts.
+fn gains(before: &Layout, after: &Layout) -> std::collections::BTreeMap<NodeId, usize> {
+    let mut gained = std::collections::BTreeMap::new();
+    for change in before.changes_to(after) {
+        for n in change.gained {
+            *gained.entry(n).or_default() += 1;
+        }
+    }
+    gained
+}
+
+/// Five nodes hold the data; a sixth joins and receives only its share.
+fn join(params: &Params) -> Outcome {
+    let n = params.nodes.unwrap_or(5);
+    let (mut sim, ledger) = loaded_cluster(params, n)?;
+    let before = sim.layout().map(|l| l.current().clone()).ok_or_else(|| fail("no layout"))?;
+    let newcomer = NodeId(n as u64 + 1);
+    let seed = sim.addr(NodeId(1));
+    sim.add_joining_node(newcomer, default_meta(), seed);
+    settle(&mut sim, Duration::from_secs(1800), "join")?;
+    ledger.check(&sim).map_err(fail)?;
+    let after = sim.layout().map(|l| l.current().clone()).ok_or_else(|| fail("no layout"))?;
+    let gained = gains(&before, &after);
+    if gained.keys().any(|&g| g != newcomer) {
+        return Err(fail(format!("a join moved partitions to old nodes: {gained:?}")));
+    }
+    let moved = gained.get(&newcomer).copied().unwrap_or(0);
+    let specs: Vec<_> = after
+        .nodes()
+        .into_iter()
+        .map(|id| gossipkv::replication::layout::NodeSpec { id, capacity: 100, zone: None })
+        .collect();
+    let ideal = Layout::quotas(after.partitions(), after.replication_factor(), &specs)
+        .get(&newcomer)
+        .copied()
+        .unwrap_or(0);
+    let received = sim.bytes_received(newcomer, &["migration", "repair"]);
+    let share = share_bytes(&sim, newcomer)?;
+    let mut report = Report::default();
+    report.metric("join_bytes_ratio", received as f64 / share.max(1) as f64, "ratio");
+    report.metric("join_partitions_moved_ratio", moved as f64 / ideal.max(1) as f64, "ratio");
+    report.metric("join_bytes_received", received as f64, "bytes");
+    report.metric("join_share_bytes", share as f64, "bytes");
+    Ok(report)
+}
+
+/// A node goes away, 1% of keys change, it comes back: it receives only
+/// what changed.
+fn rejoin(params: &Params) -> Outcome {
+    let n = params.nodes.unwrap_or(5);
+    let keys = params.keys.unwrap_or(100_000);
+    let (mut sim, mut ledger) = loaded_cluster(params, n)?;
+    let away = NodeId(n as u64);
+    sim.crash(away);
+    let others: Vec<NodeId> = sim.up_nodes();
+    let changed: Vec<Vec<u8>> = (0..keys).step_by(100).map(register_key).collect();
+    ledger.put_many(&mut sim, &changed, &others);
+    sim.run_for(ROUND * 10);
+    let before = sim.bytes_received(away, &["migration", "repair"]);
+    sim.restart(away);
+    settle(&mut sim, Duration::from_secs(900), "rejoin")?;
+    ledger.check(&sim).map_err(fail)?;
+    let received = sim.bytes_received(away, &["migration", "repair"]) - before;
+    let share = share_bytes(&sim, away)?;
+    let mut report = Report::default();
+    report.metric("rejoin_bytes_fraction", received as f64 / share.max(1) as f64, "ratio");
+    report.metric("rejoin_bytes_received", received as f64, "bytes");
+    report.metric("rejoin_share_bytes", share as f64, "bytes");
+    Ok(report)
+}
+
+/// One node's capacity doubles: partitions move only toward it.
+fn rebalance(params: &Params) -> Outcome {
+    let n = params.nodes.unwrap_or(5);
+    let (mut sim, ledger) = loaded_cluster(params, n)?;
+    let before = sim.layout().map(|l| l.current().clone()).ok_or_else(|| fail("no layout"))?;
+    let grown = NodeId(1);
+    sim.set_capacity(grown, 200);
+    sim.run_until_condition(ROUND, Duration::from_secs(120), |s| {
+        s.layout().is_some_and(|l| l.current().version() > before.version())
+    })
+    .ok_or_else(|| fail("the capacity change produced no new layout"))?;
+    settle(&mut sim, Duration::from_secs(1800), "rebalance")?;
+    ledger.check(&sim).map_err(fail)?;
+    let after = sim.layout().map(|l| l.current().clone()).ok_or_else(|| fail("no layout"))?;
+    let gained = gains(&before, &after);
+    if gained.keys().any(|&g| g != grown) {
+        return Err(fail(format!("a rebalance moved partitions away from the grown node's direction: {gained:?}")));
+    }
+    let moved = gained.get(&grown).copied().unwrap_or(0);
+    if moved == 0 {
+        return Err(fail("doubling a node's capacity moved nothing to it"));
+    }
+    let mut report = Report::default();
+    report.metric("rebalance_slots_moved", moved as f64, "slots");
+    report.metric(
+        "rebalance_share_after",
+        after.partitions_of(grown).len() as f64 / before.partitions_of(grown).len().max(1) as f64,
+        "ratio",
+    );
+    Ok(report)
+}

@@ -1,0 +1,426 @@
+//! The deterministic driver: many replication cores, one virtual clock, one
+//! seeded RNG, and a network that loses, duplicates, delays and reorders
+//! messages and can be cut between groups of nodes.
+//!
+//! Every message crosses the "wire" as postcard bytes (so decoding runs and
+//! sizes are real) and is counted by kind. Same seed, same run.
+
+use gossipkv::replication::layout::NodeSpec;
+use gossipkv::replication::layout_state::LayoutState;
+use gossipkv::replication::membership::{Addr, MembershipConfig, NodeMeta};
+use gossipkv::replication::message::Message;
+use gossipkv::replication::replica::{Output, Replica, ReplicaConfig, Timer};
+use gossipkv::{NodeId, Store, StoreOptions};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Faults of the simulated network.
+#[derive(Clone, Debug)]
+pub struct NetConfig {
+    pub loss: f64,
+    pub duplicate: f64,
+    /// Each message takes a delay drawn uniformly from this range, which
+    /// also reorders messages.
+    pub delay_ms: (u64, u64),
+}
+
+impl Default for NetConfig {
+    fn default() -> Self {
+        NetConfig { loss: 0.0, duplicate: 0.0, delay_ms: (1, 10) }
+    }
+}
+
+enum Event {
+    Deliver { from: NodeId, to: Addr, bytes: Vec<u8>, kind: &'static str },
+    Timer { node: NodeId, epoch: u64, timer: Timer },
+}
+
+struct SimNode {
+    replica: Option<Replica>,
+    store: Arc<Store>,
+    addr: Addr,
+    incarnation: u32,
+    epoch: u64,
+    meta: NodeMeta,
+    /// The layout state saved at a crash, as a real node would persist it.
+    saved_layout: Option<LayoutState>,
+}
+
+/// Bytes delivered, by message kind and by receiving node.
+#[derive(Clone, Debug, Default)]
+pub struct Traffic {
+    pub by_kind: BTreeMap<&'static str, u64>,
+    pub received: BTreeMap<(NodeId, &'static str), u64>,
+    pub messages: u64,
+}
+
+pub struct Sim {
+    pub now: Duration,
+    rng: StdRng,
+    seed: u64,
+    nodes: BTreeMap<NodeId, SimNode>,
+    by_addr: HashMap<Addr, NodeId>,
+    queue: BTreeMap<(Duration, u64), Event>,
+    next_event: u64,
+    pub net: NetConfig,
+    cut: BTreeSet<(NodeId, NodeId)>,
+    pub traffic: Traffic,
+    pub config: ReplicaConfig,
+    pub partitions: u16,
+    pub replicas: u8,
+    pub errors: u64,
+}
+
+/// A synthetic address: never used for real traffic, only as a name.
+fn addr_of(id: NodeId) -> Addr {
+    let n = id.0 as u32;
+    SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::new(127, 1, (n >> 8) as u8, n as u8), 7000))
+}
+
+pub fn default_meta() -> NodeMeta {
+    NodeMeta { capacity: 100, zone: None, load: Default::default() }
+}
+
+impl Sim {
+    pub fn new(seed: u64, nodes: usize, partitions: u16, replicas: u8) -> Sim {
+        let config = ReplicaConfig {
+            membership: MembershipConfig::simulation(nodes.max(2)),
+            migration_timeout: Duration::from_secs(5),
+            purge_interval: Duration::from_secs(10),
+            remove_down_after: Duration::from_secs(600),
+            ..ReplicaConfig::default()
+        };
+        Sim {
+            now: Duration::ZERO,
+            rng: StdRng::seed_from_u64(seed),
+            seed,
+            nodes: BTreeMap::new(),
+            by_addr: HashMap::new(),
+            queue: BTreeMap::new(),
+            next_event: 0,
+            net: NetConfig::default(),
+            cut: BTreeSet::new(),
+            traffic: Traffic::default(),
+            config,
+            partitions,
+            replicas,
+            errors: 0,
+        }
+    }
+
+    /// Starts `n` nodes (ids 1..=n) as a new cluster sharing a bootstrap
+    /// layout, joined through node 1.
+    pub fn bootstrap(&mut self, n: usize) {
+        let specs: Vec<NodeSpec> = (1..=n as u64)
+            .map(|i| NodeSpec { id: NodeId(i), capacity: 100, zone: None })
+            .collect();
+        let layout = LayoutState::bootstrap(self.partitions, self.replicas, &specs);
+        for i in 1..=n as u64 {
+            self.add_node(NodeId(i), default_meta(), layout.clone());
+        }
+        let seed = addr_of(NodeId(1));
+        for i in 2..=n as u64 {
+            self.join(NodeId(i), seed);
+        }
+    }
+
+    fn add_node(&mut self, id: NodeId, meta: NodeMeta, layout: LayoutState) {
+        let options = StoreOptions::default().node_id(id).partitions(self.partitions);
+        let store = Arc::new(Store::open_in_memory(options).expect("in-memory store"));
+        let addr = addr_of(id);
+        self.by_addr.insert(addr, id);
+        self.nodes.insert(
+            id,
+            SimNode { replica: None, store, addr, incarnation: 1, epoch: 0, meta, saved_layout: Some(layout) },
+        );
+        self.boot(id);
+    }
+
+    fn boot(&mut self, id: NodeId) {
+        let seed = self.seed ^ id.0.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        let config = self.config.clone();
+        let (partitions, replicas) = (self.partitions, self.replicas);
+        let Some(node) = self.nodes.get_mut(&id) else { return };
+        node.epoch += 1;
+        let layout = node.saved_layout.take().unwrap_or_else(|| LayoutState::new(partitions, replicas));
+        let mut replica = Replica::new(
+            node.store.clone(),
+            node.addr,
+            node.incarnation,
+            node.meta.clone(),
+            layout,
+            config,
+            seed ^ u64::from(node.incarnation),
+        );
+        let outputs = replica.start(self.now);
+        node.replica = Some(replica);
+        self.carry_out(id, outputs);
+    }
+
+    /// A brand-new node joins through `seed`.
+    pub fn add_joining_node(&mut self, id: NodeId, meta: NodeMeta, seed: Addr) {
+        let layout = LayoutState::new(self.partitions, self.replicas);
+        self.add_node(id, meta, layout);
+        self.join(id, seed);
+    }
+
+    pub fn join(&mut self, id: NodeId, seed: Addr) {
+        let now = self.now;
+        let outputs = match self.replica_mut(id) {
+            Some(r) => r.join(now, seed),
+            None => return,
+        };
+        self.carry_out(id, outputs);
+    }
+
+    pub fn leave(&mut self, id: NodeId) {
+        let now = self.now;
+        let outputs = match self.replica_mut(id) {
+            Some(r) => r.leave(now),
+            None => return,
+        };
+        self.carry_out(id, outputs);
+    }
+
+    pub fn set_capacity(&mut self, id: NodeId, capacity: u32) {
+        let now = self.now;
+        let Some(node) = self.nodes.get_mut(&id) else { return };
+        node.meta.capacity = capacity;
+        let meta = node.meta.clone();
+        let outputs = match node.replica.as_mut() {
+            Some(r) => r.set_meta(now, meta),
+            None => return,
+        };
+        self.carry_out(id, outputs);
+    }
+
+    /// Stops a node's core at once, keeping its store (committed data is
+    /// durable) and its layout as persisted.
+    pub fn crash(&mut self, id: NodeId) {
+        if let Some(node) = self.nodes.get_mut(&id) {
+            if let Some(replica) = node.replica.take() {
+                node.saved_layout = Some(replica.layout().clone());
+            }
+            node.epoch += 1;
+        }
+    }
+
+    /// Restarts a crashed node with a higher incarnation and rejoins.
+    pub fn restart(&mut self, id: NodeId) {
+        let Some(node) = self.nodes.get_mut(&id) else { return };
+        if node.replica.is_some() {
+            return;
+        }
+        node.incarnation += 1;
+        self.boot(id);
+        let seed = self.nodes.keys().copied().find(|&n| n != id && self.is_up(n)).map(addr_of);
+        if let Some(seed) = seed {
+            self.join(id, seed);
+        }
+    }
+
+    pub fn is_up(&self, id: NodeId) -> bool {
+        self.nodes.get(&id).is_some_and(|n| n.replica.is_some())
+    }
+
+    pub fn node_ids(&self) -> Vec<NodeId> {
+        self.nodes.keys().copied().collect()
+    }
+
+    pub fn up_nodes(&self) -> Vec<NodeId> {
+        self.nodes.keys().copied().filter(|&n| self.is_up(n)).collect()
+    }
+
+    pub fn replica(&self, id: NodeId) -> Option<&Replica> {
+        self.nodes.get(&id).and_then(|n| n.replica.as_ref())
+    }
+
+    fn replica_mut(&mut self, id: NodeId) -> Option<&mut Replica> {
+        self.nodes.get_mut(&id).and_then(|n| n.replica.as_mut())
+    }
+
+    pub fn store(&self, id: NodeId) -> Option<&Arc<Store>> {
+        self.nodes.get(&id).map(|n| &n.store)
+    }
+
+    pub fn addr(&self, id: NodeId) -> Addr {
+        addr_of(id)
+    }
+
+    pub fn rng(&mut self) -> &mut StdRng {
+        &mut self.rng
+    }
+
+    /// Cuts every link between the two groups (both directions).
+    pub fn split(&mut self, a: &[NodeId], b: &[NodeId]) {
+        for &x in a {
+            for &y in b {
+                self.cut.insert((x, y));
+                self.cut.insert((y, x));
+            }
+        }
+    }
+
+    pub fn heal(&mut self) {
+        self.cut.clear();
+    }
+
+    fn push(&mut self, at: Duration, event: Event) {
+        self.next_event += 1;
+        self.queue.insert((at, self.next_event), event);
+    }
+
+    fn carry_out(&mut self, from: NodeId, outputs: Vec<Output>) {
+        for output in outputs {
+            match output {
+                Output::Send { to, message } => self.send(from, to, &message),
+                Output::Schedule { after, timer } => {
+                    let epoch = self.nodes.get(&from).map_or(0, |n| n.epoch);
+                    self.push(self.now + after, Event::Timer { node: from, epoch, timer });
+                }
+                Output::Event(_) => {}
+            }
+        }
+    }
+
+    fn send(&mut self, from: NodeId, to: Addr, message: &Message) {
+        let Ok(bytes) = postcard::to_allocvec(message) else { return };
+        if self.rng.random_bool(self.net.loss) {
+            return;
+        }
+        let copies = if self.rng.random_bool(self.net.duplicate) { 2 } else { 1 };
+        for _ in 0..copies {
+            let (lo, hi) = self.net.delay_ms;
+            let delay = Duration::from_millis(self.rng.random_range(lo..=hi.max(lo)));
+            let kind = message.kind();
+            self.push(self.now + delay, Event::Deliver { from, to, bytes: bytes.clone(), kind });
+        }
+    }
+
+    /// Runs events until `until` (virtual time).
+    pub fn run_until(&mut self, until: Duration) {
+        while let Some(entry) = self.queue.first_entry() {
+            let (at, _) = *entry.key();
+            if at > until {
+                break;
+            }
+            let event = entry.remove();
+            self.now = at;
+            match event {
+                Event::Timer { node, epoch, timer } => {
+                    let now = self.now;
+                    let Some(n) = self.nodes.get_mut(&node) else { continue };
+                    if n.epoch != epoch {
+                        continue; // a timer of a crashed incarnation
+                    }
+                    let Some(replica) = n.replica.as_mut() else { continue };
+                    let outputs = replica.handle_timer(now, timer);
+                    self.carry_out(node, outputs);
+                }
+                Event::Deliver { from, to, bytes, kind } => {
+                    let Some(&dest) = self.by_addr.get(&to) else { continue };
+                    if self.cut.contains(&(from, dest)) || !self.is_up(from) {
+                        continue;
+                    }
+                    let Ok(message) = postcard::from_bytes::<Message>(&bytes) else {
+                        self.errors += 1;
+                        continue;
+                    };
+                    let now = self.now;
+                    let Some(replica) = self.replica_mut(dest) else { continue };
+                    let result = replica.handle_message(now, from, message);
+                    *self.traffic.by_kind.entry(kind).or_default() += bytes.len() as u64;
+                    *self.traffic.received.entry((dest, kind)).or_default() += bytes.len() as u64;
+                    self.traffic.messages += 1;
+                    match result {
+                        Ok(outputs) => self.carry_out(dest, outputs),
+                        Err(_) => self.errors += 1,
+                    }
+                }
+            }
+        }
+        self.now = until;
+    }
+
+    pub fn run_for(&mut self, d: Duration) {
+        let until = self.now + d;
+        self.run_until(until);
+    }
+
+    /// Runs until `done` holds, checking every `step`, for at most `limit`.
+    /// Returns the virtual time it took, or `None` on timeout.
+    pub fn run_until_condition(
+        &mut self,
+        step: Duration,
+        limit: Duration,
+        mut done: impl FnMut(&Sim) -> bool,
+    ) -> Option<Duration> {
+        let start = self.now;
+        loop {
+            if done(self) {
+                return Some(self.now - start);
+            }
+            if self.now - start >= limit {
+                return None;
+            }
+            self.run_for(step);
+        }
+    }
+
+    /// True when every up holder of every partition (in every up node's
+    /// view, old and new replicas) has the same version vector, every up
+    /// node has the same layout, and no layout change is in progress.
+    pub fn converged(&self) -> bool {
+        let up = self.up_nodes();
+        let Some(first) = up.first().and_then(|&n| self.replica(n)) else { return true };
+        let layout = first.layout();
+        if layout.in_transition() {
+            return false;
+        }
+        for &n in &up {
+            if self.replica(n).map(|r| r.layout()) != Some(layout) {
+                return false;
+            }
+        }
+        let versions: BTreeMap<NodeId, Vec<gossipkv::VersionVector>> = up
+            .iter()
+            .filter_map(|&n| Some((n, self.store(n)?.partition_versions().ok()?)))
+            .collect();
+        for p in 0..self.partitions {
+            let holders: Vec<NodeId> = layout.holders(p).into_iter().filter(|n| up.contains(n)).collect();
+            let mut it = holders.iter().filter_map(|n| versions.get(n).map(|v| &v[usize::from(p)]));
+            if let Some(first) = it.next() {
+                if it.any(|v| v != first) {
+                    return false;
+                }
+            }
+            // Nodes that do not hold the partition must have handed it off.
+            for (n, v) in &versions {
+                if !holders.contains(n) && !v[usize::from(p)].is_empty() {
+                    return false;
+                }
+            }
+        }
+        true
+    }
+
+    /// The layout as the lowest up node sees it.
+    pub fn layout(&self) -> Option<&LayoutState> {
+        self.up_nodes().first().and_then(|&n| self.replica(n)).map(|r| r.layout())
+    }
+
+    pub fn bytes_of(&self, kind: &str) -> u64 {
+        self.traffic.by_kind.get(kind).copied().unwrap_or(0)
+    }
+
+    pub fn bytes_received(&self, node: NodeId, kinds: &[&str]) -> u64 {
+        kinds
+            .iter()
+            .map(|k| self.traffic.received.get(&(node, *k)).copied().unwrap_or(0))
+            .sum()
+    }
+}

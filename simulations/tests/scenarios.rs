@@ -1,0 +1,68 @@
+//! Every scenario at small size and a few seeds, so CI keeps them honest.
+//! The full-size figures come from `cargo run --release -p simulations`.
+
+use simulations::scenarios::{run, Params};
+
+fn small(seed: u64, nodes: Option<usize>, keys: u64) -> Params {
+    Params { nodes, seed, keys: Some(keys), sweep: false, partitions: 32, replicas: 3 }
+}
+
+fn check(name: &str, params: &Params) -> simulations::scenarios::Report {
+    match run(name, params) {
+        Ok(report) => report,
+        Err(v) => panic!("{name} seed {}: {}", params.seed, v.0),
+    }
+}
+
+#[test]
+fn converge_small() {
+    for seed in 1..=3 {
+        let report = check("converge", &small(seed, Some(8), 200));
+        assert!(report.get("rounds_to_converge").is_some());
+    }
+}
+
+#[test]
+fn steady_exchanges_only_digests() {
+    for seed in 1..=2 {
+        let report = check("steady", &small(seed, Some(6), 100));
+        let bytes = report.get("digest_bytes_per_node_round").unwrap();
+        assert!(bytes <= 64.0, "in-sync digests cost {bytes} bytes per node and round");
+    }
+}
+
+#[test]
+fn partition_heals_without_losing_writes() {
+    for seed in 1..=3 {
+        check("partition", &small(seed, Some(6), 60));
+    }
+}
+
+#[test]
+fn churn_converges_without_losing_writes() {
+    for seed in 1..=2 {
+        check("churn", &small(seed, Some(7), 80));
+    }
+}
+
+#[test]
+fn join_moves_only_the_newcomers_share() {
+    for seed in 1..=2 {
+        let report = check("join", &small(seed, Some(5), 2_000));
+        let bytes = report.get("join_bytes_ratio").unwrap();
+        assert!(bytes <= 1.10, "a join moved {bytes} times the newcomer's share");
+        assert!(report.get("join_partitions_moved_ratio").unwrap() <= 1.05);
+    }
+}
+
+#[test]
+fn rejoin_moves_only_what_changed() {
+    let report = check("rejoin", &small(1, Some(5), 5_000));
+    let fraction = report.get("rejoin_bytes_fraction").unwrap();
+    assert!(fraction <= 0.05, "a rejoin moved {fraction} of a full copy");
+}
+
+#[test]
+fn rebalance_moves_only_toward_the_grown_node() {
+    check("rebalance", &small(1, Some(5), 1_000));
+}

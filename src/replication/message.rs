@@ -1,0 +1,63 @@
+//! Messages between replication cores. Postcard-encoded by the transport;
+//! every field that came from a peer is checked before use.
+
+use super::layout_state::LayoutState;
+use crate::crdt::VersionVector;
+use crate::store::ChangeChunk;
+use serde::{Deserialize, Serialize};
+
+/// What a stream of chunks is for: the receiver treats the final chunk
+/// accordingly.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum StreamPurpose {
+    /// Anti-entropy repair.
+    Repair,
+    /// Migration of a partition the receiver takes over, in phase 1 or 2.
+    Migration { phase: u8 },
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum Message {
+    /// A SWIM membership payload (foca's own encoding).
+    Membership(Vec<u8>),
+    /// Opens an anti-entropy round: one hash over the version vectors of
+    /// the partitions the sender believes both hold.
+    Digest { round: u64, layout: LayoutSummary, hash: u64 },
+    /// The receiver of a digest computed the same hash: nothing to do.
+    InSync { round: u64 },
+    /// The digest differed: per-partition hashes of the shared partitions.
+    PartitionHashes { round: u64, hashes: Vec<(u16, u64)> },
+    /// Version vectors of the partitions that differ. The receiver streams
+    /// back what the sender lacks and, if `reply`, sends its own vectors so
+    /// the sender can do the same in the other direction.
+    Versions { round: u64, versions: Vec<(u16, VersionVector)>, reply: bool },
+    /// One chunk of a `changes_since` stream; `index` counts from 0 within
+    /// the stream, and a receiver applies chunks only in order.
+    Chunk { stream: u64, index: u32, purpose: StreamPurpose, chunk: ChangeChunk },
+    /// The sender takes over `partition` and asks for what `since` lacks.
+    MigrateRequest { stream: u64, partition: u16, phase: u8, since: VersionVector },
+    /// The sender's layout state, newer than the receiver's.
+    Layout(LayoutState),
+}
+
+/// Enough of a layout state to tell which of two is newer.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LayoutSummary {
+    pub version: u64,
+    pub ready: u32,
+    pub completed: u64,
+}
+
+impl Message {
+    /// A short name for metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Message::Membership(_) => "membership",
+            Message::Digest { .. } | Message::InSync { .. } => "digest",
+            Message::PartitionHashes { .. } | Message::Versions { .. } => "digest",
+            Message::Chunk { purpose: StreamPurpose::Repair, .. } => "repair",
+            Message::Chunk { .. } | Message::MigrateRequest { .. } => "migration",
+            Message::Layout(_) => "layout",
+        }
+    }
+}

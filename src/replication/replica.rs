@@ -1,0 +1,827 @@
+//! One node's replication core: membership, layout, anti-entropy,
+//! migration, hand-off and purge, driven by messages and timers.
+//!
+//! The driver (the QUIC node or the simulator) calls [`Replica::start`],
+//! then feeds every received message to [`Replica::handle_message`] and
+//! every due timer to [`Replica::handle_timer`], each with the current time,
+//! and carries out the returned [`Output`]s: send a message, schedule a
+//! timer, report an event. Nothing here reads a clock or touches a socket.
+//!
+//! Anti-entropy, each round: pick a peer (one that shares partitions when
+//! there is one), send one hash over the version vectors of the partitions
+//! both hold. Equal: the peer answers `InSync` and the round ends. Else the
+//! peer sends per-partition hashes, the initiator sends the vectors of the
+//! partitions that differ, and each side streams `changes_since` the other's
+//! vector: both directions repair, and only what differs moves.
+//!
+//! Migration, for each partition this node gained in the current layout:
+//! phase 1 asks a complete replica for everything its vector lacks; phase 2
+//! asks again with the vector phase 1 left, catching writes made meanwhile;
+//! then the node marks itself ready, which spreads with the layout. A
+//! stream cut short keeps what arrived, and the retry asks only for the rest.
+//!
+//! Hand-off: a node holding data of a partition it no longer holds pushes it
+//! to a current replica and drops it only once that replica's vector covers
+//! its own, so writes it took late in a transition are not lost.
+//!
+//! Purge: when the vectors of every holder of a partition are known, their
+//! meet is causally stable and tombstones it covers are removed.
+
+use super::layout::NodeSpec;
+use super::layout_state::LayoutState;
+use super::membership::{
+    Addr, MemberState, Membership, MembershipConfig, MembershipError, MembershipEvent,
+    MembershipOutput, MembershipTimer, NodeMeta,
+};
+use super::message::{LayoutSummary, Message, StreamPurpose};
+use crate::crdt::{NodeId, VersionVector};
+use crate::store::{ChangeChunk, ChunkLimits, Store};
+use rand::rngs::StdRng;
+use rand::seq::IndexedRandom;
+use rand::{Rng, SeedableRng};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Tuning of the replication core.
+#[derive(Clone, Debug)]
+pub struct ReplicaConfig {
+    /// Time between anti-entropy rounds.
+    pub anti_entropy_interval: Duration,
+    /// Time between maintenance passes (layout, migrations, hand-off).
+    pub maintenance_interval: Duration,
+    /// Partitions migrating into this node at once.
+    pub migration_parallelism: usize,
+    /// A migration stream silent this long is asked for again.
+    pub migration_timeout: Duration,
+    /// Time between tombstone purges.
+    pub purge_interval: Duration,
+    /// A member down this long is taken out of the layout.
+    pub remove_down_after: Duration,
+    pub chunk_limits: ChunkLimits,
+    pub membership: MembershipConfig,
+}
+
+impl Default for ReplicaConfig {
+    fn default() -> Self {
+        ReplicaConfig {
+            anti_entropy_interval: Duration::from_secs(1),
+            maintenance_interval: Duration::from_secs(1),
+            migration_parallelism: 4,
+            migration_timeout: Duration::from_secs(10),
+            purge_interval: Duration::from_secs(30),
+            remove_down_after: Duration::from_secs(300),
+            chunk_limits: ChunkLimits::default(),
+            membership: MembershipConfig::default(),
+        }
+    }
+}
+
+/// Timers the core asks the driver to fire.
+#[derive(Clone, Debug)]
+pub enum Timer {
+    AntiEntropy,
+    Maintenance,
+    Purge,
+    Membership(MembershipTimer),
+}
+
+/// What the driver must do.
+#[derive(Debug)]
+pub enum Output {
+    Send { to: Addr, message: Message },
+    Schedule { after: Duration, timer: Timer },
+    Event(ReplicaEvent),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ReplicaEvent {
+    Membership(MembershipEventKind),
+    LayoutChanged { version: u64, completed: u64 },
+    MigrationStarted { partition: u16, source: NodeId },
+    MigrationDone { partition: u16 },
+    PartitionDropped { partition: u16 },
+    Purged { partition: u16, tombstones: usize },
+}
+
+/// A membership change, as reported in events.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum MembershipEventKind {
+    Up(NodeId),
+    Down(NodeId),
+    Left(NodeId),
+    MetaChanged(NodeId),
+    Rejoined,
+}
+
+/// Why a message was refused. No state changed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ReplicaError {
+    #[error("membership payload refused: {0}")]
+    Membership(#[from] MembershipError),
+    #[error("store: {0}")]
+    Store(#[from] crate::Error),
+    #[error("peer {peer} sent {what} for partition {partition}, which is out of range")]
+    PartitionOutOfRange { peer: NodeId, what: &'static str, partition: u16 },
+    #[error("peer {peer} sent a layout that is invalid: {reason}")]
+    BadLayout { peer: NodeId, reason: String },
+}
+
+/// Counters for metrics and simulations.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ReplicaStats {
+    pub rounds_started: u64,
+    pub rounds_in_sync: u64,
+    pub repair_entries_received: u64,
+    pub migration_entries_received: u64,
+    pub migrations_done: u64,
+    pub partitions_dropped: u64,
+    pub tombstones_purged: u64,
+    pub streams_broken: u64,
+}
+
+struct Inbound {
+    next: u32,
+}
+
+struct Migration {
+    phase: u8,
+    stream: u64,
+    source: NodeId,
+    last_progress: Duration,
+}
+
+pub struct Replica {
+    id: NodeId,
+    store: Arc<Store>,
+    membership: Membership,
+    layout: LayoutState,
+    config: ReplicaConfig,
+    rng: StdRng,
+    now: Duration,
+    next_id: u64,
+    /// Anti-entropy rounds this node opened: round -> peer.
+    rounds: HashMap<u64, NodeId>,
+    /// Chunk streams being received, by (sender, stream).
+    inbound: HashMap<(NodeId, u64), Inbound>,
+    migrations: BTreeMap<u16, Migration>,
+    /// The latest version vector each peer reported per partition: a lower
+    /// bound of what it holds (vectors only grow).
+    peer_versions: HashMap<(u16, NodeId), VersionVector>,
+    down_since: HashMap<NodeId, Duration>,
+    stats: ReplicaStats,
+    out: Vec<Output>,
+}
+
+impl Replica {
+    /// A core for `store`'s node at `addr`. `layout` is the layout state to
+    /// start from: a bootstrap layout for a new cluster, the persisted one
+    /// after a restart, or an empty one for a node that will join.
+    pub fn new(
+        store: Arc<Store>,
+        addr: Addr,
+        incarnation: u32,
+        meta: NodeMeta,
+        layout: LayoutState,
+        config: ReplicaConfig,
+        seed: u64,
+    ) -> Self {
+        let id = store.node_id();
+        let membership =
+            Membership::new(id, addr, incarnation, meta, config.membership.clone(), seed);
+        Replica {
+            id,
+            store,
+            membership,
+            layout,
+            config,
+            rng: StdRng::seed_from_u64(seed ^ 0x5eed_1e55),
+            now: Duration::ZERO,
+            next_id: 1,
+            rounds: HashMap::new(),
+            inbound: HashMap::new(),
+            migrations: BTreeMap::new(),
+            peer_versions: HashMap::new(),
+            down_since: HashMap::new(),
+            stats: ReplicaStats::default(),
+            out: Vec::new(),
+        }
+    }
+
+    pub fn id(&self) -> NodeId {
+        self.id
+    }
+
+    pub fn store(&self) -> &Arc<Store> {
+        &self.store
+    }
+
+    pub fn layout(&self) -> &LayoutState {
+        &self.layout
+    }
+
+    pub fn membership(&self) -> &Membership {
+        &self.membership
+    }
+
+    pub fn stats(&self) -> &ReplicaStats {
+        &self.stats
+    }
+
+    /// Partitions migrating into this node now.
+    pub fn migrating(&self) -> Vec<u16> {
+        self.migrations.keys().copied().collect()
+    }
+
+    /// Schedules the first rounds, spread so that nodes do not beat in step.
+    #[must_use]
+    pub fn start(&mut self, now: Duration) -> Vec<Output> {
+        self.now = now;
+        let jitter = |rng: &mut StdRng, d: Duration| d.mul_f64(rng.random_range(0.0..1.0));
+        let ae = jitter(&mut self.rng, self.config.anti_entropy_interval);
+        let mt = jitter(&mut self.rng, self.config.maintenance_interval);
+        self.schedule(ae, Timer::AntiEntropy);
+        self.schedule(mt, Timer::Maintenance);
+        self.schedule(self.config.purge_interval, Timer::Purge);
+        self.drain()
+    }
+
+    /// Joins the cluster through a seed address.
+    #[must_use]
+    pub fn join(&mut self, now: Duration, seed: Addr) -> Vec<Output> {
+        self.now = now;
+        let outputs = self.membership.join(seed);
+        self.absorb_membership(outputs);
+        self.drain()
+    }
+
+    /// Leaves gracefully: others see this node as left and move its partitions.
+    #[must_use]
+    pub fn leave(&mut self, now: Duration) -> Vec<Output> {
+        self.now = now;
+        let outputs = self.membership.leave();
+        self.absorb_membership(outputs);
+        self.drain()
+    }
+
+    /// Changes this node's capacity, zone or load figures.
+    #[must_use]
+    pub fn set_meta(&mut self, now: Duration, meta: NodeMeta) -> Vec<Output> {
+        self.now = now;
+        let outputs = self.membership.set_meta(meta);
+        self.absorb_membership(outputs);
+        self.drain()
+    }
+
+    #[must_use]
+    pub fn handle_timer(&mut self, now: Duration, timer: Timer) -> Vec<Output> {
+        self.now = now;
+        match timer {
+            Timer::AntiEntropy => {
+                self.anti_entropy_round();
+                self.schedule(self.config.anti_entropy_interval, Timer::AntiEntropy);
+            }
+            Timer::Maintenance => {
+                self.maintenance();
+                self.schedule(self.config.maintenance_interval, Timer::Maintenance);
+            }
+            Timer::Purge => {
+                self.purge();
+                self.schedule(self.config.purge_interval, Timer::Purge);
+            }
+            Timer::Membership(t) => {
+                let outputs = self.membership.handle_timer(t);
+                self.absorb_membership(outputs);
+            }
+        }
+        self.drain()
+    }
+
+    /// Handles a message from `from`. On error nothing changed; the driver
+    /// should log it and drop the message.
+    pub fn handle_message(
+        &mut self,
+        now: Duration,
+        from: NodeId,
+        message: Message,
+    ) -> Result<Vec<Output>, ReplicaError> {
+        self.now = now;
+        let result = self.dispatch(from, message);
+        let outputs = self.drain();
+        result.map(|()| outputs)
+    }
+
+    fn dispatch(&mut self, from: NodeId, message: Message) -> Result<(), ReplicaError> {
+        match message {
+            Message::Membership(payload) => {
+                let outputs = self.membership.handle_payload(&payload)?;
+                self.absorb_membership(outputs);
+            }
+            Message::Digest { round, layout, hash } => self.on_digest(from, round, layout, hash)?,
+            Message::InSync { round } => self.on_in_sync(from, round)?,
+            Message::PartitionHashes { round, hashes } => self.on_hashes(from, round, hashes)?,
+            Message::Versions { round, versions, reply } => {
+                self.on_versions(from, round, versions, reply)?
+            }
+            Message::Chunk { stream, index, purpose, chunk } => {
+                self.on_chunk(from, stream, index, purpose, chunk)?
+            }
+            Message::MigrateRequest { stream, partition, phase, since } => {
+                self.check_partition(from, "a migration request", partition)?;
+                let purpose = StreamPurpose::Migration { phase };
+                self.stream_changes(from, stream, partition, &since, purpose)?;
+            }
+            Message::Layout(state) => self.on_layout(from, state)?,
+        }
+        Ok(())
+    }
+
+    // ---- anti-entropy ----
+
+    fn anti_entropy_round(&mut self) {
+        let alive = self.membership.alive();
+        if alive.is_empty() {
+            return;
+        }
+        let sharing: Vec<NodeId> =
+            alive.iter().copied().filter(|&n| !self.shared_partitions(n).is_empty()).collect();
+        // Mostly peers that share partitions; now and then anyone, so that
+        // layout news reaches nodes that hold nothing in common with us.
+        let pool = if sharing.is_empty() || self.rng.random_range(0..8) == 0 { &alive } else { &sharing };
+        let Some(&peer) = pool.choose(&mut self.rng) else { return };
+        let Ok(hash) = self.shared_hash(peer) else { return };
+        let round = self.fresh_id();
+        self.rounds.insert(round, peer);
+        self.stats.rounds_started += 1;
+        let layout = self.layout.summary();
+        self.send(peer, Message::Digest { round, layout, hash });
+    }
+
+    /// Partitions both this node and `peer` hold, leaving out those either
+    /// is migrating in (migration moves them; repairing them too would send
+    /// the same entries twice).
+    fn shared_partitions(&self, peer: NodeId) -> Vec<u16> {
+        let mine_pending = self.layout.pending_migrations(self.id);
+        let theirs_pending = self.layout.pending_migrations(peer);
+        (0..self.layout.current().partitions())
+            .filter(|&p| self.layout.holds(self.id, p) && self.layout.holds(peer, p))
+            .filter(|p| !mine_pending.contains(p) && !theirs_pending.contains(p))
+            .collect()
+    }
+
+    fn partition_hashes(&self, partitions: &[u16]) -> Result<Vec<(u16, u64)>, crate::Error> {
+        let versions = self.store.partition_versions()?;
+        Ok(partitions
+            .iter()
+            .map(|&p| (p, vector_hash(&versions[usize::from(p)])))
+            .collect())
+    }
+
+    fn shared_hash(&self, peer: NodeId) -> Result<u64, crate::Error> {
+        let hashes = self.partition_hashes(&self.shared_partitions(peer))?;
+        let bytes: Vec<u8> = hashes
+            .iter()
+            .flat_map(|(p, h)| p.to_le_bytes().into_iter().chain(h.to_le_bytes()))
+            .collect();
+        Ok(xxhash_rust::xxh3::xxh3_64(&bytes))
+    }
+
+    fn on_digest(&mut self, from: NodeId, round: u64, layout: LayoutSummary, hash: u64) -> Result<(), ReplicaError> {
+        if layout != self.layout.summary() {
+            self.send(from, Message::Layout(self.layout.clone()));
+        }
+        let shared = self.shared_partitions(from);
+        if self.shared_hash(from)? == hash {
+            // Equal hashes: the peer's vectors are ours.
+            let versions = self.store.partition_versions()?;
+            for p in shared {
+                self.peer_versions.insert((p, from), versions[usize::from(p)].clone());
+            }
+            self.send(from, Message::InSync { round });
+        } else {
+            let hashes = self.partition_hashes(&shared)?;
+            self.send(from, Message::PartitionHashes { round, hashes });
+        }
+        Ok(())
+    }
+
+    fn on_in_sync(&mut self, from: NodeId, round: u64) -> Result<(), ReplicaError> {
+        if self.rounds.remove(&round) == Some(from) {
+            self.stats.rounds_in_sync += 1;
+            let versions = self.store.partition_versions()?;
+            for p in self.shared_partitions(from) {
+                self.peer_versions.insert((p, from), versions[usize::from(p)].clone());
+            }
+        }
+        Ok(())
+    }
+
+    fn on_hashes(&mut self, from: NodeId, round: u64, hashes: Vec<(u16, u64)>) -> Result<(), ReplicaError> {
+        if self.rounds.remove(&round) != Some(from) {
+            return Ok(()); // late or unsolicited
+        }
+        for &(p, _) in &hashes {
+            self.check_partition(from, "a partition hash", p)?;
+        }
+        let versions = self.store.partition_versions()?;
+        let differing: Vec<(u16, VersionVector)> = hashes
+            .into_iter()
+            .filter(|&(p, h)| self.layout.holds(self.id, p) && vector_hash(&versions[usize::from(p)]) != h)
+            .map(|(p, _)| (p, versions[usize::from(p)].clone()))
+            .collect();
+        if !differing.is_empty() {
+            self.send(from, Message::Versions { round, versions: differing, reply: true });
+        }
+        Ok(())
+    }
+
+    fn on_versions(
+        &mut self,
+        from: NodeId,
+        round: u64,
+        versions: Vec<(u16, VersionVector)>,
+        reply: bool,
+    ) -> Result<(), ReplicaError> {
+        for (p, _) in &versions {
+            self.check_partition(from, "a version vector", *p)?;
+        }
+        let mine = self.store.partition_versions()?;
+        let mut answer = Vec::new();
+        for (p, mut theirs) in versions {
+            theirs.normalize();
+            let own = &mine[usize::from(p)];
+            if !theirs.dominates(own) {
+                let stream = self.fresh_id();
+                self.stream_changes(from, stream, p, &theirs, StreamPurpose::Repair)?;
+            }
+            if reply {
+                answer.push((p, own.clone()));
+            }
+            let known = self.peer_versions.entry((p, from)).or_default();
+            known.join(&theirs);
+        }
+        if reply && !answer.is_empty() {
+            self.send(from, Message::Versions { round, versions: answer, reply: false });
+        }
+        Ok(())
+    }
+
+    /// Sends `changes_since(partition, since)` to `to` as a chunk stream.
+    fn stream_changes(
+        &mut self,
+        to: NodeId,
+        stream: u64,
+        partition: u16,
+        since: &VersionVector,
+        purpose: StreamPurpose,
+    ) -> Result<(), ReplicaError> {
+        let chunks = self.store.changes_since_with(partition, since, self.config.chunk_limits)?;
+        for (index, chunk) in chunks.enumerate() {
+            let chunk = chunk?;
+            let index = u32::try_from(index).unwrap_or(u32::MAX);
+            self.send(to, Message::Chunk { stream, index, purpose, chunk });
+        }
+        Ok(())
+    }
+
+    fn on_chunk(
+        &mut self,
+        from: NodeId,
+        stream: u64,
+        index: u32,
+        purpose: StreamPurpose,
+        chunk: ChangeChunk,
+    ) -> Result<(), ReplicaError> {
+        let partition = chunk.partition;
+        self.check_partition(from, "a chunk", partition)?;
+        // Chunks apply only in order: a final chunk's claim is safe only
+        // after every chunk before it. A gap breaks the stream; what was
+        // applied stays, and the next exchange asks for the rest.
+        let key = (from, stream);
+        let expected = self.inbound.get(&key).map_or(0, |s| s.next);
+        if index != expected {
+            if index > expected && self.inbound.remove(&key).is_some() {
+                self.stats.streams_broken += 1;
+            }
+            return Ok(());
+        }
+        let migration = match purpose {
+            StreamPurpose::Migration { phase } => {
+                let current = self.migrations.get(&partition);
+                if !current.is_some_and(|m| m.stream == stream && m.phase == phase) {
+                    return Ok(()); // a stream this node no longer waits for
+                }
+                Some(phase)
+            }
+            StreamPurpose::Repair => {
+                if !self.layout.holds(self.id, partition) {
+                    return Ok(());
+                }
+                None
+            }
+        };
+        let report = self.store.apply(&chunk)?;
+        match migration {
+            Some(_) => self.stats.migration_entries_received += report.merged as u64,
+            None => self.stats.repair_entries_received += report.merged as u64,
+        }
+        if let Some(m) = self.migrations.get_mut(&partition) {
+            if migration.is_some() {
+                m.last_progress = self.now;
+            }
+        }
+        match &chunk.complete {
+            None => {
+                self.inbound.insert(key, Inbound { next: expected + 1 });
+            }
+            Some(source_version) => {
+                self.inbound.remove(&key);
+                self.peer_versions.entry((partition, from)).or_default().join(source_version);
+                if let Some(phase) = migration {
+                    self.migration_phase_done(partition, phase)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    // ---- layout ----
+
+    fn on_layout(&mut self, from: NodeId, state: LayoutState) -> Result<(), ReplicaError> {
+        let partitions = self.store.partitions();
+        state
+            .validate(partitions)
+            .map_err(|e| ReplicaError::BadLayout { peer: from, reason: e.to_string() })?;
+        if state.current().partitions() != partitions {
+            return Err(ReplicaError::BadLayout {
+                peer: from,
+                reason: format!("{} partitions, this node has {partitions}", state.current().partitions()),
+            });
+        }
+        let before = self.layout.summary();
+        self.layout.merge(&state);
+        if self.layout != state {
+            // We knew something the peer did not: tell it back.
+            self.send(from, Message::Layout(self.layout.clone()));
+        }
+        if self.layout.summary() != before {
+            self.layout_changed();
+        }
+        Ok(())
+    }
+
+    fn layout_changed(&mut self) {
+        let event = ReplicaEvent::LayoutChanged {
+            version: self.layout.current().version(),
+            completed: self.layout.completed().version(),
+        };
+        self.out.push(Output::Event(event));
+        // Migrations of partitions no longer gained stop.
+        let pending = self.layout.pending_migrations(self.id);
+        self.migrations.retain(|p, _| pending.contains(p));
+    }
+
+    /// The member specs the layout should be computed from: live members
+    /// with known metadata, plus members down for less than
+    /// `remove_down_after` (a restart should not move data twice).
+    fn desired_specs(&mut self) -> Vec<NodeSpec> {
+        let now = self.now;
+        let own = self.membership.meta();
+        let mut specs = vec![NodeSpec { id: self.id, capacity: own.capacity, zone: own.zone.clone() }];
+        for member in self.membership.members() {
+            match member.state {
+                MemberState::Alive | MemberState::Suspect => {
+                    self.down_since.remove(&member.id);
+                }
+                MemberState::Down => {
+                    let since = *self.down_since.entry(member.id).or_insert(now);
+                    if now.saturating_sub(since) >= self.config.remove_down_after {
+                        continue;
+                    }
+                }
+                MemberState::Left => continue,
+            }
+            if let Some(meta) = member.meta {
+                specs.push(NodeSpec { id: member.id, capacity: meta.capacity, zone: meta.zone });
+            }
+        }
+        specs.sort_by_key(|s| s.id);
+        specs
+    }
+
+    /// The coordinator is the live member with the lowest id.
+    fn is_coordinator(&self) -> bool {
+        self.membership.alive().iter().all(|&n| n > self.id)
+    }
+
+    // ---- maintenance: layout, migrations, hand-off ----
+
+    fn maintenance(&mut self) {
+        let specs = self.desired_specs();
+        if self.is_coordinator() && self.layout.propose(&specs) {
+            self.layout_changed();
+        }
+        self.drive_migrations();
+        self.hand_off();
+    }
+
+    fn drive_migrations(&mut self) {
+        let pending = self.layout.pending_migrations(self.id);
+        let alive = self.membership.alive();
+        // Restart stalled streams (lost messages, a source that went away).
+        let timeout = self.config.migration_timeout;
+        let stalled: Vec<u16> = self
+            .migrations
+            .iter()
+            .filter(|(_, m)| self.now.saturating_sub(m.last_progress) >= timeout || !alive.contains(&m.source))
+            .map(|(&p, _)| p)
+            .collect();
+        for p in stalled {
+            if let Some(m) = self.migrations.remove(&p) {
+                let phase = m.phase;
+                self.begin_migration(p, phase, &alive);
+            }
+        }
+        for p in pending {
+            if self.migrations.len() >= self.config.migration_parallelism {
+                break;
+            }
+            if !self.migrations.contains_key(&p) {
+                self.begin_migration(p, 1, &alive);
+            }
+        }
+    }
+
+    fn begin_migration(&mut self, partition: u16, phase: u8, alive: &[NodeId]) {
+        let sources: Vec<NodeId> = self
+            .layout
+            .holders(partition)
+            .into_iter()
+            .filter(|&n| n != self.id && alive.contains(&n))
+            .filter(|&n| self.layout.is_complete_replica(n, partition))
+            .collect();
+        let Some(&source) = sources.choose(&mut self.rng) else {
+            if self.layout.holders(partition).iter().all(|&n| n == self.id || !self.layout.is_complete_replica(n, partition)) {
+                // Nobody holds the data (a new cluster, or every holder is
+                // gone for good): there is nothing to wait for.
+                if self.layout.mark_ready(partition, self.id) {
+                    self.layout_changed();
+                }
+            }
+            return;
+        };
+        let Ok(since) = self.store.partition_version(partition) else { return };
+        let stream = self.fresh_id();
+        self.migrations.insert(
+            partition,
+            Migration { phase, stream, source, last_progress: self.now },
+        );
+        if phase == 1 {
+            self.out.push(Output::Event(ReplicaEvent::MigrationStarted { partition, source }));
+        }
+        self.send(source, Message::MigrateRequest { stream, partition, phase, since });
+    }
+
+    fn migration_phase_done(&mut self, partition: u16, phase: u8) -> Result<(), ReplicaError> {
+        let Some(m) = self.migrations.remove(&partition) else { return Ok(()) };
+        if phase < 2 {
+            // Phase 2: the same exchange again, for writes made during phase 1.
+            let since = self.store.partition_version(partition)?;
+            let stream = self.fresh_id();
+            let source = m.source;
+            self.migrations.insert(
+                partition,
+                Migration { phase: 2, stream, source, last_progress: self.now },
+            );
+            self.send(source, Message::MigrateRequest { stream, partition, phase: 2, since });
+        } else {
+            self.stats.migrations_done += 1;
+            self.out.push(Output::Event(ReplicaEvent::MigrationDone { partition }));
+            if self.layout.mark_ready(partition, self.id) {
+                self.layout_changed();
+            }
+        }
+        Ok(())
+    }
+
+    /// Pushes data of partitions this node no longer holds to a current
+    /// replica, and drops it once that replica covers it.
+    fn hand_off(&mut self) {
+        let Ok(versions) = self.store.partition_versions() else { return };
+        let alive = self.membership.alive();
+        for (p, own) in versions.iter().enumerate() {
+            let p = p as u16;
+            if own.is_empty() || self.layout.holds(self.id, p) {
+                continue;
+            }
+            let targets: Vec<NodeId> = self
+                .layout
+                .current()
+                .replicas(p)
+                .iter()
+                .copied()
+                .filter(|n| alive.contains(n))
+                .collect();
+            let covered = targets
+                .iter()
+                .any(|&n| self.peer_versions.get(&(p, n)).is_some_and(|v| v.dominates(own)));
+            if covered {
+                if self.store.drop_partition(p).is_ok() {
+                    self.stats.partitions_dropped += 1;
+                    self.out.push(Output::Event(ReplicaEvent::PartitionDropped { partition: p }));
+                }
+            } else if let Some(&target) = targets.choose(&mut self.rng) {
+                let round = self.fresh_id();
+                self.send(target, Message::Versions { round, versions: vec![(p, own.clone())], reply: true });
+            }
+        }
+    }
+
+    fn purge(&mut self) {
+        let Ok(versions) = self.store.partition_versions() else { return };
+        for (p, own) in versions.iter().enumerate() {
+            let p = p as u16;
+            if own.is_empty() || !self.layout.holds(self.id, p) || self.layout.in_transition() {
+                continue;
+            }
+            let mut stable = own.clone();
+            let mut known = true;
+            for n in self.layout.holders(p) {
+                if n == self.id {
+                    continue;
+                }
+                match self.peer_versions.get(&(p, n)) {
+                    Some(v) => stable = stable.meet(v),
+                    None => known = false,
+                }
+            }
+            if !known {
+                continue;
+            }
+            if let Ok(purged) = self.store.purge(p, &stable) {
+                if purged > 0 {
+                    self.stats.tombstones_purged += purged as u64;
+                    self.out.push(Output::Event(ReplicaEvent::Purged { partition: p, tombstones: purged }));
+                }
+            }
+        }
+    }
+
+    // ---- plumbing ----
+
+    fn absorb_membership(&mut self, outputs: Vec<MembershipOutput>) {
+        for output in outputs {
+            match output {
+                MembershipOutput::Send { to, payload } => {
+                    self.out.push(Output::Send { to, message: Message::Membership(payload) })
+                }
+                MembershipOutput::Schedule { after, timer } => {
+                    self.schedule(after, Timer::Membership(timer))
+                }
+                MembershipOutput::Event(event) => {
+                    let kind = match event {
+                        MembershipEvent::Up(n) => MembershipEventKind::Up(n),
+                        MembershipEvent::Down(n) => MembershipEventKind::Down(n),
+                        MembershipEvent::Left(n) => MembershipEventKind::Left(n),
+                        MembershipEvent::MetaChanged(n) => MembershipEventKind::MetaChanged(n),
+                        MembershipEvent::Rejoined => MembershipEventKind::Rejoined,
+                    };
+                    self.out.push(Output::Event(ReplicaEvent::Membership(kind)));
+                }
+            }
+        }
+    }
+
+    fn check_partition(&self, peer: NodeId, what: &'static str, partition: u16) -> Result<(), ReplicaError> {
+        if partition >= self.store.partitions() {
+            return Err(ReplicaError::PartitionOutOfRange { peer, what, partition });
+        }
+        Ok(())
+    }
+
+    fn send(&mut self, to: NodeId, message: Message) {
+        if let Some(member) = self.membership.member(to) {
+            self.out.push(Output::Send { to: member.addr, message });
+        }
+    }
+
+    fn schedule(&mut self, after: Duration, timer: Timer) {
+        self.out.push(Output::Schedule { after, timer });
+    }
+
+    fn fresh_id(&mut self) -> u64 {
+        self.next_id += 1;
+        self.next_id
+    }
+
+    fn drain(&mut self) -> Vec<Output> {
+        std::mem::take(&mut self.out)
+    }
+}
+
+/// A stable hash of a version vector (its postcard encoding is canonical:
+/// ordered maps and sets, normalized form).
+pub fn vector_hash(vv: &VersionVector) -> u64 {
+    xxhash_rust::xxh3::xxh3_64(&postcard::to_allocvec(vv).unwrap_or_default())
+}
