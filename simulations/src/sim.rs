@@ -408,6 +408,49 @@ impl Sim {
         true
     }
 
+    /// Why the cluster has not converged, in one line (for failure reports).
+    pub fn divergence(&self) -> String {
+        let up = self.up_nodes();
+        let Some(first) = up.first().and_then(|&n| self.replica(n)) else { return "no node up".into() };
+        let layout = first.layout();
+        if layout.in_transition() {
+            let pending: Vec<String> = up
+                .iter()
+                .map(|&n| format!("{n}:{:?}", layout.pending_migrations(n).len()))
+                .collect();
+            return format!(
+                "layout v{} still in transition from v{} (pending per node {})",
+                layout.current().version(),
+                layout.completed().version(),
+                pending.join(" ")
+            );
+        }
+        for &n in &up {
+            let other = self.replica(n).map(|r| r.layout());
+            if other != Some(layout) {
+                let o = other.map(|l| (l.current().version(), l.completed().version()));
+                return format!("node {n} sees layout {o:?}, node {} sees ({}, {})", up[0], layout.current().version(), layout.completed().version());
+            }
+        }
+        let versions: BTreeMap<NodeId, Vec<gossipkv::VersionVector>> = up
+            .iter()
+            .filter_map(|&n| Some((n, self.store(n)?.partition_versions().ok()?)))
+            .collect();
+        for p in 0..self.partitions {
+            let holders: Vec<NodeId> = layout.holders(p).into_iter().filter(|n| up.contains(n)).collect();
+            for (n, v) in &versions {
+                if !holders.contains(n) && !v[usize::from(p)].is_empty() {
+                    return format!("node {n} still holds partition {p}, held by {holders:?}");
+                }
+            }
+            let vs: Vec<_> = holders.iter().filter_map(|n| versions.get(n).map(|v| (n, &v[usize::from(p)]))).collect();
+            if vs.windows(2).any(|w| w[0].1 != w[1].1) {
+                return format!("partition {p} differs between holders {:?}", vs);
+            }
+        }
+        "converged".into()
+    }
+
     /// The layout as the lowest up node sees it.
     pub fn layout(&self) -> Option<&LayoutState> {
         self.up_nodes().first().and_then(|&n| self.replica(n)).map(|r| r.layout())

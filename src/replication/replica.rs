@@ -102,6 +102,8 @@ pub enum ReplicaEvent {
     MigrationDone { partition: u16 },
     PartitionDropped { partition: u16 },
     Purged { partition: u16, tombstones: usize },
+    /// A decommission finished: this node holds nothing and left.
+    SafeToStop,
 }
 
 /// A membership change, as reported in events.
@@ -170,6 +172,8 @@ pub struct Replica {
     /// bound of what it holds (vectors only grow).
     peer_versions: HashMap<(u16, NodeId), VersionVector>,
     down_since: HashMap<NodeId, Duration>,
+    leaving: bool,
+    left: bool,
     stats: ReplicaStats,
     out: Vec<Output>,
 }
@@ -204,6 +208,8 @@ impl Replica {
             migrations: BTreeMap::new(),
             peer_versions: HashMap::new(),
             down_since: HashMap::new(),
+            leaving: false,
+            left: false,
             stats: ReplicaStats::default(),
             out: Vec::new(),
         }
@@ -256,13 +262,27 @@ impl Replica {
         self.drain()
     }
 
-    /// Leaves gracefully: others see this node as left and move its partitions.
+    /// Decommissions this node: it announces capacity 0 so that the layout
+    /// moves every partition away, keeps serving while they migrate, hands
+    /// off what it still holds, and only then leaves the membership and
+    /// reports [`ReplicaEvent::SafeToStop`].
     #[must_use]
     pub fn leave(&mut self, now: Duration) -> Vec<Output> {
         self.now = now;
-        let outputs = self.membership.leave();
-        self.absorb_membership(outputs);
+        if !self.leaving {
+            self.leaving = true;
+            let mut meta = self.membership.meta().clone();
+            meta.capacity = 0;
+            let outputs = self.membership.set_meta(meta);
+            self.absorb_membership(outputs);
+        }
         self.drain()
+    }
+
+    /// True once a decommission finished: nothing is held, the membership
+    /// was told, the process may stop.
+    pub fn has_left(&self) -> bool {
+        self.left
     }
 
     /// Changes this node's capacity, zone or load figures.
@@ -624,6 +644,24 @@ impl Replica {
         }
         self.drive_migrations();
         self.hand_off();
+        self.finish_leaving();
+    }
+
+    fn finish_leaving(&mut self) {
+        if !self.leaving || self.left {
+            return;
+        }
+        let holds_nothing = (0..self.layout.current().partitions()).all(|p| !self.layout.holds(self.id, p));
+        let empty = self
+            .store
+            .partition_versions()
+            .is_ok_and(|versions| versions.iter().all(VersionVector::is_empty));
+        if holds_nothing && empty && self.layout.current().version() > 0 {
+            self.left = true;
+            let outputs = self.membership.leave();
+            self.absorb_membership(outputs);
+            self.out.push(Output::Event(ReplicaEvent::SafeToStop));
+        }
     }
 
     fn drive_migrations(&mut self) {
