@@ -15,7 +15,8 @@ use std::collections::BTreeMap;
 struct RegisterWrite {
     dot: Dot,
     seen: CausalContext,
-    value: Vec<u8>,
+    /// `None` for a delete.
+    value: Option<Vec<u8>>,
 }
 
 #[derive(Default)]
@@ -23,6 +24,7 @@ pub struct Ledger {
     registers: BTreeMap<Vec<u8>, Vec<RegisterWrite>>,
     counters: BTreeMap<Vec<u8>, i64>,
     pub acknowledged: u64,
+    pub deletes: u64,
     next_value: u64,
 }
 
@@ -61,7 +63,24 @@ impl Ledger {
         let value = format!("v{}", self.next_value).into_bytes();
         let Some(store) = sim.store(node) else { return false };
         let Ok(context) = store.put(key, &value, None) else { return false };
-        self.record(node, key, value, context);
+        self.record(node, key, Some(value), context);
+        true
+    }
+
+    /// Deletes `key` on a random holder among `among` (a causal tombstone:
+    /// it removes what that holder has seen).
+    pub fn delete(&mut self, sim: &mut Sim, key: &[u8], among: &[NodeId]) -> bool {
+        let holders = Self::holders(sim, key, among);
+        if holders.is_empty() {
+            return false;
+        }
+        let node = holders[rand::Rng::random_range(sim.rng(), 0..holders.len())];
+        let Some(store) = sim.store(node) else { return false };
+        let Ok(context) = store.delete(key, None) else { return false };
+        if !context.is_empty() {
+            self.record(node, key, None, context);
+            self.deletes += 1;
+        }
         true
     }
 
@@ -88,7 +107,7 @@ impl Ledger {
                 }
                 let Ok(contexts) = store.write(&batch) else { continue };
                 for ((key, value), context) in chunk.iter().zip(contexts) {
-                    self.record(node, key, value.clone(), context);
+                    self.record(node, key, Some(value.clone()), context);
                     written += 1;
                 }
             }
@@ -96,7 +115,7 @@ impl Ledger {
         written
     }
 
-    fn record(&mut self, node: NodeId, key: &[u8], value: Vec<u8>, context: CausalContext) {
+    fn record(&mut self, node: NodeId, key: &[u8], value: Option<Vec<u8>>, context: CausalContext) {
         let dot = Dot::new(node, context.get(node));
         self.registers
             .entry(key.to_vec())
@@ -121,15 +140,16 @@ impl Ledger {
         true
     }
 
-    fn expected_register(writes: &[RegisterWrite]) -> Value {
+    /// `None` when every surviving write is a delete.
+    fn expected_register(writes: &[RegisterWrite]) -> Option<Value> {
         let mut live: Vec<Vec<u8>> = writes
             .iter()
             .filter(|w| !writes.iter().any(|o| o.dot != w.dot && o.seen.covers(w.dot)))
-            .map(|w| w.value.clone())
+            .filter_map(|w| w.value.clone())
             .collect();
         live.sort();
         live.dedup();
-        Value::Register(live)
+        (!live.is_empty()).then_some(Value::Register(live))
     }
 
     /// Checks every key on every up holder of the final layout.
@@ -143,7 +163,7 @@ impl Ledger {
             }
             for n in holders {
                 let got = sim.store(n).and_then(|s| s.get(key).ok()).flatten().map(|r| r.value);
-                if got.as_ref() != Some(&expected) {
+                if got != expected {
                     return Err(format!(
                         "node {n} holds {:?} for {}, expected {:?}: an acknowledged write is missing or a superseded one came back",
                         got,

@@ -1,4 +1,4 @@
-//! `cargo run --release -p simulations -- <scenario> [--nodes N] [--seed S] [--keys K] [--sweep]`
+//! `cargo run --release -p simulations -- <scenario> [--nodes N] [--seed S] [--keys K] [--partitions P] [--sweep]`
 //!
 //! Prints `metric: <name> <value> <unit>` lines. Exits 1 with a one-line
 //! reason when an invariant is violated, 2 on bad usage.
@@ -9,7 +9,7 @@ use std::time::Instant;
 
 fn usage() -> String {
     format!(
-        "usage: simulations <scenario> [--nodes N] [--seed S] [--keys K] [--sweep]\nscenarios: {}",
+        "usage: simulations <scenario> [--nodes N] [--seed S] [--keys K] [--partitions P] [--sweep]\nscenarios: {}",
         SCENARIOS.join(", ")
     )
 }
@@ -27,6 +27,13 @@ fn parse(args: &[String]) -> Result<(String, Params), String> {
             "--nodes" => params.nodes = Some(value("--nodes")? as usize),
             "--seed" => params.seed = value("--seed")?,
             "--keys" => params.keys = Some(value("--keys")?),
+            "--partitions" => {
+                let p = value("--partitions")?;
+                params.partitions = u16::try_from(p)
+                    .ok()
+                    .filter(|&p| p > 0)
+                    .ok_or_else(|| format!("--partitions must be 1..=65535, not {p}"))?;
+            }
             "--sweep" => params.sweep = true,
             "-h" | "--help" => return Err(usage()),
             s if s.starts_with('-') => return Err(format!("unknown option {s}\n{}", usage())),

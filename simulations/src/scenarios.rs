@@ -168,7 +168,11 @@ fn partition(params: &Params) -> Outcome {
         for side in [&left, &right] {
             for _ in 0..(keys / 10).max(1) {
                 let k = sim.rng().random_range(0..keys);
-                ledger.put(&mut sim, &register_key(k), side);
+                if sim.rng().random_range(0..5) == 0 {
+                    ledger.delete(&mut sim, &register_key(k), side);
+                } else {
+                    ledger.put(&mut sim, &register_key(k), side);
+                }
             }
             for c in 0..4 {
                 let amount = sim.rng().random_range(-5..=10);
@@ -181,7 +185,16 @@ fn partition(params: &Params) -> Outcome {
     sim.heal();
     let took = settle(&mut sim, Duration::from_secs(600), "partition (after heal)")?;
     ledger.check(&sim).map_err(fail)?;
+    // Once every replica has seen the deletes, their tombstones go.
+    let purge_wait = sim.config.purge_interval * 3;
+    sim.run_for(purge_wait);
+    ledger.check(&sim).map_err(fail)?;
+    let purged: u64 = sim.up_nodes().iter().filter_map(|&n| sim.replica(n)).map(|r| r.stats().tombstones_purged).sum();
+    if ledger.deletes > 0 && purged == 0 {
+        return Err(fail("no tombstone was purged although every replica saw the deletes"));
+    }
     let mut report = Report::default();
+    report.metric("tombstones_purged", purged as f64, "tombstones");
     report.metric("rounds_to_converge_after_heal", rounds(took), "rounds");
     report.metric("acknowledged_writes", ledger.acknowledged as f64, "writes");
     Ok(report)
@@ -203,7 +216,11 @@ fn churn(params: &Params) -> Outcome {
         let up: Vec<NodeId> = sim.up_nodes().into_iter().filter(|n| !leaving.contains(n)).collect();
         for _ in 0..5 {
             let k = sim.rng().random_range(0..keys);
-            ledger.put(&mut sim, &register_key(k), &up);
+            if sim.rng().random_range(0..6) == 0 {
+                ledger.delete(&mut sim, &register_key(k), &up);
+            } else {
+                ledger.put(&mut sim, &register_key(k), &up);
+            }
         }
         let amount = sim.rng().random_range(1..=3);
         ledger.add(&mut sim, &counter_key(0), amount, &up);

@@ -416,7 +416,10 @@ impl Sim {
         if layout.in_transition() {
             let pending: Vec<String> = up
                 .iter()
-                .map(|&n| format!("{n}:{:?}", layout.pending_migrations(n).len()))
+                .map(|&n| {
+                    let own = self.replica(n).map(|r| (r.layout().summary(), r.layout().pending_migrations(n), r.migrating(), r.membership().alive().len()));
+                    format!("{n}:{:?} own {:?}", layout.pending_migrations(n), own)
+                })
                 .collect();
             return format!(
                 "layout v{} still in transition from v{} (pending per node {})",

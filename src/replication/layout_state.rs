@@ -63,10 +63,11 @@ impl LayoutState {
     }
 
     pub fn summary(&self) -> LayoutSummary {
+        let bytes = postcard::to_allocvec(self).unwrap_or_default();
         LayoutSummary {
             version: self.current.version(),
-            ready: self.ready.len() as u32,
             completed: self.completed.version(),
+            hash: xxhash_rust::xxh3::xxh3_64(&bytes),
         }
     }
 
@@ -163,5 +164,66 @@ impl LayoutState {
     pub fn validate(&self, partitions: u16) -> Result<(), super::layout::LayoutError> {
         self.current.validate(partitions)?;
         self.completed.validate(partitions)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn specs(ids: &[u64]) -> Vec<NodeSpec> {
+        ids.iter().map(|&i| NodeSpec { id: NodeId(i), capacity: 100, zone: None }).collect()
+    }
+
+    #[test]
+    fn a_join_is_in_transition_until_every_gained_replica_is_ready() {
+        let mut state = LayoutState::bootstrap(16, 3, &specs(&[1, 2, 3]));
+        assert!(!state.in_transition());
+        assert!(state.propose(&specs(&[1, 2, 3, 4])));
+        assert!(state.in_transition());
+        let gained = state.pending_migrations(NodeId(4));
+        assert!(!gained.is_empty());
+        for &p in &gained {
+            // Old and new replicas both hold the partition meanwhile.
+            assert!(state.holds(NodeId(4), p));
+            assert_eq!(state.holders(p).len(), 4);
+        }
+        for &p in &gained[..gained.len() - 1] {
+            state.mark_ready(p, NodeId(4));
+        }
+        assert!(state.in_transition());
+        state.mark_ready(gained[gained.len() - 1], NodeId(4));
+        assert!(!state.in_transition());
+        assert!(gained.iter().all(|&p| state.holders(p).len() == 3));
+    }
+
+    #[test]
+    fn merge_converges_whatever_the_order() {
+        let base = LayoutState::bootstrap(16, 3, &specs(&[1, 2, 3]));
+        let mut a = base.clone();
+        a.propose(&specs(&[1, 2, 3, 4]));
+        let mut b = a.clone();
+        let gained = b.pending_migrations(NodeId(4));
+        b.mark_ready(gained[0], NodeId(4));
+        let mut c = base.clone();
+        c.propose(&specs(&[1, 2, 3, 5])); // a concurrent proposal, same version
+        let views = [base, a, b, c];
+        let mut forward = views[0].clone();
+        for v in &views[1..] {
+            forward.merge(v);
+        }
+        let mut backward = views[3].clone();
+        for v in views[..3].iter().rev() {
+            backward.merge(v);
+        }
+        assert_eq!(forward, backward);
+        let again = forward.clone();
+        assert!(!forward.merge(&again), "merge is idempotent");
+    }
+
+    #[test]
+    fn proposing_the_same_members_changes_nothing() {
+        let mut state = LayoutState::bootstrap(16, 3, &specs(&[1, 2, 3]));
+        assert!(!state.propose(&specs(&[3, 2, 1])));
     }
 }

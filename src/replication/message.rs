@@ -40,12 +40,14 @@ pub enum Message {
     Layout(LayoutState),
 }
 
-/// Enough of a layout state to tell which of two is newer.
+/// Enough of a layout state to tell whether two differ: the versions for
+/// people, a hash of the whole state because two layouts proposed
+/// concurrently can share a version.
 #[derive(Copy, Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LayoutSummary {
     pub version: u64,
-    pub ready: u32,
     pub completed: u64,
+    pub hash: u64,
 }
 
 impl Message {

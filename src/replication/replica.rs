@@ -172,6 +172,8 @@ pub struct Replica {
     /// bound of what it holds (vectors only grow).
     peer_versions: HashMap<(u16, NodeId), VersionVector>,
     down_since: HashMap<NodeId, Duration>,
+    /// When an anti-entropy round with each peer last began.
+    last_contact: HashMap<NodeId, Duration>,
     leaving: bool,
     left: bool,
     stats: ReplicaStats,
@@ -208,6 +210,7 @@ impl Replica {
             migrations: BTreeMap::new(),
             peer_versions: HashMap::new(),
             down_since: HashMap::new(),
+            last_contact: HashMap::new(),
             leaving: false,
             left: false,
             stats: ReplicaStats::default(),
@@ -366,10 +369,25 @@ impl Replica {
         }
         let sharing: Vec<NodeId> =
             alive.iter().copied().filter(|&n| !self.shared_partitions(n).is_empty()).collect();
-        // Mostly peers that share partitions; now and then anyone, so that
-        // layout news reaches nodes that hold nothing in common with us.
-        let pool = if sharing.is_empty() || self.rng.random_range(0..8) == 0 { &alive } else { &sharing };
-        let Some(&peer) = pool.choose(&mut self.rng) else { return };
+        // Mostly the peer sharing partitions that was synced with longest
+        // ago (either side opening the round counts), so every pair of
+        // co-replicas meets at least once per that many rounds; now and
+        // then anyone, so that layout news reaches nodes that hold nothing
+        // in common with us.
+        let peer = if sharing.is_empty() || self.rng.random_range(0..8) == 0 {
+            let Some(&peer) = alive.choose(&mut self.rng) else { return };
+            peer
+        } else {
+            let oldest = sharing.iter().map(|n| self.last_contact.get(n).copied().unwrap_or_default()).min();
+            let stale: Vec<NodeId> = sharing
+                .iter()
+                .copied()
+                .filter(|n| Some(self.last_contact.get(n).copied().unwrap_or_default()) == oldest)
+                .collect();
+            let Some(&peer) = stale.choose(&mut self.rng) else { return };
+            peer
+        };
+        self.last_contact.insert(peer, self.now);
         let Ok(hash) = self.shared_hash(peer) else { return };
         let round = self.fresh_id();
         self.rounds.insert(round, peer);
@@ -408,6 +426,7 @@ impl Replica {
     }
 
     fn on_digest(&mut self, from: NodeId, round: u64, layout: LayoutSummary, hash: u64) -> Result<(), ReplicaError> {
+        self.last_contact.insert(from, self.now);
         if layout != self.layout.summary() {
             self.send(from, Message::Layout(self.layout.clone()));
         }
