@@ -14,6 +14,7 @@
 pub mod crdt;
 mod error;
 
+pub mod replication;
 pub mod store;
 pub mod sync;
 

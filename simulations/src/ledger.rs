@@ -19,6 +19,9 @@ struct RegisterWrite {
     value: Option<Vec<u8>>,
 }
 
+/// A key and the value written to it.
+type KeyValue = (Vec<u8>, Vec<u8>);
+
 #[derive(Default)]
 pub struct Ledger {
     registers: BTreeMap<Vec<u8>, Vec<RegisterWrite>>,
@@ -61,8 +64,12 @@ impl Ledger {
         let node = holders[rand::Rng::random_range(sim.rng(), 0..holders.len())];
         self.next_value += 1;
         let value = format!("v{}", self.next_value).into_bytes();
-        let Some(store) = sim.store(node) else { return false };
-        let Ok(context) = store.put(key, &value, None) else { return false };
+        let Some(store) = sim.store(node) else {
+            return false;
+        };
+        let Ok(context) = store.put(key, &value, None) else {
+            return false;
+        };
         self.record(node, key, Some(value), context);
         true
     }
@@ -75,8 +82,12 @@ impl Ledger {
             return false;
         }
         let node = holders[rand::Rng::random_range(sim.rng(), 0..holders.len())];
-        let Some(store) = sim.store(node) else { return false };
-        let Ok(context) = store.delete(key, None) else { return false };
+        let Some(store) = sim.store(node) else {
+            return false;
+        };
+        let Ok(context) = store.delete(key, None) else {
+            return false;
+        };
         if !context.is_empty() {
             self.record(node, key, None, context);
             self.deletes += 1;
@@ -86,7 +97,7 @@ impl Ledger {
 
     /// Writes many keys, each to one random holder, in one batch per node.
     pub fn put_many(&mut self, sim: &mut Sim, keys: &[Vec<u8>], among: &[NodeId]) -> u64 {
-        let mut per_node: BTreeMap<NodeId, Vec<(Vec<u8>, Vec<u8>)>> = BTreeMap::new();
+        let mut per_node: BTreeMap<NodeId, Vec<KeyValue>> = BTreeMap::new();
         for key in keys {
             let holders = Self::holders(sim, key, among);
             if holders.is_empty() {
@@ -99,13 +110,17 @@ impl Ledger {
         }
         let mut written = 0;
         for (node, writes) in per_node {
-            let Some(store) = sim.store(node).cloned() else { continue };
+            let Some(store) = sim.store(node).cloned() else {
+                continue;
+            };
             for chunk in writes.chunks(1000) {
                 let mut batch = Batch::new();
                 for (key, value) in chunk {
                     batch.put(key.clone(), value.clone());
                 }
-                let Ok(contexts) = store.write(&batch) else { continue };
+                let Ok(contexts) = store.write(&batch) else {
+                    continue;
+                };
                 for ((key, value), context) in chunk.iter().zip(contexts) {
                     self.record(node, key, Some(value.clone()), context);
                     written += 1;
@@ -120,7 +135,11 @@ impl Ledger {
         self.registers
             .entry(key.to_vec())
             .or_default()
-            .push(RegisterWrite { dot, seen: context, value });
+            .push(RegisterWrite {
+                dot,
+                seen: context,
+                value,
+            });
         self.acknowledged += 1;
     }
 
@@ -131,7 +150,9 @@ impl Ledger {
             return false;
         }
         let node = holders[rand::Rng::random_range(sim.rng(), 0..holders.len())];
-        let Some(store) = sim.store(node) else { return false };
+        let Some(store) = sim.store(node) else {
+            return false;
+        };
         if store.counter_add(key, amount).is_err() {
             return false;
         }
@@ -144,7 +165,11 @@ impl Ledger {
     fn expected_register(writes: &[RegisterWrite]) -> Option<Value> {
         let mut live: Vec<Vec<u8>> = writes
             .iter()
-            .filter(|w| !writes.iter().any(|o| o.dot != w.dot && o.seen.covers(w.dot)))
+            .filter(|w| {
+                !writes
+                    .iter()
+                    .any(|o| o.dot != w.dot && o.seen.covers(w.dot))
+            })
             .filter_map(|w| w.value.clone())
             .collect();
         live.sort();
@@ -159,10 +184,17 @@ impl Ledger {
             let expected = Self::expected_register(writes);
             let holders = Self::holders(sim, key, &up);
             if holders.is_empty() {
-                return Err(format!("no up replica holds {}", String::from_utf8_lossy(key)));
+                return Err(format!(
+                    "no up replica holds {}",
+                    String::from_utf8_lossy(key)
+                ));
             }
             for n in holders {
-                let got = sim.store(n).and_then(|s| s.get(key).ok()).flatten().map(|r| r.value);
+                let got = sim
+                    .store(n)
+                    .and_then(|s| s.get(key).ok())
+                    .flatten()
+                    .map(|r| r.value);
                 if got != expected {
                     return Err(format!(
                         "node {n} holds {:?} for {}, expected {:?}: an acknowledged write is missing or a superseded one came back",

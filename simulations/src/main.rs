@@ -21,7 +21,8 @@ fn parse(args: &[String]) -> Result<(String, Params), String> {
     while let Some(arg) = it.next() {
         let mut value = |name: &str| -> Result<u64, String> {
             let v = it.next().ok_or_else(|| format!("{name} needs a value"))?;
-            v.parse().map_err(|_| format!("{name}: {v:?} is not a non-negative integer"))
+            v.parse()
+                .map_err(|_| format!("{name}: {v:?} is not a non-negative integer"))
         };
         match arg.as_str() {
             "--nodes" => params.nodes = Some(value("--nodes")? as usize),
@@ -71,7 +72,10 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Err(violation) => {
-            eprintln!("{scenario} (seed {}): invariant violated: {}", params.seed, violation.0);
+            eprintln!(
+                "{scenario} (seed {}): invariant violated: {}",
+                params.seed, violation.0
+            );
             ExitCode::from(1)
         }
     }

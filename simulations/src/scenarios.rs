@@ -8,7 +8,15 @@ use gossipkv::NodeId;
 use rand::Rng;
 use std::time::Duration;
 
-pub const SCENARIOS: &[&str] = &["converge", "steady", "partition", "churn", "join", "rejoin", "rebalance"];
+pub const SCENARIOS: &[&str] = &[
+    "converge",
+    "steady",
+    "partition",
+    "churn",
+    "join",
+    "rejoin",
+    "rebalance",
+];
 
 /// What a scenario is run with.
 #[derive(Clone, Debug)]
@@ -23,7 +31,14 @@ pub struct Params {
 
 impl Default for Params {
     fn default() -> Self {
-        Params { nodes: None, seed: 1, keys: None, sweep: false, partitions: 256, replicas: 3 }
+        Params {
+            nodes: None,
+            seed: 1,
+            keys: None,
+            sweep: false,
+            partitions: 256,
+            replicas: 3,
+        }
     }
 }
 
@@ -41,11 +56,18 @@ pub struct Report {
 
 impl Report {
     fn metric(&mut self, name: impl Into<String>, value: f64, unit: &'static str) {
-        self.metrics.push(Metric { name: name.into(), value, unit });
+        self.metrics.push(Metric {
+            name: name.into(),
+            value,
+            unit,
+        });
     }
 
     pub fn get(&self, name: &str) -> Option<f64> {
-        self.metrics.iter().find(|m| m.name == name).map(|m| m.value)
+        self.metrics
+            .iter()
+            .find(|m| m.name == name)
+            .map(|m| m.value)
     }
 }
 
@@ -70,7 +92,10 @@ pub fn run(name: &str, params: &Params) -> Outcome {
         "join" => join(params),
         "rejoin" => rejoin(params),
         "rebalance" => rebalance(params),
-        other => Err(fail(format!("unknown scenario {other:?}; scenarios: {}", SCENARIOS.join(", ")))),
+        other => Err(fail(format!(
+            "unknown scenario {other:?}; scenarios: {}",
+            SCENARIOS.join(", ")
+        ))),
     }
 }
 
@@ -80,15 +105,27 @@ fn cluster(params: &Params, n: usize) -> Result<Sim, Violation> {
     sim.bootstrap(n);
     let limit = Duration::from_secs(60 + 2 * n as u64);
     sim.run_until_condition(ROUND, limit, |s| {
-        s.up_nodes().iter().all(|&id| s.replica(id).is_some_and(|r| r.membership().alive().len() + 1 == n))
+        s.up_nodes().iter().all(|&id| {
+            s.replica(id)
+                .is_some_and(|r| r.membership().alive().len() + 1 == n)
+        })
     })
-    .ok_or_else(|| fail(format!("membership of {n} nodes did not settle in {limit:?}")))?;
+    .ok_or_else(|| {
+        fail(format!(
+            "membership of {n} nodes did not settle in {limit:?}"
+        ))
+    })?;
     Ok(sim)
 }
 
 fn settle(sim: &mut Sim, limit: Duration, what: &str) -> Result<Duration, Violation> {
     sim.run_until_condition(ROUND, limit, Sim::converged)
-        .ok_or_else(|| fail(format!("{what}: replicas did not converge within {limit:?}: {}", sim.divergence())))
+        .ok_or_else(|| {
+            fail(format!(
+                "{what}: replicas did not converge within {limit:?}: {}",
+                sim.divergence()
+            ))
+        })
 }
 
 fn rounds(d: Duration) -> f64 {
@@ -132,7 +169,9 @@ fn steady(params: &Params) -> Outcome {
     let mut sim = cluster(params, n)?;
     let up = sim.up_nodes();
     let mut ledger = Ledger::default();
-    let keys: Vec<Vec<u8>> = (0..params.keys.unwrap_or(1_000)).map(register_key).collect();
+    let keys: Vec<Vec<u8>> = (0..params.keys.unwrap_or(1_000))
+        .map(register_key)
+        .collect();
     ledger.put_many(&mut sim, &keys, &up);
     settle(&mut sim, Duration::from_secs(300), "steady")?;
     let before = sim.bytes_of("digest");
@@ -142,10 +181,16 @@ fn steady(params: &Params) -> Outcome {
     let digest = sim.bytes_of("digest") - before;
     let repair = sim.bytes_of("repair") - repair_before;
     if repair > 0 {
-        return Err(fail(format!("an in-sync cluster sent {repair} repair bytes")));
+        return Err(fail(format!(
+            "an in-sync cluster sent {repair} repair bytes"
+        )));
     }
     let mut report = Report::default();
-    report.metric("digest_bytes_per_node_round", digest as f64 / (n as f64 * f64::from(measured)), "bytes");
+    report.metric(
+        "digest_bytes_per_node_round",
+        digest as f64 / (n as f64 * f64::from(measured)),
+        "bytes",
+    );
     Ok(report)
 }
 
@@ -161,7 +206,11 @@ fn partition(params: &Params) -> Outcome {
     let keys = params.keys.unwrap_or(200);
     let all: Vec<Vec<u8>> = (0..keys).map(register_key).collect();
     ledger.put_many(&mut sim, &all, &nodes);
-    settle(&mut sim, Duration::from_secs(300), "partition (before split)")?;
+    settle(
+        &mut sim,
+        Duration::from_secs(300),
+        "partition (before split)",
+    )?;
 
     sim.split(&left, &right);
     for step in 0..20 {
@@ -189,9 +238,16 @@ fn partition(params: &Params) -> Outcome {
     let purge_wait = sim.config.purge_interval * 3;
     sim.run_for(purge_wait);
     ledger.check(&sim).map_err(fail)?;
-    let purged: u64 = sim.up_nodes().iter().filter_map(|&n| sim.replica(n)).map(|r| r.stats().tombstones_purged).sum();
+    let purged: u64 = sim
+        .up_nodes()
+        .iter()
+        .filter_map(|&n| sim.replica(n))
+        .map(|r| r.stats().tombstones_purged)
+        .sum();
     if ledger.deletes > 0 && purged == 0 {
-        return Err(fail("no tombstone was purged although every replica saw the deletes"));
+        return Err(fail(
+            "no tombstone was purged although every replica saw the deletes",
+        ));
     }
     let mut report = Report::default();
     report.metric("tombstones_purged", purged as f64, "tombstones");
@@ -206,14 +262,22 @@ fn partition(params: &Params) -> Outcome {
 fn churn(params: &Params) -> Outcome {
     let n = params.nodes.unwrap_or(8);
     let mut sim = cluster(params, n)?;
-    sim.net = NetConfig { loss: 0.05, duplicate: 0.05, delay_ms: (1, 80) };
+    sim.net = NetConfig {
+        loss: 0.05,
+        duplicate: 0.05,
+        delay_ms: (1, 80),
+    };
     let mut ledger = Ledger::default();
     let keys = params.keys.unwrap_or(300);
     let mut next_id = n as u64 + 1;
     let mut crashed: Vec<NodeId> = Vec::new();
     let mut leaving: Vec<NodeId> = Vec::new();
     for step in 0..60u32 {
-        let up: Vec<NodeId> = sim.up_nodes().into_iter().filter(|n| !leaving.contains(n)).collect();
+        let up: Vec<NodeId> = sim
+            .up_nodes()
+            .into_iter()
+            .filter(|n| !leaving.contains(n))
+            .collect();
         for _ in 0..5 {
             let k = sim.rng().random_range(0..keys);
             if sim.rng().random_range(0..6) == 0 {
@@ -259,15 +323,25 @@ fn churn(params: &Params) -> Outcome {
     let took = settle(&mut sim, Duration::from_secs(900), "churn")?;
     // A node that left hands everything off, then says it may stop.
     for id in &leaving {
-        sim.run_until_condition(ROUND, Duration::from_secs(60), |s| s.replica(*id).is_none_or(|r| r.has_left()))
-            .ok_or_else(|| fail(format!("node {id} never finished leaving")))?;
+        sim.run_until_condition(ROUND, Duration::from_secs(60), |s| {
+            s.replica(*id).is_none_or(|r| r.has_left())
+        })
+        .ok_or_else(|| fail(format!("node {id} never finished leaving")))?;
         sim.crash(*id);
     }
     ledger.check(&sim).map_err(fail)?;
     let mut report = Report::default();
     report.metric("rounds_to_converge_after_churn", rounds(took), "rounds");
     report.metric("acknowledged_writes", ledger.acknowledged as f64, "writes");
-    report.metric("streams_broken", sim.up_nodes().iter().filter_map(|&n| sim.replica(n)).map(|r| r.stats().streams_broken).sum::<u64>() as f64, "streams");
+    report.metric(
+        "streams_broken",
+        sim.up_nodes()
+            .iter()
+            .filter_map(|&n| sim.replica(n))
+            .map(|r| r.stats().streams_broken)
+            .sum::<u64>() as f64,
+        "streams",
+    );
     Ok(report)
 }
 
@@ -278,7 +352,10 @@ fn share_bytes(sim: &Sim, node: NodeId) -> Result<u64, Violation> {
     };
     let mut bytes = 0;
     for p in replica.layout().current().partitions_of(node) {
-        bytes += store.partition_stats(p).map_err(|e| fail(e.to_string()))?.bytes;
+        bytes += store
+            .partition_stats(p)
+            .map_err(|e| fail(e.to_string()))?
+            .bytes;
     }
     Ok(bytes)
 }
@@ -287,7 +364,9 @@ fn loaded_cluster(params: &Params, n: usize) -> Result<(Sim, Ledger), Violation>
     let mut sim = cluster(params, n)?;
     let up = sim.up_nodes();
     let mut ledger = Ledger::default();
-    let keys: Vec<Vec<u8>> = (0..params.keys.unwrap_or(100_000)).map(register_key).collect();
+    let keys: Vec<Vec<u8>> = (0..params.keys.unwrap_or(100_000))
+        .map(register_key)
+        .collect();
     ledger.put_many(&mut sim, &keys, &up);
     settle(&mut sim, Duration::from_secs(900), "initial load")?;
     Ok((sim, ledger))
@@ -308,22 +387,34 @@ fn gains(before: &Layout, after: &Layout) -> std::collections::BTreeMap<NodeId, 
 fn join(params: &Params) -> Outcome {
     let n = params.nodes.unwrap_or(5);
     let (mut sim, ledger) = loaded_cluster(params, n)?;
-    let before = sim.layout().map(|l| l.current().clone()).ok_or_else(|| fail("no layout"))?;
+    let before = sim
+        .layout()
+        .map(|l| l.current().clone())
+        .ok_or_else(|| fail("no layout"))?;
     let newcomer = NodeId(n as u64 + 1);
     let seed = sim.addr(NodeId(1));
     sim.add_joining_node(newcomer, default_meta(), seed);
     settle(&mut sim, Duration::from_secs(1800), "join")?;
     ledger.check(&sim).map_err(fail)?;
-    let after = sim.layout().map(|l| l.current().clone()).ok_or_else(|| fail("no layout"))?;
+    let after = sim
+        .layout()
+        .map(|l| l.current().clone())
+        .ok_or_else(|| fail("no layout"))?;
     let gained = gains(&before, &after);
     if gained.keys().any(|&g| g != newcomer) {
-        return Err(fail(format!("a join moved partitions to old nodes: {gained:?}")));
+        return Err(fail(format!(
+            "a join moved partitions to old nodes: {gained:?}"
+        )));
     }
     let moved = gained.get(&newcomer).copied().unwrap_or(0);
     let specs: Vec<_> = after
         .nodes()
         .into_iter()
-        .map(|id| gossipkv::replication::layout::NodeSpec { id, capacity: 100, zone: None })
+        .map(|id| gossipkv::replication::layout::NodeSpec {
+            id,
+            capacity: 100,
+            zone: None,
+        })
         .collect();
     let ideal = Layout::quotas(after.partitions(), after.replication_factor(), &specs)
         .get(&newcomer)
@@ -332,11 +423,27 @@ fn join(params: &Params) -> Outcome {
     let received = sim.bytes_received(newcomer, &["migration", "repair"]);
     let share = share_bytes(&sim, newcomer)?;
     let mut report = Report::default();
-    report.metric("join_bytes_ratio", received as f64 / share.max(1) as f64, "ratio");
-    report.metric("join_partitions_moved_ratio", moved as f64 / ideal.max(1) as f64, "ratio");
+    report.metric(
+        "join_bytes_ratio",
+        received as f64 / share.max(1) as f64,
+        "ratio",
+    );
+    report.metric(
+        "join_partitions_moved_ratio",
+        moved as f64 / ideal.max(1) as f64,
+        "ratio",
+    );
     report.metric("join_bytes_received", received as f64, "bytes");
-    report.metric("join_migration_bytes", sim.bytes_received(newcomer, &["migration"]) as f64, "bytes");
-    report.metric("join_repair_bytes", sim.bytes_received(newcomer, &["repair"]) as f64, "bytes");
+    report.metric(
+        "join_migration_bytes",
+        sim.bytes_received(newcomer, &["migration"]) as f64,
+        "bytes",
+    );
+    report.metric(
+        "join_repair_bytes",
+        sim.bytes_received(newcomer, &["repair"]) as f64,
+        "bytes",
+    );
     report.metric("join_share_bytes", share as f64, "bytes");
     Ok(report)
 }
@@ -360,7 +467,11 @@ fn rejoin(params: &Params) -> Outcome {
     let received = sim.bytes_received(away, &["migration", "repair"]) - before;
     let share = share_bytes(&sim, away)?;
     let mut report = Report::default();
-    report.metric("rejoin_bytes_fraction", received as f64 / share.max(1) as f64, "ratio");
+    report.metric(
+        "rejoin_bytes_fraction",
+        received as f64 / share.max(1) as f64,
+        "ratio",
+    );
     report.metric("rejoin_bytes_received", received as f64, "bytes");
     report.metric("rejoin_share_bytes", share as f64, "bytes");
     Ok(report)
@@ -370,19 +481,28 @@ fn rejoin(params: &Params) -> Outcome {
 fn rebalance(params: &Params) -> Outcome {
     let n = params.nodes.unwrap_or(5);
     let (mut sim, ledger) = loaded_cluster(params, n)?;
-    let before = sim.layout().map(|l| l.current().clone()).ok_or_else(|| fail("no layout"))?;
+    let before = sim
+        .layout()
+        .map(|l| l.current().clone())
+        .ok_or_else(|| fail("no layout"))?;
     let grown = NodeId(1);
     sim.set_capacity(grown, 200);
     sim.run_until_condition(ROUND, Duration::from_secs(120), |s| {
-        s.layout().is_some_and(|l| l.current().version() > before.version())
+        s.layout()
+            .is_some_and(|l| l.current().version() > before.version())
     })
     .ok_or_else(|| fail("the capacity change produced no new layout"))?;
     settle(&mut sim, Duration::from_secs(1800), "rebalance")?;
     ledger.check(&sim).map_err(fail)?;
-    let after = sim.layout().map(|l| l.current().clone()).ok_or_else(|| fail("no layout"))?;
+    let after = sim
+        .layout()
+        .map(|l| l.current().clone())
+        .ok_or_else(|| fail("no layout"))?;
     let gained = gains(&before, &after);
     if gained.keys().any(|&g| g != grown) {
-        return Err(fail(format!("a rebalance moved partitions away from the grown node's direction: {gained:?}")));
+        return Err(fail(format!(
+            "a rebalance moved partitions away from the grown node's direction: {gained:?}"
+        )));
     }
     let moved = gained.get(&grown).copied().unwrap_or(0);
     if moved == 0 {

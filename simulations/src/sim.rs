@@ -30,13 +30,26 @@ pub struct NetConfig {
 
 impl Default for NetConfig {
     fn default() -> Self {
-        NetConfig { loss: 0.0, duplicate: 0.0, delay_ms: (1, 10) }
+        NetConfig {
+            loss: 0.0,
+            duplicate: 0.0,
+            delay_ms: (1, 10),
+        }
     }
 }
 
 enum Event {
-    Deliver { from: NodeId, to: Addr, bytes: Vec<u8>, kind: &'static str },
-    Timer { node: NodeId, epoch: u64, timer: Timer },
+    Deliver {
+        from: NodeId,
+        to: Addr,
+        bytes: Vec<u8>,
+        kind: &'static str,
+    },
+    Timer {
+        node: NodeId,
+        epoch: u64,
+        timer: Timer,
+    },
 }
 
 struct SimNode {
@@ -78,11 +91,18 @@ pub struct Sim {
 /// A synthetic address: never used for real traffic, only as a name.
 fn addr_of(id: NodeId) -> Addr {
     let n = id.0 as u32;
-    SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::new(127, 1, (n >> 8) as u8, n as u8), 7000))
+    SocketAddr::V4(SocketAddrV4::new(
+        Ipv4Addr::new(127, 1, (n >> 8) as u8, n as u8),
+        7000,
+    ))
 }
 
 pub fn default_meta() -> NodeMeta {
-    NodeMeta { capacity: 100, zone: None, load: Default::default() }
+    NodeMeta {
+        capacity: 100,
+        zone: None,
+        load: Default::default(),
+    }
 }
 
 impl Sim {
@@ -116,7 +136,11 @@ impl Sim {
     /// layout, joined through node 1.
     pub fn bootstrap(&mut self, n: usize) {
         let specs: Vec<NodeSpec> = (1..=n as u64)
-            .map(|i| NodeSpec { id: NodeId(i), capacity: 100, zone: None })
+            .map(|i| NodeSpec {
+                id: NodeId(i),
+                capacity: 100,
+                zone: None,
+            })
             .collect();
         let layout = LayoutState::bootstrap(self.partitions, self.replicas, &specs);
         for i in 1..=n as u64 {
@@ -129,13 +153,23 @@ impl Sim {
     }
 
     fn add_node(&mut self, id: NodeId, meta: NodeMeta, layout: LayoutState) {
-        let options = StoreOptions::default().node_id(id).partitions(self.partitions);
+        let options = StoreOptions::default()
+            .node_id(id)
+            .partitions(self.partitions);
         let store = Arc::new(Store::open_in_memory(options).expect("in-memory store"));
         let addr = addr_of(id);
         self.by_addr.insert(addr, id);
         self.nodes.insert(
             id,
-            SimNode { replica: None, store, addr, incarnation: 1, epoch: 0, meta, saved_layout: Some(layout) },
+            SimNode {
+                replica: None,
+                store,
+                addr,
+                incarnation: 1,
+                epoch: 0,
+                meta,
+                saved_layout: Some(layout),
+            },
         );
         self.boot(id);
     }
@@ -144,9 +178,14 @@ impl Sim {
         let seed = self.seed ^ id.0.wrapping_mul(0x9e37_79b9_7f4a_7c15);
         let config = self.config.clone();
         let (partitions, replicas) = (self.partitions, self.replicas);
-        let Some(node) = self.nodes.get_mut(&id) else { return };
+        let Some(node) = self.nodes.get_mut(&id) else {
+            return;
+        };
         node.epoch += 1;
-        let layout = node.saved_layout.take().unwrap_or_else(|| LayoutState::new(partitions, replicas));
+        let layout = node
+            .saved_layout
+            .take()
+            .unwrap_or_else(|| LayoutState::new(partitions, replicas));
         let mut replica = Replica::new(
             node.store.clone(),
             node.addr,
@@ -188,7 +227,9 @@ impl Sim {
 
     pub fn set_capacity(&mut self, id: NodeId, capacity: u32) {
         let now = self.now;
-        let Some(node) = self.nodes.get_mut(&id) else { return };
+        let Some(node) = self.nodes.get_mut(&id) else {
+            return;
+        };
         node.meta.capacity = capacity;
         let meta = node.meta.clone();
         let outputs = match node.replica.as_mut() {
@@ -211,13 +252,20 @@ impl Sim {
 
     /// Restarts a crashed node with a higher incarnation and rejoins.
     pub fn restart(&mut self, id: NodeId) {
-        let Some(node) = self.nodes.get_mut(&id) else { return };
+        let Some(node) = self.nodes.get_mut(&id) else {
+            return;
+        };
         if node.replica.is_some() {
             return;
         }
         node.incarnation += 1;
         self.boot(id);
-        let seed = self.nodes.keys().copied().find(|&n| n != id && self.is_up(n)).map(addr_of);
+        let seed = self
+            .nodes
+            .keys()
+            .copied()
+            .find(|&n| n != id && self.is_up(n))
+            .map(addr_of);
         if let Some(seed) = seed {
             self.join(id, seed);
         }
@@ -232,7 +280,11 @@ impl Sim {
     }
 
     pub fn up_nodes(&self) -> Vec<NodeId> {
-        self.nodes.keys().copied().filter(|&n| self.is_up(n)).collect()
+        self.nodes
+            .keys()
+            .copied()
+            .filter(|&n| self.is_up(n))
+            .collect()
     }
 
     pub fn replica(&self, id: NodeId) -> Option<&Replica> {
@@ -280,7 +332,14 @@ impl Sim {
                 Output::Send { to, message } => self.send(from, to, &message),
                 Output::Schedule { after, timer } => {
                     let epoch = self.nodes.get(&from).map_or(0, |n| n.epoch);
-                    self.push(self.now + after, Event::Timer { node: from, epoch, timer });
+                    self.push(
+                        self.now + after,
+                        Event::Timer {
+                            node: from,
+                            epoch,
+                            timer,
+                        },
+                    );
                 }
                 Output::Event(_) => {}
             }
@@ -288,16 +347,30 @@ impl Sim {
     }
 
     fn send(&mut self, from: NodeId, to: Addr, message: &Message) {
-        let Ok(bytes) = postcard::to_allocvec(message) else { return };
+        let Ok(bytes) = postcard::to_allocvec(message) else {
+            return;
+        };
         if self.rng.random_bool(self.net.loss) {
             return;
         }
-        let copies = if self.rng.random_bool(self.net.duplicate) { 2 } else { 1 };
+        let copies = if self.rng.random_bool(self.net.duplicate) {
+            2
+        } else {
+            1
+        };
         for _ in 0..copies {
             let (lo, hi) = self.net.delay_ms;
             let delay = Duration::from_millis(self.rng.random_range(lo..=hi.max(lo)));
             let kind = message.kind();
-            self.push(self.now + delay, Event::Deliver { from, to, bytes: bytes.clone(), kind });
+            self.push(
+                self.now + delay,
+                Event::Deliver {
+                    from,
+                    to,
+                    bytes: bytes.clone(),
+                    kind,
+                },
+            );
         }
     }
 
@@ -313,16 +386,27 @@ impl Sim {
             match event {
                 Event::Timer { node, epoch, timer } => {
                     let now = self.now;
-                    let Some(n) = self.nodes.get_mut(&node) else { continue };
+                    let Some(n) = self.nodes.get_mut(&node) else {
+                        continue;
+                    };
                     if n.epoch != epoch {
                         continue; // a timer of a crashed incarnation
                     }
-                    let Some(replica) = n.replica.as_mut() else { continue };
+                    let Some(replica) = n.replica.as_mut() else {
+                        continue;
+                    };
                     let outputs = replica.handle_timer(now, timer);
                     self.carry_out(node, outputs);
                 }
-                Event::Deliver { from, to, bytes, kind } => {
-                    let Some(&dest) = self.by_addr.get(&to) else { continue };
+                Event::Deliver {
+                    from,
+                    to,
+                    bytes,
+                    kind,
+                } => {
+                    let Some(&dest) = self.by_addr.get(&to) else {
+                        continue;
+                    };
                     if self.cut.contains(&(from, dest)) || !self.is_up(from) {
                         continue;
                     }
@@ -331,7 +415,9 @@ impl Sim {
                         continue;
                     };
                     let now = self.now;
-                    let Some(replica) = self.replica_mut(dest) else { continue };
+                    let Some(replica) = self.replica_mut(dest) else {
+                        continue;
+                    };
                     let result = replica.handle_message(now, from, message);
                     *self.traffic.by_kind.entry(kind).or_default() += bytes.len() as u64;
                     *self.traffic.received.entry((dest, kind)).or_default() += bytes.len() as u64;
@@ -376,7 +462,9 @@ impl Sim {
     /// node has the same layout, and no layout change is in progress.
     pub fn converged(&self) -> bool {
         let up = self.up_nodes();
-        let Some(first) = up.first().and_then(|&n| self.replica(n)) else { return true };
+        let Some(first) = up.first().and_then(|&n| self.replica(n)) else {
+            return true;
+        };
         let layout = first.layout();
         if layout.in_transition() {
             return false;
@@ -391,8 +479,14 @@ impl Sim {
             .filter_map(|&n| Some((n, self.store(n)?.partition_versions().ok()?)))
             .collect();
         for p in 0..self.partitions {
-            let holders: Vec<NodeId> = layout.holders(p).into_iter().filter(|n| up.contains(n)).collect();
-            let mut it = holders.iter().filter_map(|n| versions.get(n).map(|v| &v[usize::from(p)]));
+            let holders: Vec<NodeId> = layout
+                .holders(p)
+                .into_iter()
+                .filter(|n| up.contains(n))
+                .collect();
+            let mut it = holders
+                .iter()
+                .filter_map(|n| versions.get(n).map(|v| &v[usize::from(p)]));
             if let Some(first) = it.next() {
                 if it.any(|v| v != first) {
                     return false;
@@ -411,13 +505,22 @@ impl Sim {
     /// Why the cluster has not converged, in one line (for failure reports).
     pub fn divergence(&self) -> String {
         let up = self.up_nodes();
-        let Some(first) = up.first().and_then(|&n| self.replica(n)) else { return "no node up".into() };
+        let Some(first) = up.first().and_then(|&n| self.replica(n)) else {
+            return "no node up".into();
+        };
         let layout = first.layout();
         if layout.in_transition() {
             let pending: Vec<String> = up
                 .iter()
                 .map(|&n| {
-                    let own = self.replica(n).map(|r| (r.layout().summary(), r.layout().pending_migrations(n), r.migrating(), r.membership().alive().len()));
+                    let own = self.replica(n).map(|r| {
+                        (
+                            r.layout().summary(),
+                            r.layout().pending_migrations(n),
+                            r.migrating(),
+                            r.membership().alive().len(),
+                        )
+                    });
                     format!("{n}:{:?} own {:?}", layout.pending_migrations(n), own)
                 })
                 .collect();
@@ -432,7 +535,12 @@ impl Sim {
             let other = self.replica(n).map(|r| r.layout());
             if other != Some(layout) {
                 let o = other.map(|l| (l.current().version(), l.completed().version()));
-                return format!("node {n} sees layout {o:?}, node {} sees ({}, {})", up[0], layout.current().version(), layout.completed().version());
+                return format!(
+                    "node {n} sees layout {o:?}, node {} sees ({}, {})",
+                    up[0],
+                    layout.current().version(),
+                    layout.completed().version()
+                );
             }
         }
         let versions: BTreeMap<NodeId, Vec<gossipkv::VersionVector>> = up
@@ -440,13 +548,20 @@ impl Sim {
             .filter_map(|&n| Some((n, self.store(n)?.partition_versions().ok()?)))
             .collect();
         for p in 0..self.partitions {
-            let holders: Vec<NodeId> = layout.holders(p).into_iter().filter(|n| up.contains(n)).collect();
+            let holders: Vec<NodeId> = layout
+                .holders(p)
+                .into_iter()
+                .filter(|n| up.contains(n))
+                .collect();
             for (n, v) in &versions {
                 if !holders.contains(n) && !v[usize::from(p)].is_empty() {
                     return format!("node {n} still holds partition {p}, held by {holders:?}");
                 }
             }
-            let vs: Vec<_> = holders.iter().filter_map(|n| versions.get(n).map(|v| (n, &v[usize::from(p)]))).collect();
+            let vs: Vec<_> = holders
+                .iter()
+                .filter_map(|n| versions.get(n).map(|v| (n, &v[usize::from(p)])))
+                .collect();
             if vs.windows(2).any(|w| w[0].1 != w[1].1) {
                 return format!("partition {p} differs between holders {:?}", vs);
             }
@@ -456,7 +571,10 @@ impl Sim {
 
     /// The layout as the lowest up node sees it.
     pub fn layout(&self) -> Option<&LayoutState> {
-        self.up_nodes().first().and_then(|&n| self.replica(n)).map(|r| r.layout())
+        self.up_nodes()
+            .first()
+            .and_then(|&n| self.replica(n))
+            .map(|r| r.layout())
     }
 
     pub fn bytes_of(&self, kind: &str) -> u64 {

@@ -4,7 +4,14 @@
 use simulations::scenarios::{run, Params};
 
 fn small(seed: u64, nodes: Option<usize>, keys: u64) -> Params {
-    Params { nodes, seed, keys: Some(keys), sweep: false, partitions: 32, replicas: 3 }
+    Params {
+        nodes,
+        seed,
+        keys: Some(keys),
+        sweep: false,
+        partitions: 32,
+        replicas: 3,
+    }
 }
 
 fn check(name: &str, params: &Params) -> simulations::scenarios::Report {
@@ -27,7 +34,10 @@ fn steady_exchanges_only_digests() {
     for seed in 1..=2 {
         let report = check("steady", &small(seed, Some(6), 100));
         let bytes = report.get("digest_bytes_per_node_round").unwrap();
-        assert!(bytes <= 64.0, "in-sync digests cost {bytes} bytes per node and round");
+        assert!(
+            bytes <= 64.0,
+            "in-sync digests cost {bytes} bytes per node and round"
+        );
     }
 }
 
@@ -50,7 +60,10 @@ fn join_moves_only_the_newcomers_share() {
     for seed in 1..=2 {
         let report = check("join", &small(seed, Some(5), 2_000));
         let bytes = report.get("join_bytes_ratio").unwrap();
-        assert!(bytes <= 1.10, "a join moved {bytes} times the newcomer's share");
+        assert!(
+            bytes <= 1.10,
+            "a join moved {bytes} times the newcomer's share"
+        );
         assert!(report.get("join_partitions_moved_ratio").unwrap() <= 1.05);
     }
 }
@@ -65,4 +78,15 @@ fn rejoin_moves_only_what_changed() {
 #[test]
 fn rebalance_moves_only_toward_the_grown_node() {
     check("rebalance", &small(1, Some(5), 1_000));
+}
+
+#[test]
+fn the_same_seed_gives_the_same_figures() {
+    let params = small(7, Some(6), 200);
+    let first = check("churn", &params);
+    let second = check("churn", &params);
+    assert_eq!(first.metrics, second.metrics);
+    let join_a = check("join", &small(3, Some(5), 1_000));
+    let join_b = check("join", &small(3, Some(5), 1_000));
+    assert_eq!(join_a.metrics, join_b.metrics);
 }

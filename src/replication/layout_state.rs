@@ -40,14 +40,22 @@ fn layout_rank(layout: &Layout) -> (u64, u64) {
 impl LayoutState {
     pub fn new(partitions: u16, replicas: u8) -> Self {
         let empty = Layout::empty(partitions, replicas);
-        LayoutState { current: empty.clone(), completed: empty, ready: BTreeSet::new() }
+        LayoutState {
+            current: empty.clone(),
+            completed: empty,
+            ready: BTreeSet::new(),
+        }
     }
 
     /// A state whose first layout is already complete: the bootstrap of a
     /// new cluster, where there is no data to move.
     pub fn bootstrap(partitions: u16, replicas: u8, nodes: &[NodeSpec]) -> Self {
         let layout = Layout::empty(partitions, replicas).next(nodes);
-        LayoutState { current: layout.clone(), completed: layout, ready: BTreeSet::new() }
+        LayoutState {
+            current: layout.clone(),
+            completed: layout,
+            ready: BTreeSet::new(),
+        }
     }
 
     pub fn current(&self) -> &Layout {
@@ -155,7 +163,8 @@ impl LayoutState {
         }
         self.ready.extend(other.ready.iter().copied());
         let (current, completed) = (&self.current, &self.completed);
-        self.ready.retain(|&(p, n)| current.holds(n, p) && !completed.holds(n, p));
+        self.ready
+            .retain(|&(p, n)| current.holds(n, p) && !completed.holds(n, p));
         self.try_complete();
         *self != before
     }
@@ -172,7 +181,13 @@ mod tests {
     use super::*;
 
     fn specs(ids: &[u64]) -> Vec<NodeSpec> {
-        ids.iter().map(|&i| NodeSpec { id: NodeId(i), capacity: 100, zone: None }).collect()
+        ids.iter()
+            .map(|&i| NodeSpec {
+                id: NodeId(i),
+                capacity: 100,
+                zone: None,
+            })
+            .collect()
     }
 
     #[test]

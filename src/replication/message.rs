@@ -22,7 +22,11 @@ pub enum Message {
     Membership(Vec<u8>),
     /// Opens an anti-entropy round: one hash over the version vectors of
     /// the partitions the sender believes both hold.
-    Digest { round: u64, layout: LayoutSummary, hash: u64 },
+    Digest {
+        round: u64,
+        layout: LayoutSummary,
+        hash: u64,
+    },
     /// The receiver of a digest computed the same hash: nothing to do.
     InSync { round: u64 },
     /// The digest differed: per-partition hashes of the shared partitions.
@@ -30,12 +34,26 @@ pub enum Message {
     /// Version vectors of the partitions that differ. The receiver streams
     /// back what the sender lacks and, if `reply`, sends its own vectors so
     /// the sender can do the same in the other direction.
-    Versions { round: u64, versions: Vec<(u16, VersionVector)>, reply: bool },
+    Versions {
+        round: u64,
+        versions: Vec<(u16, VersionVector)>,
+        reply: bool,
+    },
     /// One chunk of a `changes_since` stream; `index` counts from 0 within
     /// the stream, and a receiver applies chunks only in order.
-    Chunk { stream: u64, index: u32, purpose: StreamPurpose, chunk: ChangeChunk },
+    Chunk {
+        stream: u64,
+        index: u32,
+        purpose: StreamPurpose,
+        chunk: ChangeChunk,
+    },
     /// The sender takes over `partition` and asks for what `since` lacks.
-    MigrateRequest { stream: u64, partition: u16, phase: u8, since: VersionVector },
+    MigrateRequest {
+        stream: u64,
+        partition: u16,
+        phase: u8,
+        since: VersionVector,
+    },
     /// The sender's layout state, newer than the receiver's.
     Layout(LayoutState),
 }
@@ -57,7 +75,10 @@ impl Message {
             Message::Membership(_) => "membership",
             Message::Digest { .. } | Message::InSync { .. } => "digest",
             Message::PartitionHashes { .. } | Message::Versions { .. } => "digest",
-            Message::Chunk { purpose: StreamPurpose::Repair, .. } => "repair",
+            Message::Chunk {
+                purpose: StreamPurpose::Repair,
+                ..
+            } => "repair",
             Message::Chunk { .. } | Message::MigrateRequest { .. } => "migration",
             Message::Layout(_) => "layout",
         }

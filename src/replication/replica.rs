@@ -97,11 +97,24 @@ pub enum Output {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ReplicaEvent {
     Membership(MembershipEventKind),
-    LayoutChanged { version: u64, completed: u64 },
-    MigrationStarted { partition: u16, source: NodeId },
-    MigrationDone { partition: u16 },
-    PartitionDropped { partition: u16 },
-    Purged { partition: u16, tombstones: usize },
+    LayoutChanged {
+        version: u64,
+        completed: u64,
+    },
+    MigrationStarted {
+        partition: u16,
+        source: NodeId,
+    },
+    MigrationDone {
+        partition: u16,
+    },
+    PartitionDropped {
+        partition: u16,
+    },
+    Purged {
+        partition: u16,
+        tombstones: usize,
+    },
     /// A decommission finished: this node holds nothing and left.
     SafeToStop,
 }
@@ -125,7 +138,11 @@ pub enum ReplicaError {
     #[error("store: {0}")]
     Store(#[from] crate::Error),
     #[error("peer {peer} sent {what} for partition {partition}, which is out of range")]
-    PartitionOutOfRange { peer: NodeId, what: &'static str, partition: u16 },
+    PartitionOutOfRange {
+        peer: NodeId,
+        what: &'static str,
+        partition: u16,
+    },
     #[error("peer {peer} sent a layout that is invalid: {reason}")]
     BadLayout { peer: NodeId, reason: String },
 }
@@ -341,16 +358,30 @@ impl Replica {
                 let outputs = self.membership.handle_payload(&payload)?;
                 self.absorb_membership(outputs);
             }
-            Message::Digest { round, layout, hash } => self.on_digest(from, round, layout, hash)?,
+            Message::Digest {
+                round,
+                layout,
+                hash,
+            } => self.on_digest(from, round, layout, hash)?,
             Message::InSync { round } => self.on_in_sync(from, round)?,
             Message::PartitionHashes { round, hashes } => self.on_hashes(from, round, hashes)?,
-            Message::Versions { round, versions, reply } => {
-                self.on_versions(from, round, versions, reply)?
-            }
-            Message::Chunk { stream, index, purpose, chunk } => {
-                self.on_chunk(from, stream, index, purpose, chunk)?
-            }
-            Message::MigrateRequest { stream, partition, phase, since } => {
+            Message::Versions {
+                round,
+                versions,
+                reply,
+            } => self.on_versions(from, round, versions, reply)?,
+            Message::Chunk {
+                stream,
+                index,
+                purpose,
+                chunk,
+            } => self.on_chunk(from, stream, index, purpose, chunk)?,
+            Message::MigrateRequest {
+                stream,
+                partition,
+                phase,
+                since,
+            } => {
                 self.check_partition(from, "a migration request", partition)?;
                 let purpose = StreamPurpose::Migration { phase };
                 self.stream_changes(from, stream, partition, &since, purpose)?;
@@ -367,33 +398,52 @@ impl Replica {
         if alive.is_empty() {
             return;
         }
-        let sharing: Vec<NodeId> =
-            alive.iter().copied().filter(|&n| !self.shared_partitions(n).is_empty()).collect();
+        let sharing: Vec<NodeId> = alive
+            .iter()
+            .copied()
+            .filter(|&n| !self.shared_partitions(n).is_empty())
+            .collect();
         // Mostly the peer sharing partitions that was synced with longest
         // ago (either side opening the round counts), so every pair of
         // co-replicas meets at least once per that many rounds; now and
         // then anyone, so that layout news reaches nodes that hold nothing
         // in common with us.
         let peer = if sharing.is_empty() || self.rng.random_range(0..8) == 0 {
-            let Some(&peer) = alive.choose(&mut self.rng) else { return };
+            let Some(&peer) = alive.choose(&mut self.rng) else {
+                return;
+            };
             peer
         } else {
-            let oldest = sharing.iter().map(|n| self.last_contact.get(n).copied().unwrap_or_default()).min();
+            let oldest = sharing
+                .iter()
+                .map(|n| self.last_contact.get(n).copied().unwrap_or_default())
+                .min();
             let stale: Vec<NodeId> = sharing
                 .iter()
                 .copied()
                 .filter(|n| Some(self.last_contact.get(n).copied().unwrap_or_default()) == oldest)
                 .collect();
-            let Some(&peer) = stale.choose(&mut self.rng) else { return };
+            let Some(&peer) = stale.choose(&mut self.rng) else {
+                return;
+            };
             peer
         };
         self.last_contact.insert(peer, self.now);
-        let Ok(hash) = self.shared_hash(peer) else { return };
+        let Ok(hash) = self.shared_hash(peer) else {
+            return;
+        };
         let round = self.fresh_id();
         self.rounds.insert(round, peer);
         self.stats.rounds_started += 1;
         let layout = self.layout.summary();
-        self.send(peer, Message::Digest { round, layout, hash });
+        self.send(
+            peer,
+            Message::Digest {
+                round,
+                layout,
+                hash,
+            },
+        );
     }
 
     /// Partitions both this node and `peer` hold, leaving out those either
@@ -425,7 +475,13 @@ impl Replica {
         Ok(xxhash_rust::xxh3::xxh3_64(&bytes))
     }
 
-    fn on_digest(&mut self, from: NodeId, round: u64, layout: LayoutSummary, hash: u64) -> Result<(), ReplicaError> {
+    fn on_digest(
+        &mut self,
+        from: NodeId,
+        round: u64,
+        layout: LayoutSummary,
+        hash: u64,
+    ) -> Result<(), ReplicaError> {
         self.last_contact.insert(from, self.now);
         if layout != self.layout.summary() {
             self.send(from, Message::Layout(self.layout.clone()));
@@ -435,7 +491,8 @@ impl Replica {
             // Equal hashes: the peer's vectors are ours.
             let versions = self.store.partition_versions()?;
             for p in shared {
-                self.peer_versions.insert((p, from), versions[usize::from(p)].clone());
+                self.peer_versions
+                    .insert((p, from), versions[usize::from(p)].clone());
             }
             self.send(from, Message::InSync { round });
         } else {
@@ -450,13 +507,19 @@ impl Replica {
             self.stats.rounds_in_sync += 1;
             let versions = self.store.partition_versions()?;
             for p in self.shared_partitions(from) {
-                self.peer_versions.insert((p, from), versions[usize::from(p)].clone());
+                self.peer_versions
+                    .insert((p, from), versions[usize::from(p)].clone());
             }
         }
         Ok(())
     }
 
-    fn on_hashes(&mut self, from: NodeId, round: u64, hashes: Vec<(u16, u64)>) -> Result<(), ReplicaError> {
+    fn on_hashes(
+        &mut self,
+        from: NodeId,
+        round: u64,
+        hashes: Vec<(u16, u64)>,
+    ) -> Result<(), ReplicaError> {
         if self.rounds.remove(&round) != Some(from) {
             return Ok(()); // late or unsolicited
         }
@@ -466,11 +529,20 @@ impl Replica {
         let versions = self.store.partition_versions()?;
         let differing: Vec<(u16, VersionVector)> = hashes
             .into_iter()
-            .filter(|&(p, h)| self.layout.holds(self.id, p) && vector_hash(&versions[usize::from(p)]) != h)
+            .filter(|&(p, h)| {
+                self.layout.holds(self.id, p) && vector_hash(&versions[usize::from(p)]) != h
+            })
             .map(|(p, _)| (p, versions[usize::from(p)].clone()))
             .collect();
         if !differing.is_empty() {
-            self.send(from, Message::Versions { round, versions: differing, reply: true });
+            self.send(
+                from,
+                Message::Versions {
+                    round,
+                    versions: differing,
+                    reply: true,
+                },
+            );
         }
         Ok(())
     }
@@ -501,7 +573,14 @@ impl Replica {
             known.join(&theirs);
         }
         if reply && !answer.is_empty() {
-            self.send(from, Message::Versions { round, versions: answer, reply: false });
+            self.send(
+                from,
+                Message::Versions {
+                    round,
+                    versions: answer,
+                    reply: false,
+                },
+            );
         }
         Ok(())
     }
@@ -515,11 +594,21 @@ impl Replica {
         since: &VersionVector,
         purpose: StreamPurpose,
     ) -> Result<(), ReplicaError> {
-        let chunks = self.store.changes_since_with(partition, since, self.config.chunk_limits)?;
+        let chunks = self
+            .store
+            .changes_since_with(partition, since, self.config.chunk_limits)?;
         for (index, chunk) in chunks.enumerate() {
             let chunk = chunk?;
             let index = u32::try_from(index).unwrap_or(u32::MAX);
-            self.send(to, Message::Chunk { stream, index, purpose, chunk });
+            self.send(
+                to,
+                Message::Chunk {
+                    stream,
+                    index,
+                    purpose,
+                    chunk,
+                },
+            );
         }
         Ok(())
     }
@@ -576,7 +665,10 @@ impl Replica {
             }
             Some(source_version) => {
                 self.inbound.remove(&key);
-                self.peer_versions.entry((partition, from)).or_default().join(source_version);
+                self.peer_versions
+                    .entry((partition, from))
+                    .or_default()
+                    .join(source_version);
                 if let Some(phase) = migration {
                     self.migration_phase_done(partition, phase)?;
                 }
@@ -591,11 +683,17 @@ impl Replica {
         let partitions = self.store.partitions();
         state
             .validate(partitions)
-            .map_err(|e| ReplicaError::BadLayout { peer: from, reason: e.to_string() })?;
+            .map_err(|e| ReplicaError::BadLayout {
+                peer: from,
+                reason: e.to_string(),
+            })?;
         if state.current().partitions() != partitions {
             return Err(ReplicaError::BadLayout {
                 peer: from,
-                reason: format!("{} partitions, this node has {partitions}", state.current().partitions()),
+                reason: format!(
+                    "{} partitions, this node has {partitions}",
+                    state.current().partitions()
+                ),
             });
         }
         let before = self.layout.summary();
@@ -627,7 +725,11 @@ impl Replica {
     fn desired_specs(&mut self) -> Vec<NodeSpec> {
         let now = self.now;
         let own = self.membership.meta();
-        let mut specs = vec![NodeSpec { id: self.id, capacity: own.capacity, zone: own.zone.clone() }];
+        let mut specs = vec![NodeSpec {
+            id: self.id,
+            capacity: own.capacity,
+            zone: own.zone.clone(),
+        }];
         for member in self.membership.members() {
             match member.state {
                 MemberState::Alive | MemberState::Suspect => {
@@ -642,7 +744,11 @@ impl Replica {
                 MemberState::Left => continue,
             }
             if let Some(meta) = member.meta {
-                specs.push(NodeSpec { id: member.id, capacity: meta.capacity, zone: meta.zone });
+                specs.push(NodeSpec {
+                    id: member.id,
+                    capacity: meta.capacity,
+                    zone: meta.zone,
+                });
             }
         }
         specs.sort_by_key(|s| s.id);
@@ -670,7 +776,8 @@ impl Replica {
         if !self.leaving || self.left {
             return;
         }
-        let holds_nothing = (0..self.layout.current().partitions()).all(|p| !self.layout.holds(self.id, p));
+        let holds_nothing =
+            (0..self.layout.current().partitions()).all(|p| !self.layout.holds(self.id, p));
         let empty = self
             .store
             .partition_versions()
@@ -691,7 +798,9 @@ impl Replica {
         let stalled: Vec<u16> = self
             .migrations
             .iter()
-            .filter(|(_, m)| self.now.saturating_sub(m.last_progress) >= timeout || !alive.contains(&m.source))
+            .filter(|(_, m)| {
+                self.now.saturating_sub(m.last_progress) >= timeout || !alive.contains(&m.source)
+            })
             .map(|(&p, _)| p)
             .collect();
         for p in stalled {
@@ -719,7 +828,12 @@ impl Replica {
             .filter(|&n| self.layout.is_complete_replica(n, partition))
             .collect();
         let Some(&source) = sources.choose(&mut self.rng) else {
-            if self.layout.holders(partition).iter().all(|&n| n == self.id || !self.layout.is_complete_replica(n, partition)) {
+            if self
+                .layout
+                .holders(partition)
+                .iter()
+                .all(|&n| n == self.id || !self.layout.is_complete_replica(n, partition))
+            {
                 // Nobody holds the data (a new cluster, or every holder is
                 // gone for good): there is nothing to wait for.
                 if self.layout.mark_ready(partition, self.id) {
@@ -728,20 +842,40 @@ impl Replica {
             }
             return;
         };
-        let Ok(since) = self.store.partition_version(partition) else { return };
+        let Ok(since) = self.store.partition_version(partition) else {
+            return;
+        };
         let stream = self.fresh_id();
         self.migrations.insert(
             partition,
-            Migration { phase, stream, source, last_progress: self.now },
+            Migration {
+                phase,
+                stream,
+                source,
+                last_progress: self.now,
+            },
         );
         if phase == 1 {
-            self.out.push(Output::Event(ReplicaEvent::MigrationStarted { partition, source }));
+            self.out.push(Output::Event(ReplicaEvent::MigrationStarted {
+                partition,
+                source,
+            }));
         }
-        self.send(source, Message::MigrateRequest { stream, partition, phase, since });
+        self.send(
+            source,
+            Message::MigrateRequest {
+                stream,
+                partition,
+                phase,
+                since,
+            },
+        );
     }
 
     fn migration_phase_done(&mut self, partition: u16, phase: u8) -> Result<(), ReplicaError> {
-        let Some(m) = self.migrations.remove(&partition) else { return Ok(()) };
+        let Some(m) = self.migrations.remove(&partition) else {
+            return Ok(());
+        };
         if phase < 2 {
             // Phase 2: the same exchange again, for writes made during phase 1.
             let since = self.store.partition_version(partition)?;
@@ -749,12 +883,26 @@ impl Replica {
             let source = m.source;
             self.migrations.insert(
                 partition,
-                Migration { phase: 2, stream, source, last_progress: self.now },
+                Migration {
+                    phase: 2,
+                    stream,
+                    source,
+                    last_progress: self.now,
+                },
             );
-            self.send(source, Message::MigrateRequest { stream, partition, phase: 2, since });
+            self.send(
+                source,
+                Message::MigrateRequest {
+                    stream,
+                    partition,
+                    phase: 2,
+                    since,
+                },
+            );
         } else {
             self.stats.migrations_done += 1;
-            self.out.push(Output::Event(ReplicaEvent::MigrationDone { partition }));
+            self.out
+                .push(Output::Event(ReplicaEvent::MigrationDone { partition }));
             if self.layout.mark_ready(partition, self.id) {
                 self.layout_changed();
             }
@@ -765,7 +913,9 @@ impl Replica {
     /// Pushes data of partitions this node no longer holds to a current
     /// replica, and drops it once that replica covers it.
     fn hand_off(&mut self) {
-        let Ok(versions) = self.store.partition_versions() else { return };
+        let Ok(versions) = self.store.partition_versions() else {
+            return;
+        };
         let alive = self.membership.alive();
         for (p, own) in versions.iter().enumerate() {
             let p = p as u16;
@@ -780,23 +930,36 @@ impl Replica {
                 .copied()
                 .filter(|n| alive.contains(n))
                 .collect();
-            let covered = targets
-                .iter()
-                .any(|&n| self.peer_versions.get(&(p, n)).is_some_and(|v| v.dominates(own)));
+            let covered = targets.iter().any(|&n| {
+                self.peer_versions
+                    .get(&(p, n))
+                    .is_some_and(|v| v.dominates(own))
+            });
             if covered {
                 if self.store.drop_partition(p).is_ok() {
                     self.stats.partitions_dropped += 1;
-                    self.out.push(Output::Event(ReplicaEvent::PartitionDropped { partition: p }));
+                    self.out.push(Output::Event(ReplicaEvent::PartitionDropped {
+                        partition: p,
+                    }));
                 }
             } else if let Some(&target) = targets.choose(&mut self.rng) {
                 let round = self.fresh_id();
-                self.send(target, Message::Versions { round, versions: vec![(p, own.clone())], reply: true });
+                self.send(
+                    target,
+                    Message::Versions {
+                        round,
+                        versions: vec![(p, own.clone())],
+                        reply: true,
+                    },
+                );
             }
         }
     }
 
     fn purge(&mut self) {
-        let Ok(versions) = self.store.partition_versions() else { return };
+        let Ok(versions) = self.store.partition_versions() else {
+            return;
+        };
         for (p, own) in versions.iter().enumerate() {
             let p = p as u16;
             if own.is_empty() || !self.layout.holds(self.id, p) || self.layout.in_transition() {
@@ -819,7 +982,10 @@ impl Replica {
             if let Ok(purged) = self.store.purge(p, &stable) {
                 if purged > 0 {
                     self.stats.tombstones_purged += purged as u64;
-                    self.out.push(Output::Event(ReplicaEvent::Purged { partition: p, tombstones: purged }));
+                    self.out.push(Output::Event(ReplicaEvent::Purged {
+                        partition: p,
+                        tombstones: purged,
+                    }));
                 }
             }
         }
@@ -830,9 +996,10 @@ impl Replica {
     fn absorb_membership(&mut self, outputs: Vec<MembershipOutput>) {
         for output in outputs {
             match output {
-                MembershipOutput::Send { to, payload } => {
-                    self.out.push(Output::Send { to, message: Message::Membership(payload) })
-                }
+                MembershipOutput::Send { to, payload } => self.out.push(Output::Send {
+                    to,
+                    message: Message::Membership(payload),
+                }),
                 MembershipOutput::Schedule { after, timer } => {
                     self.schedule(after, Timer::Membership(timer))
                 }
@@ -850,16 +1017,28 @@ impl Replica {
         }
     }
 
-    fn check_partition(&self, peer: NodeId, what: &'static str, partition: u16) -> Result<(), ReplicaError> {
+    fn check_partition(
+        &self,
+        peer: NodeId,
+        what: &'static str,
+        partition: u16,
+    ) -> Result<(), ReplicaError> {
         if partition >= self.store.partitions() {
-            return Err(ReplicaError::PartitionOutOfRange { peer, what, partition });
+            return Err(ReplicaError::PartitionOutOfRange {
+                peer,
+                what,
+                partition,
+            });
         }
         Ok(())
     }
 
     fn send(&mut self, to: NodeId, message: Message) {
         if let Some(member) = self.membership.member(to) {
-            self.out.push(Output::Send { to: member.addr, message });
+            self.out.push(Output::Send {
+                to: member.addr,
+                message,
+            });
         }
     }
 
