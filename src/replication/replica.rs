@@ -162,6 +162,7 @@ pub struct ReplicaStats {
 
 struct Inbound {
     next: u32,
+    last_chunk: Duration,
 }
 
 struct Migration {
@@ -180,8 +181,8 @@ pub struct Replica {
     rng: StdRng,
     now: Duration,
     next_id: u64,
-    /// Anti-entropy rounds this node opened: round -> peer.
-    rounds: HashMap<u64, NodeId>,
+    /// Anti-entropy rounds this node opened: round -> (peer, when).
+    rounds: HashMap<u64, (NodeId, Duration)>,
     /// Chunk streams being received, by (sender, stream).
     inbound: HashMap<(NodeId, u64), Inbound>,
     migrations: BTreeMap<u16, Migration>,
@@ -433,7 +434,7 @@ impl Replica {
             return;
         };
         let round = self.fresh_id();
-        self.rounds.insert(round, peer);
+        self.rounds.insert(round, (peer, self.now));
         self.stats.rounds_started += 1;
         let layout = self.layout.summary();
         self.send(
@@ -503,7 +504,7 @@ impl Replica {
     }
 
     fn on_in_sync(&mut self, from: NodeId, round: u64) -> Result<(), ReplicaError> {
-        if self.rounds.remove(&round) == Some(from) {
+        if self.rounds.remove(&round).map(|(peer, _)| peer) == Some(from) {
             self.stats.rounds_in_sync += 1;
             let versions = self.store.partition_versions()?;
             for p in self.shared_partitions(from) {
@@ -520,7 +521,7 @@ impl Replica {
         round: u64,
         hashes: Vec<(u16, u64)>,
     ) -> Result<(), ReplicaError> {
-        if self.rounds.remove(&round) != Some(from) {
+        if self.rounds.remove(&round).map(|(peer, _)| peer) != Some(from) {
             return Ok(()); // late or unsolicited
         }
         for &(p, _) in &hashes {
@@ -661,7 +662,13 @@ impl Replica {
         }
         match &chunk.complete {
             None => {
-                self.inbound.insert(key, Inbound { next: expected + 1 });
+                self.inbound.insert(
+                    key,
+                    Inbound {
+                        next: expected + 1,
+                        last_chunk: self.now,
+                    },
+                );
             }
             Some(source_version) => {
                 self.inbound.remove(&key);
@@ -763,6 +770,11 @@ impl Replica {
     // ---- maintenance: layout, migrations, hand-off ----
 
     fn maintenance(&mut self) {
+        // Forget rounds and streams whose answers were lost, so neither
+        // table grows with message loss.
+        let horizon = self.now.saturating_sub(self.config.migration_timeout);
+        self.rounds.retain(|_, (_, started)| *started >= horizon);
+        self.inbound.retain(|_, s| s.last_chunk >= horizon);
         let specs = self.desired_specs();
         if self.is_coordinator() && self.layout.propose(&specs) {
             self.layout_changed();
