@@ -135,3 +135,81 @@ proptest! {
         }
     }
 }
+
+mod replication_messages {
+    use super::*;
+    use gossipkv::replication::layout::NodeSpec;
+    use gossipkv::replication::layout_state::LayoutState;
+    use gossipkv::replication::membership::NodeMeta;
+    use gossipkv::replication::message::Message;
+    use gossipkv::replication::replica::{Replica, ReplicaConfig};
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    fn replica() -> Replica {
+        let options = StoreOptions::default().node_id(NodeId(1)).partitions(8);
+        let store = Arc::new(Store::open_in_memory(options).unwrap());
+        store.put(b"k", b"v", None).unwrap();
+        let specs: Vec<NodeSpec> = (1..=3).map(|i| NodeSpec::new(NodeId(i), 100)).collect();
+        let layout = LayoutState::bootstrap(8, 3, &specs);
+        let meta = NodeMeta {
+            capacity: 100,
+            zone: None,
+            load: Default::default(),
+        };
+        let addr = "127.0.0.1:7000".parse().unwrap();
+        Replica::new(store, addr, 1, meta, layout, ReplicaConfig::default(), 7)
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
+
+        /// Whatever a peer sends, the core answers with outputs or a typed
+        /// error, and keeps working.
+        #[test]
+        fn any_peer_message_is_handled_or_refused(bytes in proptest::collection::vec(any::<u8>(), 0..200)) {
+            let mut r = replica();
+            let _ = r.start(Duration::ZERO);
+            if let Ok(message) = postcard::from_bytes::<Message>(&bytes) {
+                let _ = r.handle_message(Duration::from_secs(1), NodeId(2), message);
+            }
+            // Still serves a well-formed message afterwards.
+            let digest = Message::Membership(vec![0; 4]);
+            let _ = r.handle_message(Duration::from_secs(2), NodeId(2), digest);
+            prop_assert!(r.store().get(b"k").unwrap().is_some());
+        }
+    }
+
+    #[test]
+    fn out_of_range_partitions_and_foreign_layouts_are_refused() {
+        let mut r = replica();
+        let chunk = ChangeChunk {
+            partition: 99,
+            entries: vec![],
+            complete: None,
+        };
+        let message = Message::Chunk {
+            stream: 1,
+            index: 0,
+            purpose: gossipkv::replication::message::StreamPurpose::Repair,
+            chunk,
+        };
+        let err = r
+            .handle_message(Duration::ZERO, NodeId(2), message)
+            .unwrap_err();
+        assert!(err.to_string().contains("partition 99"), "{err}");
+        let foreign = LayoutState::bootstrap(16, 3, &[NodeSpec::new(NodeId(2), 100)]);
+        let err = r
+            .handle_message(Duration::ZERO, NodeId(2), Message::Layout(foreign))
+            .unwrap_err();
+        assert!(err.to_string().contains("layout"), "{err}");
+        let err = r
+            .handle_message(
+                Duration::ZERO,
+                NodeId(2),
+                Message::Membership(b"garbage".to_vec()),
+            )
+            .unwrap_err();
+        assert!(err.to_string().contains("membership"), "{err}");
+    }
+}
