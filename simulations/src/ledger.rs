@@ -54,14 +54,21 @@ impl Ledger {
             .collect()
     }
 
+    /// A random up node among `among` that holds `key`.
+    fn pick_holder(sim: &mut Sim, key: &[u8], among: &[NodeId]) -> Option<NodeId> {
+        let holders = Self::holders(sim, key, among);
+        if holders.is_empty() {
+            return None;
+        }
+        Some(holders[rand::Rng::random_range(sim.rng(), 0..holders.len())])
+    }
+
     /// Writes a fresh value to `key` on a random holder among `among`.
     /// Returns false if no such node holds the key.
     pub fn put(&mut self, sim: &mut Sim, key: &[u8], among: &[NodeId]) -> bool {
-        let holders = Self::holders(sim, key, among);
-        if holders.is_empty() {
+        let Some(node) = Self::pick_holder(sim, key, among) else {
             return false;
-        }
-        let node = holders[rand::Rng::random_range(sim.rng(), 0..holders.len())];
+        };
         self.next_value += 1;
         let value = format!("v{}", self.next_value).into_bytes();
         let Some(store) = sim.store(node) else {
@@ -77,11 +84,9 @@ impl Ledger {
     /// Deletes `key` on a random holder among `among` (a causal tombstone:
     /// it removes what that holder has seen).
     pub fn delete(&mut self, sim: &mut Sim, key: &[u8], among: &[NodeId]) -> bool {
-        let holders = Self::holders(sim, key, among);
-        if holders.is_empty() {
+        let Some(node) = Self::pick_holder(sim, key, among) else {
             return false;
-        }
-        let node = holders[rand::Rng::random_range(sim.rng(), 0..holders.len())];
+        };
         let Some(store) = sim.store(node) else {
             return false;
         };
@@ -99,11 +104,9 @@ impl Ledger {
     pub fn put_many(&mut self, sim: &mut Sim, keys: &[Vec<u8>], among: &[NodeId]) -> u64 {
         let mut per_node: BTreeMap<NodeId, Vec<KeyValue>> = BTreeMap::new();
         for key in keys {
-            let holders = Self::holders(sim, key, among);
-            if holders.is_empty() {
+            let Some(node) = Self::pick_holder(sim, key, among) else {
                 continue;
-            }
-            let node = holders[rand::Rng::random_range(sim.rng(), 0..holders.len())];
+            };
             self.next_value += 1;
             let value = format!("v{}", self.next_value).into_bytes();
             per_node.entry(node).or_default().push((key.clone(), value));
@@ -145,11 +148,9 @@ impl Ledger {
 
     /// Adds to a counter on a random holder among `among`.
     pub fn add(&mut self, sim: &mut Sim, key: &[u8], amount: i64, among: &[NodeId]) -> bool {
-        let holders = Self::holders(sim, key, among);
-        if holders.is_empty() {
+        let Some(node) = Self::pick_holder(sim, key, among) else {
             return false;
-        }
-        let node = holders[rand::Rng::random_range(sim.rng(), 0..holders.len())];
+        };
         let Some(store) = sim.store(node) else {
             return false;
         };

@@ -123,7 +123,7 @@ fn settle(sim: &mut Sim, limit: Duration, what: &str) -> Result<Duration, Violat
         .ok_or_else(|| {
             fail(format!(
                 "{what}: replicas did not converge within {limit:?}: {}",
-                sim.divergence()
+                sim.divergence().unwrap_or_default()
             ))
         })
 }
@@ -372,41 +372,46 @@ fn loaded_cluster(params: &Params, n: usize) -> Result<(Sim, Ledger), Violation>
     Ok((sim, ledger))
 }
 
-/// Slots gained per node between two layouts.
-fn gains(before: &Layout, after: &Layout) -> std::collections::BTreeMap<NodeId, usize> {
-    let mut gained = std::collections::BTreeMap::new();
+fn current_layout(sim: &Sim) -> Result<Layout, Violation> {
+    sim.layout()
+        .map(|l| l.current().clone())
+        .ok_or_else(|| fail("no node is up to report a layout"))
+}
+
+/// The replica slots `node` gained between two layouts; a violation if any
+/// other node gained one.
+fn only_gainer(
+    before: &Layout,
+    after: &Layout,
+    node: NodeId,
+    what: &str,
+) -> Result<usize, Violation> {
+    let mut gained = std::collections::BTreeMap::<NodeId, usize>::new();
     for change in before.changes_to(after) {
         for n in change.gained {
             *gained.entry(n).or_default() += 1;
         }
     }
-    gained
+    if gained.keys().any(|&g| g != node) {
+        return Err(fail(format!(
+            "{what} moved partitions to nodes other than {node}: {gained:?}"
+        )));
+    }
+    Ok(gained.get(&node).copied().unwrap_or(0))
 }
 
 /// Five nodes hold the data; a sixth joins and receives only its share.
 fn join(params: &Params) -> Outcome {
     let n = params.nodes.unwrap_or(5);
     let (mut sim, ledger) = loaded_cluster(params, n)?;
-    let before = sim
-        .layout()
-        .map(|l| l.current().clone())
-        .ok_or_else(|| fail("no layout"))?;
+    let before = current_layout(&sim)?;
     let newcomer = NodeId(n as u64 + 1);
     let seed = sim.addr(NodeId(1));
     sim.add_joining_node(newcomer, default_meta(), seed);
     settle(&mut sim, Duration::from_secs(1800), "join")?;
     ledger.check(&sim).map_err(fail)?;
-    let after = sim
-        .layout()
-        .map(|l| l.current().clone())
-        .ok_or_else(|| fail("no layout"))?;
-    let gained = gains(&before, &after);
-    if gained.keys().any(|&g| g != newcomer) {
-        return Err(fail(format!(
-            "a join moved partitions to old nodes: {gained:?}"
-        )));
-    }
-    let moved = gained.get(&newcomer).copied().unwrap_or(0);
+    let after = current_layout(&sim)?;
+    let moved = only_gainer(&before, &after, newcomer, "a join")?;
     let specs: Vec<_> = after
         .nodes()
         .into_iter()
@@ -481,10 +486,7 @@ fn rejoin(params: &Params) -> Outcome {
 fn rebalance(params: &Params) -> Outcome {
     let n = params.nodes.unwrap_or(5);
     let (mut sim, ledger) = loaded_cluster(params, n)?;
-    let before = sim
-        .layout()
-        .map(|l| l.current().clone())
-        .ok_or_else(|| fail("no layout"))?;
+    let before = current_layout(&sim)?;
     let grown = NodeId(1);
     sim.set_capacity(grown, 200);
     sim.run_until_condition(ROUND, Duration::from_secs(120), |s| {
@@ -494,17 +496,8 @@ fn rebalance(params: &Params) -> Outcome {
     .ok_or_else(|| fail("the capacity change produced no new layout"))?;
     settle(&mut sim, Duration::from_secs(1800), "rebalance")?;
     ledger.check(&sim).map_err(fail)?;
-    let after = sim
-        .layout()
-        .map(|l| l.current().clone())
-        .ok_or_else(|| fail("no layout"))?;
-    let gained = gains(&before, &after);
-    if gained.keys().any(|&g| g != grown) {
-        return Err(fail(format!(
-            "a rebalance moved partitions away from the grown node's direction: {gained:?}"
-        )));
-    }
-    let moved = gained.get(&grown).copied().unwrap_or(0);
+    let after = current_layout(&sim)?;
+    let moved = only_gainer(&before, &after, grown, "a rebalance")?;
     if moved == 0 {
         return Err(fail("doubling a node's capacity moved nothing to it"));
     }

@@ -459,55 +459,16 @@ impl Sim {
 
     /// True when every up holder of every partition (in every up node's
     /// view, old and new replicas) has the same version vector, every up
-    /// node has the same layout, and no layout change is in progress.
+    /// node has the same layout, no layout change is in progress, and no
+    /// node keeps data of a partition it does not hold.
     pub fn converged(&self) -> bool {
-        let up = self.up_nodes();
-        let Some(first) = up.first().and_then(|&n| self.replica(n)) else {
-            return true;
-        };
-        let layout = first.layout();
-        if layout.in_transition() {
-            return false;
-        }
-        for &n in &up {
-            if self.replica(n).map(|r| r.layout()) != Some(layout) {
-                return false;
-            }
-        }
-        let versions: BTreeMap<NodeId, Vec<gossipkv::VersionVector>> = up
-            .iter()
-            .filter_map(|&n| Some((n, self.store(n)?.partition_versions().ok()?)))
-            .collect();
-        for p in 0..self.partitions {
-            let holders: Vec<NodeId> = layout
-                .holders(p)
-                .into_iter()
-                .filter(|n| up.contains(n))
-                .collect();
-            let mut it = holders
-                .iter()
-                .filter_map(|n| versions.get(n).map(|v| &v[usize::from(p)]));
-            if let Some(first) = it.next() {
-                if it.any(|v| v != first) {
-                    return false;
-                }
-            }
-            // Nodes that do not hold the partition must have handed it off.
-            for (n, v) in &versions {
-                if !holders.contains(n) && !v[usize::from(p)].is_empty() {
-                    return false;
-                }
-            }
-        }
-        true
+        self.divergence().is_none()
     }
 
-    /// Why the cluster has not converged, in one line (for failure reports).
-    pub fn divergence(&self) -> String {
+    /// Why the cluster has not converged, in one line; `None` once it has.
+    pub fn divergence(&self) -> Option<String> {
         let up = self.up_nodes();
-        let Some(first) = up.first().and_then(|&n| self.replica(n)) else {
-            return "no node up".into();
-        };
+        let first = up.first().and_then(|&n| self.replica(n))?;
         let layout = first.layout();
         if layout.in_transition() {
             let pending: Vec<String> = up
@@ -524,23 +485,23 @@ impl Sim {
                     format!("{n}:{:?} own {:?}", layout.pending_migrations(n), own)
                 })
                 .collect();
-            return format!(
+            return Some(format!(
                 "layout v{} still in transition from v{} (pending per node {})",
                 layout.current().version(),
                 layout.completed().version(),
                 pending.join(" ")
-            );
+            ));
         }
         for &n in &up {
             let other = self.replica(n).map(|r| r.layout());
             if other != Some(layout) {
                 let o = other.map(|l| (l.current().version(), l.completed().version()));
-                return format!(
+                return Some(format!(
                     "node {n} sees layout {o:?}, node {} sees ({}, {})",
                     up[0],
                     layout.current().version(),
                     layout.completed().version()
-                );
+                ));
             }
         }
         let versions: BTreeMap<NodeId, Vec<gossipkv::VersionVector>> = up
@@ -555,7 +516,9 @@ impl Sim {
                 .collect();
             for (n, v) in &versions {
                 if !holders.contains(n) && !v[usize::from(p)].is_empty() {
-                    return format!("node {n} still holds partition {p}, held by {holders:?}");
+                    return Some(format!(
+                        "node {n} still holds partition {p}, held by {holders:?}"
+                    ));
                 }
             }
             let vs: Vec<_> = holders
@@ -563,10 +526,10 @@ impl Sim {
                 .filter_map(|n| versions.get(n).map(|v| (n, &v[usize::from(p)])))
                 .collect();
             if vs.windows(2).any(|w| w[0].1 != w[1].1) {
-                return format!("partition {p} differs between holders {:?}", vs);
+                return Some(format!("partition {p} differs between holders {:?}", vs));
             }
         }
-        "converged".into()
+        None
     }
 
     /// The layout as the lowest up node sees it.
