@@ -11,12 +11,14 @@
 //! - [`store`]: the redb tables, the change index, sync primitives;
 //! - [`sync`]: reconciling two stores with those primitives.
 
+pub mod certs;
 pub mod crdt;
 mod error;
 
 pub mod replication;
 pub mod store;
 pub mod sync;
+pub mod transport;
 
 pub use crdt::{CausalContext, NodeId, Record, Value, ValueKind, VersionVector};
 pub use error::{Error, Result};
