@@ -12,8 +12,10 @@
 //! - [`sync`]: reconciling two stores with those primitives.
 
 pub mod certs;
+pub mod client;
 pub mod crdt;
 mod error;
+pub mod node;
 
 pub mod replication;
 pub mod store;

@@ -67,7 +67,7 @@ impl Default for ReplicaConfig {
         ReplicaConfig {
             anti_entropy_interval: Duration::from_secs(1),
             maintenance_interval: Duration::from_secs(1),
-            migration_parallelism: 4,
+            migration_parallelism: 8,
             migration_timeout: Duration::from_secs(10),
             purge_interval: Duration::from_secs(30),
             remove_down_after: Duration::from_secs(300),
@@ -918,6 +918,8 @@ impl Replica {
             if self.layout.mark_ready(partition, self.id) {
                 self.layout_changed();
             }
+            // Keep the pipeline full rather than waiting for maintenance.
+            self.drive_migrations();
         }
         Ok(())
     }

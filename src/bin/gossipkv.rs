@@ -1,0 +1,315 @@
+//! `gossipkv`: run a node, make certificates, or start a local dev cluster.
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+use gossipkv::certs;
+use gossipkv::node::config::{FileConfig, NodeConfig};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use tracing_subscriber::EnvFilter;
+
+#[derive(Parser)]
+#[command(
+    name = "gossipkv",
+    version,
+    about = "A gossip-replicated CRDT key-value store"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a node.
+    ///
+    /// Example: gossipkv serve --data-dir /var/lib/gossipkv --listen 127.0.0.1:7000 --tls-dir tls/node-1
+    Serve(ServeArgs),
+    /// Make a cluster CA and issue node and client certificates.
+    #[command(subcommand)]
+    Certs(CertsCommand),
+    /// Start an N-node cluster on loopback with fresh certificates, until Ctrl-C.
+    ///
+    /// Example: gossipkv dev --nodes 3
+    Dev(DevArgs),
+}
+
+#[derive(Args, Default)]
+struct ServeArgs {
+    /// TOML config file; flags override its values.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Node id, 1 to 16 hex digits (default: the store's, random when new).
+    #[arg(long)]
+    node_id: Option<String>,
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Address to listen on for peers and clients (default 127.0.0.1:7000).
+    #[arg(long)]
+    listen: Option<String>,
+    /// Addresses of nodes to join through, comma-separated.
+    #[arg(long, value_delimiter = ',')]
+    seeds: Vec<String>,
+    /// Directory with ca.pem, cert.pem and key.pem (from `gossipkv certs issue`).
+    #[arg(long)]
+    tls_dir: Option<PathBuf>,
+    /// No TLS authentication: experiments only.
+    #[arg(long)]
+    insecure: bool,
+    /// Capacity weight: a node with twice the capacity holds twice the data.
+    #[arg(long)]
+    capacity: Option<u32>,
+    #[arg(long)]
+    zone: Option<String>,
+    /// Replicas per partition (used when this node starts a new cluster).
+    #[arg(long)]
+    replicas: Option<u8>,
+    #[arg(long)]
+    metrics_listen: Option<String>,
+}
+
+#[derive(Subcommand)]
+enum CertsCommand {
+    /// Create a cluster CA in DIR.
+    Init {
+        #[arg(long)]
+        out: PathBuf,
+        /// A name for the cluster, shown in the CA certificate.
+        #[arg(long, default_value = "gossipkv")]
+        cluster: String,
+    },
+    /// Issue a node (or client) certificate signed by the CA in --ca.
+    Issue {
+        #[arg(long)]
+        ca: PathBuf,
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        out: PathBuf,
+        /// A client certificate (for kvctl and applications).
+        #[arg(long)]
+        client: bool,
+    },
+}
+
+#[derive(Args)]
+struct DevArgs {
+    /// Number of nodes.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u16).range(1..=64))]
+    nodes: u16,
+    /// Directory for certificates and data (default: a new one under the system temp dir).
+    #[arg(long)]
+    dir: Option<PathBuf>,
+}
+
+fn serve_config(args: ServeArgs) -> Result<NodeConfig> {
+    let mut file = match &args.config {
+        Some(path) => FileConfig::load(path)?,
+        None => FileConfig::default(),
+    };
+    if args.node_id.is_some() {
+        file.node_id = args.node_id;
+    }
+    if args.data_dir.is_some() {
+        file.data_dir = args.data_dir;
+    }
+    if args.listen.is_some() {
+        file.listen = args.listen;
+    }
+    if !args.seeds.is_empty() {
+        file.seeds = args.seeds;
+    }
+    if args.tls_dir.is_some() {
+        file.tls_dir = args.tls_dir;
+    }
+    if args.insecure {
+        file.insecure = true;
+    }
+    if args.capacity.is_some() {
+        file.capacity = args.capacity;
+    }
+    if args.zone.is_some() {
+        file.zone = args.zone;
+    }
+    if args.replicas.is_some() {
+        file.replicas = args.replicas;
+    }
+    if args.metrics_listen.is_some() {
+        file.metrics_listen = args.metrics_listen;
+    }
+    Ok(NodeConfig::from_file(file)?)
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(term) => term,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}
+
+fn free_port() -> Result<u16> {
+    let socket = std::net::UdpSocket::bind("127.0.0.1:0").context("finding a free port")?;
+    Ok(socket.local_addr()?.port())
+}
+
+async fn dev(args: DevArgs) -> Result<()> {
+    let dir = match args.dir {
+        Some(dir) => dir,
+        None => std::env::temp_dir().join(format!("gossipkv-dev-{}", std::process::id())),
+    };
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let ca = dir.join("ca");
+    if !ca.join(certs::CA_CERT).exists() {
+        certs::init_ca(&ca, "dev")?;
+    }
+    let client = dir.join("client");
+    if !client.join(certs::CERT).exists() {
+        certs::issue(&ca, "client", true, &client)?;
+    }
+    let exe = std::env::current_exe().context("locating the gossipkv binary")?;
+    let mut children = Vec::new();
+    let mut addrs: Vec<SocketAddr> = Vec::new();
+    for i in 1..=args.nodes {
+        let node_dir = dir.join(format!("node-{i}"));
+        let tls = node_dir.join("tls");
+        if !tls.join(certs::CERT).exists() {
+            certs::issue(&ca, &format!("node-{i}"), false, &tls)?;
+        }
+        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
+        let mut command = tokio::process::Command::new(&exe);
+        command
+            .arg("serve")
+            .arg("--node-id")
+            .arg(format!("{i:x}"))
+            .arg("--data-dir")
+            .arg(node_dir.join("data"))
+            .arg("--listen")
+            .arg(addr.to_string())
+            .arg("--tls-dir")
+            .arg(&tls)
+            .kill_on_drop(true);
+        if let Some(first) = addrs.first() {
+            command.arg("--seeds").arg(first.to_string());
+        }
+        children.push(command.spawn().context("starting a node")?);
+        addrs.push(addr);
+    }
+    println!(
+        "gossipkv dev cluster: {} nodes, certificates and data in {}",
+        args.nodes,
+        dir.display()
+    );
+    for (i, addr) in addrs.iter().enumerate() {
+        println!("  node-{} {addr}", i + 1);
+    }
+    println!(
+        "reach it with: --node {} --tls-dir {}",
+        addrs[0],
+        client.display()
+    );
+    println!("Ctrl-C stops the cluster");
+    let mut any_exit = Box::pin(futures_first_exit(&mut children));
+    tokio::select! {
+        () = shutdown_signal() => {}
+        status = &mut any_exit => eprintln!("a node exited ({status}); stopping the cluster"),
+    }
+    drop(any_exit);
+    for child in &mut children {
+        let _ = child.start_kill();
+    }
+    for child in &mut children {
+        let _ = child.wait().await;
+    }
+    Ok(())
+}
+
+/// Resolves when the first child process exits.
+async fn futures_first_exit(children: &mut [tokio::process::Child]) -> String {
+    loop {
+        for child in children.iter_mut() {
+            if let Ok(Some(status)) = child.try_wait() {
+                return status.to_string();
+            }
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+}
+
+fn certs_command(command: CertsCommand) -> Result<()> {
+    match command {
+        CertsCommand::Init { out, cluster } => {
+            certs::init_ca(&out, &cluster)?;
+            println!(
+                "cluster CA written to {} (keep {} off the nodes)",
+                out.display(),
+                certs::CA_KEY
+            );
+        }
+        CertsCommand::Issue {
+            ca,
+            name,
+            out,
+            client,
+        } => {
+            certs::issue(&ca, &name, client, &out)?;
+            let kind = if client { "client" } else { "node" };
+            println!(
+                "{kind} certificate {name} written to {}; use it with --tls-dir {}",
+                out.display(),
+                out.display()
+            );
+        }
+    }
+    Ok(())
+}
+
+fn check_dir(path: &Path) -> Result<()> {
+    if path.exists() && !path.is_dir() {
+        bail!("{} is not a directory", path.display());
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let result = match cli.command {
+        Command::Certs(command) => certs_command(command),
+        Command::Serve(args) => serve_config(args).and_then(|config| {
+            check_dir(&config.data_dir)?;
+            let runtime = tokio::runtime::Runtime::new()?;
+            runtime.block_on(gossipkv::node::run(config, shutdown_signal()))?;
+            Ok(())
+        }),
+        Command::Dev(args) => tokio::runtime::Runtime::new()
+            .map_err(Into::into)
+            .and_then(|rt| rt.block_on(dev(args))),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,236 @@
+//! The client protocol and a small Rust client.
+//!
+//! One request per QUIC bidirectional stream on the client ALPN: the client
+//! writes a [`Request`] frame and finishes its side; the node answers with
+//! one [`Response`] frame. Any node takes any request.
+
+use crate::certs::SERVER_NAME;
+use crate::crdt::{CausalContext, Value};
+use crate::transport::tls::{client_config, TlsIdentity};
+use crate::transport::{frame, ALPN_CLIENT};
+use serde::{Deserialize, Serialize};
+use std::net::SocketAddr;
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Request {
+    Get {
+        key: Vec<u8>,
+    },
+    /// `context` is a causal context token's bytes.
+    Put {
+        key: Vec<u8>,
+        value: Vec<u8>,
+        context: Option<Vec<u8>>,
+    },
+    PutLww {
+        key: Vec<u8>,
+        value: Vec<u8>,
+    },
+    Delete {
+        key: Vec<u8>,
+        context: Option<Vec<u8>>,
+    },
+    CounterAdd {
+        key: Vec<u8>,
+        amount: i64,
+    },
+    CounterGet {
+        key: Vec<u8>,
+    },
+    SetAdd {
+        key: Vec<u8>,
+        member: Vec<u8>,
+    },
+    SetRemove {
+        key: Vec<u8>,
+        member: Vec<u8>,
+    },
+    SetMembers {
+        key: Vec<u8>,
+    },
+    Status,
+}
+
+/// A read as it travels.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WireRecord {
+    pub value: Value,
+    /// Causal context token bytes.
+    pub context: Vec<u8>,
+    pub other_kinds: Vec<Value>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeStatus {
+    pub node_id: String,
+    pub members_alive: usize,
+    pub members_total: usize,
+    pub layout_version: u64,
+    pub layout_completed: u64,
+    pub partitions_held: usize,
+    pub migrations_in_flight: usize,
+    pub anti_entropy_rounds: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Response {
+    Record(Option<WireRecord>),
+    Context(Vec<u8>),
+    Counter(i64),
+    Members(Vec<Vec<u8>>),
+    Status(NodeStatus),
+    /// The request failed; the text says why.
+    Error(String),
+}
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ClientError {
+    #[error("cannot reach {addr}: {reason}")]
+    Connect { addr: SocketAddr, reason: String },
+    #[error("request to {addr} failed: {reason}")]
+    Request { addr: SocketAddr, reason: String },
+    #[error("{0}")]
+    Node(String),
+    #[error("the node sent an unexpected response: {0:?}")]
+    Unexpected(Box<Response>),
+    #[error("TLS: {0}")]
+    Tls(#[from] crate::transport::tls::TlsError),
+    #[error("bad causal context token: {0}")]
+    Token(#[from] crate::crdt::TokenError),
+}
+
+/// A connection to one node.
+pub struct Client {
+    addr: SocketAddr,
+    connection: quinn::Connection,
+    _endpoint: quinn::Endpoint,
+}
+
+impl Client {
+    /// Connects with a client certificate (`tls`), or insecurely with `None`.
+    pub async fn connect(
+        addr: SocketAddr,
+        tls: Option<&TlsIdentity>,
+    ) -> Result<Client, ClientError> {
+        let connect_err = |reason: String| ClientError::Connect { addr, reason };
+        let bind: SocketAddr = if addr.is_ipv6() {
+            "[::1]:0"
+        } else {
+            "127.0.0.1:0"
+        }
+        .parse()
+        .map_err(|e: std::net::AddrParseError| connect_err(e.to_string()))?;
+        let bind = if addr.ip().is_loopback() {
+            bind
+        } else {
+            SocketAddr::new(std::net::Ipv4Addr::UNSPECIFIED.into(), 0)
+        };
+        let mut endpoint = quinn::Endpoint::client(bind).map_err(|e| connect_err(e.to_string()))?;
+        endpoint.set_default_client_config(client_config(tls, ALPN_CLIENT)?);
+        let connection = endpoint
+            .connect(addr, SERVER_NAME)
+            .map_err(|e| connect_err(e.to_string()))?
+            .await
+            .map_err(|e| connect_err(e.to_string()))?;
+        Ok(Client {
+            addr,
+            connection,
+            _endpoint: endpoint,
+        })
+    }
+
+    pub async fn request(&self, request: &Request) -> Result<Response, ClientError> {
+        let fail = |reason: String| ClientError::Request {
+            addr: self.addr,
+            reason,
+        };
+        let (mut send, mut recv) = self
+            .connection
+            .open_bi()
+            .await
+            .map_err(|e| fail(e.to_string()))?;
+        frame::write(&mut send, request)
+            .await
+            .map_err(|e| fail(e.to_string()))?;
+        send.finish().map_err(|e| fail(e.to_string()))?;
+        match frame::read::<Response, _>(&mut recv)
+            .await
+            .map_err(|e| fail(e.to_string()))?
+        {
+            Some(Response::Error(message)) => Err(ClientError::Node(message)),
+            Some(response) => Ok(response),
+            None => Err(fail("the node closed the stream without answering".into())),
+        }
+    }
+
+    pub async fn get(&self, key: &[u8]) -> Result<Option<WireRecord>, ClientError> {
+        match self.request(&Request::Get { key: key.to_vec() }).await? {
+            Response::Record(record) => Ok(record),
+            other => Err(ClientError::Unexpected(Box::new(other))),
+        }
+    }
+
+    pub async fn put(
+        &self,
+        key: &[u8],
+        value: &[u8],
+        context: Option<&CausalContext>,
+    ) -> Result<CausalContext, ClientError> {
+        let request = Request::Put {
+            key: key.to_vec(),
+            value: value.to_vec(),
+            context: context.map(CausalContext::to_bytes),
+        };
+        self.context_of(request).await
+    }
+
+    pub async fn delete(
+        &self,
+        key: &[u8],
+        context: Option<&CausalContext>,
+    ) -> Result<CausalContext, ClientError> {
+        let request = Request::Delete {
+            key: key.to_vec(),
+            context: context.map(CausalContext::to_bytes),
+        };
+        self.context_of(request).await
+    }
+
+    pub async fn counter_add(&self, key: &[u8], amount: i64) -> Result<i64, ClientError> {
+        match self
+            .request(&Request::CounterAdd {
+                key: key.to_vec(),
+                amount,
+            })
+            .await?
+        {
+            Response::Counter(n) => Ok(n),
+            other => Err(ClientError::Unexpected(Box::new(other))),
+        }
+    }
+
+    pub async fn counter(&self, key: &[u8]) -> Result<i64, ClientError> {
+        match self
+            .request(&Request::CounterGet { key: key.to_vec() })
+            .await?
+        {
+            Response::Counter(n) => Ok(n),
+            other => Err(ClientError::Unexpected(Box::new(other))),
+        }
+    }
+
+    pub async fn status(&self) -> Result<NodeStatus, ClientError> {
+        match self.request(&Request::Status).await? {
+            Response::Status(status) => Ok(status),
+            other => Err(ClientError::Unexpected(Box::new(other))),
+        }
+    }
+
+    async fn context_of(&self, request: Request) -> Result<CausalContext, ClientError> {
+        match self.request(&request).await? {
+            Response::Context(bytes) => Ok(CausalContext::from_bytes(&bytes)?),
+            other => Err(ClientError::Unexpected(Box::new(other))),
+        }
+    }
+}

@@ -1,0 +1,237 @@
+//! Node configuration: a TOML file, then command-line flags over it.
+//!
+//! ```toml
+//! node_id = "00000000000000a1"   # 16 hex digits; default: the store's own
+//! data_dir = "/var/lib/gossipkv"
+//! listen = "127.0.0.1:7000"
+//! seeds = ["127.0.0.1:7001"]
+//! tls_dir = "/etc/gossipkv/tls"  # or insecure = true, for experiments
+//! capacity = 100
+//! zone = "rack-1"
+//! replicas = 3
+//! metrics_listen = "127.0.0.1:9100"
+//! ```
+
+use crate::crdt::NodeId;
+use serde::Deserialize;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    #[error("cannot read config file {}: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("config file {}: {message}", path.display())]
+    Parse { path: PathBuf, message: String },
+    #[error("invalid {field}: {reason}")]
+    Invalid { field: &'static str, reason: String },
+    #[error("missing {field}: give it in the config file or as --{flag}")]
+    Missing {
+        field: &'static str,
+        flag: &'static str,
+    },
+}
+
+/// The file's fields, all optional so that flags can supply them.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    pub node_id: Option<String>,
+    pub data_dir: Option<PathBuf>,
+    pub listen: Option<String>,
+    #[serde(default)]
+    pub seeds: Vec<String>,
+    pub tls_dir: Option<PathBuf>,
+    #[serde(default)]
+    pub insecure: bool,
+    pub capacity: Option<u32>,
+    pub zone: Option<String>,
+    pub replicas: Option<u8>,
+    pub metrics_listen: Option<String>,
+}
+
+impl FileConfig {
+    pub fn load(path: &Path) -> Result<FileConfig, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::parse(&text, path)
+    }
+
+    pub fn parse(text: &str, path: &Path) -> Result<FileConfig, ConfigError> {
+        toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_path_buf(),
+            // toml's message spans lines; keep it to one.
+            message: e
+                .to_string()
+                .split_whitespace()
+                .collect::<Vec<_>>()
+                .join(" "),
+        })
+    }
+}
+
+/// Security of the transport.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Security {
+    /// Mutual TLS with certificates from this directory.
+    Tls(PathBuf),
+    /// No authentication. Only when asked for by name.
+    Insecure,
+}
+
+/// A validated node configuration.
+#[derive(Clone, Debug)]
+pub struct NodeConfig {
+    pub node_id: Option<NodeId>,
+    pub data_dir: PathBuf,
+    pub listen: SocketAddr,
+    pub seeds: Vec<SocketAddr>,
+    pub security: Security,
+    pub capacity: u32,
+    pub zone: Option<String>,
+    pub replicas: u8,
+    pub metrics_listen: Option<SocketAddr>,
+}
+
+fn addr(field: &'static str, text: &str) -> Result<SocketAddr, ConfigError> {
+    text.parse().map_err(|_| ConfigError::Invalid {
+        field,
+        reason: format!("{text:?} is not an address like 127.0.0.1:7000"),
+    })
+}
+
+impl NodeConfig {
+    /// Validates merged settings (flags already applied over the file).
+    pub fn from_file(file: FileConfig) -> Result<NodeConfig, ConfigError> {
+        let node_id = file
+            .node_id
+            .map(|s| {
+                s.parse::<NodeId>().map_err(|_| ConfigError::Invalid {
+                    field: "node_id",
+                    reason: format!("{s:?} is not 1 to 16 hex digits"),
+                })
+            })
+            .transpose()?;
+        let data_dir = file.data_dir.ok_or(ConfigError::Missing {
+            field: "data_dir",
+            flag: "data-dir",
+        })?;
+        let listen = addr("listen", file.listen.as_deref().unwrap_or("127.0.0.1:7000"))?;
+        let seeds = file
+            .seeds
+            .iter()
+            .map(|s| addr("seeds", s))
+            .collect::<Result<Vec<_>, _>>()?;
+        let security = match (file.tls_dir, file.insecure) {
+            (Some(_), true) => {
+                return Err(ConfigError::Invalid {
+                    field: "insecure",
+                    reason: "give either tls_dir or insecure, not both".into(),
+                })
+            }
+            (Some(dir), false) => Security::Tls(dir),
+            (None, true) => Security::Insecure,
+            (None, false) => {
+                return Err(ConfigError::Missing {
+                    field: "tls_dir (or insecure = true, for experiments only)",
+                    flag: "tls-dir",
+                })
+            }
+        };
+        let capacity = file.capacity.unwrap_or(100);
+        if capacity == 0 {
+            return Err(ConfigError::Invalid {
+                field: "capacity",
+                reason: "must be at least 1 (decommission a node with a leave instead)".into(),
+            });
+        }
+        if let Some(zone) = &file.zone {
+            if zone.is_empty() || zone.len() > 64 {
+                return Err(ConfigError::Invalid {
+                    field: "zone",
+                    reason: "must be 1 to 64 bytes".into(),
+                });
+            }
+        }
+        let replicas = file.replicas.unwrap_or(3);
+        if replicas == 0 {
+            return Err(ConfigError::Invalid {
+                field: "replicas",
+                reason: "must be at least 1".into(),
+            });
+        }
+        let metrics_listen = file
+            .metrics_listen
+            .as_deref()
+            .map(|s| addr("metrics_listen", s))
+            .transpose()?;
+        Ok(NodeConfig {
+            node_id,
+            data_dir,
+            listen,
+            seeds,
+            security,
+            capacity,
+            zone: file.zone,
+            replicas,
+            metrics_listen,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<NodeConfig, ConfigError> {
+        NodeConfig::from_file(FileConfig::parse(text, Path::new("test.toml"))?)
+    }
+
+    #[test]
+    fn a_bad_value_names_its_field() {
+        let cases = [
+            (
+                "data_dir = \"d\"\ninsecure = true\nlisten = \"nope\"",
+                "listen",
+            ),
+            (
+                "data_dir = \"d\"\ninsecure = true\nnode_id = \"xyz\"",
+                "node_id",
+            ),
+            (
+                "data_dir = \"d\"\ninsecure = true\ncapacity = 0",
+                "capacity",
+            ),
+            (
+                "data_dir = \"d\"\ninsecure = true\nreplicas = 0",
+                "replicas",
+            ),
+            ("data_dir = \"d\"", "tls_dir"),
+            ("insecure = true", "data_dir"),
+            (
+                "data_dir = \"d\"\ninsecure = true\ntls_dir = \"t\"",
+                "insecure",
+            ),
+            (
+                "data_dir = \"d\"\ninsecure = true\nseeds = [\"x\"]",
+                "seeds",
+            ),
+            ("data_dir = \"d\"\ninsecure = true\ncolour = 1", "colour"),
+        ];
+        for (text, field) in cases {
+            let err = parse(text).unwrap_err().to_string();
+            assert!(err.contains(field), "{text:?} gave {err:?}");
+            assert!(!err.contains('\n'), "multi-line error {err:?}");
+        }
+        let ok = parse("data_dir = \"d\"\ntls_dir = \"t\"\nseeds = [\"127.0.0.1:1\"]").unwrap();
+        assert_eq!(ok.security, Security::Tls("t".into()));
+        assert_eq!(ok.seeds.len(), 1);
+    }
+}

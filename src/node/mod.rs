@@ -1,0 +1,535 @@
+//! The gossipkv node: a tokio runtime that owns the store, drives the
+//! replication core over QUIC, and serves clients.
+//!
+//! One task (the core loop) owns the [`Replica`]: it takes peer messages and
+//! client requests from a channel, fires due timers, and hands the core's
+//! outputs to the transport. Connection tasks only read frames and forward
+//! them. Each peer gets one outgoing connection with one ordered stream, fed
+//! by a bounded queue: when a peer is slow or away its queue fills and
+//! further messages to it are dropped, which the core tolerates (it retries
+//! rounds and migrations).
+//!
+//! Client requests are served from the local store by whichever node
+//! receives them (W = 1, R = 1: a write is acknowledged once durable on that
+//! node); anti-entropy and hand-off carry it to the key's replicas.
+
+pub mod config;
+
+use crate::client::{NodeStatus, Request, Response, WireRecord};
+use crate::crdt::{CausalContext, NodeId};
+use crate::replication::layout::NodeSpec;
+use crate::replication::layout_state::LayoutState;
+use crate::replication::membership::{MembershipConfig, NodeMeta};
+use crate::replication::message::Message;
+use crate::replication::replica::{Output, Replica, ReplicaConfig, ReplicaEvent, Timer};
+use crate::store::{Store, StoreOptions};
+use crate::transport::tls::{client_config, server_config, TlsIdentity};
+use crate::transport::{frame, ALPN_ADMIN, ALPN_CLIENT, ALPN_PEER};
+use config::{NodeConfig, Security};
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, HashMap};
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
+use tracing::{debug, info, warn};
+
+const LAYOUT_FILE: &str = "layout.bin";
+const INCARNATION_FILE: &str = "incarnation";
+const STORE_FILE: &str = "store.redb";
+/// Frames queued per peer before further ones are dropped.
+const PEER_QUEUE: usize = 1024;
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum NodeError {
+    #[error("store: {0}")]
+    Store(#[from] crate::Error),
+    #[error("TLS: {0}")]
+    Tls(#[from] crate::transport::tls::TlsError),
+    #[error("cannot {action} {}: {source}", path.display())]
+    File {
+        action: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{} is damaged: {reason}", path.display())]
+    Damaged { path: PathBuf, reason: String },
+}
+
+/// What a peer stream carries: the sender's id and one core message.
+#[derive(Debug, Serialize, Deserialize)]
+struct Envelope {
+    from: NodeId,
+    message: Message,
+}
+
+enum CoreInput {
+    Peer {
+        from: NodeId,
+        message: Message,
+    },
+    Client {
+        request: Request,
+        reply: oneshot::Sender<Response>,
+    },
+}
+
+fn file_err<'a>(
+    action: &'static str,
+    path: &'a Path,
+) -> impl FnOnce(std::io::Error) -> NodeError + 'a {
+    move |source| NodeError::File {
+        action,
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// A restart must use a higher incarnation than the last run, or peers
+/// that saw this node go down would not take it back.
+fn next_incarnation(dir: &Path) -> Result<u32, NodeError> {
+    let path = dir.join(INCARNATION_FILE);
+    let last = match std::fs::read_to_string(&path) {
+        Ok(text) => text.trim().parse::<u32>().map_err(|e| NodeError::Damaged {
+            path: path.clone(),
+            reason: e.to_string(),
+        })?,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => 0,
+        Err(e) => return Err(file_err("read", &path)(e)),
+    };
+    let next = last.saturating_add(1);
+    std::fs::write(&path, next.to_string()).map_err(file_err("write", &path))?;
+    Ok(next)
+}
+
+fn load_layout(dir: &Path, partitions: u16) -> Result<Option<LayoutState>, NodeError> {
+    let path = dir.join(LAYOUT_FILE);
+    let bytes = match std::fs::read(&path) {
+        Ok(bytes) => bytes,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(file_err("read", &path)(e)),
+    };
+    let state: LayoutState = postcard::from_bytes(&bytes).map_err(|e| NodeError::Damaged {
+        path: path.clone(),
+        reason: e.to_string(),
+    })?;
+    state.validate(partitions).map_err(|e| NodeError::Damaged {
+        path,
+        reason: e.to_string(),
+    })?;
+    Ok(Some(state))
+}
+
+fn save_layout(dir: &Path, state: &LayoutState) {
+    let path = dir.join(LAYOUT_FILE);
+    let tmp = dir.join("layout.bin.tmp");
+    let Ok(bytes) = postcard::to_allocvec(state) else {
+        return;
+    };
+    // Write then rename, so a crash leaves the old layout or the new one.
+    if let Err(e) = std::fs::write(&tmp, bytes).and_then(|()| std::fs::rename(&tmp, &path)) {
+        warn!("cannot save layout to {}: {e}", path.display());
+    }
+}
+
+/// Runs a node until `shutdown` completes.
+pub async fn run(config: NodeConfig, shutdown: impl Future<Output = ()>) -> Result<(), NodeError> {
+    std::fs::create_dir_all(&config.data_dir).map_err(file_err("create", &config.data_dir))?;
+    let options = StoreOptions {
+        node_id: config.node_id,
+        ..StoreOptions::default()
+    };
+    let store = Arc::new(Store::open(config.data_dir.join(STORE_FILE), options)?);
+    let id = store.node_id();
+    let incarnation = next_incarnation(&config.data_dir)?;
+    let identity = match &config.security {
+        Security::Tls(dir) => Some(TlsIdentity::load(dir)?),
+        Security::Insecure => {
+            warn!("INSECURE MODE: peers and clients are not authenticated and traffic is readable by anyone on the path; never use this outside experiments");
+            None
+        }
+    };
+    let meta = NodeMeta {
+        capacity: config.capacity,
+        zone: config.zone.clone(),
+        load: Default::default(),
+    };
+    let partitions = store.partitions();
+    let layout = match load_layout(&config.data_dir, partitions)? {
+        Some(layout) => layout,
+        None if config.seeds.is_empty() => {
+            info!("no seeds and no saved layout: starting a new cluster");
+            let me = NodeSpec {
+                id,
+                capacity: config.capacity,
+                zone: config.zone.clone(),
+            };
+            LayoutState::bootstrap(partitions, config.replicas, &[me])
+        }
+        None => LayoutState::new(partitions, config.replicas),
+    };
+    save_layout(&config.data_dir, &layout);
+
+    let server = server_config(identity.as_ref(), &[ALPN_PEER, ALPN_CLIENT, ALPN_ADMIN])?;
+    let endpoint =
+        quinn::Endpoint::server(server, config.listen).map_err(|source| NodeError::Listen {
+            addr: config.listen,
+            source,
+        })?;
+    let peer_client = client_config(identity.as_ref(), ALPN_PEER)?;
+    info!(node = %id, listen = %config.listen, incarnation, "node up");
+
+    let replica_config = ReplicaConfig {
+        membership: MembershipConfig::lan(16),
+        ..ReplicaConfig::default()
+    };
+    let seed = u64::from(incarnation) ^ id.0 ^ u64::from(std::process::id());
+    let replica = Replica::new(
+        store.clone(),
+        config.listen,
+        incarnation,
+        meta,
+        layout,
+        replica_config,
+        seed,
+    );
+
+    let (core_tx, core_rx) = mpsc::channel(4096);
+    let accept = tokio::spawn(accept_loop(endpoint.clone(), core_tx.clone()));
+    let core = Core {
+        replica,
+        id,
+        started: Instant::now(),
+        timers: BTreeMap::new(),
+        next_timer: 0,
+        peers: Peers {
+            endpoint: endpoint.clone(),
+            config: peer_client,
+            queues: HashMap::new(),
+        },
+        data_dir: config.data_dir.clone(),
+    };
+    core.run(core_rx, &config.seeds, shutdown).await;
+    accept.abort();
+    endpoint.close(0u32.into(), b"shutting down");
+    endpoint.wait_idle().await;
+    info!(node = %id, "node stopped");
+    Ok(())
+}
+
+struct Peers {
+    endpoint: quinn::Endpoint,
+    config: quinn::ClientConfig,
+    queues: HashMap<SocketAddr, mpsc::Sender<Vec<u8>>>,
+}
+
+impl Peers {
+    fn send(&mut self, to: SocketAddr, frame: Vec<u8>) {
+        let Some(queue) = self.queues.get(&to) else {
+            self.spawn_writer(to, frame);
+            return;
+        };
+        match queue.try_send(frame) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                debug!(peer = %to, "peer queue full: message dropped");
+            }
+            Err(mpsc::error::TrySendError::Closed(frame)) => {
+                self.queues.remove(&to);
+                self.spawn_writer(to, frame);
+            }
+        }
+    }
+
+    fn spawn_writer(&mut self, to: SocketAddr, first: Vec<u8>) {
+        let (tx, mut rx) = mpsc::channel::<Vec<u8>>(PEER_QUEUE);
+        let _ = tx.try_send(first);
+        self.queues.insert(to, tx);
+        let endpoint = self.endpoint.clone();
+        let config = self.config.clone();
+        tokio::spawn(async move {
+            let result: Result<(), String> = async {
+                let connecting = endpoint
+                    .connect_with(config, to, crate::certs::SERVER_NAME)
+                    .map_err(|e| e.to_string())?;
+                let connection = connecting.await.map_err(|e| e.to_string())?;
+                let mut stream = connection.open_uni().await.map_err(|e| e.to_string())?;
+                while let Some(frame) = rx.recv().await {
+                    stream.write_all(&frame).await.map_err(|e| e.to_string())?;
+                }
+                Ok(())
+            }
+            .await;
+            if let Err(e) = result {
+                debug!(peer = %to, "peer stream ended: {e}");
+            }
+        });
+    }
+}
+
+struct Core {
+    replica: Replica,
+    id: NodeId,
+    started: Instant,
+    timers: BTreeMap<(Instant, u64), Timer>,
+    next_timer: u64,
+    peers: Peers,
+    data_dir: PathBuf,
+}
+
+impl Core {
+    fn now(&self) -> Duration {
+        self.started.elapsed()
+    }
+
+    async fn run(
+        mut self,
+        mut rx: mpsc::Receiver<CoreInput>,
+        seeds: &[SocketAddr],
+        shutdown: impl Future<Output = ()>,
+    ) {
+        let outputs = self.replica.start(self.now());
+        self.carry_out(outputs);
+        for &seed in seeds {
+            let outputs = self.replica.join(self.now(), seed);
+            self.carry_out(outputs);
+        }
+        tokio::pin!(shutdown);
+        loop {
+            let next = self.timers.keys().next().map(|(at, _)| *at);
+            let sleep = tokio::time::sleep_until(
+                next.unwrap_or_else(|| Instant::now() + Duration::from_secs(3600)),
+            );
+            tokio::select! {
+                () = &mut shutdown => break,
+                input = rx.recv() => match input {
+                    Some(CoreInput::Peer { from, message }) => {
+                        match self.replica.handle_message(self.now(), from, message) {
+                            Ok(outputs) => self.carry_out(outputs),
+                            Err(e) => warn!(peer = %from, "refused a peer message: {e}"),
+                        }
+                    }
+                    Some(CoreInput::Client { request, reply }) => {
+                        let response = self.serve(request);
+                        let _ = reply.send(response);
+                    }
+                    None => break,
+                },
+                () = sleep => {
+                    let now = Instant::now();
+                    while let Some(entry) = self.timers.first_entry() {
+                        if entry.key().0 > now {
+                            break;
+                        }
+                        let timer = entry.remove();
+                        let outputs = self.replica.handle_timer(self.now(), timer);
+                        self.carry_out(outputs);
+                    }
+                }
+            }
+        }
+        // A graceful stop: peers see this node leave the membership, not fail.
+        let outputs = self.replica.leave(self.now());
+        self.carry_out(outputs);
+    }
+
+    fn carry_out(&mut self, outputs: Vec<Output>) {
+        for output in outputs {
+            match output {
+                Output::Send { to, message } => match frame::encode(&Envelope {
+                    from: self.id,
+                    message,
+                }) {
+                    Ok(frame) => self.peers.send(to, frame),
+                    Err(e) => warn!("cannot encode a message to {to}: {e}"),
+                },
+                Output::Schedule { after, timer } => {
+                    self.next_timer += 1;
+                    self.timers
+                        .insert((Instant::now() + after, self.next_timer), timer);
+                }
+                Output::Event(event) => match event {
+                    ReplicaEvent::LayoutChanged { version, completed } => {
+                        save_layout(&self.data_dir, self.replica.layout());
+                        debug!(node = %self.id, version, completed, "layout changed");
+                    }
+                    ReplicaEvent::Membership(_)
+                    | ReplicaEvent::SafeToStop
+                    | ReplicaEvent::Purged { .. } => {
+                        info!(node = %self.id, "{event:?}")
+                    }
+                    _ => debug!(node = %self.id, "{event:?}"),
+                },
+            }
+        }
+    }
+
+    fn serve(&mut self, request: Request) -> Response {
+        let store = self.replica.store().clone();
+        let context =
+            |bytes: Option<Vec<u8>>| bytes.map(|b| CausalContext::from_bytes(&b)).transpose();
+        let result: Result<Response, String> = (|| match request {
+            Request::Get { key } => {
+                let record = store.get(&key).map_err(|e| e.to_string())?;
+                Ok(Response::Record(record.map(|r| WireRecord {
+                    value: r.value,
+                    context: r.context.to_bytes(),
+                    other_kinds: r.other_kinds,
+                })))
+            }
+            Request::Put {
+                key,
+                value,
+                context: ctx,
+            } => {
+                let ctx = context(ctx).map_err(|e| format!("bad causal context token: {e}"))?;
+                store
+                    .put(&key, &value, ctx.as_ref())
+                    .map(|c| Response::Context(c.to_bytes()))
+                    .map_err(|e| e.to_string())
+            }
+            Request::PutLww { key, value } => store
+                .put_lww(&key, &value)
+                .map(|c| Response::Context(c.to_bytes()))
+                .map_err(|e| e.to_string()),
+            Request::Delete { key, context: ctx } => {
+                let ctx = context(ctx).map_err(|e| format!("bad causal context token: {e}"))?;
+                store
+                    .delete(&key, ctx.as_ref())
+                    .map(|c| Response::Context(c.to_bytes()))
+                    .map_err(|e| e.to_string())
+            }
+            Request::CounterAdd { key, amount } => store
+                .counter_add(&key, amount)
+                .map(Response::Counter)
+                .map_err(|e| e.to_string()),
+            Request::CounterGet { key } => store
+                .counter(&key)
+                .map(Response::Counter)
+                .map_err(|e| e.to_string()),
+            Request::SetAdd { key, member } => store
+                .set_add(&key, &member)
+                .map(|c| Response::Context(c.to_bytes()))
+                .map_err(|e| e.to_string()),
+            Request::SetRemove { key, member } => store
+                .set_remove(&key, &member)
+                .map(|c| Response::Context(c.to_bytes()))
+                .map_err(|e| e.to_string()),
+            Request::SetMembers { key } => store
+                .set_members(&key)
+                .map(Response::Members)
+                .map_err(|e| e.to_string()),
+            Request::Status => Ok(Response::Status(self.status())),
+        })();
+        result.unwrap_or_else(Response::Error)
+    }
+
+    fn status(&self) -> NodeStatus {
+        let layout = self.replica.layout();
+        let members = self.replica.membership().members();
+        NodeStatus {
+            node_id: self.id.to_string(),
+            members_alive: self.replica.membership().alive().len() + 1,
+            members_total: members.len() + 1,
+            layout_version: layout.current().version(),
+            layout_completed: layout.completed().version(),
+            partitions_held: (0..layout.current().partitions())
+                .filter(|&p| layout.holds(self.id, p))
+                .count(),
+            migrations_in_flight: self.replica.migrating().len(),
+            anti_entropy_rounds: self.replica.stats().rounds_started,
+        }
+    }
+}
+
+async fn accept_loop(endpoint: quinn::Endpoint, core: mpsc::Sender<CoreInput>) {
+    while let Some(incoming) = endpoint.accept().await {
+        let core = core.clone();
+        tokio::spawn(async move {
+            let remote = incoming.remote_address();
+            let connection = match incoming.await {
+                Ok(connection) => connection,
+                Err(e) => {
+                    warn!(%remote, "refused a connection: {e}");
+                    return;
+                }
+            };
+            let alpn = connection
+                .handshake_data()
+                .and_then(|d| d.downcast::<quinn::crypto::rustls::HandshakeData>().ok())
+                .and_then(|d| d.protocol);
+            match alpn.as_deref() {
+                Some(ALPN_PEER) => serve_peer(connection, core).await,
+                Some(ALPN_CLIENT) | Some(ALPN_ADMIN) => serve_client(connection, core).await,
+                _ => connection.close(1u32.into(), b"unknown protocol"),
+            }
+        });
+    }
+}
+
+async fn serve_peer(connection: quinn::Connection, core: mpsc::Sender<CoreInput>) {
+    let remote = connection.remote_address();
+    while let Ok(mut stream) = connection.accept_uni().await {
+        let core = core.clone();
+        tokio::spawn(async move {
+            loop {
+                match frame::read::<Envelope, _>(&mut stream).await {
+                    Ok(Some(Envelope { from, message })) => {
+                        if core.send(CoreInput::Peer { from, message }).await.is_err() {
+                            return;
+                        }
+                    }
+                    Ok(None) => return,
+                    Err(e) => {
+                        warn!(%remote, "closed a peer stream: {e}");
+                        let _ = stream.stop(2u32.into());
+                        return;
+                    }
+                }
+            }
+        });
+    }
+}
+
+async fn serve_client(connection: quinn::Connection, core: mpsc::Sender<CoreInput>) {
+    let remote = connection.remote_address();
+    while let Ok((mut send, mut recv)) = connection.accept_bi().await {
+        let core = core.clone();
+        tokio::spawn(async move {
+            let response = match frame::read::<Request, _>(&mut recv).await {
+                Ok(Some(request)) => {
+                    let (reply, answer) = oneshot::channel();
+                    if core
+                        .send(CoreInput::Client { request, reply })
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
+                    answer
+                        .await
+                        .unwrap_or_else(|_| Response::Error("the node is shutting down".into()))
+                }
+                Ok(None) => return,
+                Err(e) => {
+                    warn!(%remote, "refused a client request: {e}");
+                    Response::Error(format!("bad request: {e}"))
+                }
+            };
+            if frame::write(&mut send, &response).await.is_ok() {
+                let _ = send.finish();
+            }
+        });
+    }
+}

@@ -1,0 +1,265 @@
+//! Real `gossipkv serve` processes on loopback, talking QUIC with mutual TLS.
+
+use gossipkv::certs;
+use gossipkv::client::Client;
+use gossipkv::transport::tls::{client_config, TlsIdentity};
+use gossipkv::transport::ALPN_PEER;
+use gossipkv::Value;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// Child processes, killed when the test ends however it ends.
+struct Cluster {
+    nodes: Vec<(Child, SocketAddr)>,
+    dir: tempfile::TempDir,
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for (child, _) in &mut self.nodes {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+impl Cluster {
+    fn start(n: usize) -> Cluster {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = dir.path().join("ca");
+        certs::init_ca(&ca, "test").unwrap();
+        certs::issue(&ca, "client", true, &dir.path().join("client")).unwrap();
+        let mut cluster = Cluster {
+            nodes: Vec::new(),
+            dir,
+        };
+        for i in 1..=n {
+            let node_dir = cluster.dir.path().join(format!("node-{i}"));
+            certs::issue(&ca, &format!("node-{i}"), false, &node_dir.join("tls")).unwrap();
+            let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+            let mut command = Command::new(env!("CARGO_BIN_EXE_gossipkv"));
+            command
+                .args([
+                    "serve",
+                    "--node-id",
+                    &format!("{i:x}"),
+                    "--listen",
+                    &addr.to_string(),
+                ])
+                .arg("--data-dir")
+                .arg(node_dir.join("data"))
+                .arg("--tls-dir")
+                .arg(node_dir.join("tls"))
+                .env("RUST_LOG", "warn")
+                .stdout(Stdio::null())
+                .stderr(Stdio::null());
+            if let Some((_, first)) = cluster.nodes.first() {
+                command.args(["--seeds", &first.to_string()]);
+            }
+            cluster.nodes.push((command.spawn().unwrap(), addr));
+        }
+        cluster
+    }
+
+    fn client_tls(&self) -> TlsIdentity {
+        TlsIdentity::load(&self.dir.path().join("client")).unwrap()
+    }
+
+    fn addr(&self, i: usize) -> SocketAddr {
+        self.nodes[i].1
+    }
+
+    fn path(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+async fn client(addr: SocketAddr, tls: &TlsIdentity) -> Client {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match Client::connect(addr, Some(tls)).await {
+            Ok(c) if c.status().await.is_ok() => return c,
+            _ if Instant::now() > deadline => panic!("node {addr} did not come up"),
+            _ => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+}
+
+/// Polls `check` until it holds, for at most 60 s.
+async fn eventually<F, Fut>(what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !check().await {
+        assert!(Instant::now() < deadline, "timed out waiting until {what}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_through_one_node_is_read_through_the_others_and_concurrent_writes_are_siblings() {
+    let cluster = Cluster::start(3);
+    let tls = cluster.client_tls();
+    let mut clients = Vec::new();
+    for i in 0..3 {
+        clients.push(client(cluster.addr(i), &tls).await);
+    }
+    eventually(
+        "every node sees three members and a settled layout",
+        || async {
+            for c in &clients {
+                let Ok(s) = c.status().await else {
+                    return false;
+                };
+                if s.members_alive != 3
+                    || s.layout_version != s.layout_completed
+                    || s.partitions_held != 256
+                {
+                    return false;
+                }
+            }
+            true
+        },
+    )
+    .await;
+
+    clients[0].put(b"greeting", b"hello", None).await.unwrap();
+    for c in &clients[1..] {
+        eventually("the write reaches every node", || async {
+            matches!(c.get(b"greeting").await, Ok(Some(r)) if r.value == Value::Register(vec![b"hello".to_vec()]))
+        })
+        .await;
+    }
+
+    // Two nodes write the same key without seeing each other's write.
+    let (a, b) = tokio::join!(
+        clients[0].put(b"doc", b"from node 1", None),
+        clients[1].put(b"doc", b"from node 2", None)
+    );
+    a.unwrap();
+    b.unwrap();
+    let both = Value::Register(vec![b"from node 1".to_vec(), b"from node 2".to_vec()]);
+    for c in &clients {
+        eventually("both concurrent writes are siblings everywhere", || async {
+            matches!(c.get(b"doc").await, Ok(Some(r)) if r.value == both)
+        })
+        .await;
+    }
+
+    clients[2].counter_add(b"visits", 5).await.unwrap();
+    clients[0].counter_add(b"visits", -2).await.unwrap();
+    for c in &clients {
+        eventually("counters sum exactly", || async {
+            c.counter(b"visits").await.ok() == Some(3)
+        })
+        .await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn strangers_and_garbage_are_refused_without_harming_the_node() {
+    let cluster = Cluster::start(1);
+    let tls = cluster.client_tls();
+    let good = client(cluster.addr(0), &tls).await;
+
+    // A client certificate from another CA, and no certificate at all.
+    let other = cluster.path().join("other-ca");
+    certs::init_ca(&other, "other").unwrap();
+    certs::issue(&other, "intruder", true, &cluster.path().join("intruder")).unwrap();
+    let intruder = TlsIdentity::load(&cluster.path().join("intruder")).unwrap();
+    for identity in [Some(&intruder), None] {
+        let refused = match Client::connect(cluster.addr(0), identity).await {
+            Ok(c) => c.status().await.is_err(),
+            Err(_) => true,
+        };
+        assert!(refused, "a client without a cluster certificate was served");
+    }
+
+    // Garbage on the peer ALPN, from a legitimate certificate.
+    let node_tls = TlsIdentity::load(&cluster.path().join("node-1").join("tls")).unwrap();
+    let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    endpoint.set_default_client_config(client_config(Some(&node_tls), ALPN_PEER).unwrap());
+    let connection = endpoint
+        .connect(cluster.addr(0), certs::SERVER_NAME)
+        .unwrap()
+        .await
+        .unwrap();
+    for garbage in [
+        &b"not a frame at all"[..],
+        b"GKV\x01\xff\xff\xff\xff",
+        b"GKV\x01\0\0\0\x05junk!",
+    ] {
+        let mut stream = connection.open_uni().await.unwrap();
+        let _ = stream.write_all(garbage).await;
+        let _ = stream.finish();
+    }
+    // Garbage on the client ALPN.
+    let (mut send, mut recv) = good_connection_bi(&cluster, &tls).await;
+    send.write_all(b"GKV\x01\0\0\0\x03xyz").await.unwrap();
+    send.finish().unwrap();
+    let answer: Option<gossipkv::client::Response> =
+        gossipkv::transport::frame::read(&mut recv).await.unwrap();
+    assert!(
+        matches!(answer, Some(gossipkv::client::Response::Error(m)) if m.contains("bad request"))
+    );
+
+    // The node still serves everyone else.
+    good.put(b"still", b"here", None).await.unwrap();
+    assert!(good.get(b"still").await.unwrap().is_some());
+}
+
+async fn good_connection_bi(
+    cluster: &Cluster,
+    tls: &TlsIdentity,
+) -> (quinn::SendStream, quinn::RecvStream) {
+    let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    endpoint.set_default_client_config(
+        client_config(Some(tls), gossipkv::transport::ALPN_CLIENT).unwrap(),
+    );
+    let connection = endpoint
+        .connect(cluster.addr(0), certs::SERVER_NAME)
+        .unwrap()
+        .await
+        .unwrap();
+    // Keep the endpoint alive with the streams.
+    Box::leak(Box::new(endpoint));
+    connection.open_bi().await.unwrap()
+}
+
+#[test]
+fn bad_flags_and_config_files_fail_with_one_line_naming_the_field() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("node.toml");
+    std::fs::write(
+        &config,
+        "data_dir = \"d\"\ninsecure = true\nlisten = \"not an address\"\n",
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_gossipkv"))
+        .args(["serve", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("listen"), "{stderr}");
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    let out = Command::new(env!("CARGO_BIN_EXE_gossipkv"))
+        .args(["serve", "--data-dir"])
+        .arg(dir.path().join("d"))
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&out.stderr).contains("tls_dir"));
+}
