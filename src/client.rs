@@ -104,8 +104,13 @@ pub enum ClientError {
 pub struct Client {
     addr: SocketAddr,
     connection: quinn::Connection,
+    timeout: std::time::Duration,
     _endpoint: quinn::Endpoint,
 }
+
+/// How long a request may take before it fails (a node that died without
+/// closing its connection is otherwise noticed only at the idle timeout).
+pub const DEFAULT_REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 impl Client {
     /// Connects with a client certificate (`tls`), or insecurely with `None`.
@@ -136,11 +141,26 @@ impl Client {
         Ok(Client {
             addr,
             connection,
+            timeout: DEFAULT_REQUEST_TIMEOUT,
             _endpoint: endpoint,
         })
     }
 
+    pub fn set_timeout(&mut self, timeout: std::time::Duration) {
+        self.timeout = timeout;
+    }
+
     pub async fn request(&self, request: &Request) -> Result<Response, ClientError> {
+        match tokio::time::timeout(self.timeout, self.exchange(request)).await {
+            Ok(result) => result,
+            Err(_) => Err(ClientError::Request {
+                addr: self.addr,
+                reason: format!("no answer within {:?}", self.timeout),
+            }),
+        }
+    }
+
+    async fn exchange(&self, request: &Request) -> Result<Response, ClientError> {
         let fail = |reason: String| ClientError::Request {
             addr: self.addr,
             reason,

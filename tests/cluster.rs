@@ -16,6 +16,29 @@ struct Cluster {
     dir: tempfile::TempDir,
 }
 
+fn serve_command(node_dir: &Path, i: usize, addr: SocketAddr, seed: Option<SocketAddr>) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_gossipkv"));
+    command
+        .args([
+            "serve",
+            "--node-id",
+            &format!("{i:x}"),
+            "--listen",
+            &addr.to_string(),
+        ])
+        .arg("--data-dir")
+        .arg(node_dir.join("data"))
+        .arg("--tls-dir")
+        .arg(node_dir.join("tls"))
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    if let Some(seed) = seed {
+        command.args(["--seeds", &seed.to_string()]);
+    }
+    command
+}
+
 impl Drop for Cluster {
     fn drop(&mut self) {
         for (child, _) in &mut self.nodes {
@@ -47,28 +70,30 @@ impl Cluster {
             let node_dir = cluster.dir.path().join(format!("node-{i}"));
             certs::issue(&ca, &format!("node-{i}"), false, &node_dir.join("tls")).unwrap();
             let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-            let mut command = Command::new(env!("CARGO_BIN_EXE_gossipkv"));
-            command
-                .args([
-                    "serve",
-                    "--node-id",
-                    &format!("{i:x}"),
-                    "--listen",
-                    &addr.to_string(),
-                ])
-                .arg("--data-dir")
-                .arg(node_dir.join("data"))
-                .arg("--tls-dir")
-                .arg(node_dir.join("tls"))
-                .env("RUST_LOG", "warn")
-                .stdout(Stdio::null())
-                .stderr(Stdio::null());
-            if let Some((_, first)) = cluster.nodes.first() {
-                command.args(["--seeds", &first.to_string()]);
-            }
+            let seed = cluster.nodes.first().map(|(_, a)| *a);
+            let mut command = serve_command(&node_dir, i, addr, seed);
             cluster.nodes.push((command.spawn().unwrap(), addr));
         }
         cluster
+    }
+
+    /// kill -9: no shutdown, no flush beyond what was committed.
+    fn kill(&mut self, i: usize) {
+        let (child, _) = &mut self.nodes[i];
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+
+    fn restart(&mut self, i: usize) {
+        let node_dir = self.dir.path().join(format!("node-{}", i + 1));
+        let seed = self
+            .nodes
+            .iter()
+            .enumerate()
+            .find(|(j, _)| *j != i)
+            .map(|(_, (_, a))| *a);
+        let addr = self.nodes[i].1;
+        self.nodes[i].0 = serve_command(&node_dir, i + 1, addr, seed).spawn().unwrap();
     }
 
     fn client_tls(&self) -> TlsIdentity {
@@ -262,4 +287,50 @@ fn bad_flags_and_config_files_fail_with_one_line_naming_the_field() {
         .output()
         .unwrap();
     assert!(String::from_utf8_lossy(&out.stderr).contains("tls_dir"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acknowledged_writes_survive_kill_minus_nine_and_counters_sum_exactly() {
+    let mut cluster = Cluster::start(3);
+    let tls = cluster.client_tls();
+    let mut writer = client(cluster.addr(1), &tls).await;
+    writer.set_timeout(Duration::from_secs(2));
+    // A bounded writer; node 2 dies under it after 60 acknowledgements.
+    let mut acknowledged = Vec::new();
+    let mut adds = 0i64;
+    for i in 0..200u32 {
+        if i == 60 {
+            cluster.kill(1);
+        }
+        let key = format!("key-{i:04}");
+        match writer
+            .put(key.as_bytes(), format!("value-{i}").as_bytes(), None)
+            .await
+        {
+            Ok(_) => acknowledged.push(key),
+            Err(_) => break,
+        }
+        if writer.counter_add(b"acks", 1).await.is_ok() {
+            adds += 1;
+        }
+    }
+    assert!(
+        acknowledged.len() >= 60,
+        "the writer stopped before the kill"
+    );
+    cluster.restart(1);
+    for node in 0..3 {
+        let c = client(cluster.addr(node), &tls).await;
+        for key in &acknowledged {
+            eventually(
+                "every acknowledged write is readable on every node",
+                || async { matches!(c.get(key.as_bytes()).await, Ok(Some(_))) },
+            )
+            .await;
+        }
+        eventually("the counter equals the acknowledged adds", || async {
+            c.counter(b"acks").await.ok() == Some(adds)
+        })
+        .await;
+    }
 }

@@ -21,7 +21,9 @@ use crate::replication::layout::NodeSpec;
 use crate::replication::layout_state::LayoutState;
 use crate::replication::membership::{MembershipConfig, NodeMeta};
 use crate::replication::message::Message;
-use crate::replication::replica::{Output, Replica, ReplicaConfig, ReplicaEvent, Timer};
+use crate::replication::replica::{
+    MembershipEventKind, Output, Replica, ReplicaConfig, ReplicaEvent, Timer,
+};
 use crate::store::{Store, StoreOptions};
 use crate::transport::tls::{client_config, server_config, TlsIdentity};
 use crate::transport::{frame, ALPN_ADMIN, ALPN_CLIENT, ALPN_PEER};
@@ -363,6 +365,15 @@ impl Core {
                     ReplicaEvent::LayoutChanged { version, completed } => {
                         save_layout(&self.data_dir, self.replica.layout());
                         debug!(node = %self.id, version, completed, "layout changed");
+                    }
+                    ReplicaEvent::Membership(MembershipEventKind::Up(peer)) => {
+                        // A peer that comes back may be a new process: the old
+                        // connection to its address is dead but would take
+                        // an idle timeout to notice. Start afresh.
+                        if let Some(addr) = self.replica.membership().addr_of(peer) {
+                            self.peers.queues.remove(&addr);
+                        }
+                        info!(node = %self.id, "{event:?}")
                     }
                     ReplicaEvent::Membership(_)
                     | ReplicaEvent::SafeToStop
