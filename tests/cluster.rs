@@ -13,10 +13,17 @@ use std::time::{Duration, Instant};
 /// Child processes, killed when the test ends however it ends.
 struct Cluster {
     nodes: Vec<(Child, SocketAddr)>,
+    metrics: Vec<SocketAddr>,
     dir: tempfile::TempDir,
 }
 
-fn serve_command(node_dir: &Path, i: usize, addr: SocketAddr, seed: Option<SocketAddr>) -> Command {
+fn serve_command(
+    node_dir: &Path,
+    i: usize,
+    addr: SocketAddr,
+    metrics: SocketAddr,
+    seed: Option<SocketAddr>,
+) -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_gossipkv"));
     command
         .args([
@@ -30,6 +37,7 @@ fn serve_command(node_dir: &Path, i: usize, addr: SocketAddr, seed: Option<Socke
         .arg(node_dir.join("data"))
         .arg("--tls-dir")
         .arg(node_dir.join("tls"))
+        .args(["--metrics-listen", &metrics.to_string()])
         .env("RUST_LOG", "warn")
         .stdout(Stdio::null())
         .stderr(Stdio::null());
@@ -48,6 +56,32 @@ impl Drop for Cluster {
     }
 }
 
+fn free_tcp_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// The Prometheus text a node serves.
+fn scrape(addr: SocketAddr) -> String {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr).unwrap();
+    stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\n\r\n")
+        .unwrap();
+    let mut text = String::new();
+    stream.read_to_string(&mut text).unwrap();
+    text
+}
+
+/// A metric's value in Prometheus text (`name` includes any labels).
+fn metric(text: &str, name: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+}
+
 fn free_port() -> u16 {
     std::net::UdpSocket::bind("127.0.0.1:0")
         .unwrap()
@@ -64,6 +98,7 @@ impl Cluster {
         certs::issue(&ca, "client", true, &dir.path().join("client")).unwrap();
         let mut cluster = Cluster {
             nodes: Vec::new(),
+            metrics: Vec::new(),
             dir,
         };
         for i in 1..=n {
@@ -71,7 +106,9 @@ impl Cluster {
             certs::issue(&ca, &format!("node-{i}"), false, &node_dir.join("tls")).unwrap();
             let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
             let seed = cluster.nodes.first().map(|(_, a)| *a);
-            let mut command = serve_command(&node_dir, i, addr, seed);
+            let metrics: SocketAddr = format!("127.0.0.1:{}", free_tcp_port()).parse().unwrap();
+            cluster.metrics.push(metrics);
+            let mut command = serve_command(&node_dir, i, addr, metrics, seed);
             cluster.nodes.push((command.spawn().unwrap(), addr));
         }
         cluster
@@ -93,7 +130,9 @@ impl Cluster {
             .find(|(j, _)| *j != i)
             .map(|(_, (_, a))| *a);
         let addr = self.nodes[i].1;
-        self.nodes[i].0 = serve_command(&node_dir, i + 1, addr, seed).spawn().unwrap();
+        self.nodes[i].0 = serve_command(&node_dir, i + 1, addr, self.metrics[i], seed)
+            .spawn()
+            .unwrap();
     }
 
     fn client_tls(&self) -> TlsIdentity {
@@ -182,6 +221,18 @@ async fn a_write_through_one_node_is_read_through_the_others_and_concurrent_writ
         })
         .await;
     }
+
+    let text = scrape(cluster.metrics[0]);
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    assert!(
+        metric(&text, "gossipkv_client_requests_total").unwrap() > 0.0,
+        "{text}"
+    );
+    assert!(
+        metric(&text, "gossipkv_peer_bytes_received_total{kind=\"digest\"}").unwrap() > 0.0,
+        "{text}"
+    );
+    assert_eq!(metric(&text, "gossipkv_members_alive"), Some(3.0));
 
     clients[2].counter_add(b"visits", 5).await.unwrap();
     clients[0].counter_add(b"visits", -2).await.unwrap();

@@ -14,6 +14,7 @@
 //! node); anti-entropy and hand-off carry it to the key's replicas.
 
 pub mod config;
+pub mod metrics;
 
 use crate::client::{NodeStatus, Request, Response, WireRecord};
 use crate::crdt::{CausalContext, NodeId};
@@ -28,11 +29,13 @@ use crate::store::{Store, StoreOptions};
 use crate::transport::tls::{client_config, server_config, TlsIdentity};
 use crate::transport::{frame, ALPN_ADMIN, ALPN_CLIENT, ALPN_PEER};
 use config::{NodeConfig, Security};
+use metrics::Metrics;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
@@ -207,8 +210,19 @@ pub async fn run(config: NodeConfig, shutdown: impl Future<Output = ()>) -> Resu
         seed,
     );
 
+    let metrics = Arc::new(Metrics::default());
+    if let Some(addr) = config.metrics_listen {
+        metrics::serve(addr, metrics.clone())
+            .await
+            .map_err(|source| NodeError::Listen { addr, source })?;
+        info!(%addr, "metrics at http://{addr}/metrics");
+    }
     let (core_tx, core_rx) = mpsc::channel(4096);
-    let accept = tokio::spawn(accept_loop(endpoint.clone(), core_tx.clone()));
+    let accept = tokio::spawn(accept_loop(
+        endpoint.clone(),
+        core_tx.clone(),
+        metrics.clone(),
+    ));
     let core = Core {
         replica,
         id,
@@ -221,6 +235,7 @@ pub async fn run(config: NodeConfig, shutdown: impl Future<Output = ()>) -> Resu
             queues: HashMap::new(),
         },
         data_dir: config.data_dir.clone(),
+        metrics,
     };
     core.run(core_rx, &config.seeds, shutdown).await;
     accept.abort();
@@ -288,6 +303,7 @@ struct Core {
     next_timer: u64,
     peers: Peers,
     data_dir: PathBuf,
+    metrics: Arc<Metrics>,
 }
 
 impl Core {
@@ -338,6 +354,7 @@ impl Core {
                         let outputs = self.replica.handle_timer(self.now(), timer);
                         self.carry_out(outputs);
                     }
+                    self.refresh_metrics();
                 }
             }
         }
@@ -349,13 +366,20 @@ impl Core {
     fn carry_out(&mut self, outputs: Vec<Output>) {
         for output in outputs {
             match output {
-                Output::Send { to, message } => match frame::encode(&Envelope {
-                    from: self.id,
-                    message,
-                }) {
-                    Ok(frame) => self.peers.send(to, frame),
-                    Err(e) => warn!("cannot encode a message to {to}: {e}"),
-                },
+                Output::Send { to, message } => {
+                    let kind = Metrics::kind_index(message.kind());
+                    match frame::encode(&Envelope {
+                        from: self.id,
+                        message,
+                    }) {
+                        Ok(frame) => {
+                            self.metrics.peer_bytes_sent[kind]
+                                .fetch_add(frame.len() as u64, Relaxed);
+                            self.peers.send(to, frame)
+                        }
+                        Err(e) => warn!("cannot encode a message to {to}: {e}"),
+                    }
+                }
                 Output::Schedule { after, timer } => {
                     self.next_timer += 1;
                     self.timers
@@ -386,7 +410,36 @@ impl Core {
         }
     }
 
+    fn refresh_metrics(&self) {
+        let status = self.status();
+        let stats = self.replica.stats();
+        let Ok(mut core) = self.metrics.core.lock() else {
+            return;
+        };
+        core.insert("members_alive", status.members_alive as u64);
+        core.insert("members_known", status.members_total as u64);
+        core.insert("layout_version", status.layout_version);
+        core.insert("layout_completed_version", status.layout_completed);
+        core.insert("partitions_held", status.partitions_held as u64);
+        core.insert("migrations_in_flight", status.migrations_in_flight as u64);
+        core.insert("anti_entropy_rounds_total", stats.rounds_started);
+        core.insert("anti_entropy_rounds_in_sync_total", stats.rounds_in_sync);
+        core.insert(
+            "repair_entries_received_total",
+            stats.repair_entries_received,
+        );
+        core.insert(
+            "migration_entries_received_total",
+            stats.migration_entries_received,
+        );
+        core.insert("migrations_done_total", stats.migrations_done);
+        core.insert("partitions_dropped_total", stats.partitions_dropped);
+        core.insert("tombstones_purged_total", stats.tombstones_purged);
+        core.insert("streams_broken_total", stats.streams_broken);
+    }
+
     fn serve(&mut self, request: Request) -> Response {
+        self.metrics.client_requests.fetch_add(1, Relaxed);
         let store = self.replica.store().clone();
         let context =
             |bytes: Option<Vec<u8>>| bytes.map(|b| CausalContext::from_bytes(&b)).transpose();
@@ -443,7 +496,10 @@ impl Core {
                 .map_err(|e| e.to_string()),
             Request::Status => Ok(Response::Status(self.status())),
         })();
-        result.unwrap_or_else(Response::Error)
+        result.unwrap_or_else(|e| {
+            self.metrics.client_errors.fetch_add(1, Relaxed);
+            Response::Error(e)
+        })
     }
 
     fn status(&self) -> NodeStatus {
@@ -464,9 +520,14 @@ impl Core {
     }
 }
 
-async fn accept_loop(endpoint: quinn::Endpoint, core: mpsc::Sender<CoreInput>) {
+async fn accept_loop(
+    endpoint: quinn::Endpoint,
+    core: mpsc::Sender<CoreInput>,
+    metrics: Arc<Metrics>,
+) {
     while let Some(incoming) = endpoint.accept().await {
         let core = core.clone();
+        let metrics = metrics.clone();
         tokio::spawn(async move {
             let remote = incoming.remote_address();
             let connection = match incoming.await {
@@ -481,7 +542,7 @@ async fn accept_loop(endpoint: quinn::Endpoint, core: mpsc::Sender<CoreInput>) {
                 .and_then(|d| d.downcast::<quinn::crypto::rustls::HandshakeData>().ok())
                 .and_then(|d| d.protocol);
             match alpn.as_deref() {
-                Some(ALPN_PEER) => serve_peer(connection, core).await,
+                Some(ALPN_PEER) => serve_peer(connection, core, metrics).await,
                 Some(ALPN_CLIENT) | Some(ALPN_ADMIN) => serve_client(connection, core).await,
                 _ => connection.close(1u32.into(), b"unknown protocol"),
             }
@@ -489,14 +550,21 @@ async fn accept_loop(endpoint: quinn::Endpoint, core: mpsc::Sender<CoreInput>) {
     }
 }
 
-async fn serve_peer(connection: quinn::Connection, core: mpsc::Sender<CoreInput>) {
+async fn serve_peer(
+    connection: quinn::Connection,
+    core: mpsc::Sender<CoreInput>,
+    metrics: Arc<Metrics>,
+) {
     let remote = connection.remote_address();
     while let Ok(mut stream) = connection.accept_uni().await {
         let core = core.clone();
+        let metrics = metrics.clone();
         tokio::spawn(async move {
             loop {
-                match frame::read::<Envelope, _>(&mut stream).await {
-                    Ok(Some(Envelope { from, message })) => {
+                match frame::read_sized::<Envelope, _>(&mut stream).await {
+                    Ok(Some((Envelope { from, message }, size))) => {
+                        let kind = Metrics::kind_index(message.kind());
+                        metrics.peer_bytes_received[kind].fetch_add(size as u64, Relaxed);
                         if core.send(CoreInput::Peer { from, message }).await.is_err() {
                             return;
                         }

@@ -52,6 +52,13 @@ pub async fn write<T: Serialize, W: AsyncWrite + Unpin>(
 pub async fn read<T: DeserializeOwned, R: AsyncRead + Unpin>(
     reader: &mut R,
 ) -> Result<Option<T>, FrameError> {
+    Ok(read_sized(reader).await?.map(|(message, _)| message))
+}
+
+/// Like [`read`], also returning the frame's size in bytes.
+pub async fn read_sized<T: DeserializeOwned, R: AsyncRead + Unpin>(
+    reader: &mut R,
+) -> Result<Option<(T, usize)>, FrameError> {
     let mut header = [0u8; HEADER];
     let mut filled = 0;
     while filled < HEADER {
@@ -84,9 +91,8 @@ pub async fn read<T: DeserializeOwned, R: AsyncRead + Unpin>(
             std::io::ErrorKind::UnexpectedEof => FrameError::Truncated,
             _ => FrameError::Io(e),
         })?;
-    postcard::from_bytes(&body)
-        .map(Some)
-        .map_err(|e| FrameError::Decode(e.to_string()))
+    let message = postcard::from_bytes(&body).map_err(|e| FrameError::Decode(e.to_string()))?;
+    Ok(Some((message, HEADER + len)))
 }
 
 #[cfg(test)]

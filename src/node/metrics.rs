@@ -1,0 +1,125 @@
+//! Prometheus metrics: counters the node's tasks bump, gauges the core loop
+//! refreshes, rendered as text on `GET /metrics` at `--metrics-listen`.
+
+use std::collections::BTreeMap;
+use std::fmt::Write;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tracing::warn;
+
+/// Message kinds as the replication core names them.
+pub const KINDS: [&str; 5] = ["membership", "digest", "repair", "migration", "layout"];
+
+#[derive(Default)]
+pub struct Metrics {
+    pub peer_bytes_sent: [AtomicU64; 5],
+    pub peer_bytes_received: [AtomicU64; 5],
+    pub client_requests: AtomicU64,
+    pub client_errors: AtomicU64,
+    /// Gauges and core counters, refreshed by the core loop.
+    pub core: Mutex<BTreeMap<&'static str, u64>>,
+}
+
+impl Metrics {
+    pub fn kind_index(kind: &str) -> usize {
+        KINDS.iter().position(|k| *k == kind).unwrap_or(0)
+    }
+
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        let mut counter = |name: &str, help: &str, kind: &str, rows: Vec<(String, u64)>| {
+            let _ = writeln!(
+                out,
+                "# HELP gossipkv_{name} {help}\n# TYPE gossipkv_{name} {kind}"
+            );
+            for (labels, value) in rows {
+                let _ = writeln!(out, "gossipkv_{name}{labels} {value}");
+            }
+        };
+        let by_kind = |values: &[AtomicU64; 5]| -> Vec<(String, u64)> {
+            KINDS
+                .iter()
+                .zip(values)
+                .map(|(k, v)| (format!("{{kind=\"{k}\"}}"), v.load(Ordering::Relaxed)))
+                .collect()
+        };
+        counter(
+            "peer_bytes_sent_total",
+            "Bytes of peer frames sent, by message kind.",
+            "counter",
+            by_kind(&self.peer_bytes_sent),
+        );
+        counter(
+            "peer_bytes_received_total",
+            "Bytes of peer frames received, by message kind.",
+            "counter",
+            by_kind(&self.peer_bytes_received),
+        );
+        counter(
+            "client_requests_total",
+            "Client requests served.",
+            "counter",
+            vec![(String::new(), self.client_requests.load(Ordering::Relaxed))],
+        );
+        counter(
+            "client_errors_total",
+            "Client requests that failed.",
+            "counter",
+            vec![(String::new(), self.client_errors.load(Ordering::Relaxed))],
+        );
+        let core = self.core.lock().map(|c| c.clone()).unwrap_or_default();
+        for (name, value) in core {
+            let kind = if name.ends_with("_total") {
+                "counter"
+            } else {
+                "gauge"
+            };
+            counter(
+                name,
+                "See ARCHITECTURE.md, replication core.",
+                kind,
+                vec![(String::new(), value)],
+            );
+        }
+        out
+    }
+}
+
+/// Serves `GET /metrics` until the task is dropped.
+pub async fn serve(addr: SocketAddr, metrics: Arc<Metrics>) -> std::io::Result<()> {
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut socket, _)) = listener.accept().await else {
+                continue;
+            };
+            let metrics = metrics.clone();
+            tokio::spawn(async move {
+                let mut request = [0u8; 1024];
+                let n = match tokio::time::timeout(
+                    std::time::Duration::from_secs(5),
+                    socket.read(&mut request),
+                )
+                .await
+                {
+                    Ok(Ok(n)) => n,
+                    _ => return,
+                };
+                let head = String::from_utf8_lossy(&request[..n]);
+                let response = if head.starts_with("GET /metrics ") {
+                    let body = metrics.render();
+                    format!("HTTP/1.1 200 OK\r\ncontent-type: text/plain; version=0.0.4\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}", body.len())
+                } else {
+                    "HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+                        .to_string()
+                };
+                if let Err(e) = socket.write_all(response.as_bytes()).await {
+                    warn!("metrics response failed: {e}");
+                }
+            });
+        }
+    });
+    Ok(())
+}
