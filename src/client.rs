@@ -51,6 +51,45 @@ pub enum Request {
     Status,
 }
 
+impl Request {
+    /// The key the request is about (`None` for node-level requests).
+    pub fn key(&self) -> Option<&[u8]> {
+        match self {
+            Request::Get { key }
+            | Request::Put { key, .. }
+            | Request::PutLww { key, .. }
+            | Request::Delete { key, .. }
+            | Request::CounterAdd { key, .. }
+            | Request::CounterGet { key }
+            | Request::SetAdd { key, .. }
+            | Request::SetRemove { key, .. }
+            | Request::SetMembers { key } => Some(key),
+            Request::Status => None,
+        }
+    }
+
+    /// Whether the request changes data (and so waits for `w` replicas).
+    pub fn is_write(&self) -> bool {
+        !matches!(
+            self,
+            Request::Get { .. }
+                | Request::CounterGet { .. }
+                | Request::SetMembers { .. }
+                | Request::Status
+        )
+    }
+}
+
+/// A request with its quorums: the replicas that must acknowledge a write
+/// (`w`) or answer a read (`r`) before the node replies. 1 means the
+/// coordinating replica alone: available whenever one replica is.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Call {
+    pub request: Request,
+    pub w: u8,
+    pub r: u8,
+}
+
 /// A read as it travels.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct WireRecord {
@@ -105,6 +144,8 @@ pub struct Client {
     addr: SocketAddr,
     connection: quinn::Connection,
     timeout: std::time::Duration,
+    w: u8,
+    r: u8,
     _endpoint: quinn::Endpoint,
 }
 
@@ -142,12 +183,20 @@ impl Client {
             addr,
             connection,
             timeout: DEFAULT_REQUEST_TIMEOUT,
+            w: 1,
+            r: 1,
             _endpoint: endpoint,
         })
     }
 
     pub fn set_timeout(&mut self, timeout: std::time::Duration) {
         self.timeout = timeout;
+    }
+
+    /// Write and read quorums for the following requests (default 1 and 1).
+    pub fn set_quorum(&mut self, w: u8, r: u8) {
+        self.w = w.max(1);
+        self.r = r.max(1);
     }
 
     pub async fn request(&self, request: &Request) -> Result<Response, ClientError> {
@@ -170,9 +219,16 @@ impl Client {
             .open_bi()
             .await
             .map_err(|e| fail(e.to_string()))?;
-        frame::write(&mut send, request)
-            .await
-            .map_err(|e| fail(e.to_string()))?;
+        frame::write(
+            &mut send,
+            &Call {
+                request: request.clone(),
+                w: self.w,
+                r: self.r,
+            },
+        )
+        .await
+        .map_err(|e| fail(e.to_string()))?;
         send.finish().map_err(|e| fail(e.to_string()))?;
         match frame::read::<Response, _>(&mut recv)
             .await

@@ -159,6 +159,29 @@ async fn client(addr: SocketAddr, tls: &TlsIdentity) -> Client {
     }
 }
 
+/// Waits until every node sees `n` members and a layout whose change has
+/// completed, with every partition held everywhere (3 nodes, 3 replicas).
+async fn settled(clients: &[Client], n: usize) {
+    eventually(
+        "every node sees the members and a settled layout",
+        || async {
+            for c in clients {
+                let Ok(s) = c.status().await else {
+                    return false;
+                };
+                if s.members_alive != n
+                    || s.layout_version != s.layout_completed
+                    || s.partitions_held != 256
+                {
+                    return false;
+                }
+            }
+            true
+        },
+    )
+    .await;
+}
+
 /// Polls `check` until it holds, for at most 60 s.
 async fn eventually<F, Fut>(what: &str, mut check: F)
 where
@@ -180,24 +203,7 @@ async fn a_write_through_one_node_is_read_through_the_others_and_concurrent_writ
     for i in 0..3 {
         clients.push(client(cluster.addr(i), &tls).await);
     }
-    eventually(
-        "every node sees three members and a settled layout",
-        || async {
-            for c in &clients {
-                let Ok(s) = c.status().await else {
-                    return false;
-                };
-                if s.members_alive != 3
-                    || s.layout_version != s.layout_completed
-                    || s.partitions_held != 256
-                {
-                    return false;
-                }
-            }
-            true
-        },
-    )
-    .await;
+    settled(&clients, 3).await;
 
     clients[0].put(b"greeting", b"hello", None).await.unwrap();
     for c in &clients[1..] {
@@ -384,4 +390,58 @@ async fn acknowledged_writes_survive_kill_minus_nine_and_counters_sum_exactly() 
         })
         .await;
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_at_w2_stay_available_and_survive_when_a_replica_is_killed() {
+    let mut cluster = Cluster::start(3);
+    let tls = cluster.client_tls();
+    let mut clients = Vec::new();
+    for i in 0..3 {
+        clients.push(client(cluster.addr(i), &tls).await);
+    }
+    settled(&clients, 3).await;
+    let mut writer = client(cluster.addr(0), &tls).await;
+    writer.set_quorum(2, 1);
+    writer.set_timeout(Duration::from_secs(8));
+    let mut acknowledged = Vec::new();
+    let mut adds = 0i64;
+    for i in 0..120u32 {
+        if i == 40 {
+            cluster.kill(1);
+        }
+        let key = format!("w2-{i:04}");
+        if writer.put(key.as_bytes(), b"v", None).await.is_ok() {
+            acknowledged.push(key);
+        }
+        if writer.counter_add(b"w2-adds", 1).await.is_ok() {
+            adds += 1;
+        }
+    }
+    // Two replicas remain: W=2 keeps being met.
+    assert!(
+        acknowledged.len() >= 110,
+        "only {} of 120 writes met W=2 with one replica down",
+        acknowledged.len()
+    );
+    cluster.restart(1);
+    for node in 0..3 {
+        let mut c = client(cluster.addr(node), &tls).await;
+        c.set_quorum(1, 2);
+        for key in &acknowledged {
+            eventually("every W=2 write is readable at R=2", || async {
+                matches!(c.get(key.as_bytes()).await, Ok(Some(_)))
+            })
+            .await;
+        }
+        eventually("the counter equals the acknowledged adds", || async {
+            c.counter(b"w2-adds").await.ok() == Some(adds)
+        })
+        .await;
+    }
+    // A quorum larger than the replica count is a clear error.
+    let mut greedy = client(cluster.addr(0), &tls).await;
+    greedy.set_quorum(4, 1);
+    let err = greedy.put(b"k", b"v", None).await.unwrap_err().to_string();
+    assert!(err.contains("w=4 exceeds the 3 replicas"), "{err}");
 }

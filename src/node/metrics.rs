@@ -9,13 +9,20 @@ use std::sync::{Arc, Mutex};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tracing::warn;
 
-/// Message kinds as the replication core names them.
-pub const KINDS: [&str; 5] = ["membership", "digest", "repair", "migration", "layout"];
+/// Message kinds as the replication core names them, and request coordination.
+pub const KINDS: [&str; 6] = [
+    "membership",
+    "digest",
+    "repair",
+    "migration",
+    "layout",
+    "coordination",
+];
 
 #[derive(Default)]
 pub struct Metrics {
-    pub peer_bytes_sent: [AtomicU64; 5],
-    pub peer_bytes_received: [AtomicU64; 5],
+    pub peer_bytes_sent: [AtomicU64; 6],
+    pub peer_bytes_received: [AtomicU64; 6],
     pub client_requests: AtomicU64,
     pub client_errors: AtomicU64,
     /// Gauges and core counters, refreshed by the core loop.
@@ -38,7 +45,7 @@ impl Metrics {
                 let _ = writeln!(out, "gossipkv_{name}{labels} {value}");
             }
         };
-        let by_kind = |values: &[AtomicU64; 5]| -> Vec<(String, u64)> {
+        let by_kind = |values: &[AtomicU64; 6]| -> Vec<(String, u64)> {
             KINDS
                 .iter()
                 .zip(values)

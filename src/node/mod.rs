@@ -9,14 +9,17 @@
 //! further messages to it are dropped, which the core tolerates (it retries
 //! rounds and migrations).
 //!
-//! Client requests are served from the local store by whichever node
-//! receives them (W = 1, R = 1: a write is acknowledged once durable on that
-//! node); anti-entropy and hand-off carry it to the key's replicas.
+//! Client requests: any node takes any request; a replica of the key
+//! coordinates it (see "request coordination" below), with per-request
+//! write and read quorums (default 1 and 1). A write for a replica that is
+//! down reaches it later through anti-entropy from the replicas that took
+//! it, or, if no replica was reachable, through the hand-off of the node
+//! that took it (hinted hand-off).
 
 pub mod config;
 pub mod metrics;
 
-use crate::client::{NodeStatus, Request, Response, WireRecord};
+use crate::client::{Call, NodeStatus, Request, Response, WireRecord};
 use crate::crdt::{CausalContext, NodeId};
 use crate::replication::layout::NodeSpec;
 use crate::replication::layout_state::LayoutState;
@@ -25,7 +28,7 @@ use crate::replication::message::Message;
 use crate::replication::replica::{
     MembershipEventKind, Output, Replica, ReplicaConfig, ReplicaEvent, Timer,
 };
-use crate::store::{Store, StoreOptions};
+use crate::store::{ChangeChunk, RemoteEntry, Store, StoreOptions};
 use crate::transport::tls::{client_config, server_config, TlsIdentity};
 use crate::transport::{frame, ALPN_ADMIN, ALPN_CLIENT, ALPN_PEER};
 use config::{NodeConfig, Security};
@@ -72,23 +75,102 @@ pub enum NodeError {
     Damaged { path: PathBuf, reason: String },
 }
 
-/// What a peer stream carries: the sender's id and one core message.
+/// What a peer stream carries: the sender's id and one payload.
 #[derive(Debug, Serialize, Deserialize)]
 struct Envelope {
     from: NodeId,
-    message: Message,
+    payload: Payload,
+}
+
+/// Peer payloads: the replication core's messages, and the request
+/// coordination between nodes (see `coordinate`).
+#[derive(Debug, Serialize, Deserialize)]
+enum Payload {
+    Core(Message),
+    /// Coordinate this client call (the sender holds no replica of its key).
+    Coordinate {
+        id: u64,
+        call: Call,
+    },
+    Coordinated {
+        id: u64,
+        response: Response,
+    },
+    /// Merge this entry (the coordinator's state of the key after a write,
+    /// or a read repair); acknowledge if `ack`.
+    Replicate {
+        id: u64,
+        partition: u16,
+        key: Vec<u8>,
+        entry: Vec<u8>,
+        ack: bool,
+    },
+    Replicated {
+        id: u64,
+        ok: bool,
+    },
+    /// Send your entry of this key (a read at R > 1).
+    Fetch {
+        id: u64,
+        key: Vec<u8>,
+    },
+    Fetched {
+        id: u64,
+        entry: Option<Vec<u8>>,
+    },
+}
+
+impl Payload {
+    fn kind(&self) -> &'static str {
+        match self {
+            Payload::Core(message) => message.kind(),
+            _ => "coordination",
+        }
+    }
 }
 
 enum CoreInput {
     Peer {
         from: NodeId,
-        message: Message,
+        payload: Payload,
     },
     Client {
-        request: Request,
+        call: Call,
         reply: oneshot::Sender<Response>,
     },
 }
+
+/// Where an answer goes: a client waiting on this node, or the node that
+/// forwarded the call here.
+enum ReplyTo {
+    Client(oneshot::Sender<Response>),
+    Peer { node: NodeId, id: u64 },
+}
+
+/// A call waiting for other replicas.
+enum Pending {
+    /// Forwarded to a replica, which coordinates it.
+    Forwarded { reply: ReplyTo },
+    /// Written here; waiting for `needed` more acknowledgements.
+    Write {
+        reply: ReplyTo,
+        response: Response,
+        needed: usize,
+        acks: usize,
+        w: u8,
+    },
+    /// Read here; waiting for `needed` more replicas' entries.
+    Read {
+        reply: ReplyTo,
+        call: Call,
+        partition: u16,
+        needed: usize,
+        answers: Vec<(NodeId, Option<Vec<u8>>)>,
+    },
+}
+
+/// How long a call may wait for other replicas.
+const QUORUM_TIMEOUT: Duration = Duration::from_secs(5);
 
 fn file_err<'a>(
     action: &'static str,
@@ -236,6 +318,9 @@ pub async fn run(config: NodeConfig, shutdown: impl Future<Output = ()>) -> Resu
         },
         data_dir: config.data_dir.clone(),
         metrics,
+        pending: HashMap::new(),
+        deadlines: Default::default(),
+        next_call: 0,
     };
     core.run(core_rx, &config.seeds, shutdown).await;
     accept.abort();
@@ -304,6 +389,9 @@ struct Core {
     peers: Peers,
     data_dir: PathBuf,
     metrics: Arc<Metrics>,
+    pending: HashMap<u64, Pending>,
+    deadlines: std::collections::BTreeSet<(Instant, u64)>,
+    next_call: u64,
 }
 
 impl Core {
@@ -325,23 +413,20 @@ impl Core {
         }
         tokio::pin!(shutdown);
         loop {
-            let next = self.timers.keys().next().map(|(at, _)| *at);
+            let next_timer = self.timers.keys().next().map(|(at, _)| *at);
+            let next_deadline = self.deadlines.iter().next().map(|(at, _)| *at);
+            let next = match (next_timer, next_deadline) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
             let sleep = tokio::time::sleep_until(
                 next.unwrap_or_else(|| Instant::now() + Duration::from_secs(3600)),
             );
             tokio::select! {
                 () = &mut shutdown => break,
                 input = rx.recv() => match input {
-                    Some(CoreInput::Peer { from, message }) => {
-                        match self.replica.handle_message(self.now(), from, message) {
-                            Ok(outputs) => self.carry_out(outputs),
-                            Err(e) => warn!(peer = %from, "refused a peer message: {e}"),
-                        }
-                    }
-                    Some(CoreInput::Client { request, reply }) => {
-                        let response = self.serve(request);
-                        let _ = reply.send(response);
-                    }
+                    Some(CoreInput::Peer { from, payload }) => self.on_peer(from, payload),
+                    Some(CoreInput::Client { call, reply }) => self.on_call(call, ReplyTo::Client(reply)),
                     None => break,
                 },
                 () = sleep => {
@@ -354,6 +439,7 @@ impl Core {
                         let outputs = self.replica.handle_timer(self.now(), timer);
                         self.carry_out(outputs);
                     }
+                    self.expire_pending(now);
                     self.refresh_metrics();
                 }
             }
@@ -363,23 +449,34 @@ impl Core {
         self.carry_out(outputs);
     }
 
+    fn send_to(&mut self, to: SocketAddr, payload: Payload) {
+        let kind = Metrics::kind_index(payload.kind());
+        match frame::encode(&Envelope {
+            from: self.id,
+            payload,
+        }) {
+            Ok(frame) => {
+                self.metrics.peer_bytes_sent[kind].fetch_add(frame.len() as u64, Relaxed);
+                self.peers.send(to, frame)
+            }
+            Err(e) => warn!("cannot encode a message to {to}: {e}"),
+        }
+    }
+
+    fn send_to_node(&mut self, node: NodeId, payload: Payload) -> bool {
+        match self.replica.membership().addr_of(node) {
+            Some(addr) => {
+                self.send_to(addr, payload);
+                true
+            }
+            None => false,
+        }
+    }
+
     fn carry_out(&mut self, outputs: Vec<Output>) {
         for output in outputs {
             match output {
-                Output::Send { to, message } => {
-                    let kind = Metrics::kind_index(message.kind());
-                    match frame::encode(&Envelope {
-                        from: self.id,
-                        message,
-                    }) {
-                        Ok(frame) => {
-                            self.metrics.peer_bytes_sent[kind]
-                                .fetch_add(frame.len() as u64, Relaxed);
-                            self.peers.send(to, frame)
-                        }
-                        Err(e) => warn!("cannot encode a message to {to}: {e}"),
-                    }
-                }
+                Output::Send { to, message } => self.send_to(to, Payload::Core(message)),
                 Output::Schedule { after, timer } => {
                     self.next_timer += 1;
                     self.timers
@@ -407,6 +504,354 @@ impl Core {
                     _ => debug!(node = %self.id, "{event:?}"),
                 },
             }
+        }
+    }
+
+    // ---- request coordination ----
+    //
+    // A write is made once, by a replica of the key (so it gets one dot),
+    // and the resulting entry is merged into the other replicas; the call is
+    // answered after `w` replicas hold it. A read merges the entries of `r`
+    // replicas into the coordinator's and answers from the result, then
+    // sends the merged entry to the replicas that were behind (read repair).
+    // A node that holds no replica of the key forwards the call to one.
+    // Writes that cannot reach their quorum in time fail with a message
+    // saying how many replicas hold them; those copies stay and spread.
+
+    fn fresh_call_id(&mut self) -> u64 {
+        self.next_call += 1;
+        self.next_call
+    }
+
+    fn wait(&mut self, id: u64, pending: Pending) {
+        self.pending.insert(id, pending);
+        self.deadlines.insert((Instant::now() + QUORUM_TIMEOUT, id));
+    }
+
+    fn answer(&mut self, reply: ReplyTo, response: Response) {
+        match reply {
+            ReplyTo::Client(sender) => {
+                let _ = sender.send(response);
+            }
+            ReplyTo::Peer { node, id } => {
+                self.send_to_node(node, Payload::Coordinated { id, response });
+            }
+        }
+    }
+
+    /// Replicas of `partition` that are up, this node first if it is one.
+    fn live_replicas(&self, partition: u16) -> Vec<NodeId> {
+        let alive = self.replica.membership().alive();
+        let mut nodes: Vec<NodeId> = self
+            .replica
+            .layout()
+            .holders(partition)
+            .into_iter()
+            .filter(|n| *n == self.id || alive.contains(n))
+            .collect();
+        nodes.sort_by_key(|&n| n != self.id);
+        nodes
+    }
+
+    fn on_call(&mut self, call: Call, reply: ReplyTo) {
+        let Some(key) = call.request.key().map(<[u8]>::to_vec) else {
+            let response = self.serve(call.request);
+            return self.answer(reply, response);
+        };
+        let store = self.replica.store().clone();
+        let partition = store.partition_of(&key);
+        let replicas = self.live_replicas(partition);
+        let quorum = usize::from(if call.request.is_write() {
+            call.w
+        } else {
+            call.r
+        })
+        .max(1);
+        let total = self
+            .replica
+            .layout()
+            .current()
+            .replicas(partition)
+            .len()
+            .max(1);
+        if quorum > total {
+            let what = if call.request.is_write() { "w" } else { "r" };
+            let response = Response::Error(format!(
+                "{what}={quorum} exceeds the {total} replicas of this key"
+            ));
+            return self.answer(reply, response);
+        }
+        if replicas.first() != Some(&self.id) {
+            match replicas.first().copied() {
+                Some(target) if !matches!(reply, ReplyTo::Peer { .. }) => {
+                    let id = self.fresh_call_id();
+                    if self.send_to_node(target, Payload::Coordinate { id, call }) {
+                        self.wait(id, Pending::Forwarded { reply });
+                        return;
+                    }
+                    let response = Response::Error("no replica of this key is reachable".into());
+                    return self.answer(reply, response);
+                }
+                _ if quorum > 1 => {
+                    let response = Response::Error(format!(
+                        "no replica of this key is reachable to meet a quorum of {quorum}"
+                    ));
+                    return self.answer(reply, response);
+                }
+                // No replica reachable, or forwarded here by mistake: take
+                // the write here; hand-off delivers it to the replicas.
+                _ => {
+                    let response = self.serve(call.request);
+                    return self.answer(reply, response);
+                }
+            }
+        }
+        let others: Vec<NodeId> = replicas[1..].to_vec();
+        if call.request.is_write() {
+            let response = self.serve(call.request);
+            if matches!(response, Response::Error(_)) {
+                return self.answer(reply, response);
+            }
+            let entry = match store.entry_bytes(&key) {
+                Ok(Some(entry)) => entry,
+                _ => return self.answer(reply, response), // a no-op delete
+            };
+            let id = self.fresh_call_id();
+            let mut sent = 0;
+            for node in others {
+                let payload = Payload::Replicate {
+                    id,
+                    partition,
+                    key: key.clone(),
+                    entry: entry.clone(),
+                    ack: true,
+                };
+                if self.send_to_node(node, payload) {
+                    sent += 1;
+                }
+            }
+            let needed = quorum - 1;
+            if needed == 0 {
+                return self.answer(reply, response);
+            }
+            if sent < needed {
+                let response = Response::Error(format!(
+                    "written on 1 replica, but only {} of the {} more needed for w={quorum} are reachable",
+                    sent, needed
+                ));
+                return self.answer(reply, response);
+            }
+            self.wait(
+                id,
+                Pending::Write {
+                    reply,
+                    response,
+                    needed,
+                    acks: 0,
+                    w: call.w,
+                },
+            );
+        } else {
+            let needed = quorum - 1;
+            if needed == 0 {
+                let response = self.serve(call.request);
+                return self.answer(reply, response);
+            }
+            let id = self.fresh_call_id();
+            let mut sent = 0;
+            for node in others {
+                if self.send_to_node(
+                    node,
+                    Payload::Fetch {
+                        id,
+                        key: key.clone(),
+                    },
+                ) {
+                    sent += 1;
+                }
+            }
+            if sent < needed {
+                let response = Response::Error(format!(
+                    "only {} of the {} more replicas needed for r={quorum} are reachable",
+                    sent, needed
+                ));
+                return self.answer(reply, response);
+            }
+            self.wait(
+                id,
+                Pending::Read {
+                    reply,
+                    call,
+                    partition,
+                    needed,
+                    answers: Vec::new(),
+                },
+            );
+        }
+    }
+
+    fn on_peer(&mut self, from: NodeId, payload: Payload) {
+        match payload {
+            Payload::Core(message) => {
+                match self.replica.handle_message(self.now(), from, message) {
+                    Ok(outputs) => self.carry_out(outputs),
+                    Err(e) => warn!(peer = %from, "refused a peer message: {e}"),
+                }
+            }
+            Payload::Coordinate { id, call } => {
+                self.on_call(call, ReplyTo::Peer { node: from, id })
+            }
+            Payload::Coordinated { id, response } => {
+                if let Some(Pending::Forwarded { reply }) = self.pending.remove(&id) {
+                    self.answer(reply, response);
+                }
+            }
+            Payload::Replicate {
+                id,
+                partition,
+                key,
+                entry,
+                ack,
+            } => {
+                let chunk = ChangeChunk {
+                    partition,
+                    entries: vec![RemoteEntry { key, entry }],
+                    complete: None,
+                };
+                let ok = match self.replica.store().apply(&chunk) {
+                    Ok(_) => true,
+                    Err(e) => {
+                        warn!(peer = %from, "refused a replicated entry: {e}");
+                        false
+                    }
+                };
+                if ack {
+                    self.send_to_node(from, Payload::Replicated { id, ok });
+                }
+            }
+            Payload::Replicated { id, ok } => {
+                let done = match self.pending.get_mut(&id) {
+                    Some(Pending::Write { acks, needed, .. }) if ok => {
+                        *acks += 1;
+                        *acks >= *needed
+                    }
+                    _ => false,
+                };
+                if done {
+                    if let Some(Pending::Write {
+                        reply, response, ..
+                    }) = self.pending.remove(&id)
+                    {
+                        self.answer(reply, response);
+                    }
+                }
+            }
+            Payload::Fetch { id, key } => {
+                let entry = self.replica.store().entry_bytes(&key).ok().flatten();
+                self.send_to_node(from, Payload::Fetched { id, entry });
+            }
+            Payload::Fetched { id, entry } => {
+                let done = match self.pending.get_mut(&id) {
+                    Some(Pending::Read {
+                        answers, needed, ..
+                    }) => {
+                        answers.push((from, entry));
+                        answers.len() >= *needed
+                    }
+                    _ => false,
+                };
+                if done {
+                    if let Some(Pending::Read {
+                        reply,
+                        call,
+                        partition,
+                        answers,
+                        ..
+                    }) = self.pending.remove(&id)
+                    {
+                        self.finish_read(reply, call, partition, answers);
+                    }
+                }
+            }
+        }
+    }
+
+    fn finish_read(
+        &mut self,
+        reply: ReplyTo,
+        call: Call,
+        partition: u16,
+        answers: Vec<(NodeId, Option<Vec<u8>>)>,
+    ) {
+        let store = self.replica.store().clone();
+        let Some(key) = call.request.key().map(<[u8]>::to_vec) else {
+            return;
+        };
+        let entries: Vec<RemoteEntry> = answers
+            .iter()
+            .filter_map(|(_, e)| e.clone())
+            .map(|entry| RemoteEntry {
+                key: key.clone(),
+                entry,
+            })
+            .collect();
+        if !entries.is_empty() {
+            let chunk = ChangeChunk {
+                partition,
+                entries,
+                complete: None,
+            };
+            if let Err(e) = store.apply(&chunk) {
+                warn!("a replica's entry for a read was refused: {e}");
+            }
+        }
+        let response = self.serve(call.request);
+        // Read repair: replicas whose entry differs from the merged one.
+        if let Ok(Some(merged)) = store.entry_bytes(&key) {
+            for (node, entry) in answers {
+                if entry.as_deref() != Some(merged.as_slice()) {
+                    let payload = Payload::Replicate {
+                        id: 0,
+                        partition,
+                        key: key.clone(),
+                        entry: merged.clone(),
+                        ack: false,
+                    };
+                    self.send_to_node(node, payload);
+                }
+            }
+        }
+        self.answer(reply, response);
+    }
+
+    fn expire_pending(&mut self, now: Instant) {
+        while let Some(&(at, id)) = self.deadlines.iter().next() {
+            if at > now {
+                break;
+            }
+            self.deadlines.remove(&(at, id));
+            let response = match self.pending.remove(&id) {
+                None => continue,
+                Some(Pending::Forwarded { reply }) => {
+                    (reply, Response::Error("the replica coordinating this call did not answer in time".into()))
+                }
+                Some(Pending::Write { reply, acks, w, .. }) => (
+                    reply,
+                    Response::Error(format!(
+                        "only {} of w={w} replicas acknowledged in time; the write is kept on those and will spread",
+                        acks + 1
+                    )),
+                ),
+                Some(Pending::Read { reply, call, answers, .. }) => (
+                    reply,
+                    Response::Error(format!(
+                        "only {} of r={} replicas answered in time",
+                        answers.len() + 1,
+                        call.r
+                    )),
+                ),
+            };
+            self.answer(response.0, response.1);
         }
     }
 
@@ -562,10 +1007,10 @@ async fn serve_peer(
         tokio::spawn(async move {
             loop {
                 match frame::read_sized::<Envelope, _>(&mut stream).await {
-                    Ok(Some((Envelope { from, message }, size))) => {
-                        let kind = Metrics::kind_index(message.kind());
+                    Ok(Some((Envelope { from, payload }, size))) => {
+                        let kind = Metrics::kind_index(payload.kind());
                         metrics.peer_bytes_received[kind].fetch_add(size as u64, Relaxed);
-                        if core.send(CoreInput::Peer { from, message }).await.is_err() {
+                        if core.send(CoreInput::Peer { from, payload }).await.is_err() {
                             return;
                         }
                     }
@@ -586,14 +1031,10 @@ async fn serve_client(connection: quinn::Connection, core: mpsc::Sender<CoreInpu
     while let Ok((mut send, mut recv)) = connection.accept_bi().await {
         let core = core.clone();
         tokio::spawn(async move {
-            let response = match frame::read::<Request, _>(&mut recv).await {
-                Ok(Some(request)) => {
+            let response = match frame::read::<Call, _>(&mut recv).await {
+                Ok(Some(call)) => {
                     let (reply, answer) = oneshot::channel();
-                    if core
-                        .send(CoreInput::Client { request, reply })
-                        .await
-                        .is_err()
-                    {
+                    if core.send(CoreInput::Client { call, reply }).await.is_err() {
                         return;
                     }
                     answer

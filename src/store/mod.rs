@@ -331,6 +331,15 @@ impl Store {
         Ok(self.load(key)?.map(|e| e.context))
     }
 
+    /// The key's encoded entry, as `changes_since` would send it: what a
+    /// coordinator replicates to the other replicas after a write.
+    pub fn entry_bytes(&self, key: &[u8]) -> Result<Option<Vec<u8>>> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(ENTRIES)?;
+        let bytes = table.get(key)?;
+        Ok(bytes.map(|b| b.value().to_vec()))
+    }
+
     /// A counter's value; 0 if the key does not exist.
     pub fn counter(&self, key: &[u8]) -> Result<i64> {
         let entry = self.load_as(key, ValueKind::Counter)?;
