@@ -109,6 +109,9 @@ pub struct NodeStatus {
     pub partitions_held: usize,
     pub migrations_in_flight: usize,
     pub anti_entropy_rounds: u64,
+    /// Entries and key + entry bytes in the partitions this node holds.
+    pub entries_held: u64,
+    pub bytes_held: u64,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -101,17 +101,29 @@ impl Cluster {
             metrics: Vec::new(),
             dir,
         };
-        for i in 1..=n {
-            let node_dir = cluster.dir.path().join(format!("node-{i}"));
-            certs::issue(&ca, &format!("node-{i}"), false, &node_dir.join("tls")).unwrap();
-            let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-            let seed = cluster.nodes.first().map(|(_, a)| *a);
-            let metrics: SocketAddr = format!("127.0.0.1:{}", free_tcp_port()).parse().unwrap();
-            cluster.metrics.push(metrics);
-            let mut command = serve_command(&node_dir, i, addr, metrics, seed);
-            cluster.nodes.push((command.spawn().unwrap(), addr));
+        for _ in 0..n {
+            cluster.add_node();
         }
         cluster
+    }
+
+    /// Starts one more node, joining through the first.
+    fn add_node(&mut self) {
+        let i = self.nodes.len() + 1;
+        let node_dir = self.dir.path().join(format!("node-{i}"));
+        certs::issue(
+            &self.dir.path().join("ca"),
+            &format!("node-{i}"),
+            false,
+            &node_dir.join("tls"),
+        )
+        .unwrap();
+        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let seed = self.nodes.first().map(|(_, a)| *a);
+        let metrics: SocketAddr = format!("127.0.0.1:{}", free_tcp_port()).parse().unwrap();
+        self.metrics.push(metrics);
+        let mut command = serve_command(&node_dir, i, addr, metrics, seed);
+        self.nodes.push((command.spawn().unwrap(), addr));
     }
 
     /// kill -9: no shutdown, no flush beyond what was committed.
@@ -444,4 +456,83 @@ async fn writes_at_w2_stay_available_and_survive_when_a_replica_is_killed() {
     greedy.set_quorum(4, 1);
     let err = greedy.put(b"k", b"v", None).await.unwrap_err().to_string();
     assert!(err.contains("w=4 exceeds the 3 replicas"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fourth_node_receives_only_its_share() {
+    let mut cluster = Cluster::start(3);
+    let tls = cluster.client_tls();
+    let mut clients = Vec::new();
+    for i in 0..3 {
+        clients.push(client(cluster.addr(i), &tls).await);
+    }
+    settled(&clients, 3).await;
+    let keys = 1_500u32;
+    for i in 0..keys {
+        clients[0]
+            .put(format!("join-{i:05}").as_bytes(), &[7; 64], None)
+            .await
+            .unwrap();
+    }
+    for c in &clients {
+        eventually("every node holds every key", || async {
+            c.status()
+                .await
+                .is_ok_and(|s| s.entries_held == u64::from(keys))
+        })
+        .await;
+    }
+    cluster.add_node();
+    let newcomer = client(cluster.addr(3), &tls).await;
+    clients.push(newcomer);
+    eventually(
+        "four members, the layout change complete, partitions handed off",
+        || async {
+            for c in &clients {
+                let Ok(s) = c.status().await else {
+                    return false;
+                };
+                if s.members_alive != 4
+                    || s.layout_version != s.layout_completed
+                    || s.partitions_held != 192
+                    || s.migrations_in_flight > 0
+                {
+                    return false;
+                }
+            }
+            true
+        },
+    )
+    .await;
+    let status = clients[3].status().await.unwrap();
+    let text = scrape(cluster.metrics[3]);
+    let received: f64 = ["migration", "repair"]
+        .iter()
+        .map(|kind| {
+            metric(
+                &text,
+                &format!("gossipkv_peer_bytes_received_total{{kind=\"{kind}\"}}"),
+            )
+            .unwrap_or(0.0)
+        })
+        .sum();
+    let share = status.bytes_held as f64;
+    println!(
+        "join: received {received} bytes for a share of {share} ({:.3})",
+        received / share
+    );
+    assert!(
+        status.entries_held > 0 && status.entries_held < u64::from(keys),
+        "{status:?}"
+    );
+    // Framing and the version vectors of each stream add a little; a full
+    // copy of the data set would be four thirds of the share.
+    assert!(
+        received <= 1.25 * share,
+        "received {received} bytes for a share of {share}"
+    );
+    assert!(
+        received >= 0.9 * share,
+        "received {received} bytes for a share of {share}"
+    );
 }

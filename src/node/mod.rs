@@ -856,7 +856,7 @@ impl Core {
     }
 
     fn refresh_metrics(&self) {
-        let status = self.status();
+        let status = self.status(false);
         let stats = self.replica.stats();
         let Ok(mut core) = self.metrics.core.lock() else {
             return;
@@ -939,7 +939,7 @@ impl Core {
                 .set_members(&key)
                 .map(Response::Members)
                 .map_err(|e| e.to_string()),
-            Request::Status => Ok(Response::Status(self.status())),
+            Request::Status => Ok(Response::Status(self.status(true))),
         })();
         result.unwrap_or_else(|e| {
             self.metrics.client_errors.fetch_add(1, Relaxed);
@@ -947,9 +947,20 @@ impl Core {
         })
     }
 
-    fn status(&self) -> NodeStatus {
+    /// The node's status; `sizes` also counts the entries and bytes held,
+    /// which scans the held partitions (for status requests, not metrics).
+    fn status(&self, sizes: bool) -> NodeStatus {
         let layout = self.replica.layout();
         let members = self.replica.membership().members();
+        let (mut entries_held, mut bytes_held) = (0, 0);
+        for p in 0..layout.current().partitions() {
+            if sizes && layout.holds(self.id, p) {
+                if let Ok(stats) = self.replica.store().partition_stats(p) {
+                    entries_held += stats.entries;
+                    bytes_held += stats.bytes;
+                }
+            }
+        }
         NodeStatus {
             node_id: self.id.to_string(),
             members_alive: self.replica.membership().alive().len() + 1,
@@ -961,6 +972,8 @@ impl Core {
                 .count(),
             migrations_in_flight: self.replica.migrating().len(),
             anti_entropy_rounds: self.replica.stats().rounds_started,
+            entries_held,
+            bytes_held,
         }
     }
 }
