@@ -194,6 +194,33 @@ async fn settled(clients: &[Client], n: usize) {
     .await;
 }
 
+/// Waits until every node answers every acknowledged key (read at `r`) and
+/// `counter` equals the acknowledged adds.
+async fn all_hold(
+    cluster: &Cluster,
+    tls: &TlsIdentity,
+    r: u8,
+    keys: &[String],
+    counter: &[u8],
+    adds: i64,
+) {
+    for node in 0..cluster.nodes.len() {
+        let mut c = client(cluster.addr(node), tls).await;
+        c.set_quorum(1, r);
+        for key in keys {
+            eventually(
+                "every acknowledged write is readable on every node",
+                || async { matches!(c.get(key.as_bytes()).await, Ok(Some(_))) },
+            )
+            .await;
+        }
+        eventually("the counter equals the acknowledged adds", || async {
+            c.counter(counter).await.ok() == Some(adds)
+        })
+        .await;
+    }
+}
+
 /// Polls `check` until it holds, for at most 60 s.
 async fn eventually<F, Fut>(what: &str, mut check: F)
 where
@@ -388,20 +415,7 @@ async fn acknowledged_writes_survive_kill_minus_nine_and_counters_sum_exactly() 
         "the writer stopped before the kill"
     );
     cluster.restart(1);
-    for node in 0..3 {
-        let c = client(cluster.addr(node), &tls).await;
-        for key in &acknowledged {
-            eventually(
-                "every acknowledged write is readable on every node",
-                || async { matches!(c.get(key.as_bytes()).await, Ok(Some(_))) },
-            )
-            .await;
-        }
-        eventually("the counter equals the acknowledged adds", || async {
-            c.counter(b"acks").await.ok() == Some(adds)
-        })
-        .await;
-    }
+    all_hold(&cluster, &tls, 1, &acknowledged, b"acks", adds).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -437,20 +451,7 @@ async fn writes_at_w2_stay_available_and_survive_when_a_replica_is_killed() {
         acknowledged.len()
     );
     cluster.restart(1);
-    for node in 0..3 {
-        let mut c = client(cluster.addr(node), &tls).await;
-        c.set_quorum(1, 2);
-        for key in &acknowledged {
-            eventually("every W=2 write is readable at R=2", || async {
-                matches!(c.get(key.as_bytes()).await, Ok(Some(_)))
-            })
-            .await;
-        }
-        eventually("the counter equals the acknowledged adds", || async {
-            c.counter(b"w2-adds").await.ok() == Some(adds)
-        })
-        .await;
-    }
+    all_hold(&cluster, &tls, 2, &acknowledged, b"w2-adds", adds).await;
     // A quorum larger than the replica count is a clear error.
     let mut greedy = client(cluster.addr(0), &tls).await;
     greedy.set_quorum(4, 1);

@@ -108,36 +108,18 @@ fn serve_config(args: ServeArgs) -> Result<NodeConfig> {
         Some(path) => FileConfig::load(path)?,
         None => FileConfig::default(),
     };
-    if args.node_id.is_some() {
-        file.node_id = args.node_id;
-    }
-    if args.data_dir.is_some() {
-        file.data_dir = args.data_dir;
-    }
-    if args.listen.is_some() {
-        file.listen = args.listen;
-    }
+    file.node_id = args.node_id.or(file.node_id);
+    file.data_dir = args.data_dir.or(file.data_dir);
+    file.listen = args.listen.or(file.listen);
     if !args.seeds.is_empty() {
         file.seeds = args.seeds;
     }
-    if args.tls_dir.is_some() {
-        file.tls_dir = args.tls_dir;
-    }
-    if args.insecure {
-        file.insecure = true;
-    }
-    if args.capacity.is_some() {
-        file.capacity = args.capacity;
-    }
-    if args.zone.is_some() {
-        file.zone = args.zone;
-    }
-    if args.replicas.is_some() {
-        file.replicas = args.replicas;
-    }
-    if args.metrics_listen.is_some() {
-        file.metrics_listen = args.metrics_listen;
-    }
+    file.tls_dir = args.tls_dir.or(file.tls_dir);
+    file.insecure |= args.insecure;
+    file.capacity = args.capacity.or(file.capacity);
+    file.zone = args.zone.or(file.zone);
+    file.replicas = args.replicas.or(file.replicas);
+    file.metrics_listen = args.metrics_listen.or(file.metrics_listen);
     Ok(NodeConfig::from_file(file)?)
 }
 
