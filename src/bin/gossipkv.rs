@@ -48,6 +48,9 @@ struct ServeArgs {
     /// Address to listen on for peers and clients (default 127.0.0.1:7000).
     #[arg(long)]
     listen: Option<String>,
+    /// Address peers reach this node at, if not --listen (e.g. with 0.0.0.0).
+    #[arg(long)]
+    advertise: Option<String>,
     /// Addresses of nodes to join through, comma-separated.
     #[arg(long, value_delimiter = ',')]
     seeds: Vec<String>,
@@ -111,6 +114,7 @@ fn serve_config(args: ServeArgs) -> Result<NodeConfig> {
     file.node_id = args.node_id.or(file.node_id);
     file.data_dir = args.data_dir.or(file.data_dir);
     file.listen = args.listen.or(file.listen);
+    file.advertise = args.advertise.or(file.advertise);
     if !args.seeds.is_empty() {
         file.seeds = args.seeds;
     }

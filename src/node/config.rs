@@ -4,6 +4,7 @@
 //! node_id = "00000000000000a1"   # 16 hex digits; default: the store's own
 //! data_dir = "/var/lib/gossipkv"
 //! listen = "127.0.0.1:7000"
+//! advertise = "10.0.0.5:7000"       # what peers dial; default: listen
 //! seeds = ["127.0.0.1:7001"]
 //! tls_dir = "/etc/gossipkv/tls"  # or insecure = true, for experiments
 //! capacity = 100
@@ -44,6 +45,9 @@ pub struct FileConfig {
     pub node_id: Option<String>,
     pub data_dir: Option<PathBuf>,
     pub listen: Option<String>,
+    /// The address peers reach this node at, when it differs from `listen`
+    /// (e.g. listening on 0.0.0.0).
+    pub advertise: Option<String>,
     #[serde(default)]
     pub seeds: Vec<String>,
     pub tls_dir: Option<PathBuf>,
@@ -92,6 +96,7 @@ pub struct NodeConfig {
     pub node_id: Option<NodeId>,
     pub data_dir: PathBuf,
     pub listen: SocketAddr,
+    pub advertise: SocketAddr,
     pub seeds: Vec<SocketAddr>,
     pub security: Security,
     pub capacity: u32,
@@ -124,6 +129,18 @@ impl NodeConfig {
             flag: "data-dir",
         })?;
         let listen = addr("listen", file.listen.as_deref().unwrap_or("127.0.0.1:7000"))?;
+        let advertise = match file.advertise.as_deref() {
+            Some(text) => addr("advertise", text)?,
+            None if listen.ip().is_unspecified() => {
+                return Err(ConfigError::Invalid {
+                    field: "advertise",
+                    reason: format!(
+                        "listen is {listen}, so peers need the address to reach this node at"
+                    ),
+                })
+            }
+            None => listen,
+        };
         let seeds = file
             .seeds
             .iter()
@@ -176,6 +193,7 @@ impl NodeConfig {
             node_id,
             data_dir,
             listen,
+            advertise,
             seeds,
             security,
             capacity,
@@ -224,6 +242,10 @@ mod tests {
                 "seeds",
             ),
             ("data_dir = \"d\"\ninsecure = true\ncolour = 1", "colour"),
+            (
+                "data_dir = \"d\"\ninsecure = true\nlisten = \"0.0.0.0:7000\"",
+                "advertise",
+            ),
         ];
         for (text, field) in cases {
             let err = parse(text).unwrap_err().to_string();

@@ -284,7 +284,7 @@ pub async fn run(config: NodeConfig, shutdown: impl Future<Output = ()>) -> Resu
     let seed = u64::from(incarnation) ^ id.0 ^ u64::from(std::process::id());
     let replica = Replica::new(
         store.clone(),
-        config.listen,
+        config.advertise,
         incarnation,
         meta,
         layout,
