@@ -7,7 +7,7 @@
 use crate::certs::SERVER_NAME;
 use crate::crdt::{CausalContext, Value};
 use crate::transport::tls::{client_config, TlsIdentity};
-use crate::transport::{frame, ALPN_CLIENT};
+use crate::transport::{frame, ALPN_ADMIN, ALPN_CLIENT};
 use serde::{Deserialize, Serialize};
 use std::net::SocketAddr;
 
@@ -49,6 +49,25 @@ pub enum Request {
         key: Vec<u8>,
     },
     Status,
+    // Admin and inspection (admin ALPN only).
+    /// Every member this node knows, with state and metadata.
+    ClusterMembers,
+    /// The layout: replicas per partition and the change in progress.
+    Layout,
+    /// The partitions this node holds: size, vector and its digest.
+    Partitions,
+    /// The key as each of its replicas holds it.
+    Inspect {
+        key: Vec<u8>,
+    },
+    /// Partitions migrating into this node.
+    Migrations,
+    /// Join the cluster through `seed` (a node started without seeds).
+    Join {
+        seed: SocketAddr,
+    },
+    /// Decommission: hand every partition off, then leave.
+    Leave,
 }
 
 impl Request {
@@ -64,18 +83,41 @@ impl Request {
             | Request::SetAdd { key, .. }
             | Request::SetRemove { key, .. }
             | Request::SetMembers { key } => Some(key),
-            Request::Status => None,
+            Request::Inspect { key } => Some(key),
+            Request::Status
+            | Request::ClusterMembers
+            | Request::Layout
+            | Request::Partitions
+            | Request::Migrations
+            | Request::Join { .. }
+            | Request::Leave => None,
         }
     }
 
     /// Whether the request changes data (and so waits for `w` replicas).
     pub fn is_write(&self) -> bool {
-        !matches!(
+        matches!(
             self,
-            Request::Get { .. }
-                | Request::CounterGet { .. }
-                | Request::SetMembers { .. }
-                | Request::Status
+            Request::Put { .. }
+                | Request::PutLww { .. }
+                | Request::Delete { .. }
+                | Request::CounterAdd { .. }
+                | Request::SetAdd { .. }
+                | Request::SetRemove { .. }
+        )
+    }
+
+    /// Admin and inspection requests, served on the admin ALPN only.
+    pub fn is_admin(&self) -> bool {
+        matches!(
+            self,
+            Request::ClusterMembers
+                | Request::Layout
+                | Request::Partitions
+                | Request::Inspect { .. }
+                | Request::Migrations
+                | Request::Join { .. }
+                | Request::Leave
         )
     }
 }
@@ -115,12 +157,62 @@ pub struct NodeStatus {
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemberInfo {
+    pub id: String,
+    pub addr: String,
+    /// alive, suspect, down or left (this node: "self").
+    pub state: String,
+    pub zone: Option<String>,
+    pub capacity: Option<u32>,
+    pub partitions_held: usize,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LayoutInfo {
+    pub version: u64,
+    pub completed: u64,
+    /// Per partition, its replicas (node ids) in the current layout.
+    pub replicas: Vec<Vec<String>>,
+    /// Replicas gaining a partition that are not ready yet: (partition, node).
+    pub pending: Vec<(u16, String)>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PartitionInfo {
+    pub partition: u16,
+    pub entries: u64,
+    pub bytes: u64,
+    /// The hash anti-entropy compares.
+    pub digest: u64,
+    /// The version vector: per node, the contiguous base and any dots above it.
+    pub version: Vec<(String, u64, Vec<u64>)>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplicaView {
+    pub node: String,
+    /// False if the replica did not answer in time.
+    pub answered: bool,
+    pub record: Option<WireRecord>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Response {
     Record(Option<WireRecord>),
     Context(Vec<u8>),
     Counter(i64),
     Members(Vec<Vec<u8>>),
     Status(NodeStatus),
+    ClusterMembers(Vec<MemberInfo>),
+    Layout(LayoutInfo),
+    Partitions(Vec<PartitionInfo>),
+    Inspect(Vec<ReplicaView>),
+    /// (partition, source node) of migrations in flight, and how many wait.
+    Migrations {
+        in_flight: Vec<(u16, String)>,
+        waiting: usize,
+    },
+    Done,
     /// The request failed; the text says why.
     Error(String),
 }
@@ -162,6 +254,22 @@ impl Client {
         addr: SocketAddr,
         tls: Option<&TlsIdentity>,
     ) -> Result<Client, ClientError> {
+        Self::connect_on(addr, tls, ALPN_CLIENT).await
+    }
+
+    /// Connects for admin and inspection requests (what kvctl uses).
+    pub async fn connect_admin(
+        addr: SocketAddr,
+        tls: Option<&TlsIdentity>,
+    ) -> Result<Client, ClientError> {
+        Self::connect_on(addr, tls, ALPN_ADMIN).await
+    }
+
+    async fn connect_on(
+        addr: SocketAddr,
+        tls: Option<&TlsIdentity>,
+        alpn: &[u8],
+    ) -> Result<Client, ClientError> {
         let connect_err = |reason: String| ClientError::Connect { addr, reason };
         let bind: SocketAddr = if addr.is_ipv6() {
             "[::1]:0"
@@ -176,7 +284,7 @@ impl Client {
             SocketAddr::new(std::net::Ipv4Addr::UNSPECIFIED.into(), 0)
         };
         let mut endpoint = quinn::Endpoint::client(bind).map_err(|e| connect_err(e.to_string()))?;
-        endpoint.set_default_client_config(client_config(tls, ALPN_CLIENT)?);
+        endpoint.set_default_client_config(client_config(tls, alpn)?);
         let connection = endpoint
             .connect(addr, SERVER_NAME)
             .map_err(|e| connect_err(e.to_string()))?

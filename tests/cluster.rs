@@ -537,3 +537,74 @@ async fn a_fourth_node_receives_only_its_share() {
         "received {received} bytes for a share of {share}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_endpoints_show_members_layout_partitions_and_a_key_on_each_replica() {
+    use gossipkv::client::{Request, Response};
+    let cluster = Cluster::start(3);
+    let tls = cluster.client_tls();
+    let mut clients = Vec::new();
+    for i in 0..3 {
+        clients.push(client(cluster.addr(i), &tls).await);
+    }
+    settled(&clients, 3).await;
+    clients[0].put(b"shown", b"everywhere", None).await.unwrap();
+    let admin = Client::connect_admin(cluster.addr(1), Some(&tls))
+        .await
+        .unwrap();
+
+    let Response::ClusterMembers(members) = admin.request(&Request::ClusterMembers).await.unwrap()
+    else {
+        panic!("members")
+    };
+    assert_eq!(members.len(), 3);
+    assert_eq!(
+        members.iter().filter(|m| m.state == "alive").count(),
+        2,
+        "{members:?}"
+    );
+    assert!(members
+        .iter()
+        .all(|m| m.partitions_held == 256 && m.capacity == Some(100)));
+
+    let Response::Layout(layout) = admin.request(&Request::Layout).await.unwrap() else {
+        panic!("layout")
+    };
+    assert_eq!(layout.replicas.len(), 256);
+    assert!(layout.replicas.iter().all(|r| r.len() == 3));
+    assert!(layout.pending.is_empty() && layout.version == layout.completed);
+
+    let Response::Partitions(partitions) = admin.request(&Request::Partitions).await.unwrap()
+    else {
+        panic!("partitions")
+    };
+    assert_eq!(partitions.len(), 256);
+
+    eventually("every replica agrees on the key", || async {
+        match admin
+            .request(&Request::Inspect {
+                key: b"shown".to_vec(),
+            })
+            .await
+        {
+            Ok(Response::Inspect(views)) => {
+                views.len() == 3
+                    && views.iter().all(|v| {
+                        v.answered
+                            && v.record.as_ref().map(|r| &r.value)
+                                == Some(&Value::Register(vec![b"everywhere".to_vec()]))
+                    })
+            }
+            _ => false,
+        }
+    })
+    .await;
+
+    // Admin requests are refused on the client protocol.
+    let err = clients[0]
+        .request(&Request::Layout)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("admin protocol"), "{err}");
+}

@@ -19,7 +19,10 @@
 pub mod config;
 pub mod metrics;
 
-use crate::client::{Call, NodeStatus, Request, Response, WireRecord};
+use crate::client::{
+    Call, LayoutInfo, MemberInfo, NodeStatus, PartitionInfo, ReplicaView, Request, Response,
+    WireRecord,
+};
 use crate::crdt::{CausalContext, NodeId};
 use crate::replication::layout::NodeSpec;
 use crate::replication::layout_state::LayoutState;
@@ -158,6 +161,13 @@ enum Pending {
         needed: usize,
         acks: usize,
         w: u8,
+    },
+    /// Showing a key on each replica; waiting for `waiting` to answer.
+    Inspect {
+        reply: ReplyTo,
+        key: Vec<u8>,
+        answers: Vec<(NodeId, Option<Vec<u8>>)>,
+        waiting: Vec<NodeId>,
     },
     /// Read here; waiting for `needed` more replicas' entries.
     Read {
@@ -554,6 +564,9 @@ impl Core {
     }
 
     fn on_call(&mut self, call: Call, reply: ReplyTo) {
+        if call.request.is_admin() {
+            return self.admin(call.request, reply);
+        }
         let Some(key) = call.request.key().map(<[u8]>::to_vec) else {
             let response = self.serve(call.request);
             return self.answer(reply, response);
@@ -751,6 +764,25 @@ impl Core {
                 self.send_to_node(from, Payload::Fetched { id, entry });
             }
             Payload::Fetched { id, entry } => {
+                if let Some(Pending::Inspect {
+                    answers, waiting, ..
+                }) = self.pending.get_mut(&id)
+                {
+                    waiting.retain(|&n| n != from);
+                    answers.push((from, entry));
+                    if waiting.is_empty() {
+                        if let Some(Pending::Inspect {
+                            reply,
+                            key,
+                            answers,
+                            ..
+                        }) = self.pending.remove(&id)
+                        {
+                            self.finish_inspect(reply, &key, answers, Vec::new());
+                        }
+                    }
+                    return;
+                }
                 let done = match self.pending.get_mut(&id) {
                     Some(Pending::Read {
                         answers, needed, ..
@@ -824,6 +856,181 @@ impl Core {
         self.answer(reply, response);
     }
 
+    fn admin(&mut self, request: Request, reply: ReplyTo) {
+        let layout = self.replica.layout().clone();
+        let store = self.replica.store().clone();
+        let response = match request {
+            Request::ClusterMembers => {
+                let mut members = vec![MemberInfo {
+                    id: self.id.to_string(),
+                    addr: self
+                        .replica
+                        .membership()
+                        .addr_of(self.id)
+                        .map(|a| a.to_string())
+                        .unwrap_or_default(),
+                    state: "self".into(),
+                    zone: self.replica.membership().meta().zone.clone(),
+                    capacity: Some(self.replica.membership().meta().capacity),
+                    partitions_held: layout.current().partitions_of(self.id).len(),
+                }];
+                for m in self.replica.membership().members() {
+                    members.push(MemberInfo {
+                        id: m.id.to_string(),
+                        addr: m.addr.to_string(),
+                        state: format!("{:?}", m.state).to_lowercase(),
+                        zone: m.meta.as_ref().and_then(|meta| meta.zone.clone()),
+                        capacity: m.meta.as_ref().map(|meta| meta.capacity),
+                        partitions_held: layout.current().partitions_of(m.id).len(),
+                    });
+                }
+                Response::ClusterMembers(members)
+            }
+            Request::Layout => {
+                let current = layout.current();
+                let replicas = (0..current.partitions())
+                    .map(|p| current.replicas(p).iter().map(NodeId::to_string).collect())
+                    .collect();
+                let pending = current
+                    .nodes()
+                    .into_iter()
+                    .flat_map(|n| {
+                        layout
+                            .pending_migrations(n)
+                            .into_iter()
+                            .map(move |p| (p, n.to_string()))
+                    })
+                    .collect();
+                Response::Layout(LayoutInfo {
+                    version: current.version(),
+                    completed: layout.completed().version(),
+                    replicas,
+                    pending,
+                })
+            }
+            Request::Partitions => match store.partition_versions() {
+                Ok(versions) => {
+                    let mut rows = Vec::new();
+                    for (p, vv) in versions.iter().enumerate() {
+                        let p = p as u16;
+                        if !layout.holds(self.id, p) && vv.is_empty() {
+                            continue;
+                        }
+                        let stats = store.partition_stats(p).unwrap_or_default();
+                        let version = vv
+                            .nodes()
+                            .map(|n| (n.to_string(), vv.base(n), vv.extra(n).collect()))
+                            .collect();
+                        rows.push(PartitionInfo {
+                            partition: p,
+                            entries: stats.entries,
+                            bytes: stats.bytes,
+                            digest: crate::replication::replica::vector_hash(vv),
+                            version,
+                        });
+                    }
+                    Response::Partitions(rows)
+                }
+                Err(e) => Response::Error(e.to_string()),
+            },
+            Request::Inspect { key } => {
+                let partition = store.partition_of(&key);
+                let holders = layout.holders(partition);
+                let mine = if holders.contains(&self.id) {
+                    Some(store.entry_bytes(&key).ok().flatten())
+                } else {
+                    None
+                };
+                let id = self.fresh_call_id();
+                let mut waiting = Vec::new();
+                let me = self.id;
+                for node in holders.into_iter().filter(|&n| n != me) {
+                    if self.send_to_node(
+                        node,
+                        Payload::Fetch {
+                            id,
+                            key: key.clone(),
+                        },
+                    ) {
+                        waiting.push(node);
+                    }
+                }
+                let answers: Vec<(NodeId, Option<Vec<u8>>)> =
+                    mine.map(|m| (self.id, m)).into_iter().collect();
+                if waiting.is_empty() {
+                    return self.finish_inspect(reply, &key, answers, Vec::new());
+                }
+                self.wait(
+                    id,
+                    Pending::Inspect {
+                        reply,
+                        key,
+                        answers,
+                        waiting,
+                    },
+                );
+                return;
+            }
+            Request::Migrations => Response::Migrations {
+                in_flight: self
+                    .replica
+                    .migration_sources()
+                    .into_iter()
+                    .map(|(p, n)| (p, n.to_string()))
+                    .collect(),
+                waiting: layout
+                    .pending_migrations(self.id)
+                    .len()
+                    .saturating_sub(self.replica.migrating().len()),
+            },
+            Request::Join { seed } => {
+                let outputs = self.replica.join(self.now(), seed);
+                self.carry_out(outputs);
+                Response::Done
+            }
+            Request::Leave => {
+                let outputs = self.replica.leave(self.now());
+                self.carry_out(outputs);
+                Response::Done
+            }
+            other => Response::Error(format!("{other:?} is not an admin request")),
+        };
+        self.answer(reply, response);
+    }
+
+    fn finish_inspect(
+        &mut self,
+        reply: ReplyTo,
+        key: &[u8],
+        answers: Vec<(NodeId, Option<Vec<u8>>)>,
+        silent: Vec<NodeId>,
+    ) {
+        let mut views: Vec<ReplicaView> = answers
+            .into_iter()
+            .map(|(node, entry)| {
+                let record = entry
+                    .and_then(|bytes| crate::store::decode_record(key, &bytes).ok().flatten())
+                    .map(|r| WireRecord {
+                        value: r.value,
+                        context: r.context.to_bytes(),
+                        other_kinds: r.other_kinds,
+                    });
+                ReplicaView {
+                    node: node.to_string(),
+                    answered: true,
+                    record,
+                }
+            })
+            .collect();
+        views.extend(silent.into_iter().map(|n| ReplicaView {
+            node: n.to_string(),
+            answered: false,
+            record: None,
+        }));
+        views.sort_by(|a, b| a.node.cmp(&b.node));
+        self.answer(reply, Response::Inspect(views));
+    }
+
     fn expire_pending(&mut self, now: Instant) {
         while let Some(&(at, id)) = self.deadlines.iter().next() {
             if at > now {
@@ -842,6 +1049,10 @@ impl Core {
                         acks + 1
                     )),
                 ),
+                Some(Pending::Inspect { reply, key, answers, waiting }) => {
+                    self.finish_inspect(reply, &key, answers, waiting);
+                    continue;
+                }
                 Some(Pending::Read { reply, call, answers, .. }) => (
                     reply,
                     Response::Error(format!(
@@ -940,6 +1151,9 @@ impl Core {
                 .map(Response::Members)
                 .map_err(|e| e.to_string()),
             Request::Status => Ok(Response::Status(self.status(true))),
+            admin => Err(format!(
+                "{admin:?} is an admin request; it is served on the admin protocol"
+            )),
         })();
         result.unwrap_or_else(|e| {
             self.metrics.client_errors.fetch_add(1, Relaxed);
@@ -1001,7 +1215,8 @@ async fn accept_loop(
                 .and_then(|d| d.protocol);
             match alpn.as_deref() {
                 Some(ALPN_PEER) => serve_peer(connection, core, metrics).await,
-                Some(ALPN_CLIENT) | Some(ALPN_ADMIN) => serve_client(connection, core).await,
+                Some(ALPN_CLIENT) => serve_client(connection, core, false).await,
+                Some(ALPN_ADMIN) => serve_client(connection, core, true).await,
                 _ => connection.close(1u32.into(), b"unknown protocol"),
             }
         });
@@ -1039,12 +1254,17 @@ async fn serve_peer(
     }
 }
 
-async fn serve_client(connection: quinn::Connection, core: mpsc::Sender<CoreInput>) {
+/// Serves client (or, with `admin`, admin) requests on one connection.
+async fn serve_client(connection: quinn::Connection, core: mpsc::Sender<CoreInput>, admin: bool) {
     let remote = connection.remote_address();
     while let Ok((mut send, mut recv)) = connection.accept_bi().await {
         let core = core.clone();
         tokio::spawn(async move {
             let response = match frame::read::<Call, _>(&mut recv).await {
+                Ok(Some(call)) if call.request.is_admin() && !admin => Response::Error(
+                    "admin requests are served on the admin protocol (kvctl), not the client one"
+                        .into(),
+                ),
                 Ok(Some(call)) => {
                     let (reply, answer) = oneshot::channel();
                     if core.send(CoreInput::Client { call, reply }).await.is_err() {

@@ -261,6 +261,14 @@ impl Replica {
         self.migrations.keys().copied().collect()
     }
 
+    /// Migrations in flight: (partition, source node).
+    pub fn migration_sources(&self) -> Vec<(u16, NodeId)> {
+        self.migrations
+            .iter()
+            .map(|(&p, m)| (p, m.source))
+            .collect()
+    }
+
     /// Schedules the first rounds, spread so that nodes do not beat in step.
     #[must_use]
     pub fn start(&mut self, now: Duration) -> Vec<Output> {

@@ -468,6 +468,12 @@ fn fixed<const N: usize>(bytes: &[u8], path: &str, field: &str) -> Result<[u8; N
     })
 }
 
+/// The read view of an encoded entry (as `entry_bytes` returns it), for
+/// showing another replica's state of a key.
+pub fn decode_record(key: &[u8], bytes: &[u8]) -> Result<Option<Record>> {
+    Ok(decode_entry(key, bytes)?.into_record())
+}
+
 pub(crate) fn decode_entry(key: &[u8], bytes: &[u8]) -> Result<Entry> {
     Entry::decode(bytes).map_err(|e| Error::Corrupt {
         what: format!("entry {}", show_key(key)),
