@@ -278,6 +278,10 @@ async fn a_write_through_one_node_is_read_through_the_others_and_concurrent_writ
         "{text}"
     );
     assert_eq!(metric(&text, "gossipkv_members_alive"), Some(3.0));
+    assert!(
+        metric(&text, "gossipkv_client_request_duration_seconds_count").unwrap() > 0.0,
+        "{text}"
+    );
 
     clients[2].counter_add(b"visits", 5).await.unwrap();
     clients[0].counter_add(b"visits", -2).await.unwrap();
@@ -553,19 +557,23 @@ async fn admin_endpoints_show_members_layout_partitions_and_a_key_on_each_replic
         .await
         .unwrap();
 
-    let Response::ClusterMembers(members) = admin.request(&Request::ClusterMembers).await.unwrap()
-    else {
-        panic!("members")
-    };
-    assert_eq!(members.len(), 3);
-    assert_eq!(
-        members.iter().filter(|m| m.state == "alive").count(),
-        2,
-        "{members:?}"
-    );
-    assert!(members
-        .iter()
-        .all(|m| m.partitions_held == 256 && m.capacity == Some(100)));
+    // Metadata spreads by gossip: wait until node 2 knows everyone's.
+    eventually(
+        "members with their state, capacity and partitions",
+        || async {
+            let Ok(Response::ClusterMembers(members)) =
+                admin.request(&Request::ClusterMembers).await
+            else {
+                return false;
+            };
+            members.len() == 3
+                && members.iter().filter(|m| m.state == "alive").count() == 2
+                && members
+                    .iter()
+                    .all(|m| m.partitions_held == 256 && m.capacity == Some(100))
+        },
+    )
+    .await;
 
     let Response::Layout(layout) = admin.request(&Request::Layout).await.unwrap() else {
         panic!("layout")
@@ -607,4 +615,67 @@ async fn admin_endpoints_show_members_layout_partitions_and_a_key_on_each_replic
         .unwrap_err()
         .to_string();
     assert!(err.contains("admin protocol"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_back_from_downtime_receives_only_what_changed() {
+    let mut cluster = Cluster::start(3);
+    let tls = cluster.client_tls();
+    let mut clients = Vec::new();
+    for i in 0..3 {
+        clients.push(client(cluster.addr(i), &tls).await);
+    }
+    settled(&clients, 3).await;
+    let keys = 1_500u32;
+    for i in 0..keys {
+        clients[0]
+            .put(format!("r-{i:05}").as_bytes(), &[3; 64], None)
+            .await
+            .unwrap();
+    }
+    for c in &clients {
+        eventually("every node holds every key", || async {
+            c.status()
+                .await
+                .is_ok_and(|s| s.entries_held == u64::from(keys))
+        })
+        .await;
+    }
+    cluster.kill(2);
+    // 1% of the keys change while node 3 is away.
+    for i in (0..keys).step_by(100) {
+        clients[0]
+            .put(format!("r-{i:05}").as_bytes(), &[4; 64], None)
+            .await
+            .unwrap();
+    }
+    cluster.restart(2);
+    let back = client(cluster.addr(2), &tls).await;
+    let changed = format!("r-{:05}", 100);
+    eventually("the returning node has the changes", || async {
+        matches!(back.get(changed.as_bytes()).await, Ok(Some(r)) if r.value == Value::Register(vec![vec![4; 64]]))
+            && back.status().await.is_ok_and(|s| s.entries_held == u64::from(keys))
+    })
+    .await;
+    // The restarted process's counters start at zero: all it received.
+    let text = scrape(cluster.metrics[2]);
+    let received: f64 = ["migration", "repair"]
+        .iter()
+        .map(|kind| {
+            metric(
+                &text,
+                &format!("gossipkv_peer_bytes_received_total{{kind=\"{kind}\"}}"),
+            )
+            .unwrap_or(0.0)
+        })
+        .sum();
+    let share = back.status().await.unwrap().bytes_held as f64;
+    println!(
+        "rejoin: received {received} bytes, {:.3} of a full copy ({share})",
+        received / share
+    );
+    assert!(
+        received <= 0.1 * share,
+        "a rejoin moved {received} bytes of a {share}-byte share"
+    );
 }

@@ -24,6 +24,8 @@ pub struct Metrics {
     pub peer_bytes_sent: [AtomicU64; 6],
     pub peer_bytes_received: [AtomicU64; 6],
     pub client_requests: AtomicU64,
+    /// Client request latency at the node, from request to answer.
+    pub request_latency: Histogram,
     pub client_errors: AtomicU64,
     /// Gauges and core counters, refreshed by the core loop.
     pub core: Mutex<BTreeMap<&'static str, u64>>,
@@ -90,7 +92,55 @@ impl Metrics {
                 vec![(String::new(), value)],
             );
         }
+        self.request_latency.render(
+            "client_request_duration_seconds",
+            "Client request latency at the node, including quorum waits.",
+            &mut out,
+        );
         out
+    }
+}
+
+/// Upper bounds of the latency buckets, in seconds.
+const BUCKETS: [f64; 8] = [0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0];
+
+/// A Prometheus histogram with fixed buckets.
+#[derive(Default)]
+pub struct Histogram {
+    /// Observations at or below each bound (cumulative when rendered).
+    buckets: [AtomicU64; 8],
+    count: AtomicU64,
+    sum_micros: AtomicU64,
+}
+
+impl Histogram {
+    pub fn observe(&self, elapsed: std::time::Duration) {
+        let seconds = elapsed.as_secs_f64();
+        if let Some(i) = BUCKETS.iter().position(|&b| seconds <= b) {
+            self.buckets[i].fetch_add(1, Ordering::Relaxed);
+        }
+        self.count.fetch_add(1, Ordering::Relaxed);
+        self.sum_micros
+            .fetch_add(elapsed.as_micros() as u64, Ordering::Relaxed);
+    }
+
+    fn render(&self, name: &str, help: &str, out: &mut String) {
+        let _ = writeln!(
+            out,
+            "# HELP gossipkv_{name} {help}\n# TYPE gossipkv_{name} histogram"
+        );
+        let mut cumulative = 0;
+        for (bound, bucket) in BUCKETS.iter().zip(&self.buckets) {
+            cumulative += bucket.load(Ordering::Relaxed);
+            let _ = writeln!(out, "gossipkv_{name}_bucket{{le=\"{bound}\"}} {cumulative}");
+        }
+        let count = self.count.load(Ordering::Relaxed);
+        let _ = writeln!(out, "gossipkv_{name}_bucket{{le=\"+Inf\"}} {count}");
+        let sum = self.sum_micros.load(Ordering::Relaxed) as f64 / 1e6;
+        let _ = writeln!(
+            out,
+            "gossipkv_{name}_sum {sum}\ngossipkv_{name}_count {count}"
+        );
     }
 }
 

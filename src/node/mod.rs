@@ -1215,8 +1215,8 @@ async fn accept_loop(
                 .and_then(|d| d.protocol);
             match alpn.as_deref() {
                 Some(ALPN_PEER) => serve_peer(connection, core, metrics).await,
-                Some(ALPN_CLIENT) => serve_client(connection, core, false).await,
-                Some(ALPN_ADMIN) => serve_client(connection, core, true).await,
+                Some(ALPN_CLIENT) => serve_client(connection, core, metrics, false).await,
+                Some(ALPN_ADMIN) => serve_client(connection, core, metrics, true).await,
                 _ => connection.close(1u32.into(), b"unknown protocol"),
             }
         });
@@ -1255,11 +1255,18 @@ async fn serve_peer(
 }
 
 /// Serves client (or, with `admin`, admin) requests on one connection.
-async fn serve_client(connection: quinn::Connection, core: mpsc::Sender<CoreInput>, admin: bool) {
+async fn serve_client(
+    connection: quinn::Connection,
+    core: mpsc::Sender<CoreInput>,
+    metrics: Arc<Metrics>,
+    admin: bool,
+) {
     let remote = connection.remote_address();
     while let Ok((mut send, mut recv)) = connection.accept_bi().await {
         let core = core.clone();
+        let metrics = metrics.clone();
         tokio::spawn(async move {
+            let started = Instant::now();
             let response = match frame::read::<Call, _>(&mut recv).await {
                 Ok(Some(call)) if call.request.is_admin() && !admin => Response::Error(
                     "admin requests are served on the admin protocol (kvctl), not the client one"
@@ -1280,6 +1287,7 @@ async fn serve_client(connection: quinn::Connection, core: mpsc::Sender<CoreInpu
                     Response::Error(format!("bad request: {e}"))
                 }
             };
+            metrics.request_latency.observe(started.elapsed());
             if frame::write(&mut send, &response).await.is_ok() {
                 let _ = send.finish();
             }
