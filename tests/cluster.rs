@@ -10,6 +10,11 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+/// At most two clusters run at once: on a 2-core machine more would starve
+/// them, and timing-sensitive checks (quorum timeouts) would fail for that
+/// reason alone.
+static SLOTS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(2);
+
 /// Child processes, killed when the test ends however it ends.
 struct Cluster {
     nodes: Vec<(Child, SocketAddr)>,
@@ -236,6 +241,7 @@ where
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_write_through_one_node_is_read_through_the_others_and_concurrent_writes_are_siblings() {
+    let _slot = SLOTS.acquire().await.unwrap();
     let cluster = Cluster::start(3);
     let tls = cluster.client_tls();
     let mut clients = Vec::new();
@@ -295,6 +301,7 @@ async fn a_write_through_one_node_is_read_through_the_others_and_concurrent_writ
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn strangers_and_garbage_are_refused_without_harming_the_node() {
+    let _slot = SLOTS.acquire().await.unwrap();
     let cluster = Cluster::start(1);
     let tls = cluster.client_tls();
     let good = client(cluster.addr(0), &tls).await;
@@ -391,6 +398,7 @@ fn bad_flags_and_config_files_fail_with_one_line_naming_the_field() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn acknowledged_writes_survive_kill_minus_nine_and_counters_sum_exactly() {
+    let _slot = SLOTS.acquire().await.unwrap();
     let mut cluster = Cluster::start(3);
     let tls = cluster.client_tls();
     let mut writer = client(cluster.addr(1), &tls).await;
@@ -424,6 +432,7 @@ async fn acknowledged_writes_survive_kill_minus_nine_and_counters_sum_exactly() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn writes_at_w2_stay_available_and_survive_when_a_replica_is_killed() {
+    let _slot = SLOTS.acquire().await.unwrap();
     let mut cluster = Cluster::start(3);
     let tls = cluster.client_tls();
     let mut clients = Vec::new();
@@ -465,6 +474,7 @@ async fn writes_at_w2_stay_available_and_survive_when_a_replica_is_killed() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fourth_node_receives_only_its_share() {
+    let _slot = SLOTS.acquire().await.unwrap();
     let mut cluster = Cluster::start(3);
     let tls = cluster.client_tls();
     let mut clients = Vec::new();
@@ -544,6 +554,7 @@ async fn a_fourth_node_receives_only_its_share() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn admin_endpoints_show_members_layout_partitions_and_a_key_on_each_replica() {
+    let _slot = SLOTS.acquire().await.unwrap();
     use gossipkv::client::{Request, Response};
     let cluster = Cluster::start(3);
     let tls = cluster.client_tls();
@@ -619,6 +630,7 @@ async fn admin_endpoints_show_members_layout_partitions_and_a_key_on_each_replic
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_back_from_downtime_receives_only_what_changed() {
+    let _slot = SLOTS.acquire().await.unwrap();
     let mut cluster = Cluster::start(3);
     let tls = cluster.client_tls();
     let mut clients = Vec::new();
