@@ -329,6 +329,7 @@ pub async fn run(config: NodeConfig, shutdown: impl Future<Output = ()>) -> Resu
         data_dir: config.data_dir.clone(),
         metrics,
         pending: HashMap::new(),
+        sizes_refreshed: None,
         deadlines: Default::default(),
         next_call: 0,
     };
@@ -400,6 +401,7 @@ struct Core {
     data_dir: PathBuf,
     metrics: Arc<Metrics>,
     pending: HashMap<u64, Pending>,
+    sizes_refreshed: Option<Instant>,
     deadlines: std::collections::BTreeSet<(Instant, u64)>,
     next_call: u64,
 }
@@ -454,9 +456,9 @@ impl Core {
                 }
             }
         }
-        // A graceful stop: peers see this node leave the membership, not fail.
-        let outputs = self.replica.leave(self.now());
-        self.carry_out(outputs);
+        // A stop is not a decommission (that is the admin `Leave`): the node
+        // keeps its place in the layout, peers see it down, and it catches up
+        // when it returns. Its data is on disk; in-flight calls fail.
     }
 
     fn send_to(&mut self, to: SocketAddr, payload: Payload) {
@@ -1066,13 +1068,24 @@ impl Core {
         }
     }
 
-    fn refresh_metrics(&self) {
-        let status = self.status(false);
+    fn refresh_metrics(&mut self) {
+        // Sizes scan the held partitions: refresh them every 30 s only.
+        let sizes = self
+            .sizes_refreshed
+            .is_none_or(|at| at.elapsed() >= Duration::from_secs(30));
+        if sizes {
+            self.sizes_refreshed = Some(Instant::now());
+        }
+        let status = self.status(sizes);
         let stats = self.replica.stats();
         let Ok(mut core) = self.metrics.core.lock() else {
             return;
         };
         core.insert("members_alive", status.members_alive as u64);
+        if sizes {
+            core.insert("entries_held", status.entries_held);
+            core.insert("bytes_held", status.bytes_held);
+        }
         core.insert("members_known", status.members_total as u64);
         core.insert("layout_version", status.layout_version);
         core.insert("layout_completed_version", status.layout_completed);
