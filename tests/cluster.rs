@@ -692,3 +692,38 @@ async fn a_node_back_from_downtime_receives_only_what_changed() {
         "a rejoin moved {received} bytes of a {share}-byte share"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_stops_a_node_cleanly_and_it_restarts_with_its_data() {
+    let _slot = SLOTS.acquire().await.unwrap();
+    let mut cluster = Cluster::start(1);
+    let tls = cluster.client_tls();
+    let c = client(cluster.addr(0), &tls).await;
+    c.put(b"kept", b"across a restart", None).await.unwrap();
+    let pid = cluster.nodes[0].0.id().to_string();
+    assert!(Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(status) = cluster.nodes[0].0.try_wait().unwrap() {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "the node ignored SIGTERM");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(status.success(), "the node exited with {status}");
+    cluster.restart(0);
+    let c = client(cluster.addr(0), &tls).await;
+    let record = c
+        .get(b"kept")
+        .await
+        .unwrap()
+        .expect("data kept across a restart");
+    assert_eq!(
+        record.value,
+        Value::Register(vec![b"across a restart".to_vec()])
+    );
+}
