@@ -52,7 +52,7 @@ const LAYOUT_FILE: &str = "layout.bin";
 const INCARNATION_FILE: &str = "incarnation";
 const STORE_FILE: &str = "store.redb";
 /// Frames queued per peer before further ones are dropped.
-const PEER_QUEUE: usize = 1024;
+const PEER_QUEUE: usize = 256;
 
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
