@@ -1,0 +1,240 @@
+//! Shared by the multi-process tests: real `gossipkv serve` processes on
+//! loopback, their certificates, clients and bounded waits.
+#![allow(dead_code, unreachable_pub)]
+
+use gossipkv::certs;
+use gossipkv::client::Client;
+use gossipkv::transport::tls::TlsIdentity;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// At most two clusters run at once: on a 2-core machine more would starve
+/// them, and timing-sensitive checks (quorum timeouts) would fail for that
+/// reason alone.
+pub static SLOTS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(2);
+
+/// Child processes, killed when the test ends however it ends.
+pub struct Cluster {
+    pub nodes: Vec<(Child, SocketAddr)>,
+    pub metrics: Vec<SocketAddr>,
+    pub dir: tempfile::TempDir,
+}
+
+pub fn serve_command(
+    node_dir: &Path,
+    i: usize,
+    addr: SocketAddr,
+    metrics: SocketAddr,
+    seed: Option<SocketAddr>,
+) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_gossipkv"));
+    command
+        .args([
+            "serve",
+            "--node-id",
+            &format!("{i:x}"),
+            "--listen",
+            &addr.to_string(),
+        ])
+        .arg("--data-dir")
+        .arg(node_dir.join("data"))
+        .arg("--tls-dir")
+        .arg(node_dir.join("tls"))
+        .args(["--metrics-listen", &metrics.to_string()])
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    if let Some(seed) = seed {
+        command.args(["--seeds", &seed.to_string()]);
+    }
+    command
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for (child, _) in &mut self.nodes {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+pub fn free_tcp_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// The Prometheus text a node serves.
+pub fn scrape(addr: SocketAddr) -> String {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr).unwrap();
+    stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\n\r\n")
+        .unwrap();
+    let mut text = String::new();
+    stream.read_to_string(&mut text).unwrap();
+    text
+}
+
+/// A metric's value in Prometheus text (`name` includes any labels).
+pub fn metric(text: &str, name: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+}
+
+pub fn free_port() -> u16 {
+    std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+impl Cluster {
+    pub fn start(n: usize) -> Cluster {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = dir.path().join("ca");
+        certs::init_ca(&ca, "test").unwrap();
+        certs::issue(&ca, "client", true, &dir.path().join("client")).unwrap();
+        let mut cluster = Cluster {
+            nodes: Vec::new(),
+            metrics: Vec::new(),
+            dir,
+        };
+        for _ in 0..n {
+            cluster.add_node();
+        }
+        cluster
+    }
+
+    /// Starts one more node, joining through the first.
+    pub fn add_node(&mut self) {
+        let i = self.nodes.len() + 1;
+        let node_dir = self.dir.path().join(format!("node-{i}"));
+        certs::issue(
+            &self.dir.path().join("ca"),
+            &format!("node-{i}"),
+            false,
+            &node_dir.join("tls"),
+        )
+        .unwrap();
+        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let seed = self.nodes.first().map(|(_, a)| *a);
+        let metrics: SocketAddr = format!("127.0.0.1:{}", free_tcp_port()).parse().unwrap();
+        self.metrics.push(metrics);
+        let mut command = serve_command(&node_dir, i, addr, metrics, seed);
+        self.nodes.push((command.spawn().unwrap(), addr));
+    }
+
+    /// kill -9: no shutdown, no flush beyond what was committed.
+    pub fn kill(&mut self, i: usize) {
+        let (child, _) = &mut self.nodes[i];
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+
+    pub fn restart(&mut self, i: usize) {
+        let node_dir = self.dir.path().join(format!("node-{}", i + 1));
+        let seed = self
+            .nodes
+            .iter()
+            .enumerate()
+            .find(|(j, _)| *j != i)
+            .map(|(_, (_, a))| *a);
+        let addr = self.nodes[i].1;
+        self.nodes[i].0 = serve_command(&node_dir, i + 1, addr, self.metrics[i], seed)
+            .spawn()
+            .unwrap();
+    }
+
+    pub fn client_tls(&self) -> TlsIdentity {
+        TlsIdentity::load(&self.dir.path().join("client")).unwrap()
+    }
+
+    pub fn addr(&self, i: usize) -> SocketAddr {
+        self.nodes[i].1
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+pub async fn client(addr: SocketAddr, tls: &TlsIdentity) -> Client {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match Client::connect(addr, Some(tls)).await {
+            Ok(c) if c.status().await.is_ok() => return c,
+            _ if Instant::now() > deadline => panic!("node {addr} did not come up"),
+            _ => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+}
+
+/// Waits until every node sees `n` members and a layout whose change has
+/// completed, with every partition held everywhere (3 nodes, 3 replicas).
+pub async fn settled(clients: &[Client], n: usize) {
+    eventually(
+        "every node sees the members and a settled layout",
+        || async {
+            for c in clients {
+                let Ok(s) = c.status().await else {
+                    return false;
+                };
+                if s.members_alive != n
+                    || s.layout_version != s.layout_completed
+                    || s.partitions_held != 256
+                {
+                    return false;
+                }
+            }
+            true
+        },
+    )
+    .await;
+}
+
+/// Waits until every node answers every acknowledged key (read at `r`) and
+/// `counter` equals the acknowledged adds.
+pub async fn all_hold(
+    cluster: &Cluster,
+    tls: &TlsIdentity,
+    r: u8,
+    keys: &[String],
+    counter: &[u8],
+    adds: i64,
+) {
+    for node in 0..cluster.nodes.len() {
+        let mut c = client(cluster.addr(node), tls).await;
+        c.set_quorum(1, r);
+        for key in keys {
+            eventually(
+                "every acknowledged write is readable on every node",
+                || async { matches!(c.get(key.as_bytes()).await, Ok(Some(_))) },
+            )
+            .await;
+        }
+        eventually("the counter equals the acknowledged adds", || async {
+            c.counter(counter).await.ok() == Some(adds)
+        })
+        .await;
+    }
+}
+
+/// Polls `check` until it holds, for at most 60 s.
+pub async fn eventually<F, Fut>(what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !check().await {
+        assert!(Instant::now() < deadline, "timed out waiting until {what}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
