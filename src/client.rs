@@ -49,6 +49,11 @@ pub enum Request {
         key: Vec<u8>,
     },
     Status,
+    /// Live keys this node holds, in key order.
+    Keys {
+        prefix: Vec<u8>,
+        limit: u32,
+    },
     // Admin and inspection (admin ALPN only).
     /// Every member this node knows, with state and metadata.
     ClusterMembers,
@@ -85,6 +90,7 @@ impl Request {
             | Request::SetMembers { key } => Some(key),
             Request::Inspect { key } => Some(key),
             Request::Status
+            | Request::Keys { .. }
             | Request::ClusterMembers
             | Request::Layout
             | Request::Partitions
@@ -213,6 +219,8 @@ pub enum Response {
         waiting: usize,
     },
     Done,
+    /// Keys with the kind of value each holds.
+    Keys(Vec<(Vec<u8>, String)>),
     /// The request failed; the text says why.
     Error(String),
 }

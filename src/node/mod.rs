@@ -1164,6 +1164,17 @@ impl Core {
                 .map(Response::Members)
                 .map_err(|e| e.to_string()),
             Request::Status => Ok(Response::Status(self.status(true))),
+            Request::Keys { prefix, limit } => {
+                let mut keys = Vec::new();
+                for row in store.scan_prefix(&prefix).map_err(|e| e.to_string())? {
+                    if keys.len() >= limit as usize {
+                        break;
+                    }
+                    let (key, record) = row.map_err(|e| e.to_string())?;
+                    keys.push((key, record.value.kind().name().to_string()));
+                }
+                Ok(Response::Keys(keys))
+            }
             admin => Err(format!(
                 "{admin:?} is an admin request; it is served on the admin protocol"
             )),

@@ -1,0 +1,867 @@
+//! `kvctl`: look inside a gossipkv cluster and steer it.
+//!
+//! Tables for people, `--output json` for scripts (one JSON document per
+//! command). Exit codes: 0 success, 1 an error (one line on stderr saying
+//! what failed and what to try), 2 bad usage.
+//!
+//! Byte strings (keys, values, members) print as text when they are UTF-8
+//! and as `base64:...` otherwise; JSON uses the same strings.
+
+use base64::engine::general_purpose::STANDARD;
+use base64::Engine;
+use clap::{Parser, Subcommand, ValueEnum};
+use gossipkv::client::{Client, ClientError, PartitionInfo, Request, Response, WireRecord};
+use gossipkv::transport::tls::TlsIdentity;
+use gossipkv::{CausalContext, Value};
+use serde_json::{json, Value as Json};
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+#[derive(Parser)]
+#[command(
+    name = "kvctl",
+    version,
+    about = "Inspect and steer a gossipkv cluster",
+    after_help = "Examples:\n  kvctl --node 127.0.0.1:7000 --tls-dir tls/client status\n  KVCTL_NODE=127.0.0.1:7000 KVCTL_TLS_DIR=tls/client kvctl put greeting hello\n  kvctl --output json inspect greeting"
+)]
+struct Cli {
+    /// A node's address.
+    #[arg(long, env = "KVCTL_NODE", global = true)]
+    node: Option<SocketAddr>,
+    /// Directory with this client's certificate (from `gossipkv certs issue --client`).
+    #[arg(
+        long,
+        env = "KVCTL_TLS_DIR",
+        global = true,
+        conflicts_with = "insecure"
+    )]
+    tls_dir: Option<PathBuf>,
+    /// Connect without TLS authentication (nodes started with --insecure).
+    #[arg(long, global = true)]
+    insecure: bool,
+    #[arg(long, value_enum, default_value_t = Output::Table, global = true)]
+    output: Output,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Copy, Clone, PartialEq, Eq, ValueEnum)]
+enum Output {
+    Table,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Node id, members alive, layout, partitions, sizes, migrations, rounds.
+    Status,
+    /// Every member with its state, zone, capacity and partitions held.
+    Members,
+    /// Layout version, replicas per partition, pending moves.
+    Layout {
+        /// Show one partition only.
+        #[arg(long)]
+        partition: Option<u16>,
+    },
+    /// The partitions this node holds: entries, bytes, digest, version vector.
+    Partitions,
+    /// A key's value (or siblings), kind and causal context token.
+    ///
+    /// Example: kvctl get greeting
+    Get { key: String },
+    /// Write a value; with --context, supersede exactly what that read saw.
+    ///
+    /// Example: kvctl put greeting hello --context AQEBAQ
+    Put {
+        key: String,
+        value: String,
+        #[arg(long)]
+        context: Option<String>,
+        /// Last-writer-wins register instead of the multi-value one.
+        #[arg(long)]
+        lww: bool,
+        /// Replicas that must acknowledge.
+        #[arg(long, default_value_t = 1)]
+        w: u8,
+    },
+    /// Delete a register key (a causal tombstone).
+    Delete {
+        key: String,
+        #[arg(long)]
+        context: Option<String>,
+        #[arg(long, default_value_t = 1)]
+        w: u8,
+    },
+    /// Counters: `counter add KEY N`, `counter get KEY`.
+    #[command(subcommand)]
+    Counter(CounterCommand),
+    /// Sets: `set add KEY MEMBER`, `set remove KEY MEMBER`, `set members KEY`.
+    #[command(subcommand)]
+    Set(SetCommand),
+    /// Keys this node holds.
+    Keys {
+        #[arg(long, default_value = "")]
+        prefix: String,
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
+    },
+    /// The key on each of its replicas side by side, and whether they agree.
+    Inspect { key: String },
+    /// Partitions whose contents differ between two nodes, and how many
+    /// writes each side lacks, from their version vectors.
+    Diff {
+        node_a: SocketAddr,
+        node_b: SocketAddr,
+    },
+    /// Partitions migrating into the node.
+    Migrations {
+        /// Refresh until no migration is left.
+        #[arg(long)]
+        watch: bool,
+    },
+    /// Join the cluster through a seed (for a node started without seeds).
+    Join { seed: SocketAddr },
+    /// Decommission the node: hand every partition off, then leave.
+    Leave,
+}
+
+#[derive(Subcommand)]
+enum CounterCommand {
+    Add {
+        key: String,
+        #[arg(allow_negative_numbers = true)]
+        amount: i64,
+        #[arg(long, default_value_t = 1)]
+        w: u8,
+    },
+    Get {
+        key: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum SetCommand {
+    Add { key: String, member: String },
+    Remove { key: String, member: String },
+    Members { key: String },
+}
+
+/// Bytes as text when UTF-8, else `base64:...`.
+fn show(bytes: &[u8]) -> String {
+    match std::str::from_utf8(bytes) {
+        Ok(text) if !text.starts_with("base64:") => text.to_string(),
+        _ => format!("base64:{}", STANDARD.encode(bytes)),
+    }
+}
+
+/// The inverse of `show` for arguments.
+fn arg_bytes(text: &str) -> anyhow::Result<Vec<u8>> {
+    match text.strip_prefix("base64:") {
+        Some(b64) => STANDARD
+            .decode(b64)
+            .map_err(|e| anyhow::anyhow!("{text:?} is not valid base64: {e}")),
+        None => Ok(text.as_bytes().to_vec()),
+    }
+}
+
+fn token(bytes: &[u8]) -> String {
+    CausalContext::from_bytes(bytes)
+        .map(|c| c.to_string())
+        .unwrap_or_default()
+}
+
+fn value_json(value: &Value) -> Json {
+    match value {
+        Value::Register(siblings) => {
+            json!({"kind": "register", "siblings": siblings.iter().map(|s| show(s)).collect::<Vec<_>>()})
+        }
+        Value::Lww(v) => json!({"kind": "lww", "value": show(v)}),
+        Value::Counter(n) => json!({"kind": "counter", "value": n}),
+        Value::Set(members) => {
+            json!({"kind": "set", "members": members.iter().map(|m| show(m)).collect::<Vec<_>>()})
+        }
+    }
+}
+
+fn value_text(value: &Value) -> String {
+    match value {
+        Value::Register(siblings) if siblings.len() == 1 => show(&siblings[0]),
+        Value::Register(siblings) => {
+            format!(
+                "{} siblings: {}",
+                siblings.len(),
+                siblings
+                    .iter()
+                    .map(|s| show(s))
+                    .collect::<Vec<_>>()
+                    .join(" | ")
+            )
+        }
+        Value::Lww(v) => show(v),
+        Value::Counter(n) => n.to_string(),
+        Value::Set(members) => format!(
+            "{{{}}}",
+            members
+                .iter()
+                .map(|m| show(m))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    }
+}
+
+fn record_json(record: &Option<WireRecord>) -> Json {
+    match record {
+        None => Json::Null,
+        Some(r) => {
+            let mut v = value_json(&r.value);
+            v["context"] = json!(token(&r.context));
+            if !r.other_kinds.is_empty() {
+                v["other_kinds"] = json!(r.other_kinds.iter().map(value_json).collect::<Vec<_>>());
+            }
+            v
+        }
+    }
+}
+
+/// Prints rows as an aligned table.
+fn table(header: &[&str], rows: Vec<Vec<String>>) {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for row in &rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let line = |cells: Vec<String>| {
+        let text: Vec<String> = cells
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
+        println!("{}", text.join("  ").trim_end());
+    };
+    line(header.iter().map(|h| h.to_uppercase()).collect());
+    for row in rows {
+        line(row);
+    }
+}
+
+fn version_text(version: &[(String, u64, Vec<u64>)]) -> String {
+    version
+        .iter()
+        .map(|(node, base, extra)| {
+            let short = node.trim_start_matches('0');
+            let short = if short.is_empty() { "0" } else { short };
+            if extra.is_empty() {
+                format!("{short}:{base}")
+            } else {
+                format!("{short}:{base}+{extra:?}")
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// How many writes `a` has that `b` lacks, per the version vectors.
+fn lacking(a: &[(String, u64, Vec<u64>)], b: &[(String, u64, Vec<u64>)]) -> u64 {
+    let theirs: BTreeMap<&str, (u64, &Vec<u64>)> = b
+        .iter()
+        .map(|(n, base, extra)| (n.as_str(), (*base, extra)))
+        .collect();
+    let none = Vec::new();
+    let mut missing = 0;
+    for (node, base, extra) in a {
+        let (their_base, their_extra) = theirs.get(node.as_str()).copied().unwrap_or((0, &none));
+        // Dots their_base+1..=base, less those their extras hold; then our
+        // extras above their base that they lack. Counted, not listed.
+        let in_range = base.saturating_sub(their_base);
+        let held = their_extra
+            .iter()
+            .filter(|&&x| x > their_base && x <= *base)
+            .count() as u64;
+        let extras = extra
+            .iter()
+            .filter(|&&x| x > their_base && !their_extra.contains(&x))
+            .count() as u64;
+        missing += in_range.saturating_sub(held) + extras;
+    }
+    missing
+}
+
+struct Ctl {
+    node: SocketAddr,
+    tls: Option<TlsIdentity>,
+    json: bool,
+}
+
+impl Ctl {
+    async fn connect(&self, addr: SocketAddr, admin: bool) -> anyhow::Result<Client> {
+        let connected = if admin {
+            Client::connect_admin(addr, self.tls.as_ref()).await
+        } else {
+            Client::connect(addr, self.tls.as_ref()).await
+        };
+        connected.map_err(|e| match e {
+            ClientError::Connect { .. } => anyhow::anyhow!(
+                "{e} (is a node listening there? check --node / KVCTL_NODE; a refused handshake means the certificate in --tls-dir is not from the cluster CA)"
+            ),
+            e => e.into(),
+        })
+    }
+
+    async fn call(&self, request: Request, w: u8) -> anyhow::Result<Response> {
+        let mut client = self.connect(self.node, request.is_admin()).await?;
+        client.set_quorum(w, 1);
+        Ok(client.request(&request).await?)
+    }
+
+    fn emit(&self, value: Json, text: impl FnOnce()) {
+        if self.json {
+            println!("{value}");
+        } else {
+            text();
+        }
+    }
+
+    async fn run(&self, command: Command) -> anyhow::Result<()> {
+        match command {
+            Command::Status => {
+                let Response::Status(s) = self.call(Request::Status, 1).await? else {
+                    anyhow::bail!("unexpected answer")
+                };
+                let value = serde_json::to_value(&s)?;
+                self.emit(value, || {
+                    table(
+                        &["field", "value"],
+                        vec![
+                            vec!["node".into(), s.node_id.clone()],
+                            vec![
+                                "members alive".into(),
+                                format!("{} of {}", s.members_alive, s.members_total),
+                            ],
+                            vec![
+                                "layout".into(),
+                                format!(
+                                    "v{} (completed v{})",
+                                    s.layout_version, s.layout_completed
+                                ),
+                            ],
+                            vec!["partitions held".into(), s.partitions_held.to_string()],
+                            vec!["entries".into(), s.entries_held.to_string()],
+                            vec!["bytes".into(), s.bytes_held.to_string()],
+                            vec![
+                                "migrations in flight".into(),
+                                s.migrations_in_flight.to_string(),
+                            ],
+                            vec![
+                                "anti-entropy rounds".into(),
+                                s.anti_entropy_rounds.to_string(),
+                            ],
+                        ],
+                    )
+                });
+            }
+            Command::Members => {
+                let Response::ClusterMembers(members) =
+                    self.call(Request::ClusterMembers, 1).await?
+                else {
+                    anyhow::bail!("unexpected answer")
+                };
+                let value = serde_json::to_value(&members)?;
+                self.emit(value, || {
+                    let rows = members
+                        .iter()
+                        .map(|m| {
+                            vec![
+                                m.id.clone(),
+                                m.addr.clone(),
+                                m.state.clone(),
+                                m.zone.clone().unwrap_or_else(|| "-".into()),
+                                m.capacity.map_or("-".into(), |c| c.to_string()),
+                                m.partitions_held.to_string(),
+                            ]
+                        })
+                        .collect();
+                    table(
+                        &["id", "address", "state", "zone", "capacity", "partitions"],
+                        rows,
+                    )
+                });
+            }
+            Command::Layout { partition } => {
+                let Response::Layout(layout) = self.call(Request::Layout, 1).await? else {
+                    anyhow::bail!("unexpected answer")
+                };
+                if let Some(p) = partition {
+                    let replicas = layout.replicas.get(usize::from(p)).ok_or_else(|| {
+                        anyhow::anyhow!(
+                            "partition {p} does not exist (the layout has {})",
+                            layout.replicas.len()
+                        )
+                    })?;
+                    let pending: Vec<&String> = layout
+                        .pending
+                        .iter()
+                        .filter(|(q, _)| *q == p)
+                        .map(|(_, n)| n)
+                        .collect();
+                    self.emit(json!({"partition": p, "version": layout.version, "replicas": replicas, "pending": pending}), || {
+                        println!("partition {p} (layout v{}): {}", layout.version, replicas.join(", "));
+                        if !pending.is_empty() {
+                            println!("migrating to: {}", pending.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", "));
+                        }
+                    });
+                    return Ok(());
+                }
+                let value = serde_json::to_value(&layout)?;
+                self.emit(value, || {
+                    println!(
+                        "layout v{} (completed v{}), {} partitions",
+                        layout.version,
+                        layout.completed,
+                        layout.replicas.len()
+                    );
+                    // Compact: runs of partitions with the same replicas.
+                    let mut rows = Vec::new();
+                    let mut start = 0usize;
+                    for i in 1..=layout.replicas.len() {
+                        if i == layout.replicas.len()
+                            || layout.replicas[i] != layout.replicas[start]
+                        {
+                            let range = if i - 1 == start {
+                                start.to_string()
+                            } else {
+                                format!("{start}-{}", i - 1)
+                            };
+                            rows.push(vec![range, layout.replicas[start].join(", ")]);
+                            start = i;
+                        }
+                    }
+                    table(&["partitions", "replicas"], rows);
+                    println!("pending moves: {}", layout.pending.len());
+                });
+            }
+            Command::Partitions => {
+                let Response::Partitions(parts) = self.call(Request::Partitions, 1).await? else {
+                    anyhow::bail!("unexpected answer")
+                };
+                let value = serde_json::to_value(&parts)?;
+                self.emit(value, || {
+                    let rows = parts
+                        .iter()
+                        .map(|p| {
+                            vec![
+                                p.partition.to_string(),
+                                p.entries.to_string(),
+                                p.bytes.to_string(),
+                                format!("{:016x}", p.digest),
+                                version_text(&p.version),
+                            ]
+                        })
+                        .collect();
+                    table(
+                        &["partition", "entries", "bytes", "digest", "version vector"],
+                        rows,
+                    )
+                });
+            }
+            Command::Get { key } => {
+                let Response::Record(record) = self
+                    .call(
+                        Request::Get {
+                            key: arg_bytes(&key)?,
+                        },
+                        1,
+                    )
+                    .await?
+                else {
+                    anyhow::bail!("unexpected answer")
+                };
+                match &record {
+                    None if !self.json => anyhow::bail!("key {key} not found"),
+                    _ => {}
+                }
+                self.emit(json!({"key": key, "record": record_json(&record)}), || {
+                    if let Some(r) = &record {
+                        println!("{}", value_text(&r.value));
+                        println!("kind: {}", r.value.kind());
+                        println!("context: {}", token(&r.context));
+                        for other in &r.other_kinds {
+                            println!(
+                                "also, created concurrently as {}: {}",
+                                other.kind(),
+                                value_text(other)
+                            );
+                        }
+                    }
+                });
+            }
+            Command::Put {
+                key,
+                value,
+                context,
+                lww,
+                w,
+            } => {
+                let key = arg_bytes(&key)?;
+                let value = arg_bytes(&value)?;
+                let context = context
+                    .map(|t| t.parse::<CausalContext>().map(|c| c.to_bytes()))
+                    .transpose()?;
+                let request = if lww {
+                    Request::PutLww { key, value }
+                } else {
+                    Request::Put {
+                        key,
+                        value,
+                        context,
+                    }
+                };
+                let Response::Context(ctx) = self.call(request, w).await? else {
+                    anyhow::bail!("unexpected answer")
+                };
+                self.emit(json!({"context": token(&ctx)}), || {
+                    println!("ok, context {}", token(&ctx))
+                });
+            }
+            Command::Delete { key, context, w } => {
+                let context = context
+                    .map(|t| t.parse::<CausalContext>().map(|c| c.to_bytes()))
+                    .transpose()?;
+                let Response::Context(ctx) = self
+                    .call(
+                        Request::Delete {
+                            key: arg_bytes(&key)?,
+                            context,
+                        },
+                        w,
+                    )
+                    .await?
+                else {
+                    anyhow::bail!("unexpected answer")
+                };
+                self.emit(json!({"context": token(&ctx)}), || {
+                    println!("deleted, context {}", token(&ctx))
+                });
+            }
+            Command::Counter(CounterCommand::Add { key, amount, w }) => {
+                let Response::Counter(n) = self
+                    .call(
+                        Request::CounterAdd {
+                            key: arg_bytes(&key)?,
+                            amount,
+                        },
+                        w,
+                    )
+                    .await?
+                else {
+                    anyhow::bail!("unexpected answer")
+                };
+                self.emit(json!({"value": n}), || println!("{n}"));
+            }
+            Command::Counter(CounterCommand::Get { key }) => {
+                let Response::Counter(n) = self
+                    .call(
+                        Request::CounterGet {
+                            key: arg_bytes(&key)?,
+                        },
+                        1,
+                    )
+                    .await?
+                else {
+                    anyhow::bail!("unexpected answer")
+                };
+                self.emit(json!({"value": n}), || println!("{n}"));
+            }
+            Command::Set(command) => {
+                let request = match command {
+                    SetCommand::Add { key, member } => Request::SetAdd {
+                        key: arg_bytes(&key)?,
+                        member: arg_bytes(&member)?,
+                    },
+                    SetCommand::Remove { key, member } => Request::SetRemove {
+                        key: arg_bytes(&key)?,
+                        member: arg_bytes(&member)?,
+                    },
+                    SetCommand::Members { key } => Request::SetMembers {
+                        key: arg_bytes(&key)?,
+                    },
+                };
+                match self.call(request, 1).await? {
+                    Response::Members(members) => {
+                        let shown: Vec<String> = members.iter().map(|m| show(m)).collect();
+                        self.emit(json!({"members": shown}), || {
+                            shown.iter().for_each(|m| println!("{m}"))
+                        });
+                    }
+                    Response::Context(ctx) => {
+                        self.emit(json!({"context": token(&ctx)}), || println!("ok"))
+                    }
+                    _ => anyhow::bail!("unexpected answer"),
+                }
+            }
+            Command::Keys { prefix, limit } => {
+                let Response::Keys(keys) = self
+                    .call(
+                        Request::Keys {
+                            prefix: arg_bytes(&prefix)?,
+                            limit,
+                        },
+                        1,
+                    )
+                    .await?
+                else {
+                    anyhow::bail!("unexpected answer")
+                };
+                let rows: Vec<Vec<String>> = keys
+                    .iter()
+                    .map(|(k, kind)| vec![show(k), kind.clone()])
+                    .collect();
+                self.emit(
+                    json!(keys
+                        .iter()
+                        .map(|(k, kind)| json!({"key": show(k), "kind": kind}))
+                        .collect::<Vec<_>>()),
+                    || table(&["key", "kind"], rows),
+                );
+            }
+            Command::Inspect { key } => {
+                let Response::Inspect(views) = self
+                    .call(
+                        Request::Inspect {
+                            key: arg_bytes(&key)?,
+                        },
+                        1,
+                    )
+                    .await?
+                else {
+                    anyhow::bail!("unexpected answer")
+                };
+                let answered: Vec<_> = views.iter().filter(|v| v.answered).collect();
+                let agree = answered.windows(2).all(|w| w[0].record == w[1].record)
+                    && answered.len() == views.len();
+                let contexts: Vec<Option<CausalContext>> = views
+                    .iter()
+                    .map(|v| {
+                        v.record
+                            .as_ref()
+                            .and_then(|r| CausalContext::from_bytes(&r.context).ok())
+                    })
+                    .collect();
+                let mut newest = CausalContext::new();
+                for c in contexts.iter().flatten() {
+                    newest.join(c);
+                }
+                let behind: Vec<(String, u64)> = views
+                    .iter()
+                    .zip(&contexts)
+                    .map(|(v, c)| {
+                        let lacks = newest
+                            .dots()
+                            .filter(|d| !c.as_ref().is_some_and(|c| c.covers(*d)))
+                            .count() as u64;
+                        (v.node.clone(), lacks)
+                    })
+                    .collect();
+                let replicas: Vec<Json> = views
+                    .iter()
+                    .zip(&behind)
+                    .map(|(v, (_, lacks))| json!({"node": v.node, "answered": v.answered, "record": record_json(&v.record), "behind_by_writers": lacks}))
+                    .collect();
+                self.emit(
+                    json!({"key": key, "agree": agree, "replicas": replicas}),
+                    || {
+                        let rows = views
+                            .iter()
+                            .zip(&behind)
+                            .map(|(v, (_, lacks))| {
+                                let value = match (&v.record, v.answered) {
+                                    (_, false) => "(no answer)".to_string(),
+                                    (None, true) => "(absent)".to_string(),
+                                    (Some(r), true) => value_text(&r.value),
+                                };
+                                let context = v
+                                    .record
+                                    .as_ref()
+                                    .map(|r| token(&r.context))
+                                    .unwrap_or_default();
+                                let state = if *lacks == 0 {
+                                    "up to date".to_string()
+                                } else {
+                                    format!("behind ({lacks} writers' latest)")
+                                };
+                                vec![v.node.clone(), value, context, state]
+                            })
+                            .collect();
+                        table(&["replica", "value", "context", "state"], rows);
+                        println!(
+                            "{}",
+                            if agree {
+                                "replicas agree"
+                            } else {
+                                "replicas DIFFER"
+                            }
+                        );
+                    },
+                );
+            }
+            Command::Diff { node_a, node_b } => {
+                let fetch = |addr| async move {
+                    let client = self.connect(addr, true).await?;
+                    match client.request(&Request::Partitions).await? {
+                        Response::Partitions(p) => Ok::<Vec<PartitionInfo>, anyhow::Error>(p),
+                        _ => anyhow::bail!("unexpected answer from {addr}"),
+                    }
+                };
+                let (a, b) = (fetch(node_a).await?, fetch(node_b).await?);
+                let b_by: BTreeMap<u16, &PartitionInfo> =
+                    b.iter().map(|p| (p.partition, p)).collect();
+                let mut rows = Vec::new();
+                for pa in &a {
+                    let Some(pb) = b_by.get(&pa.partition) else {
+                        continue;
+                    };
+                    if pa.digest != pb.digest {
+                        rows.push((
+                            pa.partition,
+                            lacking(&pb.version, &pa.version),
+                            lacking(&pa.version, &pb.version),
+                        ));
+                    }
+                }
+                let value = json!(rows.iter().map(|(p, a_lacks, b_lacks)| json!({"partition": p, "a_lacks": a_lacks, "b_lacks": b_lacks})).collect::<Vec<_>>());
+                self.emit(value, || {
+                    if rows.is_empty() {
+                        println!("{node_a} and {node_b} agree on every partition both hold");
+                    } else {
+                        let rows = rows
+                            .iter()
+                            .map(|(p, x, y)| vec![p.to_string(), x.to_string(), y.to_string()])
+                            .collect();
+                        table(
+                            &[
+                                "partition",
+                                &format!("{node_a} lacks"),
+                                &format!("{node_b} lacks"),
+                            ],
+                            rows,
+                        );
+                    }
+                });
+            }
+            Command::Migrations { watch } => loop {
+                let Response::Migrations { in_flight, waiting } =
+                    self.call(Request::Migrations, 1).await?
+                else {
+                    anyhow::bail!("unexpected answer")
+                };
+                let value = json!({"in_flight": in_flight.iter().map(|(p, s)| json!({"partition": p, "source": s})).collect::<Vec<_>>(), "waiting": waiting});
+                self.emit(value, || {
+                    let rows = in_flight
+                        .iter()
+                        .map(|(p, s)| vec![p.to_string(), s.clone()])
+                        .collect();
+                    table(&["partition", "source"], rows);
+                    println!("{} in flight, {} waiting", in_flight.len(), waiting);
+                });
+                if !watch || (in_flight.is_empty() && waiting == 0) {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            },
+            Command::Join { seed } => {
+                self.call(Request::Join { seed }, 1).await?;
+                self.emit(json!({"joining": seed.to_string()}), || {
+                    println!("joining through {seed}")
+                });
+            }
+            Command::Leave => {
+                self.call(Request::Leave, 1).await?;
+                self.emit(json!({"leaving": true}), || {
+                    println!("decommissioning: partitions are moving away; `kvctl migrations --watch` on another node shows progress, `kvctl status` here shows 0 partitions held when it is safe to stop")
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let Some(node) = cli.node else {
+        eprintln!("error: no node given: use --node ADDR or set KVCTL_NODE");
+        return ExitCode::from(2);
+    };
+    let tls = match (&cli.tls_dir, cli.insecure) {
+        (Some(dir), _) => match TlsIdentity::load(dir) {
+            Ok(tls) => Some(tls),
+            Err(e) => {
+                eprintln!("error: {e}");
+                return ExitCode::from(1);
+            }
+        },
+        (None, true) => None,
+        (None, false) => {
+            eprintln!("error: no client certificate: use --tls-dir DIR (or KVCTL_TLS_DIR), or --insecure for nodes started with --insecure");
+            return ExitCode::from(2);
+        }
+    };
+    let ctl = Ctl {
+        node,
+        tls,
+        json: cli.output == Output::Json,
+    };
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match runtime.block_on(ctl.run(cli.command)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {}", format!("{e:#}").replace('\n', " "));
+            ExitCode::from(1)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vv(rows: &[(&str, u64, &[u64])]) -> Vec<(String, u64, Vec<u64>)> {
+        rows.iter()
+            .map(|(n, b, e)| (n.to_string(), *b, e.to_vec()))
+            .collect()
+    }
+
+    #[test]
+    fn lacking_counts_the_writes_one_vector_has_and_the_other_not() {
+        let ahead = vv(&[("a", 10, &[]), ("b", 3, &[7])]);
+        let behind = vv(&[("a", 6, &[8]), ("b", 3, &[])]);
+        // a:7,9,10 and b:7.
+        assert_eq!(lacking(&ahead, &behind), 4);
+        assert_eq!(lacking(&behind, &ahead), 0);
+        assert_eq!(lacking(&ahead, &ahead), 0);
+    }
+
+    #[test]
+    fn bytes_show_as_text_or_base64_and_parse_back() {
+        assert_eq!(show(b"hello"), "hello");
+        let odd = [0xff, 0x00];
+        assert_eq!(arg_bytes(&show(&odd)).unwrap(), odd);
+        assert_eq!(
+            arg_bytes(&show(b"base64:looks like")).unwrap(),
+            b"base64:looks like"
+        );
+        assert!(arg_bytes("base64:!!!").is_err());
+    }
+}
