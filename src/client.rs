@@ -252,6 +252,9 @@ pub struct Client {
     _endpoint: quinn::Endpoint,
 }
 
+/// How long connecting may take before it fails.
+pub const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// How long a request may take before it fails (a node that died without
 /// closing its connection is otherwise noticed only at the idle timeout).
 pub const DEFAULT_REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
@@ -293,10 +296,12 @@ impl Client {
         };
         let mut endpoint = quinn::Endpoint::client(bind).map_err(|e| connect_err(e.to_string()))?;
         endpoint.set_default_client_config(client_config(tls, alpn)?);
-        let connection = endpoint
+        let connecting = endpoint
             .connect(addr, SERVER_NAME)
-            .map_err(|e| connect_err(e.to_string()))?
+            .map_err(|e| connect_err(e.to_string()))?;
+        let connection = tokio::time::timeout(CONNECT_TIMEOUT, connecting)
             .await
+            .map_err(|_| connect_err(format!("no answer within {CONNECT_TIMEOUT:?}")))?
             .map_err(|e| connect_err(e.to_string()))?;
         Ok(Client {
             addr,

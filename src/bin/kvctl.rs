@@ -149,6 +149,14 @@ enum SetCommand {
     Members { key: String },
 }
 
+/// Prints a line; a closed stdout (`kvctl ... | head`) is not an error.
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout(), $($arg)*);
+    }};
+}
+
 /// Bytes as text when UTF-8, else `base64:...`.
 fn show(bytes: &[u8]) -> String {
     match std::str::from_utf8(bytes) {
@@ -241,7 +249,7 @@ fn table(header: &[&str], rows: Vec<Vec<String>>) {
             .zip(&widths)
             .map(|(c, w)| format!("{c:<w$}"))
             .collect();
-        println!("{}", text.join("  ").trim_end());
+        say!("{}", text.join("  ").trim_end());
     };
     line(header.iter().map(|h| h.to_uppercase()).collect());
     for row in rows {
@@ -320,7 +328,7 @@ impl Ctl {
 
     fn emit(&self, value: Json, text: impl FnOnce()) {
         if self.json {
-            println!("{value}");
+            say!("{value}");
         } else {
             text();
         }
@@ -409,16 +417,16 @@ impl Ctl {
                         .map(|(_, n)| n)
                         .collect();
                     self.emit(json!({"partition": p, "version": layout.version, "replicas": replicas, "pending": pending}), || {
-                        println!("partition {p} (layout v{}): {}", layout.version, replicas.join(", "));
+                        say!("partition {p} (layout v{}): {}", layout.version, replicas.join(", "));
                         if !pending.is_empty() {
-                            println!("migrating to: {}", pending.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", "));
+                            say!("migrating to: {}", pending.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", "));
                         }
                     });
                     return Ok(());
                 }
                 let value = serde_json::to_value(&layout)?;
                 self.emit(value, || {
-                    println!(
+                    say!(
                         "layout v{} (completed v{}), {} partitions",
                         layout.version,
                         layout.completed,
@@ -441,7 +449,7 @@ impl Ctl {
                         }
                     }
                     table(&["partitions", "replicas"], rows);
-                    println!("pending moves: {}", layout.pending.len());
+                    say!("pending moves: {}", layout.pending.len());
                 });
             }
             Command::Partitions => {
@@ -486,11 +494,11 @@ impl Ctl {
                 }
                 self.emit(json!({"key": key, "record": record_json(&record)}), || {
                     if let Some(r) = &record {
-                        println!("{}", value_text(&r.value));
-                        println!("kind: {}", r.value.kind());
-                        println!("context: {}", token(&r.context));
+                        say!("{}", value_text(&r.value));
+                        say!("kind: {}", r.value.kind());
+                        say!("context: {}", token(&r.context));
                         for other in &r.other_kinds {
-                            println!(
+                            say!(
                                 "also, created concurrently as {}: {}",
                                 other.kind(),
                                 value_text(other)
@@ -524,7 +532,7 @@ impl Ctl {
                     anyhow::bail!("unexpected answer")
                 };
                 self.emit(json!({"context": token(&ctx)}), || {
-                    println!("ok, context {}", token(&ctx))
+                    say!("ok, context {}", token(&ctx))
                 });
             }
             Command::Delete { key, context, w } => {
@@ -544,7 +552,7 @@ impl Ctl {
                     anyhow::bail!("unexpected answer")
                 };
                 self.emit(json!({"context": token(&ctx)}), || {
-                    println!("deleted, context {}", token(&ctx))
+                    say!("deleted, context {}", token(&ctx))
                 });
             }
             Command::Counter(CounterCommand::Add { key, amount, w }) => {
@@ -560,7 +568,7 @@ impl Ctl {
                 else {
                     anyhow::bail!("unexpected answer")
                 };
-                self.emit(json!({"value": n}), || println!("{n}"));
+                self.emit(json!({"value": n}), || say!("{n}"));
             }
             Command::Counter(CounterCommand::Get { key }) => {
                 let Response::Counter(n) = self
@@ -574,7 +582,7 @@ impl Ctl {
                 else {
                     anyhow::bail!("unexpected answer")
                 };
-                self.emit(json!({"value": n}), || println!("{n}"));
+                self.emit(json!({"value": n}), || say!("{n}"));
             }
             Command::Set(command) => {
                 let request = match command {
@@ -594,11 +602,11 @@ impl Ctl {
                     Response::Members(members) => {
                         let shown: Vec<String> = members.iter().map(|m| show(m)).collect();
                         self.emit(json!({"members": shown}), || {
-                            shown.iter().for_each(|m| println!("{m}"))
+                            shown.iter().for_each(|m| say!("{m}"))
                         });
                     }
                     Response::Context(ctx) => {
-                        self.emit(json!({"context": token(&ctx)}), || println!("ok"))
+                        self.emit(json!({"context": token(&ctx)}), || say!("ok"))
                     }
                     _ => anyhow::bail!("unexpected answer"),
                 }
@@ -697,7 +705,7 @@ impl Ctl {
                             })
                             .collect();
                         table(&["replica", "value", "context", "state"], rows);
-                        println!(
+                        say!(
                             "{}",
                             if agree {
                                 "replicas agree"
@@ -735,7 +743,7 @@ impl Ctl {
                 let value = json!(rows.iter().map(|(p, a_lacks, b_lacks)| json!({"partition": p, "a_lacks": a_lacks, "b_lacks": b_lacks})).collect::<Vec<_>>());
                 self.emit(value, || {
                     if rows.is_empty() {
-                        println!("{node_a} and {node_b} agree on every partition both hold");
+                        say!("{node_a} and {node_b} agree on every partition both hold");
                     } else {
                         let rows = rows
                             .iter()
@@ -765,7 +773,7 @@ impl Ctl {
                         .map(|(p, s)| vec![p.to_string(), s.clone()])
                         .collect();
                     table(&["partition", "source"], rows);
-                    println!("{} in flight, {} waiting", in_flight.len(), waiting);
+                    say!("{} in flight, {} waiting", in_flight.len(), waiting);
                 });
                 if !watch || (in_flight.is_empty() && waiting == 0) {
                     break;
@@ -775,13 +783,13 @@ impl Ctl {
             Command::Join { seed } => {
                 self.call(Request::Join { seed }, 1).await?;
                 self.emit(json!({"joining": seed.to_string()}), || {
-                    println!("joining through {seed}")
+                    say!("joining through {seed}")
                 });
             }
             Command::Leave => {
                 self.call(Request::Leave, 1).await?;
                 self.emit(json!({"leaving": true}), || {
-                    println!("decommissioning: partitions are moving away; `kvctl migrations --watch` on another node shows progress, `kvctl status` here shows 0 partitions held when it is safe to stop")
+                    say!("decommissioning: partitions are moving away; `kvctl migrations --watch` on another node shows progress, `kvctl status` here shows 0 partitions held when it is safe to stop")
                 });
             }
         }

@@ -318,6 +318,7 @@ pub async fn run(config: NodeConfig, shutdown: impl Future<Output = ()>) -> Resu
     let core = Core {
         replica,
         id,
+        addr: config.advertise,
         started: Instant::now(),
         timers: BTreeMap::new(),
         next_timer: 0,
@@ -394,6 +395,8 @@ impl Peers {
 struct Core {
     replica: Replica,
     id: NodeId,
+    /// The address peers reach this node at.
+    addr: SocketAddr,
     started: Instant,
     timers: BTreeMap<(Instant, u64), Timer>,
     next_timer: u64,
@@ -865,12 +868,7 @@ impl Core {
             Request::ClusterMembers => {
                 let mut members = vec![MemberInfo {
                     id: self.id.to_string(),
-                    addr: self
-                        .replica
-                        .membership()
-                        .addr_of(self.id)
-                        .map(|a| a.to_string())
-                        .unwrap_or_default(),
+                    addr: self.addr.to_string(),
                     state: "self".into(),
                     zone: self.replica.membership().meta().zone.clone(),
                     capacity: Some(self.replica.membership().meta().capacity),

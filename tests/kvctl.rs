@@ -1,0 +1,247 @@
+//! The real `kvctl` binary against real nodes: each command's table and JSON
+//! hold the right facts, and every error path prints one line with the
+//! documented exit code (0 ok, 1 error, 2 bad usage).
+
+mod common;
+
+use common::*;
+use serde_json::Value as Json;
+use std::process::{Command, Output};
+use std::time::Duration;
+
+struct Ctl {
+    node: std::net::SocketAddr,
+    tls: std::path::PathBuf,
+}
+
+impl Ctl {
+    fn run(&self, args: &[&str]) -> Output {
+        Command::new(env!("CARGO_BIN_EXE_kvctl"))
+            .arg("--node")
+            .arg(self.node.to_string())
+            .arg("--tls-dir")
+            .arg(&self.tls)
+            .args(args)
+            .output()
+            .unwrap()
+    }
+
+    fn ok(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert!(
+            out.status.success(),
+            "kvctl {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    fn json(&self, args: &[&str]) -> Json {
+        let mut all = vec!["--output", "json"];
+        all.extend_from_slice(args);
+        serde_json::from_str(&self.ok(&all)).unwrap()
+    }
+
+    /// Runs a failing command: its exit code and its one stderr line.
+    fn fails(&self, args: &[&str]) -> (i32, String) {
+        let out = self.run(args);
+        let stderr = String::from_utf8_lossy(&out.stderr).trim().to_string();
+        (out.status.code().unwrap_or(-1), stderr)
+    }
+}
+
+async fn started(n: usize) -> (Cluster, Vec<gossipkv::client::Client>) {
+    let cluster = Cluster::start(n);
+    let tls = cluster.client_tls();
+    let mut clients = Vec::new();
+    for i in 0..n {
+        clients.push(client(cluster.addr(i), &tls).await);
+    }
+    settled(&clients, n).await;
+    (cluster, clients)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_command_answers_with_the_right_facts_in_table_and_json() {
+    let _slot = SLOTS.acquire().await.unwrap();
+    let (cluster, _clients) = started(3).await;
+    let ctl = Ctl {
+        node: cluster.addr(0),
+        tls: cluster.dir.path().join("client"),
+    };
+    let other = Ctl {
+        node: cluster.addr(1),
+        tls: cluster.dir.path().join("client"),
+    };
+
+    let status = ctl.ok(&["status"]);
+    assert!(
+        status.contains("members alive") && status.contains("3 of 3"),
+        "{status}"
+    );
+    assert_eq!(ctl.json(&["status"])["members_alive"], 3);
+
+    let put = ctl.json(&["put", "greeting", "hello", "--w", "3"]);
+    let token = put["context"].as_str().unwrap().to_string();
+    assert!(!token.is_empty());
+    let got = other.json(&["get", "greeting"]);
+    assert_eq!(got["record"]["siblings"], serde_json::json!(["hello"]));
+    assert_eq!(got["record"]["kind"], "register");
+    assert!(other.ok(&["get", "greeting"]).contains("context: "));
+
+    // A write with the read's context replaces what it saw.
+    ctl.ok(&["put", "greeting", "hi", "--context", &token, "--w", "3"]);
+    let inspect = ctl.json(&["inspect", "greeting"]);
+    assert_eq!(inspect["agree"], true, "{inspect}");
+    assert_eq!(inspect["replicas"].as_array().unwrap().len(), 3);
+    assert!(inspect["replicas"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|r| r["record"]["siblings"] == serde_json::json!(["hi"])));
+    assert!(ctl.ok(&["inspect", "greeting"]).contains("replicas agree"));
+
+    let members = ctl.json(&["members"]);
+    assert_eq!(members.as_array().unwrap().len(), 3);
+    assert!(ctl.ok(&["members"]).contains("alive"));
+    let layout = ctl.json(&["layout"]);
+    assert_eq!(layout["replicas"].as_array().unwrap().len(), 256);
+    assert_eq!(
+        ctl.json(&["layout", "--partition", "7"])["replicas"]
+            .as_array()
+            .unwrap()
+            .len(),
+        3
+    );
+    assert_eq!(ctl.json(&["partitions"]).as_array().unwrap().len(), 256);
+
+    assert_eq!(ctl.json(&["counter", "add", "visits", "5"])["value"], 5);
+    assert_eq!(ctl.json(&["counter", "add", "visits", "-2"])["value"], 3);
+    assert_eq!(ctl.json(&["counter", "get", "visits"])["value"], 3);
+    ctl.ok(&["set", "add", "tags", "blue"]);
+    ctl.ok(&["set", "add", "tags", "green"]);
+    ctl.ok(&["set", "remove", "tags", "blue"]);
+    assert_eq!(
+        ctl.json(&["set", "members", "tags"])["members"],
+        serde_json::json!(["green"])
+    );
+    let keys = ctl.json(&["keys", "--prefix", "g"]);
+    assert_eq!(
+        keys,
+        serde_json::json!([{"key": "greeting", "kind": "register"}])
+    );
+    ctl.ok(&["delete", "greeting"]);
+    let (code, _) = ctl.fails(&["get", "greeting"]);
+    assert_eq!(code, 1);
+
+    // Two nodes in sync: diff finds nothing (after the writes spread).
+    eventually("the nodes agree", || async {
+        let diff = ctl.json(&[
+            "diff",
+            &cluster.addr(0).to_string(),
+            &cluster.addr(1).to_string(),
+        ]);
+        diff.as_array().is_some_and(|rows| rows.is_empty())
+    })
+    .await;
+    let migrations = ctl.json(&["migrations"]);
+    assert_eq!(migrations["in_flight"], serde_json::json!([]));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn members_shows_a_killed_node_go_down() {
+    let _slot = SLOTS.acquire().await.unwrap();
+    let (mut cluster, _clients) = started(3).await;
+    let ctl = Ctl {
+        node: cluster.addr(0),
+        tls: cluster.dir.path().join("client"),
+    };
+    cluster.kill(2);
+    let victim = format!("{:016x}", 3);
+    let state = |ctl: &Ctl| -> String {
+        let members = ctl.json(&["members"]);
+        members
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["id"] == victim.as_str())
+            .map(|m| m["state"].as_str().unwrap_or("").to_string())
+            .unwrap_or_default()
+    };
+    let mut seen = Vec::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let now = state(&ctl);
+        if seen.last() != Some(&now) {
+            seen.push(now.clone());
+        }
+        if now == "down" {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "node 3 never went down: {seen:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(seen.first().map(String::as_str), Some("alive"), "{seen:?}");
+    assert!(ctl.ok(&["members"]).contains("down"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn errors_are_one_line_with_the_documented_exit_code() {
+    let _slot = SLOTS.acquire().await.unwrap();
+    let (cluster, _clients) = started(1).await;
+    let ctl = Ctl {
+        node: cluster.addr(0),
+        tls: cluster.dir.path().join("client"),
+    };
+    let one_line = |(code, stderr): (i32, String), expected: i32, mentions: &str| {
+        assert_eq!(code, expected, "{stderr}");
+        assert_eq!(stderr.lines().count(), 1, "{stderr}");
+        assert!(
+            stderr.contains(mentions),
+            "{stderr:?} should mention {mentions:?}"
+        );
+    };
+    one_line(ctl.fails(&["get", "nothing-here"]), 1, "not found");
+    one_line(
+        ctl.fails(&["put", "k", "v", "--context", "not-a-token!"]),
+        1,
+        "token",
+    );
+    ctl.ok(&["put", "text", "v"]);
+    one_line(ctl.fails(&["counter", "add", "text", "1"]), 1, "register");
+    one_line(ctl.fails(&["put", "k", "v", "--w", "2"]), 1, "w=2 exceeds");
+    one_line(
+        ctl.fails(&["layout", "--partition", "999"]),
+        1,
+        "partition 999",
+    );
+    let nowhere = Ctl {
+        node: "127.0.0.1:9".parse().unwrap(),
+        tls: ctl.tls.clone(),
+    };
+    one_line(nowhere.fails(&["status"]), 1, "cannot reach");
+    let no_certs = Ctl {
+        node: ctl.node,
+        tls: cluster.dir.path().join("missing"),
+    };
+    one_line(no_certs.fails(&["status"]), 1, "ca.pem");
+
+    // Bad usage: exit code 2.
+    let out = Command::new(env!("CARGO_BIN_EXE_kvctl"))
+        .arg("status")
+        .env_remove("KVCTL_NODE")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--node"));
+    let (code, _) = ctl.fails(&["frobnicate"]);
+    assert_eq!(code, 2);
+    let help = Command::new(env!("CARGO_BIN_EXE_kvctl"))
+        .arg("--help")
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&help.stdout).contains("Examples:"));
+}
