@@ -150,6 +150,9 @@ pub struct WireRecord {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NodeStatus {
     pub node_id: String,
+    /// The gossipkv version the node runs.
+    pub version: String,
+    pub uptime_seconds: u64,
     pub members_alive: usize,
     pub members_total: usize,
     pub layout_version: u64,
@@ -157,6 +160,10 @@ pub struct NodeStatus {
     pub partitions_held: usize,
     pub migrations_in_flight: usize,
     pub anti_entropy_rounds: u64,
+    /// Entries anti-entropy brought in that this node lacked.
+    pub repaired_entries: u64,
+    /// True once a decommission finished: the node holds nothing and left.
+    pub decommissioned: bool,
     /// Entries and key + entry bytes in the partitions this node holds.
     pub entries_held: u64,
     pub bytes_held: u64,

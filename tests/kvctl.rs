@@ -245,3 +245,38 @@ async fn errors_are_one_line_with_the_documented_exit_code() {
         .unwrap();
     assert!(String::from_utf8_lossy(&help.stdout).contains("Examples:"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leave_hands_everything_off_and_returns_when_safe_to_stop() {
+    let _slot = SLOTS.acquire().await.unwrap();
+    let (cluster, _clients) = started(3).await;
+    let first = Ctl {
+        node: cluster.addr(0),
+        tls: cluster.dir.path().join("client"),
+    };
+    let goer = Ctl {
+        node: cluster.addr(2),
+        tls: cluster.dir.path().join("client"),
+    };
+    for i in 0..50 {
+        goer.ok(&["put", &format!("k{i}"), "v"]);
+    }
+    let out = goer.ok(&["leave"]);
+    assert!(out.contains("safe to stop"), "{out}");
+    let status = goer.json(&["status"]);
+    assert_eq!(status["partitions_held"], 0);
+    assert_eq!(status["decommissioned"], true);
+    // Every write taken by the departed node is on the others.
+    for i in 0..50 {
+        first.ok(&["get", &format!("k{i}")]);
+    }
+    eventually("the others see it leave", || async {
+        let members = first.json(&["members"]);
+        members
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|m| m["id"] == format!("{:016x}", 3).as_str() && m["state"] == "left")
+    })
+    .await;
+}

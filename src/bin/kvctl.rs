@@ -124,8 +124,13 @@ enum Command {
     },
     /// Join the cluster through a seed (for a node started without seeds).
     Join { seed: SocketAddr },
-    /// Decommission the node: hand every partition off, then leave.
-    Leave,
+    /// Decommission the node: hand every partition off, then leave. Waits,
+    /// showing progress, until it is safe to stop the node.
+    Leave {
+        /// Return at once instead of waiting.
+        #[arg(long)]
+        no_wait: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -346,6 +351,8 @@ impl Ctl {
                         &["field", "value"],
                         vec![
                             vec!["node".into(), s.node_id.clone()],
+                            vec!["version".into(), s.version.clone()],
+                            vec!["uptime".into(), format!("{}s", s.uptime_seconds)],
                             vec![
                                 "members alive".into(),
                                 format!("{} of {}", s.members_alive, s.members_total),
@@ -368,6 +375,7 @@ impl Ctl {
                                 "anti-entropy rounds".into(),
                                 s.anti_entropy_rounds.to_string(),
                             ],
+                            vec!["entries repaired".into(), s.repaired_entries.to_string()],
                         ],
                     )
                 });
@@ -786,11 +794,41 @@ impl Ctl {
                     say!("joining through {seed}")
                 });
             }
-            Command::Leave => {
+            Command::Leave { no_wait } => {
                 self.call(Request::Leave, 1).await?;
-                self.emit(json!({"leaving": true}), || {
-                    say!("decommissioning: partitions are moving away; `kvctl migrations --watch` on another node shows progress, `kvctl status` here shows 0 partitions held when it is safe to stop")
-                });
+                if no_wait {
+                    self.emit(json!({"leaving": true}), || {
+                        say!("decommissioning; `kvctl status` shows when it is done")
+                    });
+                    return Ok(());
+                }
+                // Wait until the node has handed everything off and left.
+                let started = std::time::Instant::now();
+                loop {
+                    let Response::Status(s) = self.call(Request::Status, 1).await? else {
+                        anyhow::bail!("unexpected answer")
+                    };
+                    if s.decommissioned {
+                        self.emit(
+                            json!({"left": true, "seconds": started.elapsed().as_secs()}),
+                            || {
+                                say!(
+                                    "done: the node holds nothing and has left; it is safe to stop"
+                                )
+                            },
+                        );
+                        return Ok(());
+                    }
+                    if !self.json {
+                        say!(
+                            "{} partitions still held, {} migrating ({}s)",
+                            s.partitions_held,
+                            s.migrations_in_flight,
+                            started.elapsed().as_secs()
+                        );
+                    }
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
             }
         }
         Ok(())

@@ -1199,6 +1199,8 @@ impl Core {
         }
         NodeStatus {
             node_id: self.id.to_string(),
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            uptime_seconds: self.started.elapsed().as_secs(),
             members_alive: self.replica.membership().alive().len() + 1,
             members_total: members.len() + 1,
             layout_version: layout.current().version(),
@@ -1208,6 +1210,8 @@ impl Core {
                 .count(),
             migrations_in_flight: self.replica.migrating().len(),
             anti_entropy_rounds: self.replica.stats().rounds_started,
+            repaired_entries: self.replica.stats().repair_entries_received,
+            decommissioned: self.replica.has_left(),
             entries_held,
             bytes_held,
         }
