@@ -262,6 +262,11 @@ impl Entry {
             }
             (_, None) => {}
         }
+        // Histories that cannot happen (each side superseding the other's
+        // sibling) could leave no sibling; keep the entry well-formed.
+        if self.register.as_ref().is_some_and(|r| r.0.is_empty()) {
+            self.register = None;
+        }
         self.context.join(&other.context);
         merge_option(&mut self.lww, other.lww);
         merge_option(&mut self.counter, other.counter);
@@ -339,6 +344,9 @@ impl Entry {
             }
             if !reg.0.windows(2).all(|w| w[0].0 < w[1].0) {
                 return Err(EntryError::Invalid("register siblings not sorted by dot"));
+            }
+            if reg.0.iter().any(|(dot, _)| dot.seq == 0) {
+                return Err(EntryError::Invalid("register sibling with sequence 0"));
             }
             if !reg.0.iter().all(|(dot, _)| self.context.covers(*dot)) {
                 return Err(EntryError::Invalid(
