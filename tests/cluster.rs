@@ -248,28 +248,10 @@ async fn writes_at_w2_stay_available_and_survive_when_a_replica_is_killed() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fourth_node_receives_only_its_share() {
     let _slot = SLOTS.acquire().await.unwrap();
-    let mut cluster = Cluster::start(3);
+    let (mut cluster, mut clients) = started(3).await;
     let tls = cluster.client_tls();
-    let mut clients = Vec::new();
-    for i in 0..3 {
-        clients.push(client(cluster.addr(i), &tls).await);
-    }
-    settled(&clients, 3).await;
     let keys = 1_500u32;
-    for i in 0..keys {
-        clients[0]
-            .put(format!("join-{i:05}").as_bytes(), &[7; 64], None)
-            .await
-            .unwrap();
-    }
-    for c in &clients {
-        eventually("every node holds every key", || async {
-            c.status()
-                .await
-                .is_ok_and(|s| s.entries_held == u64::from(keys))
-        })
-        .await;
-    }
+    load(&clients, "join", keys, &[7; 64]).await;
     cluster.add_node();
     let newcomer = client(cluster.addr(3), &tls).await;
     clients.push(newcomer);
@@ -293,17 +275,7 @@ async fn a_fourth_node_receives_only_its_share() {
     )
     .await;
     let status = clients[3].status().await.unwrap();
-    let text = scrape(cluster.metrics[3]);
-    let received: f64 = ["migration", "repair"]
-        .iter()
-        .map(|kind| {
-            metric(
-                &text,
-                &format!("gossipkv_peer_bytes_received_total{{kind=\"{kind}\"}}"),
-            )
-            .unwrap_or(0.0)
-        })
-        .sum();
+    let received = data_bytes_received(cluster.metrics[3]);
     let share = status.bytes_held as f64;
     println!(
         "join: received {received} bytes for a share of {share} ({:.3})",
@@ -404,28 +376,10 @@ async fn admin_endpoints_show_members_layout_partitions_and_a_key_on_each_replic
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_back_from_downtime_receives_only_what_changed() {
     let _slot = SLOTS.acquire().await.unwrap();
-    let mut cluster = Cluster::start(3);
+    let (mut cluster, clients) = started(3).await;
     let tls = cluster.client_tls();
-    let mut clients = Vec::new();
-    for i in 0..3 {
-        clients.push(client(cluster.addr(i), &tls).await);
-    }
-    settled(&clients, 3).await;
     let keys = 1_500u32;
-    for i in 0..keys {
-        clients[0]
-            .put(format!("r-{i:05}").as_bytes(), &[3; 64], None)
-            .await
-            .unwrap();
-    }
-    for c in &clients {
-        eventually("every node holds every key", || async {
-            c.status()
-                .await
-                .is_ok_and(|s| s.entries_held == u64::from(keys))
-        })
-        .await;
-    }
+    load(&clients, "r", keys, &[3; 64]).await;
     cluster.kill(2);
     // 1% of the keys change while node 3 is away.
     for i in (0..keys).step_by(100) {
@@ -443,17 +397,7 @@ async fn a_node_back_from_downtime_receives_only_what_changed() {
     })
     .await;
     // The restarted process's counters start at zero: all it received.
-    let text = scrape(cluster.metrics[2]);
-    let received: f64 = ["migration", "repair"]
-        .iter()
-        .map(|kind| {
-            metric(
-                &text,
-                &format!("gossipkv_peer_bytes_received_total{{kind=\"{kind}\"}}"),
-            )
-            .unwrap_or(0.0)
-        })
-        .sum();
+    let received = data_bytes_received(cluster.metrics[2]);
     let share = back.status().await.unwrap().bytes_held as f64;
     println!(
         "rejoin: received {received} bytes, {:.3} of a full copy ({share})",

@@ -50,17 +50,6 @@ impl Ctl {
     }
 }
 
-async fn started(n: usize) -> (Cluster, Vec<gossipkv::client::Client>) {
-    let cluster = Cluster::start(n);
-    let tls = cluster.client_tls();
-    let mut clients = Vec::new();
-    for i in 0..n {
-        clients.push(client(cluster.addr(i), &tls).await);
-    }
-    settled(&clients, n).await;
-    (cluster, clients)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_command_answers_with_the_right_facts_in_table_and_json() {
     let _slot = SLOTS.acquire().await.unwrap();

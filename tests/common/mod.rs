@@ -238,3 +238,47 @@ where
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
+
+/// A settled cluster of `n` nodes and a client to each.
+pub async fn started(n: usize) -> (Cluster, Vec<Client>) {
+    let cluster = Cluster::start(n);
+    let tls = cluster.client_tls();
+    let mut clients = Vec::new();
+    for i in 0..n {
+        clients.push(client(cluster.addr(i), &tls).await);
+    }
+    settled(&clients, n).await;
+    (cluster, clients)
+}
+
+/// Writes `keys` keys named `prefix-N` through the first client and waits
+/// until every node holds them all.
+pub async fn load(clients: &[Client], prefix: &str, keys: u32, value: &[u8]) {
+    for i in 0..keys {
+        let key = format!("{prefix}-{i:05}");
+        clients[0].put(key.as_bytes(), value, None).await.unwrap();
+    }
+    for c in clients {
+        eventually("every node holds every key", || async {
+            c.status()
+                .await
+                .is_ok_and(|s| s.entries_held == u64::from(keys))
+        })
+        .await;
+    }
+}
+
+/// Bytes of migration and repair frames a node received, from its metrics.
+pub fn data_bytes_received(metrics: SocketAddr) -> f64 {
+    let text = scrape(metrics);
+    ["migration", "repair"]
+        .iter()
+        .map(|kind| {
+            metric(
+                &text,
+                &format!("gossipkv_peer_bytes_received_total{{kind=\"{kind}\"}}"),
+            )
+            .unwrap_or(0.0)
+        })
+        .sum()
+}
