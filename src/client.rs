@@ -201,6 +201,20 @@ pub struct PartitionInfo {
     pub version: Vec<(String, u64, Vec<u64>)>,
 }
 
+/// Migrations into a node for its current layout.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MigrationsInfo {
+    pub layout_version: u64,
+    /// (partition, source node) of streams in flight.
+    pub in_flight: Vec<(u16, String)>,
+    /// Partitions this node gains in the layout, and how many are ready.
+    pub total: usize,
+    pub done: usize,
+    pub entries: u64,
+    pub bytes: u64,
+    pub elapsed_ms: u64,
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ReplicaView {
     pub node: String,
@@ -220,11 +234,7 @@ pub enum Response {
     Layout(LayoutInfo),
     Partitions(Vec<PartitionInfo>),
     Inspect(Vec<ReplicaView>),
-    /// (partition, source node) of migrations in flight, and how many wait.
-    Migrations {
-        in_flight: Vec<(u16, String)>,
-        waiting: usize,
-    },
+    Migrations(MigrationsInfo),
     Done,
     /// Keys with the kind of value each holds.
     Keys(Vec<(Vec<u8>, String)>),

@@ -275,6 +275,22 @@ async fn a_fourth_node_receives_only_its_share() {
     )
     .await;
     let status = clients[3].status().await.unwrap();
+    // Migration progress as kvctl shows it: every gained partition done.
+    let admin = Client::connect_admin(cluster.addr(3), Some(&tls))
+        .await
+        .unwrap();
+    let gossipkv::client::Response::Migrations(progress) = admin
+        .request(&gossipkv::client::Request::Migrations)
+        .await
+        .unwrap()
+    else {
+        panic!("migrations")
+    };
+    assert_eq!((progress.total, progress.done), (192, 192), "{progress:?}");
+    assert!(
+        progress.entries > 0 && progress.in_flight.is_empty(),
+        "{progress:?}"
+    );
     let received = data_bytes_received(cluster.metrics[3]);
     let share = status.bytes_held as f64;
     println!(

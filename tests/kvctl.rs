@@ -135,6 +135,8 @@ async fn every_command_answers_with_the_right_facts_in_table_and_json() {
     .await;
     let migrations = ctl.json(&["migrations"]);
     assert_eq!(migrations["in_flight"], serde_json::json!([]));
+    assert_eq!(migrations["partitions_left"], 0);
+    assert!(ctl.ok(&["migrations"]).contains("partitions"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -769,21 +769,51 @@ impl Ctl {
                 });
             }
             Command::Migrations { watch } => loop {
-                let Response::Migrations { in_flight, waiting } =
-                    self.call(Request::Migrations, 1).await?
-                else {
+                let Response::Migrations(m) = self.call(Request::Migrations, 1).await? else {
                     anyhow::bail!("unexpected answer")
                 };
-                let value = json!({"in_flight": in_flight.iter().map(|(p, s)| json!({"partition": p, "source": s})).collect::<Vec<_>>(), "waiting": waiting});
-                self.emit(value, || {
-                    let rows = in_flight
-                        .iter()
-                        .map(|(p, s)| vec![p.to_string(), s.clone()])
-                        .collect();
-                    table(&["partition", "source"], rows);
-                    say!("{} in flight, {} waiting", in_flight.len(), waiting);
+                let seconds = m.elapsed_ms as f64 / 1e3;
+                let left = m.total.saturating_sub(m.done);
+                // Rate and ETA in partitions: what is left is known in
+                // partitions, not in entries, until each stream is done.
+                let rate = if seconds > 0.0 {
+                    m.done as f64 / seconds
+                } else {
+                    0.0
+                };
+                let eta = (rate > 0.0 && left > 0).then(|| left as f64 / rate);
+                let value = json!({
+                    "layout_version": m.layout_version,
+                    "in_flight": m.in_flight.iter().map(|(p, s)| json!({"partition": p, "source": s})).collect::<Vec<_>>(),
+                    "partitions_total": m.total,
+                    "partitions_done": m.done,
+                    "partitions_left": left,
+                    "entries_moved": m.entries,
+                    "bytes_moved": m.bytes,
+                    "partitions_per_second": rate,
+                    "eta_seconds": eta,
                 });
-                if !watch || (in_flight.is_empty() && waiting == 0) {
+                self.emit(value, || {
+                    if !m.in_flight.is_empty() {
+                        let rows = m.in_flight.iter().map(|(p, s)| vec![p.to_string(), s.clone()]).collect();
+                        table(&["partition", "source"], rows);
+                    }
+                    let width = 30;
+                    let filled = (m.done * width).checked_div(m.total).unwrap_or(width).min(width);
+                    say!(
+                        "[{}{}] {}/{} partitions (layout v{}), {} entries / {} bytes moved, {:.1} partitions/s{}",
+                        "#".repeat(filled),
+                        "-".repeat(width - filled),
+                        m.done,
+                        m.total,
+                        m.layout_version,
+                        m.entries,
+                        m.bytes,
+                        rate,
+                        eta.map(|e| format!(", ETA {e:.0}s")).unwrap_or_default()
+                    );
+                });
+                if !watch || left == 0 {
                     break;
                 }
                 tokio::time::sleep(Duration::from_secs(1)).await;

@@ -20,8 +20,8 @@ pub mod config;
 pub mod metrics;
 
 use crate::client::{
-    Call, LayoutInfo, MemberInfo, NodeStatus, PartitionInfo, ReplicaView, Request, Response,
-    WireRecord,
+    Call, LayoutInfo, MemberInfo, MigrationsInfo, NodeStatus, PartitionInfo, ReplicaView, Request,
+    Response, WireRecord,
 };
 use crate::crdt::{CausalContext, NodeId};
 use crate::replication::layout::NodeSpec;
@@ -971,18 +971,23 @@ impl Core {
                 );
                 return;
             }
-            Request::Migrations => Response::Migrations {
-                in_flight: self
-                    .replica
-                    .migration_sources()
-                    .into_iter()
-                    .map(|(p, n)| (p, n.to_string()))
-                    .collect(),
-                waiting: layout
-                    .pending_migrations(self.id)
-                    .len()
-                    .saturating_sub(self.replica.migrating().len()),
-            },
+            Request::Migrations => {
+                let progress = self.replica.migration_progress();
+                Response::Migrations(MigrationsInfo {
+                    layout_version: progress.layout_version,
+                    in_flight: self
+                        .replica
+                        .migration_sources()
+                        .into_iter()
+                        .map(|(p, n)| (p, n.to_string()))
+                        .collect(),
+                    total: progress.total,
+                    done: progress.done,
+                    entries: progress.entries,
+                    bytes: progress.bytes,
+                    elapsed_ms: progress.elapsed.as_millis() as u64,
+                })
+            }
             Request::Join { seed } => {
                 let outputs = self.replica.join(self.now(), seed);
                 self.carry_out(outputs);

@@ -165,6 +165,22 @@ struct Inbound {
     last_chunk: Duration,
 }
 
+/// Progress of the migrations into this node for the current layout.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct MigrationProgress {
+    /// Layout version these figures are for.
+    pub layout_version: u64,
+    /// Partitions this node gains in that layout.
+    pub total: usize,
+    /// Of those, ready.
+    pub done: usize,
+    /// Entries merged and key + entry bytes received by migration streams.
+    pub entries: u64,
+    pub bytes: u64,
+    /// Since the layout change began, in the driver's time.
+    pub elapsed: Duration,
+}
+
 struct Migration {
     phase: u8,
     stream: u64,
@@ -186,6 +202,9 @@ pub struct Replica {
     /// Chunk streams being received, by (sender, stream).
     inbound: HashMap<(NodeId, u64), Inbound>,
     migrations: BTreeMap<u16, Migration>,
+    /// Progress figures and when the current round of migrations began.
+    progress: MigrationProgress,
+    progress_started: Duration,
     /// The latest version vector each peer reported per partition: a lower
     /// bound of what it holds (vectors only grow).
     peer_versions: HashMap<(u16, NodeId), VersionVector>,
@@ -226,6 +245,8 @@ impl Replica {
             rounds: HashMap::new(),
             inbound: HashMap::new(),
             migrations: BTreeMap::new(),
+            progress: MigrationProgress::default(),
+            progress_started: Duration::ZERO,
             peer_versions: HashMap::new(),
             down_since: HashMap::new(),
             last_contact: HashMap::new(),
@@ -259,6 +280,16 @@ impl Replica {
     /// Partitions migrating into this node now.
     pub fn migrating(&self) -> Vec<u16> {
         self.migrations.keys().copied().collect()
+    }
+
+    /// How far the migrations into this node have come.
+    pub fn migration_progress(&self) -> MigrationProgress {
+        let pending = self.layout.pending_migrations(self.id).len();
+        MigrationProgress {
+            done: self.progress.total.saturating_sub(pending),
+            elapsed: self.now.saturating_sub(self.progress_started),
+            ..self.progress.clone()
+        }
     }
 
     /// Migrations in flight: (partition, source node).
@@ -660,7 +691,11 @@ impl Replica {
         };
         let report = self.store.apply(&chunk)?;
         match migration {
-            Some(_) => self.stats.migration_entries_received += report.merged as u64,
+            Some(_) => {
+                self.stats.migration_entries_received += report.merged as u64;
+                self.progress.entries += report.merged as u64;
+                self.progress.bytes += chunk.payload_bytes() as u64;
+            }
             None => self.stats.repair_entries_received += report.merged as u64,
         }
         if let Some(m) = self.migrations.get_mut(&partition) {
@@ -729,6 +764,18 @@ impl Replica {
             completed: self.layout.completed().version(),
         };
         self.out.push(Output::Event(event));
+        // A new layout starts a new round of progress figures.
+        let version = self.layout.current().version();
+        if self.progress.layout_version != version {
+            // What this node gains from the last completed layout.
+            let total = self.layout.pending_migrations(self.id).len();
+            self.progress = MigrationProgress {
+                layout_version: version,
+                total,
+                ..MigrationProgress::default()
+            };
+            self.progress_started = self.now;
+        }
         // Migrations of partitions no longer gained stop.
         let pending = self.layout.pending_migrations(self.id);
         self.migrations.retain(|p, _| pending.contains(p));
