@@ -6,6 +6,7 @@
 
 use crate::certs::SERVER_NAME;
 use crate::crdt::{CausalContext, Value};
+use crate::replication::membership::LoadFigures;
 use crate::transport::tls::{client_config, TlsIdentity};
 use crate::transport::{frame, ALPN_ADMIN, ALPN_CLIENT};
 use serde::{Deserialize, Serialize};
@@ -178,6 +179,10 @@ pub struct MemberInfo {
     pub zone: Option<String>,
     pub capacity: Option<u32>,
     pub partitions_held: usize,
+    /// Load figures the member last gossiped (keys, bytes, client ops/s).
+    pub load: Option<LoadFigures>,
+    /// Milliseconds since this node last received a message from it.
+    pub last_heard_ms: Option<u64>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -92,6 +92,23 @@ async fn every_command_answers_with_the_right_facts_in_table_and_json() {
 
     let members = ctl.json(&["members"]);
     assert_eq!(members.as_array().unwrap().len(), 3);
+    // Peers were heard from recently; load figures travel with metadata.
+    assert!(
+        members
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|m| m["last_heard_ms"].as_u64().is_some_and(|ms| ms < 30_000)),
+        "{members}"
+    );
+    assert!(
+        members
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|m| m["load"].is_object()),
+        "{members}"
+    );
     assert!(ctl.ok(&["members"]).contains("alive"));
     let layout = ctl.json(&["layout"]);
     assert_eq!(layout["replicas"].as_array().unwrap().len(), 256);

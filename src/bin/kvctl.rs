@@ -398,11 +398,29 @@ impl Ctl {
                                 m.zone.clone().unwrap_or_else(|| "-".into()),
                                 m.capacity.map_or("-".into(), |c| c.to_string()),
                                 m.partitions_held.to_string(),
+                                m.load.as_ref().map_or("-".into(), |l| {
+                                    format!(
+                                        "{} keys, {} B, {} ops/s",
+                                        l.keys, l.bytes, l.ops_per_sec
+                                    )
+                                }),
+                                m.last_heard_ms.map_or("-".into(), |ms| {
+                                    format!("{:.1}s ago", ms as f64 / 1e3)
+                                }),
                             ]
                         })
                         .collect();
                     table(
-                        &["id", "address", "state", "zone", "capacity", "partitions"],
+                        &[
+                            "id",
+                            "address",
+                            "state",
+                            "zone",
+                            "capacity",
+                            "partitions",
+                            "load",
+                            "last heard",
+                        ],
                         rows,
                     )
                 });

@@ -26,7 +26,7 @@ use crate::client::{
 use crate::crdt::{CausalContext, NodeId};
 use crate::replication::layout::NodeSpec;
 use crate::replication::layout_state::LayoutState;
-use crate::replication::membership::{MembershipConfig, NodeMeta};
+use crate::replication::membership::{LoadFigures, MembershipConfig, NodeMeta};
 use crate::replication::message::Message;
 use crate::replication::replica::{
     MembershipEventKind, Output, Replica, ReplicaConfig, ReplicaEvent, Timer,
@@ -179,6 +179,10 @@ enum Pending {
     },
 }
 
+/// How often the sizes held are counted (it scans the held partitions) and
+/// the load figures gossiped.
+const SIZES_INTERVAL: Duration = Duration::from_secs(30);
+
 /// How long a call may wait for other replicas.
 const QUORUM_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -330,6 +334,8 @@ pub async fn run(config: NodeConfig, shutdown: impl Future<Output = ()>) -> Resu
         data_dir: config.data_dir.clone(),
         metrics,
         pending: HashMap::new(),
+        last_heard: HashMap::new(),
+        requests_at_publish: 0,
         sizes_refreshed: None,
         deadlines: Default::default(),
         next_call: 0,
@@ -404,6 +410,10 @@ struct Core {
     data_dir: PathBuf,
     metrics: Arc<Metrics>,
     pending: HashMap<u64, Pending>,
+    /// When a message from each peer last arrived.
+    last_heard: HashMap<NodeId, Instant>,
+    /// Client requests served when the load figures were last published.
+    requests_at_publish: u64,
     sizes_refreshed: Option<Instant>,
     deadlines: std::collections::BTreeSet<(Instant, u64)>,
     next_call: u64,
@@ -709,6 +719,7 @@ impl Core {
     }
 
     fn on_peer(&mut self, from: NodeId, payload: Payload) {
+        self.last_heard.insert(from, Instant::now());
         match payload {
             Payload::Core(message) => {
                 match self.replica.handle_message(self.now(), from, message) {
@@ -873,6 +884,8 @@ impl Core {
                     zone: self.replica.membership().meta().zone.clone(),
                     capacity: Some(self.replica.membership().meta().capacity),
                     partitions_held: layout.current().partitions_of(self.id).len(),
+                    load: Some(self.replica.membership().meta().load.clone()),
+                    last_heard_ms: Some(0),
                 }];
                 for m in self.replica.membership().members() {
                     members.push(MemberInfo {
@@ -882,6 +895,11 @@ impl Core {
                         zone: m.meta.as_ref().and_then(|meta| meta.zone.clone()),
                         capacity: m.meta.as_ref().map(|meta| meta.capacity),
                         partitions_held: layout.current().partitions_of(m.id).len(),
+                        load: m.meta.as_ref().map(|meta| meta.load.clone()),
+                        last_heard_ms: self
+                            .last_heard
+                            .get(&m.id)
+                            .map(|at| at.elapsed().as_millis() as u64),
                     });
                 }
                 Response::ClusterMembers(members)
@@ -1071,16 +1089,32 @@ impl Core {
         }
     }
 
+    /// Gossips this node's load with its metadata (every 30 s, with sizes).
+    fn publish_load(&mut self, keys: u64, bytes: u64) {
+        let requests = self.metrics.client_requests.load(Relaxed);
+        let elapsed = SIZES_INTERVAL.as_secs().max(1);
+        let ops_per_sec = requests.saturating_sub(self.requests_at_publish) / elapsed;
+        self.requests_at_publish = requests;
+        let mut meta = self.replica.membership().meta().clone();
+        meta.load = LoadFigures {
+            keys,
+            bytes,
+            ops_per_sec,
+        };
+        let outputs = self.replica.set_meta(self.now(), meta);
+        self.carry_out(outputs);
+    }
+
     fn refresh_metrics(&mut self) {
         // Sizes scan the held partitions: refresh them every 30 s only.
         let sizes = self
             .sizes_refreshed
-            .is_none_or(|at| at.elapsed() >= Duration::from_secs(30));
+            .is_none_or(|at| at.elapsed() >= SIZES_INTERVAL);
         if sizes {
             self.sizes_refreshed = Some(Instant::now());
         }
         let status = self.status(sizes);
-        let stats = self.replica.stats();
+        let stats = self.replica.stats().clone();
         let Ok(mut core) = self.metrics.core.lock() else {
             return;
         };
@@ -1108,6 +1142,10 @@ impl Core {
         core.insert("partitions_dropped_total", stats.partitions_dropped);
         core.insert("tombstones_purged_total", stats.tombstones_purged);
         core.insert("streams_broken_total", stats.streams_broken);
+        drop(core);
+        if sizes {
+            self.publish_load(status.entries_held, status.bytes_held);
+        }
     }
 
     fn serve(&mut self, request: Request) -> Response {
