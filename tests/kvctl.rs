@@ -288,3 +288,31 @@ async fn leave_hands_everything_off_and_returns_when_safe_to_stop() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn diff_reports_the_writes_a_lagging_node_lacks() {
+    let _slot = SLOTS.acquire().await.unwrap();
+    // Two single-node clusters from the same CA: the second never hears of
+    // the first's writes, so it lags by exactly those.
+    let mut cluster = Cluster::start(1);
+    cluster.add_node_with_seed(None);
+    let tls = cluster.client_tls();
+    for i in 0..2 {
+        client(cluster.addr(i), &tls).await;
+    }
+    let ctl = Ctl {
+        node: cluster.addr(0),
+        tls: cluster.dir.path().join("client"),
+    };
+    for i in 0..20 {
+        ctl.ok(&["put", &format!("lag-{i}"), "v"]);
+    }
+    let (a, b) = (cluster.addr(0).to_string(), cluster.addr(1).to_string());
+    let diff = ctl.json(&["diff", &a, &b]);
+    let rows = diff.as_array().unwrap();
+    assert!(!rows.is_empty(), "{diff}");
+    let b_lacks: u64 = rows.iter().map(|r| r["b_lacks"].as_u64().unwrap()).sum();
+    let a_lacks: u64 = rows.iter().map(|r| r["a_lacks"].as_u64().unwrap()).sum();
+    assert_eq!((b_lacks, a_lacks), (20, 0), "{diff}");
+    assert!(ctl.ok(&["diff", &a, &b]).to_lowercase().contains("lacks"));
+}

@@ -114,6 +114,13 @@ impl Cluster {
 
     /// Starts one more node, joining through the first.
     pub fn add_node(&mut self) {
+        let seed = self.nodes.first().map(|(_, a)| *a);
+        self.add_node_with_seed(seed);
+    }
+
+    /// Starts one more node joining through `seed`, or, with `None`, a node
+    /// that starts a cluster of its own (same CA, so clients reach both).
+    pub fn add_node_with_seed(&mut self, seed: Option<SocketAddr>) {
         let i = self.nodes.len() + 1;
         let node_dir = self.dir.path().join(format!("node-{i}"));
         certs::issue(
@@ -124,7 +131,6 @@ impl Cluster {
         )
         .unwrap();
         let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-        let seed = self.nodes.first().map(|(_, a)| *a);
         let metrics: SocketAddr = format!("127.0.0.1:{}", free_tcp_port()).parse().unwrap();
         self.metrics.push(metrics);
         let mut command = serve_command(&node_dir, i, addr, metrics, seed);
