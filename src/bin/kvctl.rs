@@ -56,17 +56,27 @@ enum Output {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Node id, members alive, layout, partitions, sizes, migrations, rounds.
+    /// Node id, version, uptime, members alive, layout, partitions, sizes,
+    /// migrations, anti-entropy rounds and repairs.
+    ///
+    /// Example: kvctl status --output json
     Status,
-    /// Every member with its state, zone, capacity and partitions held.
+    /// Every member with its state, zone, capacity, partitions held, load
+    /// and when it was last heard from.
+    ///
+    /// Example: kvctl members
     Members,
     /// Layout version, replicas per partition, pending moves.
+    ///
+    /// Example: kvctl layout --partition 17
     Layout {
         /// Show one partition only.
         #[arg(long)]
         partition: Option<u16>,
     },
     /// The partitions this node holds: entries, bytes, digest, version vector.
+    ///
+    /// Example: kvctl partitions --output json
     Partitions,
     /// A key's value (or siblings), kind and causal context token.
     ///
@@ -88,6 +98,8 @@ enum Command {
         w: u8,
     },
     /// Delete a register key (a causal tombstone).
+    ///
+    /// Example: kvctl delete greeting --context AQEBAQ
     Delete {
         key: String,
         #[arg(long)]
@@ -96,12 +108,18 @@ enum Command {
         w: u8,
     },
     /// Counters: `counter add KEY N`, `counter get KEY`.
+    ///
+    /// Example: kvctl counter add visits -3
     #[command(subcommand)]
     Counter(CounterCommand),
     /// Sets: `set add KEY MEMBER`, `set remove KEY MEMBER`, `set members KEY`.
+    ///
+    /// Example: kvctl set add tags blue
     #[command(subcommand)]
     Set(SetCommand),
     /// Keys this node holds.
+    ///
+    /// Example: kvctl keys --prefix user: --limit 20
     Keys {
         #[arg(long, default_value = "")]
         prefix: String,
@@ -109,23 +127,34 @@ enum Command {
         limit: u32,
     },
     /// The key on each of its replicas side by side, and whether they agree.
+    ///
+    /// Example: kvctl inspect greeting
     Inspect { key: String },
     /// Partitions whose contents differ between two nodes, and how many
     /// writes each side lacks, from their version vectors.
+    ///
+    /// Example: kvctl diff 127.0.0.1:7000 127.0.0.1:7001
     Diff {
         node_a: SocketAddr,
         node_b: SocketAddr,
     },
-    /// Partitions migrating into the node.
+    /// Migrations into the node: partitions done and left, entries and
+    /// bytes moved, rate and ETA.
+    ///
+    /// Example: kvctl migrations --watch
     Migrations {
         /// Refresh until no migration is left.
         #[arg(long)]
         watch: bool,
     },
     /// Join the cluster through a seed (for a node started without seeds).
+    ///
+    /// Example: kvctl --node 127.0.0.1:7003 join 127.0.0.1:7000
     Join { seed: SocketAddr },
     /// Decommission the node: hand every partition off, then leave. Waits,
     /// showing progress, until it is safe to stop the node.
+    ///
+    /// Example: kvctl --node 127.0.0.1:7002 leave
     Leave {
         /// Return at once instead of waiting.
         #[arg(long)]
