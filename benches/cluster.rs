@@ -3,39 +3,21 @@
 //! same workload against one embedded store in the same run. Prints
 //! `metric: <name> <value> <unit>` lines; `-- --quick` runs a tenth.
 
-use gossipkv::certs;
+#[path = "../tests/common/mod.rs"]
+mod common;
+
 use gossipkv::client::Client;
 use gossipkv::transport::tls::TlsIdentity;
 use gossipkv::{Store, StoreOptions};
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 const CLIENTS: usize = 8;
 const VALUE: [u8; 100] = [b'v'; 100];
 
-struct Nodes(Vec<Child>);
-
-impl Drop for Nodes {
-    fn drop(&mut self) {
-        for child in &mut self.0 {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
 fn metric(name: &str, value: f64, unit: &str) {
     println!("metric: {name} {value:.3} {unit}");
-}
-
-fn free_port() -> u16 {
-    std::net::UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 fn key(client: usize, i: usize) -> Vec<u8> {
@@ -133,65 +115,14 @@ fn local(dir: &std::path::Path, per_client: usize) -> f64 {
 fn main() {
     let quick = std::env::args().any(|a| a == "--quick");
     let per_client = if quick { 50 } else { 500 };
-    let dir = tempfile::tempdir().expect("temp dir");
-    let ca = dir.path().join("ca");
-    certs::init_ca(&ca, "bench").expect("ca");
-    certs::issue(&ca, "client", true, &dir.path().join("client")).expect("client cert");
-    let mut nodes = Nodes(Vec::new());
-    let mut addrs: Vec<SocketAddr> = Vec::new();
-    for i in 1..=3 {
-        let node_dir = dir.path().join(format!("node-{i}"));
-        certs::issue(&ca, &format!("node-{i}"), false, &node_dir.join("tls")).expect("node cert");
-        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
-        let mut command = Command::new(env!("CARGO_BIN_EXE_gossipkv"));
-        command
-            .args([
-                "serve",
-                "--node-id",
-                &format!("{i:x}"),
-                "--listen",
-                &addr.to_string(),
-            ])
-            .arg("--data-dir")
-            .arg(node_dir.join("data"))
-            .arg("--tls-dir")
-            .arg(node_dir.join("tls"))
-            .env("RUST_LOG", "error")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null());
-        if let Some(first) = addrs.first() {
-            command.args(["--seeds", &first.to_string()]);
-        }
-        nodes.0.push(command.spawn().expect("start node"));
-        addrs.push(addr);
-    }
-    let tls = TlsIdentity::load(&dir.path().join("client")).expect("client tls");
     let runtime = tokio::runtime::Runtime::new().expect("runtime");
     runtime.block_on(async {
-        // Wait (bounded) until the cluster has settled: 3 members, layout done.
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            let mut ready = true;
-            for &addr in &addrs {
-                let ok = match Client::connect(addr, Some(&tls)).await {
-                    Ok(c) => c.status().await.is_ok_and(|s| {
-                        s.members_alive == 3
-                            && s.layout_version == s.layout_completed
-                            && s.partitions_held == 256
-                    }),
-                    Err(_) => false,
-                };
-                ready &= ok;
-            }
-            if ready {
-                break;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "the cluster did not settle within 60 s"
-            );
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
+        // The same cluster the multi-process tests use: certificates, three
+        // `gossipkv serve` processes, and a bounded wait until they settle.
+        let (cluster, _clients) = common::started(3).await;
+        let tls = cluster.client_tls();
+        let addrs: Vec<SocketAddr> = (0..3).map(|i| cluster.addr(i)).collect();
+        let dir = &cluster.dir;
         eprintln!("cluster up; {CLIENTS} clients x {per_client} ops per phase");
         let ops = CLIENTS * per_client;
         let (wall, lat) = run_clients(addrs[0], &tls, 1, per_client, true, "w1").await;

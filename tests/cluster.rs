@@ -14,13 +14,7 @@ use std::time::{Duration, Instant};
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_write_through_one_node_is_read_through_the_others_and_concurrent_writes_are_siblings() {
     let _slot = SLOTS.acquire().await.unwrap();
-    let cluster = Cluster::start(3);
-    let tls = cluster.client_tls();
-    let mut clients = Vec::new();
-    for i in 0..3 {
-        clients.push(client(cluster.addr(i), &tls).await);
-    }
-    settled(&clients, 3).await;
+    let (cluster, clients) = started(3).await;
 
     clients[0].put(b"greeting", b"hello", None).await.unwrap();
     for c in &clients[1..] {
@@ -206,13 +200,8 @@ async fn acknowledged_writes_survive_kill_minus_nine_and_counters_sum_exactly() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn writes_at_w2_stay_available_and_survive_when_a_replica_is_killed() {
     let _slot = SLOTS.acquire().await.unwrap();
-    let mut cluster = Cluster::start(3);
+    let (mut cluster, _clients) = started(3).await;
     let tls = cluster.client_tls();
-    let mut clients = Vec::new();
-    for i in 0..3 {
-        clients.push(client(cluster.addr(i), &tls).await);
-    }
-    settled(&clients, 3).await;
     let mut writer = client(cluster.addr(0), &tls).await;
     writer.set_quorum(2, 1);
     writer.set_timeout(Duration::from_secs(8));
@@ -317,13 +306,8 @@ async fn a_fourth_node_receives_only_its_share() {
 async fn admin_endpoints_show_members_layout_partitions_and_a_key_on_each_replica() {
     let _slot = SLOTS.acquire().await.unwrap();
     use gossipkv::client::{Request, Response};
-    let cluster = Cluster::start(3);
+    let (cluster, clients) = started(3).await;
     let tls = cluster.client_tls();
-    let mut clients = Vec::new();
-    for i in 0..3 {
-        clients.push(client(cluster.addr(i), &tls).await);
-    }
-    settled(&clients, 3).await;
     clients[0].put(b"shown", b"everywhere", None).await.unwrap();
     let admin = Client::connect_admin(cluster.addr(1), Some(&tls))
         .await

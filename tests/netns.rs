@@ -116,6 +116,19 @@ fn build(tag: &str, subnet: u8) -> Result<(), String> {
     Ok(())
 }
 
+/// Takes node 3's port on the bridge down (the split) or up (the heal).
+fn set_node3_port(tag: &str, state: &str) {
+    ip(&[
+        "-n",
+        &format!("{tag}b"),
+        "link",
+        "set",
+        &format!("{tag}p3"),
+        state,
+    ])
+    .unwrap();
+}
+
 async fn connect(addr: SocketAddr, tls: &TlsIdentity) -> Client {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
@@ -215,15 +228,7 @@ async fn a_two_one_split_heals_and_converges_without_losing_writes() {
     .await;
 
     // Split 2/1: node 3's port on the bridge goes down.
-    ip(&[
-        "-n",
-        &format!("{tag}b"),
-        "link",
-        "set",
-        &format!("{tag}p3"),
-        "down",
-    ])
-    .unwrap();
+    set_node3_port(&tag, "down");
     left.put(b"doc", b"left side", None).await.unwrap();
     right.put(b"doc", b"right side", None).await.unwrap();
     left.counter_add(b"count", 5).await.unwrap();
@@ -235,15 +240,7 @@ async fn a_two_one_split_heals_and_converges_without_losing_writes() {
         "the split did not cut node 3 off"
     );
 
-    ip(&[
-        "-n",
-        &format!("{tag}b"),
-        "link",
-        "set",
-        &format!("{tag}p3"),
-        "up",
-    ])
-    .unwrap();
+    set_node3_port(&tag, "up");
     let both = Value::Register(vec![b"left side".to_vec(), b"right side".to_vec()]);
     for c in [&left, &right] {
         eventually(
