@@ -57,6 +57,16 @@ pub enum Error {
         claimed: u64,
         issued: u64,
     },
+    /// A local write to a partition whose own earlier writes this store no
+    /// longer holds (it dropped the partition, e.g. after handing it off).
+    /// A new write there would claim to have seen those writes and make
+    /// every replica discard them. Nothing was written.
+    #[error("partition {partition} is not held here: this store issued writes up to {issued} in it but holds its own writes only up to {held}; sync the partition back from a replica before writing to it")]
+    OwnWritesMissing {
+        partition: u16,
+        held: u64,
+        issued: u64,
+    },
     #[error("partition {partition} has used up its sequence numbers")]
     SequenceExhausted { partition: u16 },
     #[error("counter {key} would leave the range of a 64-bit signed integer")]

@@ -6,6 +6,13 @@
 //!   nothing that a later write superseded;
 //! - a counter equals the sum of all its adds;
 //! - a set holds every member with an addition no removal observed.
+//!
+//! Stores also hand partitions off and drop them (as a node does after a
+//! layout change), then take them back through ordinary syncs. A store
+//! refuses writes to a partition while it lacks any of its own earlier
+//! writes there; every write it accepts is checked like any other, so a
+//! write that claimed dots its writer no longer held (and so made the
+//! replicas discard set adds, counter increments or siblings) fails here.
 
 use gossipkv::crdt::Dot;
 use gossipkv::store::ChunkLimits;
@@ -60,6 +67,14 @@ enum Step {
     },
     /// Apply again a chunk a store already applied.
     Replay { store: usize },
+    /// Hand partitions off: sync them fully from `from` into `to`, then
+    /// drop them from `from` (only if `to` now covers them, as the
+    /// replication core's hand-off does).
+    HandOff {
+        from: usize,
+        to: usize,
+        partitions: u8,
+    },
 }
 
 fn step(stores: usize) -> impl Strategy<Value = Step> {
@@ -78,7 +93,9 @@ fn step(stores: usize) -> impl Strategy<Value = Step> {
             .prop_map(|(store, key, member)| Step::SetRemove { store, key, member }),
         3 => (s.clone(), s.clone(), 1u8..16, proptest::option::of(0usize..3))
             .prop_map(|(from, to, partitions, cut)| Step::Sync { from, to, partitions, cut }),
-        1 => s.prop_map(|store| Step::Replay { store }),
+        1 => s.clone().prop_map(|store| Step::Replay { store }),
+        1 => (s.clone(), s, 1u8..16)
+            .prop_map(|(from, to, partitions)| Step::HandOff { from, to, partitions }),
     ]
 }
 
@@ -148,6 +165,34 @@ impl Model {
     }
 }
 
+/// A local write's outcome: `None` if the store refused it because it no
+/// longer holds its own earlier writes of the partition (not acknowledged,
+/// so the model ignores it). Such a refusal must match `Store::writable`
+/// (a blind delete of a key the store never saw writes nothing and may
+/// succeed anywhere).
+fn accepted<T>(
+    store: &Store,
+    key: &[u8],
+    write: impl FnOnce() -> gossipkv::Result<T>,
+    wrote_nothing: impl FnOnce(&T) -> bool,
+) -> Result<Option<T>, TestCaseError> {
+    let writable = store.writable(store.partition_of(key));
+    match write() {
+        Ok(value) => {
+            prop_assert!(
+                writable || wrote_nothing(&value),
+                "a write was accepted in a partition that is not writable"
+            );
+            Ok(Some(value))
+        }
+        Err(gossipkv::Error::OwnWritesMissing { .. }) => {
+            prop_assert!(!writable, "a writable partition refused a write");
+            Ok(None)
+        }
+        Err(e) => Err(TestCaseError::fail(format!("write failed: {e}"))),
+    }
+}
+
 /// The dot a write got: its node's entry in the context it returned.
 fn own_dot(store: &Store, context: &CausalContext) -> Dot {
     Dot::new(store.node_id(), context.get(store.node_id()))
@@ -209,9 +254,13 @@ fn run(n: usize, steps: &[Step]) -> Result<(), TestCaseError> {
                     value_counter += 1;
                     format!("v{value_counter}").into_bytes()
                 });
-                let after = match &value {
-                    Some(v) => s.put(&register_key(key), v, context.as_ref()).unwrap(),
-                    None => s.delete(&register_key(key), context.as_ref()).unwrap(),
+                let k = register_key(key);
+                let write = || match &value {
+                    Some(v) => s.put(&k, v, context.as_ref()),
+                    None => s.delete(&k, context.as_ref()),
+                };
+                let Some(after) = accepted(s, &k, write, CausalContext::is_empty)? else {
+                    continue;
                 };
                 if after.is_empty() {
                     continue; // a blind delete of a key this store never saw
@@ -225,14 +274,18 @@ fn run(n: usize, steps: &[Step]) -> Result<(), TestCaseError> {
                     .push(RegisterWrite { dot, seen, value });
             }
             Step::CounterAdd { store, key, amount } => {
-                stores[store]
-                    .counter_add(&counter_key(key), amount)
-                    .unwrap();
-                *model.counters.entry(key).or_default() += amount;
+                let s = &stores[store];
+                let k = counter_key(key);
+                if accepted(s, &k, || s.counter_add(&k, amount), |_| false)?.is_some() {
+                    *model.counters.entry(key).or_default() += amount;
+                }
             }
             Step::SetAdd { store, key, member } => {
                 let s = &stores[store];
-                let after = s.set_add(&set_key(key), &[member]).unwrap();
+                let k = set_key(key);
+                let Some(after) = accepted(s, &k, || s.set_add(&k, &[member]), |_| false)? else {
+                    continue;
+                };
                 model
                     .set_adds
                     .entry(key)
@@ -246,7 +299,10 @@ fn run(n: usize, steps: &[Step]) -> Result<(), TestCaseError> {
                     .unwrap()
                     .map(|r| r.context)
                     .unwrap_or_default();
-                s.set_remove(&set_key(key), &[member]).unwrap();
+                let k = set_key(key);
+                if accepted(s, &k, || s.set_remove(&k, &[member]), |_| false)?.is_none() {
+                    continue;
+                }
                 model
                     .set_removes
                     .entry(key)
@@ -273,6 +329,24 @@ fn run(n: usize, steps: &[Step]) -> Result<(), TestCaseError> {
                         let chunk = chunk.unwrap();
                         stores[to].apply(&chunk).unwrap();
                         last_chunk.insert(to, chunk);
+                    }
+                }
+            }
+            Step::HandOff {
+                from,
+                to,
+                partitions,
+            } => {
+                if from == to {
+                    continue;
+                }
+                for p in (0..PARTITIONS).filter(|p| partitions & (1 << p) != 0) {
+                    pull_partition(&stores[from], &stores[to], p, ChunkLimits::default()).unwrap();
+                    let own = stores[from].partition_version(p).unwrap();
+                    if stores[to].partition_version(p).unwrap().dominates(&own) {
+                        stores[from].drop_partition(p).unwrap();
+                        // Its last chunk may be of a dropped partition.
+                        last_chunk.remove(&from);
                     }
                 }
             }
@@ -361,4 +435,48 @@ fn concurrent_register_writes_become_siblings_until_superseded() {
     gossipkv::sync::sync(&a, &b).unwrap();
     let resolved = Value::Register(vec![b"resolved".to_vec()]);
     assert_eq!(a.get(b"k").unwrap().unwrap().value, resolved);
+}
+
+/// Issue 8's incident with the store API alone: A adds two members, B
+/// copies them, A drops the partition (a hand-off), then A is asked to add
+/// a third. Had A taken it, its entry would claim "seen A's writes up to
+/// 3" without the first two, and B would read them as removed. A refuses;
+/// once it has synced the partition back it takes the write, and nothing
+/// is lost anywhere.
+#[test]
+fn a_dropped_partition_refuses_writes_until_synced_back() {
+    let a = Store::open_in_memory(StoreOptions::default().node_id(NodeId(1))).unwrap();
+    let b = Store::open_in_memory(StoreOptions::default().node_id(NodeId(2))).unwrap();
+    a.set_add(b"tags", b"x").unwrap();
+    a.set_add(b"tags", b"y").unwrap();
+    a.counter_add(b"tags-count", 2).unwrap();
+    gossipkv::sync::pull(&a, &b).unwrap();
+    let p = a.partition_of(b"tags");
+    a.drop_partition(p).unwrap();
+    assert!(!a.writable(p));
+    match a.set_add(b"tags", b"z") {
+        Err(gossipkv::Error::OwnWritesMissing {
+            partition,
+            held: 0,
+            issued: 2,
+        }) => assert_eq!(partition, p),
+        other => panic!("expected OwnWritesMissing, got {other:?}"),
+    }
+    // A partition A never dropped stays writable.
+    let q = a.partition_of(b"tags-count");
+    if q != p {
+        assert!(a.writable(q));
+    }
+    gossipkv::sync::sync(&a, &b).unwrap();
+    assert_eq!(
+        b.set_members(b"tags").unwrap(),
+        vec![b"x".to_vec(), b"y".to_vec()]
+    );
+    // Synced back, A holds its own writes again and may write.
+    assert!(a.writable(p));
+    a.set_add(b"tags", b"z").unwrap();
+    gossipkv::sync::sync(&a, &b).unwrap();
+    let all = vec![b"x".to_vec(), b"y".to_vec(), b"z".to_vec()];
+    assert_eq!(a.set_members(b"tags").unwrap(), all);
+    assert_eq!(b.set_members(b"tags").unwrap(), all);
 }

@@ -364,6 +364,19 @@ impl Store {
         })
     }
 
+    /// Whether local writes to `partition` are accepted: this store holds
+    /// every write it ever issued there. False after the partition was
+    /// dropped, until a sync from a replica brings those writes back (see
+    /// [`Error::OwnWritesMissing`](crate::Error::OwnWritesMissing)).
+    pub fn writable(&self, partition: u16) -> bool {
+        let state = self.writer();
+        let p = usize::from(partition);
+        let (Some(vv), Some(&floor)) = (state.versions.get(p), state.issued_floor.get(p)) else {
+            return false;
+        };
+        vv.base(self.node) >= vv.max_seq(self.node).max(floor)
+    }
+
     /// The partition's version vector: the writes this store has incorporated.
     pub fn partition_version(&self, partition: u16) -> Result<VersionVector> {
         self.check_partition(partition)?;

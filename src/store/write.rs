@@ -359,6 +359,17 @@ impl<'t> Writer<'t> {
         }
         let node = self.node();
         let issued = self.issued(partition);
+        // A dot `(node, seq)` in a key's context claims that the writer's
+        // state included all of its own writes below `seq`. That holds only
+        // while this store holds every write it issued in the partition.
+        let held = self.version(partition).base(node);
+        if held < issued {
+            return Err(Error::OwnWritesMissing {
+                partition,
+                held,
+                issued,
+            });
+        }
         let seq = issued
             .checked_add(1)
             .ok_or(Error::SequenceExhausted { partition })?;
