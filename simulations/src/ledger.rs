@@ -6,11 +6,12 @@
 //!   the write's dot) supersedes it. So the expected siblings of a key are
 //!   the acknowledged writes no other acknowledged write saw.
 //! - Counter: the value must equal the exact sum of acknowledged adds.
+//! - Set (adds only): the members must be exactly the acknowledged adds.
 
 use crate::sim::Sim;
 use gossipkv::crdt::Dot;
 use gossipkv::{Batch, CausalContext, NodeId, Value};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 struct RegisterWrite {
     dot: Dot,
@@ -26,6 +27,7 @@ type KeyValue = (Vec<u8>, Vec<u8>);
 pub struct Ledger {
     registers: BTreeMap<Vec<u8>, Vec<RegisterWrite>>,
     counters: BTreeMap<Vec<u8>, i64>,
+    sets: BTreeMap<Vec<u8>, BTreeSet<Vec<u8>>>,
     pub acknowledged: u64,
     pub deletes: u64,
     next_value: u64,
@@ -37,6 +39,10 @@ pub fn register_key(i: u64) -> Vec<u8> {
 
 pub fn counter_key(i: u64) -> Vec<u8> {
     format!("counter-{i:04}").into_bytes()
+}
+
+pub fn set_key(i: u64) -> Vec<u8> {
+    format!("set-{i:04}").into_bytes()
 }
 
 impl Ledger {
@@ -162,6 +168,54 @@ impl Ledger {
         true
     }
 
+    /// Adds to a counter on `node` itself, holder or not (as a node that
+    /// takes a write it should have routed would). Acknowledged only if the
+    /// store took it.
+    pub fn add_on(
+        &mut self,
+        sim: &Sim,
+        node: NodeId,
+        key: &[u8],
+        amount: i64,
+    ) -> gossipkv::Result<()> {
+        let Some(store) = sim.store(node) else {
+            return Ok(());
+        };
+        store.counter_add(key, amount)?;
+        *self.counters.entry(key.to_vec()).or_default() += amount;
+        self.acknowledged += 1;
+        Ok(())
+    }
+
+    /// Adds a member (never added before) to a set on a random holder
+    /// among `among`.
+    pub fn set_add(&mut self, sim: &mut Sim, key: &[u8], member: &[u8], among: &[NodeId]) -> bool {
+        let Some(node) = Self::pick_holder(sim, key, among) else {
+            return false;
+        };
+        self.set_add_on(sim, node, key, member).is_ok()
+    }
+
+    /// Adds a member on `node` itself, holder or not; see [`Ledger::add_on`].
+    pub fn set_add_on(
+        &mut self,
+        sim: &Sim,
+        node: NodeId,
+        key: &[u8],
+        member: &[u8],
+    ) -> gossipkv::Result<()> {
+        let Some(store) = sim.store(node) else {
+            return Ok(());
+        };
+        store.set_add(key, member)?;
+        self.sets
+            .entry(key.to_vec())
+            .or_default()
+            .insert(member.to_vec());
+        self.acknowledged += 1;
+        Ok(())
+    }
+
     /// `None` when every surviving write is a delete.
     fn expected_register(writes: &[RegisterWrite]) -> Option<Value> {
         let mut live: Vec<Vec<u8>> = writes
@@ -202,6 +256,32 @@ impl Ledger {
                         got,
                         String::from_utf8_lossy(key),
                         expected
+                    ));
+                }
+            }
+        }
+        for (key, members) in &self.sets {
+            for n in Self::holders(sim, key, &up) {
+                let got: BTreeSet<Vec<u8>> = sim
+                    .store(n)
+                    .and_then(|s| s.set_members(key).ok())
+                    .unwrap_or_default()
+                    .into_iter()
+                    .collect();
+                if let Some(lost) = members.difference(&got).next() {
+                    return Err(format!(
+                        "node {n} lacks the acknowledged member {} of set {} ({} of {} members held)",
+                        String::from_utf8_lossy(lost),
+                        String::from_utf8_lossy(key),
+                        got.len(),
+                        members.len()
+                    ));
+                }
+                if let Some(phantom) = got.difference(members).next() {
+                    return Err(format!(
+                        "node {n} holds {} in set {}, which was never acknowledged",
+                        String::from_utf8_lossy(phantom),
+                        String::from_utf8_lossy(key)
                     ));
                 }
             }

@@ -1,7 +1,7 @@
 //! The scenarios: each sets up a cluster, applies a workload and faults,
 //! checks its invariants and reports figures.
 
-use crate::ledger::{counter_key, register_key, Ledger};
+use crate::ledger::{counter_key, register_key, set_key, Ledger};
 use crate::sim::{default_meta, NetConfig, Sim};
 use gossipkv::replication::layout::Layout;
 use gossipkv::NodeId;
@@ -16,6 +16,7 @@ pub const SCENARIOS: &[&str] = &[
     "join",
     "rejoin",
     "rebalance",
+    "isolated-restart",
 ];
 
 /// What a scenario is run with.
@@ -92,6 +93,7 @@ pub fn run(name: &str, params: &Params) -> Outcome {
         "join" => join(params),
         "rejoin" => rejoin(params),
         "rebalance" => rebalance(params),
+        "isolated-restart" => isolated_restart(params),
         other => Err(fail(format!(
             "unknown scenario {other:?}; scenarios: {}",
             SCENARIOS.join(", ")
@@ -508,5 +510,136 @@ fn rebalance(params: &Params) -> Outcome {
         after.partitions_of(grown).len() as f64 / before.partitions_of(grown).len().max(1) as f64,
         "ratio",
     );
+    Ok(report)
+}
+
+/// Issue 8's incident. A cluster grows from 3 nodes to `nodes` under set
+/// and counter adds, so old replicas hand partitions off and drop them.
+/// One that dropped partitions is killed, cut off from every peer and
+/// restarted; writes are tried on it directly (as a node that takes a
+/// write it should route would), on keys of partitions it dropped and of
+/// partitions it holds, while the majority keeps writing. Then heal.
+/// - The cut-off node must not change the layout (no one-replica layout).
+/// - It must refuse writes to partitions whose own earlier writes it no
+///   longer holds: taking one would claim those writes and make every
+///   replica drop acknowledged set members and counter increments.
+/// - After heal, nothing acknowledged is lost and nothing else appears.
+fn isolated_restart(params: &Params) -> Outcome {
+    let n = params.nodes.unwrap_or(5).max(4);
+    let first = 3;
+    let sets = params.keys.unwrap_or(64).max(8);
+    let mut sim = cluster(params, first)?;
+    let mut ledger = Ledger::default();
+    let mut member = 0u64;
+    let write_round = |sim: &mut Sim, ledger: &mut Ledger, member: &mut u64, among: &[NodeId]| {
+        for _ in 0..sets / 4 {
+            let k = sim.rng().random_range(0..sets);
+            *member += 1;
+            ledger.set_add(sim, &set_key(k), format!("m{member}").as_bytes(), among);
+            let c = sim.rng().random_range(0..sets);
+            ledger.add(sim, &counter_key(c), 1, among);
+        }
+    };
+    for _ in 0..5 {
+        let up = sim.up_nodes();
+        write_round(&mut sim, &mut ledger, &mut member, &up);
+        sim.run_for(ROUND);
+    }
+    let seed = sim.addr(NodeId(1));
+    for id in first as u64 + 1..=n as u64 {
+        sim.add_joining_node(NodeId(id), default_meta(), seed);
+        for _ in 0..5 {
+            let up = sim.up_nodes();
+            write_round(&mut sim, &mut ledger, &mut member, &up);
+            sim.run_for(ROUND);
+        }
+    }
+    settle(&mut sim, Duration::from_secs(1800), "growth")?;
+    // Hand-off drops a partition once a current replica covers it.
+    sim.run_for(sim.config.maintenance_interval * 5);
+    let victim = (1..=first as u64)
+        .map(NodeId)
+        .max_by_key(|&id| sim.replica(id).map_or(0, |r| r.stats().partitions_dropped))
+        .ok_or_else(|| fail("no node"))?;
+    let Some(replica) = sim.replica(victim) else {
+        return Err(fail("the victim is not up"));
+    };
+    let layout_before = replica.layout().summary();
+    let partitions = replica.store().partitions();
+    let dropped: Vec<u16> = (0..partitions)
+        .filter(|&p| !replica.layout().holds(victim, p))
+        .collect();
+    if replica.stats().partitions_dropped == 0 || dropped.is_empty() {
+        return Err(fail("no old replica dropped a partition after the growth"));
+    }
+
+    sim.crash(victim);
+    let others: Vec<NodeId> = sim.up_nodes();
+    sim.split(&[victim], &others);
+    sim.restart(victim);
+    let (mut refused, mut taken) = (0u64, 0u64);
+    for _ in 0..30 {
+        for k in 0..sets {
+            let key = set_key(k);
+            let Some(store) = sim.store(victim) else {
+                continue;
+            };
+            let p = store.partition_of(&key);
+            member += 1;
+            let m = format!("m{member}");
+            let outcome = ledger.set_add_on(&sim, victim, &key, m.as_bytes());
+            let counted = ledger.add_on(&sim, victim, &counter_key(k), 1);
+            for result in [outcome, counted] {
+                match result {
+                    Ok(()) => taken += 1,
+                    Err(gossipkv::Error::OwnWritesMissing { .. }) if dropped.contains(&p) => {
+                        refused += 1
+                    }
+                    Err(gossipkv::Error::OwnWritesMissing { .. }) => {}
+                    Err(e) => return Err(fail(format!("a write on node {victim} failed: {e}"))),
+                }
+            }
+        }
+        write_round(&mut sim, &mut ledger, &mut member, &others);
+        sim.run_for(ROUND);
+        let Some(replica) = sim.replica(victim) else {
+            return Err(fail("the victim went down"));
+        };
+        if replica.layout().summary() != layout_before {
+            return Err(fail(format!(
+                "node {victim}, restarted while cut off, changed the layout from v{} to v{}",
+                layout_before.version,
+                replica.layout().current().version()
+            )));
+        }
+        for &o in &others {
+            if sim.replica(o).map(|r| r.layout().summary()) != Some(layout_before) {
+                return Err(fail(format!(
+                    "node {o} changed the layout while one of {n} nodes was cut off"
+                )));
+            }
+        }
+    }
+    if refused == 0 {
+        return Err(fail(format!(
+            "node {victim} refused no write to the partitions it dropped"
+        )));
+    }
+    sim.heal();
+    let took = settle(
+        &mut sim,
+        Duration::from_secs(900),
+        "isolated restart (after heal)",
+    )?;
+    ledger.check(&sim).map_err(fail)?;
+    let mut report = Report::default();
+    report.metric("acknowledged_writes", ledger.acknowledged as f64, "writes");
+    report.metric(
+        "writes_refused_on_dropped_partitions",
+        refused as f64,
+        "writes",
+    );
+    report.metric("writes_taken_by_cut_off_node", taken as f64, "writes");
+    report.metric("rounds_to_converge_after_heal", rounds(took), "rounds");
     Ok(report)
 }

@@ -90,3 +90,11 @@ fn the_same_seed_gives_the_same_figures() {
     let join_b = check("join", &small(3, Some(5), 1_000));
     assert_eq!(join_a.metrics, join_b.metrics);
 }
+
+#[test]
+fn isolated_restart_loses_nothing_and_keeps_the_layout() {
+    for seed in 1..=3 {
+        let report = check("isolated-restart", &small(seed, Some(5), 24));
+        assert!(report.get("writes_refused_on_dropped_partitions").unwrap() > 0.0);
+    }
+}

@@ -56,8 +56,14 @@ pub struct ReplicaConfig {
     pub migration_timeout: Duration,
     /// Time between tombstone purges.
     pub purge_interval: Duration,
-    /// A member down this long is taken out of the layout.
+    /// A member down this long is taken out of the layout. A member of the
+    /// layout this node has not heard from since it started counts as down
+    /// since then.
     pub remove_down_after: Duration,
+    /// For a node that starts a new cluster: make the first layout once
+    /// this many members (itself included) are alive. `None` for a node
+    /// that joins an existing cluster: it waits to receive the layout.
+    pub bootstrap_expect: Option<usize>,
     pub chunk_limits: ChunkLimits,
     pub membership: MembershipConfig,
 }
@@ -71,6 +77,7 @@ impl Default for ReplicaConfig {
             migration_timeout: Duration::from_secs(10),
             purge_interval: Duration::from_secs(30),
             remove_down_after: Duration::from_secs(300),
+            bootstrap_expect: None,
             chunk_limits: ChunkLimits::default(),
             membership: MembershipConfig::default(),
         }
@@ -209,6 +216,9 @@ pub struct Replica {
     /// bound of what it holds (vectors only grow).
     peer_versions: HashMap<(u16, NodeId), VersionVector>,
     down_since: HashMap<NodeId, Duration>,
+    /// Members of the layout this node has no metadata for (not heard from
+    /// since it started), and since when.
+    unknown_since: HashMap<NodeId, Duration>,
     /// When an anti-entropy round with each peer last began.
     last_contact: HashMap<NodeId, Duration>,
     leaving: bool,
@@ -249,6 +259,7 @@ impl Replica {
             progress_started: Duration::ZERO,
             peer_versions: HashMap::new(),
             down_since: HashMap::new(),
+            unknown_since: HashMap::new(),
             last_contact: HashMap::new(),
             leaving: false,
             left: false,
@@ -822,6 +833,63 @@ impl Replica {
         self.membership.alive().iter().all(|&n| n > self.id)
     }
 
+    /// Whether this node's view of the cluster is enough to change the
+    /// layout to one computed from `specs` (see ARCHITECTURE.md, "Layout
+    /// changes only from a sufficient view"):
+    /// - the first layout of a new cluster is made only by the node that
+    ///   starts it, once `bootstrap_expect` members are alive;
+    /// - later ones only by a coordinator that sees a strict majority of
+    ///   the members of the current and completed layouts alive, so a node
+    ///   cut off or freshly restarted never reshapes the cluster, and two
+    ///   sides of a split never both do;
+    /// - never while a member of the layout has not been heard from since
+    ///   this node started, unless for `remove_down_after` (a restarted
+    ///   node knows nobody at first; that is not the same as down);
+    /// - never removing, as down, a majority of the current layout at once.
+    fn view_is_sufficient(&mut self, specs: &[NodeSpec]) -> bool {
+        let current = self.layout.current();
+        let mut members: Vec<NodeId> = current.nodes();
+        for n in self.layout.completed().nodes() {
+            if !members.contains(&n) {
+                members.push(n);
+            }
+        }
+        if members.is_empty() {
+            let alive = self.membership.alive().len() + 1;
+            return self.config.bootstrap_expect.is_some_and(|n| alive >= n);
+        }
+        if !self.is_coordinator() {
+            return false;
+        }
+        let alive = self.membership.alive();
+        let seen_alive = members
+            .iter()
+            .filter(|&&n| n == self.id || alive.contains(&n))
+            .count();
+        if 2 * seen_alive <= members.len() {
+            return false;
+        }
+        let now = self.now;
+        let wait = self.config.remove_down_after;
+        let known: Vec<NodeId> = specs.iter().map(|s| s.id).collect();
+        self.unknown_since.retain(|n, _| !known.contains(n));
+        for &n in &members {
+            let has_meta =
+                n == self.id || self.membership.member(n).is_some_and(|m| m.meta.is_some());
+            if has_meta {
+                self.unknown_since.remove(&n);
+            } else {
+                let since = *self.unknown_since.entry(n).or_insert(now);
+                if now.saturating_sub(since) < wait {
+                    return false;
+                }
+            }
+        }
+        let current_nodes = current.nodes();
+        let removed = current_nodes.iter().filter(|n| !known.contains(n)).count();
+        2 * removed < current_nodes.len()
+    }
+
     // ---- maintenance: layout, migrations, hand-off ----
 
     fn maintenance(&mut self) {
@@ -831,8 +899,22 @@ impl Replica {
         self.rounds.retain(|_, (_, started)| *started >= horizon);
         self.inbound.retain(|_, s| s.last_chunk >= horizon);
         let specs = self.desired_specs();
-        if self.is_coordinator() && self.layout.propose(&specs) {
-            self.layout_changed();
+        if self.view_is_sufficient(&specs) {
+            let changed = if self.layout.current().version() == 0 {
+                // Nothing is stored anywhere yet: the first layout is
+                // complete as soon as it exists.
+                self.layout = LayoutState::bootstrap(
+                    self.layout.current().partitions(),
+                    self.layout.current().replication_factor(),
+                    &specs,
+                );
+                true
+            } else {
+                self.layout.propose(&specs)
+            };
+            if changed {
+                self.layout_changed();
+            }
         }
         self.drive_migrations();
         self.hand_off();
