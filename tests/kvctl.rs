@@ -125,8 +125,8 @@ async fn every_command_answers_with_the_right_facts_in_table_and_json() {
     assert_eq!(ctl.json(&["counter", "add", "visits", "-2"])["value"], 3);
     assert_eq!(ctl.json(&["counter", "get", "visits"])["value"], 3);
     ctl.ok(&["set", "add", "tags", "blue"]);
-    ctl.ok(&["set", "add", "tags", "green"]);
-    ctl.ok(&["set", "remove", "tags", "blue"]);
+    ctl.ok(&["set", "add", "tags", "green", "--w", "3"]);
+    ctl.ok(&["set", "remove", "tags", "blue", "--w", "2"]);
     assert_eq!(
         ctl.json(&["set", "members", "tags"])["members"],
         serde_json::json!(["green"])
@@ -223,6 +223,16 @@ async fn errors_are_one_line_with_the_documented_exit_code() {
     ctl.ok(&["put", "text", "v"]);
     one_line(ctl.fails(&["counter", "add", "text", "1"]), 1, "register");
     one_line(ctl.fails(&["put", "k", "v", "--w", "2"]), 1, "w=2 exceeds");
+    one_line(
+        ctl.fails(&["set", "add", "s", "m", "--w", "2"]),
+        1,
+        "w=2 exceeds",
+    );
+    one_line(
+        ctl.fails(&["set", "remove", "s", "m", "--w", "2"]),
+        1,
+        "w=2 exceeds",
+    );
     one_line(
         ctl.fails(&["layout", "--partition", "999"]),
         1,

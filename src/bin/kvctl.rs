@@ -178,9 +178,23 @@ enum CounterCommand {
 
 #[derive(Subcommand)]
 enum SetCommand {
-    Add { key: String, member: String },
-    Remove { key: String, member: String },
-    Members { key: String },
+    Add {
+        key: String,
+        member: String,
+        /// Replicas that must hold the add before it is acknowledged.
+        #[arg(long, default_value_t = 1)]
+        w: u8,
+    },
+    Remove {
+        key: String,
+        member: String,
+        /// Replicas that must hold the removal before it is acknowledged.
+        #[arg(long, default_value_t = 1)]
+        w: u8,
+    },
+    Members {
+        key: String,
+    },
 }
 
 /// Prints a line; a closed stdout (`kvctl ... | head`) is not an error.
@@ -640,20 +654,29 @@ impl Ctl {
                 self.emit(json!({"value": n}), || say!("{n}"));
             }
             Command::Set(command) => {
-                let request = match command {
-                    SetCommand::Add { key, member } => Request::SetAdd {
-                        key: arg_bytes(&key)?,
-                        member: arg_bytes(&member)?,
-                    },
-                    SetCommand::Remove { key, member } => Request::SetRemove {
-                        key: arg_bytes(&key)?,
-                        member: arg_bytes(&member)?,
-                    },
-                    SetCommand::Members { key } => Request::SetMembers {
-                        key: arg_bytes(&key)?,
-                    },
+                let (request, w) = match command {
+                    SetCommand::Add { key, member, w } => (
+                        Request::SetAdd {
+                            key: arg_bytes(&key)?,
+                            member: arg_bytes(&member)?,
+                        },
+                        w,
+                    ),
+                    SetCommand::Remove { key, member, w } => (
+                        Request::SetRemove {
+                            key: arg_bytes(&key)?,
+                            member: arg_bytes(&member)?,
+                        },
+                        w,
+                    ),
+                    SetCommand::Members { key } => (
+                        Request::SetMembers {
+                            key: arg_bytes(&key)?,
+                        },
+                        1,
+                    ),
                 };
-                match self.call(request, 1).await? {
+                match self.call(request, w).await? {
                     Response::Members(members) => {
                         let shown: Vec<String> = members.iter().map(|m| show(m)).collect();
                         self.emit(json!({"members": shown}), || {
