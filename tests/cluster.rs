@@ -443,3 +443,29 @@ async fn sigterm_stops_a_node_cleanly_and_it_restarts_with_its_data() {
         Value::Register(vec![b"across a restart".to_vec()])
     );
 }
+
+/// A node killed and restarted at once, before its peers noticed it was
+/// gone: peers still hold connections to the dead process. The restarted
+/// node answers their packets with stateless resets (its reset key is kept
+/// in the data dir), so they dial afresh and a write needing every replica
+/// succeeds again. Prints how long that took (`restart_rejoin_seconds`);
+/// the figure in the issue 8 note comes from this line.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_restarted_at_once_is_talking_to_its_peers_again() {
+    let _slot = SLOTS.acquire().await.unwrap();
+    let (mut cluster, mut clients) = started(3).await;
+    clients[0].set_quorum(3, 1);
+    clients[0].put(b"before", b"1", None).await.unwrap();
+    cluster.kill(2);
+    cluster.restart(2);
+    let began = Instant::now();
+    let writer = &clients[0];
+    eventually("a write at w=3 through node 1 succeeds", || async {
+        writer.put(b"after", b"2", None).await.is_ok()
+    })
+    .await;
+    println!(
+        "metric: restart_rejoin_seconds {:.1}",
+        began.elapsed().as_secs_f64()
+    );
+}

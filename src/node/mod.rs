@@ -51,6 +51,7 @@ use tracing::{debug, info, warn};
 const LAYOUT_FILE: &str = "layout.bin";
 const INCARNATION_FILE: &str = "incarnation";
 const STORE_FILE: &str = "store.redb";
+const RESET_KEY_FILE: &str = "reset-key";
 /// Frames queued per peer before further ones are dropped.
 const PEER_QUEUE: usize = 256;
 
@@ -214,6 +215,39 @@ fn next_incarnation(dir: &Path) -> Result<u32, NodeError> {
     Ok(next)
 }
 
+/// The secret QUIC stateless resets are derived from, kept across restarts.
+/// With it a restarted node answers packets of its previous process's
+/// connections with a stateless reset, so peers drop those dead connections
+/// at once and dial afresh, instead of sending into them until the idle
+/// timeout (about 30 s) while the node looks isolated.
+fn reset_key(dir: &Path) -> Result<ring::hmac::Key, NodeError> {
+    let path = dir.join(RESET_KEY_FILE);
+    let secret = match std::fs::read(&path) {
+        Ok(bytes) if bytes.len() == 32 => bytes,
+        Ok(bytes) => {
+            return Err(NodeError::Damaged {
+                path,
+                reason: format!("{} bytes, expected 32", bytes.len()),
+            })
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let secret: [u8; 32] = rand::random();
+            let tmp = dir.join("reset-key.tmp");
+            std::fs::write(&tmp, secret).map_err(file_err("write", &tmp))?;
+            #[cfg(unix)]
+            {
+                use std::os::unix::fs::PermissionsExt;
+                std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))
+                    .map_err(file_err("protect", &tmp))?;
+            }
+            std::fs::rename(&tmp, &path).map_err(file_err("write", &path))?;
+            secret.to_vec()
+        }
+        Err(e) => return Err(file_err("read", &path)(e)),
+    };
+    Ok(ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &secret))
+}
+
 fn load_layout(dir: &Path, partitions: u16) -> Result<Option<LayoutState>, NodeError> {
     let path = dir.join(LAYOUT_FILE);
     let bytes = match std::fs::read(&path) {
@@ -283,11 +317,18 @@ pub async fn run(config: NodeConfig, shutdown: impl Future<Output = ()>) -> Resu
     save_layout(&config.data_dir, &layout);
 
     let server = server_config(identity.as_ref(), &[ALPN_PEER, ALPN_CLIENT, ALPN_ADMIN])?;
-    let endpoint =
-        quinn::Endpoint::server(server, config.listen).map_err(|source| NodeError::Listen {
-            addr: config.listen,
-            source,
-        })?;
+    let listen_err = |source| NodeError::Listen {
+        addr: config.listen,
+        source,
+    };
+    let socket = std::net::UdpSocket::bind(config.listen).map_err(listen_err)?;
+    let endpoint = quinn::Endpoint::new(
+        quinn::EndpointConfig::new(Arc::new(reset_key(&config.data_dir)?)),
+        Some(server),
+        socket,
+        Arc::new(quinn::TokioRuntime),
+    )
+    .map_err(listen_err)?;
     let peer_client = client_config(identity.as_ref(), ALPN_PEER)?;
     info!(node = %id, listen = %config.listen, incarnation, "node up");
 
