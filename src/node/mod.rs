@@ -605,7 +605,9 @@ impl Core {
         }
     }
 
-    /// Replicas of `partition` that are up, this node first if it is one.
+    /// Replicas of `partition` that are up, this node first if it is one
+    /// that can write the partition (it holds all of its own earlier writes
+    /// there; see `Store::writable`), else last.
     fn live_replicas(&self, partition: u16) -> Vec<NodeId> {
         let alive = self.replica.membership().alive();
         let mut nodes: Vec<NodeId> = self
@@ -615,7 +617,8 @@ impl Core {
             .into_iter()
             .filter(|n| *n == self.id || alive.contains(n))
             .collect();
-        nodes.sort_by_key(|&n| n != self.id);
+        let writable = self.replica.store().writable(partition);
+        nodes.sort_by_key(|&n| if n == self.id { !writable } else { writable });
         nodes
     }
 
