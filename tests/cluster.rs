@@ -166,7 +166,7 @@ fn bad_flags_and_config_files_fail_with_one_line_naming_the_field() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn acknowledged_writes_survive_kill_minus_nine_and_counters_sum_exactly() {
     let _slot = SLOTS.acquire().await.unwrap();
-    let mut cluster = Cluster::start(3);
+    let (mut cluster, _clients) = started(3).await;
     let tls = cluster.client_tls();
     let mut writer = client(cluster.addr(1), &tls).await;
     writer.set_timeout(Duration::from_secs(2));
@@ -468,4 +468,37 @@ async fn a_node_restarted_at_once_is_talking_to_its_peers_again() {
         "metric: restart_rejoin_seconds {:.1}",
         began.elapsed().as_secs_f64()
     );
+}
+
+/// A cluster forming with `--expect-nodes 3`: before the others are up the
+/// first node refuses keyed requests with a clear error (it has no layout,
+/// and must not serve from a one-replica one); once all three are up the
+/// very first layout places every partition on all three (version 1: no
+/// smaller layout came before it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forming_cluster_waits_for_its_expected_nodes_before_the_first_layout() {
+    let _slot = SLOTS.acquire().await.unwrap();
+    let mut forming = Cluster::forming(3);
+    let tls = forming.client_tls();
+    let first = client(forming.addr(0), &tls).await;
+    let refused = first.put(b"early", b"1", None).await;
+    let message = format!("{refused:?}");
+    assert!(
+        message.contains("no layout yet"),
+        "a write before the first layout: {message}"
+    );
+    assert_eq!(first.status().await.unwrap().layout_version, 0);
+    forming.add_node();
+    forming.add_node();
+    let mut clients = vec![first];
+    for i in 1..3 {
+        clients.push(client(forming.addr(i), &tls).await);
+    }
+    settled(&clients, 3).await;
+    for c in &clients {
+        assert_eq!(c.status().await.unwrap().layout_version, 1);
+    }
+    let mut w3 = client(forming.addr(0), &tls).await;
+    w3.set_quorum(3, 3);
+    w3.put(b"now", b"1", None).await.unwrap();
 }

@@ -68,6 +68,10 @@ struct ServeArgs {
     /// Replicas per partition (used when this node starts a new cluster).
     #[arg(long)]
     replicas: Option<u8>,
+    /// Starting a new cluster (no --seeds): make the first layout once this
+    /// many nodes are up (default 1).
+    #[arg(long)]
+    expect_nodes: Option<usize>,
     #[arg(long)]
     metrics_listen: Option<String>,
 }
@@ -123,6 +127,7 @@ fn serve_config(args: ServeArgs) -> Result<NodeConfig> {
     file.capacity = args.capacity.or(file.capacity);
     file.zone = args.zone.or(file.zone);
     file.replicas = args.replicas.or(file.replicas);
+    file.expect_nodes = args.expect_nodes.or(file.expect_nodes);
     file.metrics_listen = args.metrics_listen.or(file.metrics_listen);
     Ok(NodeConfig::from_file(file)?)
 }
@@ -189,9 +194,11 @@ async fn dev(args: DevArgs) -> Result<()> {
             .arg("--tls-dir")
             .arg(&tls)
             .kill_on_drop(true);
-        if let Some(first) = addrs.first() {
-            command.arg("--seeds").arg(first.to_string());
-        }
+        match addrs.first() {
+            Some(first) => command.arg("--seeds").arg(first.to_string()),
+            // The first node waits for all of them before the first layout.
+            None => command.arg("--expect-nodes").arg(args.nodes.to_string()),
+        };
         children.push(command.spawn().context("starting a node")?);
         addrs.push(addr);
     }

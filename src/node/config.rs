@@ -10,6 +10,8 @@
 //! capacity = 100
 //! zone = "rack-1"
 //! replicas = 3
+//! expect_nodes = 3               # a node starting a new cluster (no seeds):
+//!                                # make the first layout once 3 are up
 //! metrics_listen = "127.0.0.1:9100"
 //! ```
 
@@ -56,6 +58,7 @@ pub struct FileConfig {
     pub capacity: Option<u32>,
     pub zone: Option<String>,
     pub replicas: Option<u8>,
+    pub expect_nodes: Option<usize>,
     pub metrics_listen: Option<String>,
 }
 
@@ -102,6 +105,11 @@ pub struct NodeConfig {
     pub capacity: u32,
     pub zone: Option<String>,
     pub replicas: u8,
+    /// For a node that starts a new cluster (no seeds, no saved layout):
+    /// the first layout is made once this many nodes, itself included, are
+    /// up, so that the cluster never serves with fewer replicas than it
+    /// will have. Ignored by a node that joins through seeds.
+    pub expect_nodes: usize,
     pub metrics_listen: Option<SocketAddr>,
 }
 
@@ -184,6 +192,13 @@ impl NodeConfig {
                 reason: "must be at least 1".into(),
             });
         }
+        let expect_nodes = file.expect_nodes.unwrap_or(1);
+        if expect_nodes == 0 || expect_nodes > 10_000 {
+            return Err(ConfigError::Invalid {
+                field: "expect_nodes",
+                reason: format!("{expect_nodes} is not between 1 and 10000"),
+            });
+        }
         let metrics_listen = file
             .metrics_listen
             .as_deref()
@@ -199,6 +214,7 @@ impl NodeConfig {
             capacity,
             zone: file.zone,
             replicas,
+            expect_nodes,
             metrics_listen,
         })
     }
@@ -230,6 +246,10 @@ mod tests {
             (
                 "data_dir = \"d\"\ninsecure = true\nreplicas = 0",
                 "replicas",
+            ),
+            (
+                "data_dir = \"d\"\ninsecure = true\nexpect_nodes = 0",
+                "expect_nodes",
             ),
             ("data_dir = \"d\"", "tls_dir"),
             ("insecure = true", "data_dir"),

@@ -303,6 +303,14 @@ pub async fn run(config: NodeConfig, shutdown: impl Future<Output = ()>) -> Resu
     let partitions = store.partitions();
     let layout = match load_layout(&config.data_dir, partitions)? {
         Some(layout) => layout,
+        None if config.seeds.is_empty() && config.expect_nodes > 1 => {
+            info!(
+                expect = config.expect_nodes,
+                "no seeds and no saved layout: starting a new cluster once {} nodes are up",
+                config.expect_nodes
+            );
+            LayoutState::new(partitions, config.replicas)
+        }
         None if config.seeds.is_empty() => {
             info!("no seeds and no saved layout: starting a new cluster");
             let me = NodeSpec {
@@ -334,6 +342,7 @@ pub async fn run(config: NodeConfig, shutdown: impl Future<Output = ()>) -> Resu
 
     let replica_config = ReplicaConfig {
         membership: MembershipConfig::lan(16),
+        bootstrap_expect: config.seeds.is_empty().then_some(config.expect_nodes),
         ..ReplicaConfig::default()
     };
     let seed = u64::from(incarnation) ^ id.0 ^ u64::from(std::process::id());
@@ -630,6 +639,12 @@ impl Core {
             let response = self.serve(call.request);
             return self.answer(reply, response);
         };
+        if self.replica.layout().current().version() == 0 {
+            let response = Response::Error(
+                "the cluster has no layout yet: it is forming (the node that starts it waits for --expect-nodes nodes) or this node has not heard from it; retry shortly".into(),
+            );
+            return self.answer(reply, response);
+        }
         let store = self.replica.store().clone();
         let partition = store.partition_of(&key);
         let replicas = self.live_replicas(partition);

@@ -837,7 +837,8 @@ impl Replica {
     /// layout to one computed from `specs` (see ARCHITECTURE.md, "Layout
     /// changes only from a sufficient view"):
     /// - the first layout of a new cluster is made only by the node that
-    ///   starts it, once `bootstrap_expect` members are alive;
+    ///   starts it, once `bootstrap_expect` members (itself included) are
+    ///   known with their metadata;
     /// - later ones only by a coordinator that sees a strict majority of
     ///   the members of the current and completed layouts alive, so a node
     ///   cut off or freshly restarted never reshapes the cluster, and two
@@ -855,8 +856,12 @@ impl Replica {
             }
         }
         if members.is_empty() {
-            let alive = self.membership.alive().len() + 1;
-            return self.config.bootstrap_expect.is_some_and(|n| alive >= n);
+            // Counted from the specs: a member whose metadata has not
+            // arrived yet would be left out of the first layout.
+            return self
+                .config
+                .bootstrap_expect
+                .is_some_and(|n| specs.len() >= n);
         }
         if !self.is_coordinator() {
             return false;

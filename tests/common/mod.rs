@@ -97,6 +97,17 @@ pub fn free_port() -> u16 {
 
 impl Cluster {
     pub fn start(n: usize) -> Cluster {
+        let mut cluster = Cluster::forming(n);
+        for _ in 1..n {
+            cluster.add_node();
+        }
+        cluster
+    }
+
+    /// Only the first node of a new cluster, which makes the first layout
+    /// once `expect_nodes` nodes are up (`--expect-nodes`), so that the
+    /// first layout already has every node.
+    pub fn forming(expect_nodes: usize) -> Cluster {
         let dir = tempfile::tempdir().unwrap();
         let ca = dir.path().join("ca");
         certs::init_ca(&ca, "test").unwrap();
@@ -106,9 +117,7 @@ impl Cluster {
             metrics: Vec::new(),
             dir,
         };
-        for _ in 0..n {
-            cluster.add_node();
-        }
+        cluster.spawn_node(None, expect_nodes);
         cluster
     }
 
@@ -121,6 +130,10 @@ impl Cluster {
     /// Starts one more node joining through `seed`, or, with `None`, a node
     /// that starts a cluster of its own (same CA, so clients reach both).
     pub fn add_node_with_seed(&mut self, seed: Option<SocketAddr>) {
+        self.spawn_node(seed, 1);
+    }
+
+    fn spawn_node(&mut self, seed: Option<SocketAddr>, expect_nodes: usize) {
         let i = self.nodes.len() + 1;
         let node_dir = self.dir.path().join(format!("node-{i}"));
         certs::issue(
@@ -134,6 +147,7 @@ impl Cluster {
         let metrics: SocketAddr = format!("127.0.0.1:{}", free_tcp_port()).parse().unwrap();
         self.metrics.push(metrics);
         let mut command = serve_command(&node_dir, i, addr, metrics, seed);
+        command.args(["--expect-nodes", &expect_nodes.to_string()]);
         self.nodes.push((command.spawn().unwrap(), addr));
     }
 
