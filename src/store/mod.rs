@@ -142,10 +142,8 @@ impl Store {
         if let Some(bytes) = options.cache_bytes {
             builder.set_cache_size(bytes);
         }
-        // redb trusts page contents once its header checks out, and panics
-        // on some damaged files; a damaged file must be an error, not a crash.
         let shown = path.display().to_string();
-        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        guard_damage(&shown, || {
             let opened = if path.exists() {
                 builder.open(path)
             } else {
@@ -156,17 +154,31 @@ impl Store {
                 source: e.into(),
             })?;
             Self::init(db, options, shown.clone())
-        }))
-        .unwrap_or_else(|panic| {
-            let reason = panic
-                .downcast_ref::<String>()
-                .map(String::as_str)
-                .or_else(|| panic.downcast_ref::<&str>().copied())
-                .unwrap_or("the database engine panicked");
-            Err(Error::Corrupt {
-                what: format!("database file {shown}"),
-                reason: format!("damaged pages ({reason})"),
-            })
+        })
+    }
+
+    /// Opens the store held by a redb storage backend, creating it if the
+    /// backend is empty: for custom storage, and for tests that simulate
+    /// crashes at the storage layer. Checks the same as [`Store::open`], and
+    /// a damaged image is likewise an error, not a panic.
+    pub fn open_with_backend(
+        backend: impl redb::StorageBackend,
+        options: StoreOptions,
+    ) -> Result<Store> {
+        check_options(&options)?;
+        let mut builder = Database::builder();
+        if let Some(bytes) = options.cache_bytes {
+            builder.set_cache_size(bytes);
+        }
+        let shown = format!("{backend:?}");
+        guard_damage(&shown, || {
+            let db = builder
+                .create_with_backend(backend)
+                .map_err(|e| Error::Open {
+                    path: PathBuf::from(&shown),
+                    source: e.into(),
+                })?;
+            Self::init(db, options, shown.clone())
         })
     }
 
@@ -459,6 +471,22 @@ impl Iterator for PrefixIter {
         }
         None
     }
+}
+
+/// Runs an open. redb trusts page contents once its header checks out, and
+/// panics on some damaged files; a damaged file must be an error, not a crash.
+fn guard_damage(shown: &str, open: impl FnOnce() -> Result<Store>) -> Result<Store> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(open)).unwrap_or_else(|panic| {
+        let reason = panic
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| panic.downcast_ref::<&str>().copied())
+            .unwrap_or("the database engine panicked");
+        Err(Error::Corrupt {
+            what: format!("database file {shown}"),
+            reason: format!("damaged pages ({reason})"),
+        })
+    })
 }
 
 fn check_options(options: &StoreOptions) -> Result<()> {
