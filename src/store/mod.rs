@@ -145,13 +145,13 @@ impl Store {
         let shown = path.display().to_string();
         guard_damage(&shown, || {
             let opened = if path.exists() {
-                builder.open(path)
+                builder.open(path).map_err(redb::Error::from)
             } else {
-                builder.create(path)
+                create_whole(&builder, path)
             };
             let db = opened.map_err(|e| Error::Open {
                 path: path.to_path_buf(),
-                source: e.into(),
+                source: e,
             })?;
             Self::init(db, options, shown.clone())
         })
@@ -471,6 +471,31 @@ impl Iterator for PrefixIter {
         }
         None
     }
+}
+
+/// Creates a redb file at `path` so that a crash never leaves a partial one
+/// there: redb writes a new file's header in several synced steps, and a file
+/// cut short between them is "not a redb database" forever after. The file
+/// is made under a temporary name and renamed into place once complete.
+fn create_whole(
+    builder: &redb::Builder,
+    path: &Path,
+) -> std::result::Result<Database, redb::Error> {
+    let mut name = path.file_name().unwrap_or_default().to_os_string();
+    name.push(".creating");
+    let temporary = path.with_file_name(name);
+    match std::fs::remove_file(&temporary) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e.into()),
+        _ => {}
+    }
+    drop(builder.create(&temporary)?);
+    std::fs::rename(&temporary, path)?;
+    let dir = match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir,
+        _ => Path::new("."),
+    };
+    std::fs::File::open(dir)?.sync_all()?;
+    Ok(builder.open(path)?)
 }
 
 /// Runs an open. redb trusts page contents once its header checks out, and
