@@ -743,6 +743,10 @@ fn run(disk: PowerLossDisk) -> Run {
                 }
             }
         }
+        assert!(
+            failed_step.is_some() || !disk.failed(),
+            "a step acknowledged its write although a sync failed under it"
+        );
         if failed_step.is_some() {
             // Nothing may be acknowledged once the disk is gone.
             assert!(
@@ -872,6 +876,7 @@ fn check_every_crash_point(torn_seeds: u64) {
     let reference = reference();
     assert!(reference.syncs > 20, "only {} syncs", reference.syncs);
     let mut failures = Vec::new();
+    let (mut images_checked, mut in_flight) = (0, BTreeMap::<String, u32>::new());
     // Sync `syncs + 1` never comes: the power goes after a clean close.
     for n in 1..=reference.syncs + 1 {
         let run = run(PowerLossDisk::failing_at(n));
@@ -882,7 +887,18 @@ fn check_every_crash_point(torn_seeds: u64) {
         );
         let mut images = vec![Survivors::None, Survivors::All];
         images.extend((0..torn_seeds).map(|s| Survivors::Torn(n * 1000 + s)));
+        let kind = match &run.failed_step {
+            Some(step) => format!("{step:?}")
+                .split(['(', ' '])
+                .next()
+                .unwrap_or("")
+                .to_string(),
+            None if !run.created => "creating".to_string(),
+            None => "closing".to_string(),
+        };
+        *in_flight.entry(kind).or_default() += 1;
         for survivors in images {
+            images_checked += 1;
             let image = run.disk.crash_image(survivors);
             if let Err(e) = check_image(&run, &reference, image) {
                 failures.push(format!(
@@ -892,6 +908,10 @@ fn check_every_crash_point(torn_seeds: u64) {
             }
         }
     }
+    eprintln!(
+        "{} syncs, {images_checked} crash images checked; crash points by step in flight: {in_flight:?}",
+        reference.syncs
+    );
     assert!(
         failures.is_empty(),
         "{} of the crash images fail:\n{}",
@@ -919,6 +939,7 @@ fn the_checker_catches_a_disk_that_acknowledges_syncs_it_did_not_make() {
     for survivors in [Survivors::None, Survivors::Torn(7)] {
         let image = run.disk.crash_image(survivors);
         let result = check_image(&run, &reference, image);
+        eprintln!("lying disk, {survivors:?}: {result:?}");
         assert!(
             result.is_err(),
             "the checker passed a store that lost acknowledged writes ({survivors:?})"
