@@ -42,6 +42,10 @@ pub enum Durability {
     Immediate,
     /// Commits are not flushed: a crash may lose the latest commits (the
     /// store reopens at an earlier consistent state) but never corrupts it.
+    /// Commits are flushed before entries leave the store (`changes_since`,
+    /// `entry_bytes`), so no other replica ever holds a write a crash lost.
+    /// Contexts returned to clients are not covered: a client may hold a
+    /// context naming a lost write whose dot the store issues again.
     Buffered,
 }
 
@@ -346,6 +350,7 @@ impl Store {
     /// The key's encoded entry, as `changes_since` would send it: what a
     /// coordinator replicates to the other replicas after a write.
     pub fn entry_bytes(&self, key: &[u8]) -> Result<Option<Vec<u8>>> {
+        self.make_durable()?;
         let txn = self.db.begin_read()?;
         let table = txn.open_table(ENTRIES)?;
         let bytes = table.get(key)?;
@@ -394,6 +399,20 @@ impl Store {
         self.check_partition(partition)?;
         let txn = self.db.begin_read()?;
         read_version(&txn.open_table(VERSIONS)?, partition)
+    }
+
+    /// With [`Durability::Buffered`], flushes every commit so far to disk.
+    /// Called before entries leave the store: a buffered commit a crash
+    /// loses must never have reached another replica, or the reopened store
+    /// would issue its dots again for other writes, and sync, seeing those
+    /// dots covered on both sides, would never reconcile the two.
+    fn make_durable(&self) -> Result<()> {
+        if self.durability == Durability::Buffered {
+            let mut txn = self.db.begin_write()?;
+            txn.set_durability(redb::Durability::Immediate)?;
+            txn.commit()?;
+        }
+        Ok(())
     }
 
     fn load(&self, key: &[u8]) -> Result<Option<Entry>> {
