@@ -495,26 +495,42 @@ impl Iterator for PrefixIter {
 /// Creates a redb file at `path` so that a crash never leaves a partial one
 /// there: redb writes a new file's header in several synced steps, and a file
 /// cut short between them is "not a redb database" forever after. The file
-/// is made under a temporary name and renamed into place once complete.
+/// is made under a temporary name and linked into place once complete (a
+/// link, unlike a rename, keeps a store another process created meanwhile;
+/// then that one is opened). A crash while creating can leave the temporary
+/// file behind, never a damaged store.
 fn create_whole(
     builder: &redb::Builder,
     path: &Path,
 ) -> std::result::Result<Database, redb::Error> {
     let mut name = path.file_name().unwrap_or_default().to_os_string();
-    name.push(".creating");
+    name.push(format!(
+        ".creating-{}-{:016x}",
+        std::process::id(),
+        rand::random::<u64>()
+    ));
     let temporary = path.with_file_name(name);
-    match std::fs::remove_file(&temporary) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e.into()),
-        _ => {}
-    }
-    drop(builder.create(&temporary)?);
-    std::fs::rename(&temporary, path)?;
-    let dir = match path.parent() {
-        Some(dir) if !dir.as_os_str().is_empty() => dir,
-        _ => Path::new("."),
-    };
-    std::fs::File::open(dir)?.sync_all()?;
-    Ok(builder.open(path)?)
+    let created = (|| {
+        let db = builder.create(&temporary)?;
+        match std::fs::hard_link(&temporary, path) {
+            Ok(()) => {
+                let dir = match path.parent() {
+                    Some(dir) if !dir.as_os_str().is_empty() => dir,
+                    _ => Path::new("."),
+                };
+                std::fs::File::open(dir)?.sync_all()?;
+                Ok(db)
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                drop(db);
+                Ok(builder.open(path)?)
+            }
+            Err(e) => Err(e.into()),
+        }
+    })();
+    // The database keeps its handle on the file, now also at `path`.
+    let _ = std::fs::remove_file(&temporary);
+    created
 }
 
 /// Runs an open. redb trusts page contents once its header checks out, and
