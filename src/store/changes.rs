@@ -108,6 +108,7 @@ impl Store {
         limits: ChunkLimits,
     ) -> Result<ChangeStream> {
         self.check_partition(partition)?;
+        self.make_durable()?;
         let mut since = since.clone();
         since.normalize();
         let txn = self.db.begin_read()?;

@@ -42,6 +42,10 @@ pub enum Durability {
     Immediate,
     /// Commits are not flushed: a crash may lose the latest commits (the
     /// store reopens at an earlier consistent state) but never corrupts it.
+    /// Commits are flushed before entries leave the store (`changes_since`,
+    /// `entry_bytes`), so no other replica ever holds a write a crash lost.
+    /// Contexts returned to clients are not covered: a client may hold a
+    /// context naming a lost write whose dot the store issues again.
     Buffered,
 }
 
@@ -142,31 +146,43 @@ impl Store {
         if let Some(bytes) = options.cache_bytes {
             builder.set_cache_size(bytes);
         }
-        // redb trusts page contents once its header checks out, and panics
-        // on some damaged files; a damaged file must be an error, not a crash.
         let shown = path.display().to_string();
-        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        guard_damage(&shown, || {
             let opened = if path.exists() {
-                builder.open(path)
+                builder.open(path).map_err(redb::Error::from)
             } else {
-                builder.create(path)
+                create_whole(&builder, path)
             };
             let db = opened.map_err(|e| Error::Open {
                 path: path.to_path_buf(),
-                source: e.into(),
+                source: e,
             })?;
             Self::init(db, options, shown.clone())
-        }))
-        .unwrap_or_else(|panic| {
-            let reason = panic
-                .downcast_ref::<String>()
-                .map(String::as_str)
-                .or_else(|| panic.downcast_ref::<&str>().copied())
-                .unwrap_or("the database engine panicked");
-            Err(Error::Corrupt {
-                what: format!("database file {shown}"),
-                reason: format!("damaged pages ({reason})"),
-            })
+        })
+    }
+
+    /// Opens the store held by a redb storage backend, creating it if the
+    /// backend is empty: for custom storage, and for tests that simulate
+    /// crashes at the storage layer. Checks the same as [`Store::open`], and
+    /// a damaged image is likewise an error, not a panic.
+    pub fn open_with_backend(
+        backend: impl redb::StorageBackend,
+        options: StoreOptions,
+    ) -> Result<Store> {
+        check_options(&options)?;
+        let mut builder = Database::builder();
+        if let Some(bytes) = options.cache_bytes {
+            builder.set_cache_size(bytes);
+        }
+        let shown = format!("{backend:?}");
+        guard_damage(&shown, || {
+            let db = builder
+                .create_with_backend(backend)
+                .map_err(|e| Error::Open {
+                    path: PathBuf::from(&shown),
+                    source: e.into(),
+                })?;
+            Self::init(db, options, shown.clone())
         })
     }
 
@@ -334,6 +350,7 @@ impl Store {
     /// The key's encoded entry, as `changes_since` would send it: what a
     /// coordinator replicates to the other replicas after a write.
     pub fn entry_bytes(&self, key: &[u8]) -> Result<Option<Vec<u8>>> {
+        self.make_durable()?;
         let txn = self.db.begin_read()?;
         let table = txn.open_table(ENTRIES)?;
         let bytes = table.get(key)?;
@@ -382,6 +399,20 @@ impl Store {
         self.check_partition(partition)?;
         let txn = self.db.begin_read()?;
         read_version(&txn.open_table(VERSIONS)?, partition)
+    }
+
+    /// With [`Durability::Buffered`], flushes every commit so far to disk.
+    /// Called before entries leave the store: a buffered commit a crash
+    /// loses must never have reached another replica, or the reopened store
+    /// would issue its dots again for other writes, and sync, seeing those
+    /// dots covered on both sides, would never reconcile the two.
+    fn make_durable(&self) -> Result<()> {
+        if self.durability == Durability::Buffered {
+            let mut txn = self.db.begin_write()?;
+            txn.set_durability(redb::Durability::Immediate)?;
+            txn.commit()?;
+        }
+        Ok(())
     }
 
     fn load(&self, key: &[u8]) -> Result<Option<Entry>> {
@@ -459,6 +490,63 @@ impl Iterator for PrefixIter {
         }
         None
     }
+}
+
+/// Creates a redb file at `path` so that a crash never leaves a partial one
+/// there: redb writes a new file's header in several synced steps, and a file
+/// cut short between them is "not a redb database" forever after. The file
+/// is made under a temporary name and linked into place once complete (a
+/// link, unlike a rename, keeps a store another process created meanwhile;
+/// then that one is opened). A crash while creating can leave the temporary
+/// file behind, never a damaged store.
+fn create_whole(
+    builder: &redb::Builder,
+    path: &Path,
+) -> std::result::Result<Database, redb::Error> {
+    let mut name = path.file_name().unwrap_or_default().to_os_string();
+    name.push(format!(
+        ".creating-{}-{:016x}",
+        std::process::id(),
+        rand::random::<u64>()
+    ));
+    let temporary = path.with_file_name(name);
+    let created = (|| {
+        let db = builder.create(&temporary)?;
+        match std::fs::hard_link(&temporary, path) {
+            Ok(()) => {
+                let dir = match path.parent() {
+                    Some(dir) if !dir.as_os_str().is_empty() => dir,
+                    _ => Path::new("."),
+                };
+                std::fs::File::open(dir)?.sync_all()?;
+                Ok(db)
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                drop(db);
+                Ok(builder.open(path)?)
+            }
+            Err(e) => Err(e.into()),
+        }
+    })();
+    // The database keeps its handle on the file, now also at `path`.
+    let _ = std::fs::remove_file(&temporary);
+    created
+}
+
+/// Runs an open. redb trusts page contents once its header checks out, and
+/// panics on some damaged files; a damaged file must be an error, not a crash.
+fn guard_damage(shown: &str, open: impl FnOnce() -> Result<Store>) -> Result<Store> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(open)).unwrap_or_else(|panic| {
+        let reason = panic
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| panic.downcast_ref::<&str>().copied())
+            .unwrap_or("the database engine panicked");
+        Err(Error::Corrupt {
+            what: format!("database file {shown}"),
+            reason: format!("damaged pages ({reason})"),
+        })
+    })
 }
 
 fn check_options(options: &StoreOptions) -> Result<()> {
