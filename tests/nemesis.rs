@@ -736,30 +736,33 @@ async fn connect(addr: SocketAddr, tls: &TlsIdentity, admin: bool) -> Option<Cli
     Some(client)
 }
 
-/// Waits until nodes 1..=n see n members and a completed layout.
+/// Whether nodes 1..=n all see n members alive and a completed layout.
+async fn all_settled(net: &Net, tls: &TlsIdentity, n: usize) -> bool {
+    for i in 1..=n {
+        let ok = match connect(net.client_addr(i), tls, false).await {
+            Some(c) => c.status().await.is_ok_and(|s| {
+                s.members_alive == n
+                    && s.layout_version > 0
+                    && s.layout_version == s.layout_completed
+            }),
+            None => false,
+        };
+        if !ok {
+            return false;
+        }
+    }
+    true
+}
+
 async fn wait_settled(net: &Net, tls: &TlsIdentity, n: usize) -> Result<(), String> {
     let deadline = Instant::now() + Duration::from_secs(90);
-    loop {
-        let mut all = true;
-        for i in 1..=n {
-            let ok = match connect(net.client_addr(i), tls, false).await {
-                Some(c) => c.status().await.is_ok_and(|s| {
-                    s.members_alive == n
-                        && s.layout_version > 0
-                        && s.layout_version == s.layout_completed
-                }),
-                None => false,
-            };
-            all &= ok;
-        }
-        if all {
-            return Ok(());
-        }
+    while !all_settled(net, tls, n).await {
         if Instant::now() > deadline {
             return Err(format!("the cluster did not settle; {}", net.logs_hint()));
         }
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
+    Ok(())
 }
 
 /// A bounded client: `ops` operations or until `stop`, whichever first.
@@ -988,17 +991,22 @@ async fn run_once(seed: u64, fault: Fault, ops_per_task: usize) -> Result<RunFig
     // Converged: every replica of every key answers and they agree.
     let deadline = healed + Duration::from_secs(120);
     loop {
-        let last = match read_state(&net, &tls, &keys).await {
-            Ok(state) => {
-                let verdict = check(&history, &state);
-                if verdict.divergent == 0 {
-                    figures.converge_seconds = healed.elapsed().as_secs_f64();
-                    figures.verdict = verdict;
-                    break;
+        // Every node back in the membership, then every replica agreeing.
+        let last = if !all_settled(&net, &tls, NODES).await {
+            "not every node sees every member and a completed layout".to_string()
+        } else {
+            match read_state(&net, &tls, &keys).await {
+                Ok(state) => {
+                    let verdict = check(&history, &state);
+                    if verdict.divergent == 0 {
+                        figures.converge_seconds = healed.elapsed().as_secs_f64();
+                        figures.verdict = verdict;
+                        break;
+                    }
+                    verdict.messages.join("; ")
                 }
-                verdict.messages.join("; ")
+                Err(e) => e,
             }
-            Err(e) => e,
         };
         if Instant::now() > deadline {
             return Err(format!(

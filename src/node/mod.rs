@@ -26,7 +26,7 @@ use crate::client::{
 use crate::crdt::{CausalContext, NodeId};
 use crate::replication::layout::NodeSpec;
 use crate::replication::layout_state::LayoutState;
-use crate::replication::membership::{LoadFigures, MembershipConfig, NodeMeta};
+use crate::replication::membership::{LoadFigures, MemberState, MembershipConfig, NodeMeta};
 use crate::replication::message::Message;
 use crate::replication::replica::{
     MembershipEventKind, Output, Replica, ReplicaConfig, ReplicaEvent, Timer,
@@ -52,6 +52,7 @@ const LAYOUT_FILE: &str = "layout.bin";
 const INCARNATION_FILE: &str = "incarnation";
 const STORE_FILE: &str = "store.redb";
 const RESET_KEY_FILE: &str = "reset-key";
+const PEERS_FILE: &str = "peers";
 /// Frames queued per peer before further ones are dropped.
 const PEER_QUEUE: usize = 256;
 
@@ -248,6 +249,40 @@ fn reset_key(dir: &Path) -> Result<ring::hmac::Key, NodeError> {
     Ok(ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &secret))
 }
 
+/// Addresses of the peers this node last knew, one per line. A restarted
+/// node joins through them as well as through its seeds: the node that
+/// started the cluster has no seeds, and without them it would wait,
+/// cut off with stale data, until a peer happened to probe it.
+fn load_peers(dir: &Path) -> Vec<SocketAddr> {
+    let path = dir.join(PEERS_FILE);
+    match std::fs::read_to_string(&path) {
+        Ok(text) => text
+            .lines()
+            .filter_map(|line| match line.trim().parse() {
+                Ok(addr) => Some(addr),
+                Err(_) => {
+                    warn!("ignoring {line:?} in {}: not an address", path.display());
+                    None
+                }
+            })
+            .collect(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+        Err(e) => {
+            warn!("cannot read {}: {e}", path.display());
+            Vec::new()
+        }
+    }
+}
+
+fn save_peers(dir: &Path, peers: &[SocketAddr]) {
+    let path = dir.join(PEERS_FILE);
+    let tmp = dir.join("peers.tmp");
+    let text: String = peers.iter().map(|a| format!("{a}\n")).collect();
+    if let Err(e) = std::fs::write(&tmp, text).and_then(|()| std::fs::rename(&tmp, &path)) {
+        warn!("cannot save peers to {}: {e}", path.display());
+    }
+}
+
 fn load_layout(dir: &Path, partitions: u16) -> Result<Option<LayoutState>, NodeError> {
     let path = dir.join(LAYOUT_FILE);
     let bytes = match std::fs::read(&path) {
@@ -390,7 +425,13 @@ pub async fn run(config: NodeConfig, shutdown: impl Future<Output = ()>) -> Resu
         deadlines: Default::default(),
         next_call: 0,
     };
-    core.run(core_rx, &config.seeds, shutdown).await;
+    let mut seeds = config.seeds.clone();
+    for peer in load_peers(&config.data_dir) {
+        if !seeds.contains(&peer) && peer != config.advertise {
+            seeds.push(peer);
+        }
+    }
+    core.run(core_rx, &seeds, shutdown).await;
     accept.abort();
     endpoint.close(0u32.into(), b"shutting down");
     endpoint.wait_idle().await;
@@ -524,6 +565,20 @@ impl Core {
         // when it returns. Its data is on disk; in-flight calls fail.
     }
 
+    fn save_peers(&self) {
+        let mut peers: Vec<SocketAddr> = self
+            .replica
+            .membership()
+            .members()
+            .into_iter()
+            .filter(|m| m.id != self.id && m.state != MemberState::Left)
+            .map(|m| m.addr)
+            .collect();
+        peers.sort();
+        peers.dedup();
+        save_peers(&self.data_dir, &peers);
+    }
+
     fn send_to(&mut self, to: SocketAddr, payload: Payload) {
         let kind = Metrics::kind_index(payload.kind());
         match frame::encode(&Envelope {
@@ -563,6 +618,7 @@ impl Core {
                         debug!(node = %self.id, version, completed, "layout changed");
                     }
                     ReplicaEvent::Membership(MembershipEventKind::Up(peer)) => {
+                        self.save_peers();
                         // A peer that comes back may be a new process: the old
                         // connection to its address is dead but would take
                         // an idle timeout to notice. Start afresh.
