@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Fuzzes each target in turn for SECONDS_PER_TARGET (default 60) from its
-# corpus in fuzz/corpus/<target>/, then minimises that corpus (cmin), and
+# corpus in fuzz/corpus/<target>/, then minimises that corpus (cmin, greedy set cover
+# of the features, which keeps it small), and
 # prints per target the executions, the corpus size and the crashes.
 # One fuzzer at a time, one job. Crash inputs land in fuzz/artifacts/<target>/.
 set -uo pipefail
@@ -21,7 +22,7 @@ for t in "${TARGETS[@]}"; do
         -print_final_stats=1 > "logs/$t.log" 2>&1
     status=$?
     execs=$(grep -o 'stat::number_of_executed_units: *[0-9]*' "logs/$t.log" | grep -o '[0-9]*$' | tail -1)
-    cargo +nightly fuzz cmin -O "$t" "corpus/$t" > "logs/$t.cmin.log" 2>&1 \
+    cargo +nightly fuzz cmin -O "$t" "corpus/$t" -- -set_cover_merge=1 > "logs/$t.cmin.log" 2>&1 \
         || echo "   cmin failed, see fuzz/logs/$t.cmin.log"
     size=$(ls "corpus/$t" | wc -l)
     crashes=$(( $(ls "artifacts/$t" | wc -l) - before ))

@@ -167,12 +167,12 @@ pub fn layout_state(data: &[u8]) {
             let _ = state.pending_migrations(node);
         }
     }
+    // A merge may normalise a state no node would make (say, `ready` pairs
+    // outside `current`); once merged, merging again changes nothing.
     let mut merged = state.clone();
     merged.merge(&state);
-    assert_eq!(
-        merged, state,
-        "merging a layout state with itself changes it"
-    );
+    let again = merged.clone();
+    assert!(!merged.merge(&again), "layout merge is not idempotent");
 }
 
 /// A node's TOML config file.
