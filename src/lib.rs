@@ -15,6 +15,8 @@ pub mod certs;
 pub mod client;
 pub mod crdt;
 mod error;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod node;
 
 pub mod replication;

@@ -125,6 +125,18 @@ enum Payload {
     },
 }
 
+/// Decodes the frames of one peer stream held in memory, as `serve_peer`
+/// does; for fuzzing. The count of frames read, or why the stream ends.
+#[doc(hidden)]
+pub fn decode_peer_frame(mut bytes: &[u8]) -> Result<usize, frame::FrameError> {
+    let mut frames = 0;
+    while let Some((Envelope { payload, .. }, _)) = frame::read_from_slice(&mut bytes)? {
+        let _ = Metrics::kind_index(payload.kind());
+        frames += 1;
+    }
+    Ok(frames)
+}
+
 impl Payload {
     fn kind(&self) -> &'static str {
         match self {

@@ -3,6 +3,7 @@
 use super::MAX_FRAME_BYTES;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
+use std::future::Future;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 pub const MAGIC: &[u8; 3] = b"GKV";
@@ -93,6 +94,19 @@ pub async fn read_sized<T: DeserializeOwned, R: AsyncRead + Unpin>(
         })?;
     let message = postcard::from_bytes(&body).map_err(|e| FrameError::Decode(e.to_string()))?;
     Ok(Some((message, HEADER + len)))
+}
+
+/// Reads one frame from bytes in memory, as [`read_sized`] reads a stream
+/// (reading a slice never waits, so this needs no runtime).
+pub fn read_from_slice<T: DeserializeOwned>(
+    bytes: &mut &[u8],
+) -> Result<Option<(T, usize)>, FrameError> {
+    let read = std::pin::pin!(read_sized(bytes));
+    match read.poll(&mut std::task::Context::from_waker(std::task::Waker::noop())) {
+        std::task::Poll::Ready(result) => result,
+        // Unreachable: `&[u8]` is always ready.
+        std::task::Poll::Pending => Err(FrameError::Truncated),
+    }
 }
 
 #[cfg(test)]
