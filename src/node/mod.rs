@@ -737,6 +737,14 @@ impl Core {
             return self.answer(reply, response);
         }
         if replicas.first() != Some(&self.id) {
+            // This node is not the replica to coordinate here: it holds no
+            // replica of the key, or holds one it cannot write yet (it
+            // dropped the partition and has not synced its own writes
+            // back). A client's call goes to the first live replica; a
+            // forwarded call is never forwarded again (no loops between two
+            // views of the layout) and never written by a non-replica, which
+            // would mint dots outside the key's replica set.
+            let is_replica = replicas.contains(&self.id);
             match replicas.first().copied() {
                 Some(target) if !matches!(reply, ReplyTo::Peer { .. }) => {
                     let id = self.fresh_call_id();
@@ -747,16 +755,21 @@ impl Core {
                     let response = Response::Error("no replica of this key is reachable".into());
                     return self.answer(reply, response);
                 }
-                _ if quorum > 1 => {
+                // A replica that cannot write answers with the store's
+                // reason (`OwnWritesMissing`: sync the partition back
+                // first); reads it can serve from what it holds.
+                _ if is_replica && quorum == 1 => {}
+                _ if is_replica => {
                     let response = Response::Error(format!(
-                        "no replica of this key is reachable to meet a quorum of {quorum}"
+                        "no other replica of this key is reachable to meet a quorum of {quorum}"
                     ));
                     return self.answer(reply, response);
                 }
-                // No replica reachable, or forwarded here by mistake: take
-                // the write here; hand-off delivers it to the replicas.
                 _ => {
-                    let response = self.serve(call.request);
+                    let version = self.replica.layout().current().version();
+                    let response = Response::Error(format!(
+                        "no replica of this key is reachable (this node holds no replica of its partition {partition} in layout v{version})"
+                    ));
                     return self.answer(reply, response);
                 }
             }
