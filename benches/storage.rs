@@ -148,6 +148,38 @@ fn bench_put_and_get(dir: &Path, sizes: &Sizes) {
     metric("get_ops", ours, "ops/s");
     metric("redb_get_ops", raw, "ops/s");
     metric("get_ratio_vs_redb", ours / raw, "ratio");
+    drop(store);
+    bench_open(dir, "store-batched.redb", keys.len());
+}
+
+/// Reopening a store of `entries` with the page-checksum pass on (the
+/// default) beside the same open without it.
+fn bench_open(dir: &Path, name: &str, entries: usize) {
+    let time_open = |verify: bool| {
+        let options = StoreOptions::default()
+            .node_id(NodeId(1))
+            .verify_on_open(verify);
+        let start = Instant::now();
+        let store = Store::open(dir.join(name), options).expect("reopen store");
+        let elapsed = start.elapsed();
+        drop(store);
+        elapsed
+    };
+    // One untimed open first so both timed opens find the file in the page
+    // cache.
+    time_open(false);
+    let plain = time_open(false);
+    let verified = time_open(true);
+    let bytes = std::fs::metadata(dir.join(name)).map_or(0, |m| m.len());
+    metric("open_entries", entries as f64, "entries");
+    metric("open_file_bytes", bytes as f64, "bytes");
+    metric("open_verified_ms", verified.as_secs_f64() * 1e3, "ms");
+    metric("open_unverified_ms", plain.as_secs_f64() * 1e3, "ms");
+    metric(
+        "open_verified_ratio_vs_unverified",
+        verified.as_secs_f64() / plain.as_secs_f64(),
+        "ratio",
+    );
 }
 
 fn bench_put_durable(dir: &Path, sizes: &Sizes) {

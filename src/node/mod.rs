@@ -332,7 +332,12 @@ pub async fn run(config: NodeConfig, shutdown: impl Future<Output = ()>) -> Resu
         node_id: config.node_id,
         ..StoreOptions::default()
     };
-    let store = Arc::new(Store::open(config.data_dir.join(STORE_FILE), options)?);
+    let store_path = config.data_dir.join(STORE_FILE);
+    if let Ok(meta) = std::fs::metadata(&store_path) {
+        // Every page checksum is verified at open: about 0.6 ms per MB.
+        info!(path = %store_path.display(), bytes = meta.len(), "verifying the store file");
+    }
+    let store = Arc::new(Store::open(&store_path, options)?);
     let id = store.node_id();
     let incarnation = next_incarnation(&config.data_dir)?;
     let identity = match &config.security {

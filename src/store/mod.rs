@@ -63,6 +63,13 @@ pub struct StoreOptions {
     pub cache_bytes: Option<usize>,
     /// Wall-clock source for the hybrid logical clock.
     pub clock: Arc<dyn WallClock>,
+    /// Verify every page checksum of an existing file when it is opened
+    /// (default `true`). A file damaged outside redb (disk fault, a stray
+    /// write, a bad copy) then fails to open with [`Error::Corrupt`]
+    /// instead of being trusted and making the first read of a damaged
+    /// page panic. It reads the whole file once, so opening costs time in
+    /// proportion to the store's size.
+    pub verify_on_open: bool,
 }
 
 impl Default for StoreOptions {
@@ -73,6 +80,7 @@ impl Default for StoreOptions {
             durability: Durability::default(),
             cache_bytes: None,
             clock: Arc::new(SystemClock),
+            verify_on_open: true,
         }
     }
 }
@@ -84,6 +92,7 @@ impl std::fmt::Debug for StoreOptions {
             .field("partitions", &self.partitions)
             .field("durability", &self.durability)
             .field("cache_bytes", &self.cache_bytes)
+            .field("verify_on_open", &self.verify_on_open)
             .finish_non_exhaustive()
     }
 }
@@ -106,6 +115,11 @@ impl StoreOptions {
 
     pub fn clock(mut self, clock: Arc<dyn WallClock>) -> Self {
         self.clock = clock;
+        self
+    }
+
+    pub fn verify_on_open(mut self, verify: bool) -> Self {
+        self.verify_on_open = verify;
         self
     }
 }
@@ -146,6 +160,7 @@ impl Store {
         if let Some(bytes) = options.cache_bytes {
             builder.set_cache_size(bytes);
         }
+        builder.set_check_integrity_on_open(options.verify_on_open);
         let shown = path.display().to_string();
         guard_damage(&shown, || {
             let opened = if path.exists() {
@@ -174,6 +189,7 @@ impl Store {
         if let Some(bytes) = options.cache_bytes {
             builder.set_cache_size(bytes);
         }
+        builder.set_check_integrity_on_open(options.verify_on_open);
         let shown = format!("{backend:?}");
         guard_damage(&shown, || {
             let db = builder
