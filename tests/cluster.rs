@@ -470,6 +470,44 @@ async fn a_node_restarted_at_once_is_talking_to_its_peers_again() {
     );
 }
 
+/// The other timing of a kill: the node stays dead until its peers have
+/// noticed (suspected or declared it down), then restarts. Its new
+/// incarnation must replace what they remember of the old one, so a write
+/// that needs all three replicas succeeds again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_restarted_after_its_peers_noticed_is_talking_to_them_again() {
+    let _slot = SLOTS.acquire().await.unwrap();
+    use gossipkv::client::{Request, Response};
+    let (mut cluster, mut clients) = started(3).await;
+    clients[0].set_quorum(3, 1);
+    clients[0].put(b"before", b"1", None).await.unwrap();
+    let tls = cluster.client_tls();
+    let admin = Client::connect_admin(cluster.addr(0), Some(&tls))
+        .await
+        .unwrap();
+    let dead = cluster.addr(2).to_string();
+    cluster.kill(2);
+    eventually("node 1 no longer counts node 3 alive", || async {
+        let Ok(Response::ClusterMembers(members)) = admin.request(&Request::ClusterMembers).await
+        else {
+            return false;
+        };
+        members.iter().any(|m| m.addr == dead && m.state != "alive")
+    })
+    .await;
+    cluster.restart(2);
+    let began = Instant::now();
+    let writer = &clients[0];
+    eventually("a write at w=3 through node 1 succeeds", || async {
+        writer.put(b"after", b"2", None).await.is_ok()
+    })
+    .await;
+    println!(
+        "metric: restart_after_suspicion_rejoin_seconds {:.1}",
+        began.elapsed().as_secs_f64()
+    );
+}
+
 /// A cluster forming with `--expect-nodes 3`: before the others are up the
 /// first node refuses keyed requests with a clear error (it has no layout,
 /// and must not serve from a one-replica one); once all three are up the
