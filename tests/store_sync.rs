@@ -437,6 +437,48 @@ fn concurrent_register_writes_become_siblings_until_superseded() {
     assert_eq!(a.get(b"k").unwrap().unwrap().value, resolved);
 }
 
+/// A context naming writes the coordinating store has not seen (a token
+/// of another key, a forged one, or a read from a replica further ahead)
+/// must not make those writes count as superseded. B writes `k` (its
+/// dot 1) and then `other` four times (dots 2 to 5) in the same partition;
+/// a client puts `k` on A with `other`'s context, which claims B's writes up
+/// to 5. A has seen none of B's writes, so B's value of `k` must survive
+/// the sync beside A's, on both stores, and a later write with the merged
+/// context resolves both.
+#[test]
+fn a_context_naming_writes_the_store_never_saw_supersedes_none_of_them() {
+    let options = |node| StoreOptions::default().node_id(NodeId(node)).partitions(1);
+    let a = Store::open_in_memory(options(1)).unwrap();
+    let b = Store::open_in_memory(options(2)).unwrap();
+    b.put(b"k", b"from b", None).unwrap();
+    let mut other = CausalContext::new();
+    for i in 0..4u8 {
+        other = b.put(b"other", &[i], None).unwrap();
+    }
+    assert_eq!(other.get(NodeId(2)), 5);
+    let written = a.put(b"k", b"from a", Some(&other)).unwrap();
+    assert_eq!(
+        written.get(NodeId(2)),
+        0,
+        "A's entry claims writes of B it never saw"
+    );
+    gossipkv::sync::sync(&a, &b).unwrap();
+    let both = Value::Register(vec![b"from a".to_vec(), b"from b".to_vec()]);
+    for store in [&a, &b] {
+        assert_eq!(store.get(b"k").unwrap().unwrap().value, both);
+    }
+    // With a context that A now holds, the client's write supersedes both.
+    let merged = a.get(b"k").unwrap().unwrap().context;
+    a.put(b"k", b"resolved", Some(&merged)).unwrap();
+    gossipkv::sync::sync(&a, &b).unwrap();
+    for store in [&a, &b] {
+        assert_eq!(
+            store.get(b"k").unwrap().unwrap().value,
+            Value::Register(vec![b"resolved".to_vec()])
+        );
+    }
+}
+
 /// Issue 8's incident with the store API alone: A adds two members, B
 /// copies them, A drops the partition (a hand-off), then A is asked to add
 /// a third. Had A taken it, its entry would claim "seen A's writes up to

@@ -415,8 +415,20 @@ impl<'t> Writer<'t> {
         })
     }
 
-    /// The context a register write supersedes: the client's, checked, or
-    /// everything this store has seen of the key.
+    /// The context a register write supersedes: the client's, checked and
+    /// cut down to what this store knows of the key, or everything this
+    /// store has seen of the key.
+    ///
+    /// The write's entry keeps that context for good, so a dot in it that
+    /// this store has not incorporated would mark a write it never saw as
+    /// observed: when that write arrives, every replica drops it as
+    /// superseded (invariant 2). A client context may name such dots
+    /// honestly (it read a replica further ahead than this one) or not (a
+    /// token of another key, a forged one). Either way this store only
+    /// supersedes what it holds: per writer, up to its partition vector's
+    /// contiguous base or the entry's own context, whichever is higher. A
+    /// write it has not seen yet stays beside the new value as a sibling,
+    /// which the next context-carrying write resolves.
     fn check_context(
         &self,
         key: &[u8],
@@ -430,7 +442,16 @@ impl<'t> Writer<'t> {
         let what = format!("causal context for key {}", show_key(key));
         let node = self.node();
         self.check_issued(partition, &what, &[Dot::new(node, context.get(node))])?;
-        Ok(context.clone())
+        let version = self.version(partition);
+        let mut known = CausalContext::new();
+        for dot in context.dots() {
+            let held = version.base(dot.node).max(entry.context.get(dot.node));
+            let seq = dot.seq.min(held);
+            if seq > 0 {
+                known.apply(Dot::new(dot.node, seq));
+            }
+        }
+        Ok(known)
     }
 
     /// Merges a remote entry. Returns false if it brought nothing new: every
