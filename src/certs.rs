@@ -8,15 +8,34 @@
 //! - in the CA directory only, `ca-key.pem`: the CA's private key (keep it
 //!   off the nodes).
 //!
-//! A node certificate names `NAME`, [`SERVER_NAME`], `localhost` and the
-//! loopback addresses as subject alternative names;
-//! a client certificate (`--client`) is valid only for client auth.
+//! Every certificate carries its holder's role and name in a URI subject
+//! alternative name, `gossipkv://ROLE/NAME` (see [`Role`]), which every
+//! listener reads from the verified certificate and decides by:
+//! - `node`: a cluster member. Only node certificates are accepted on the
+//!   peer protocol, and the node's id is derived from the name
+//!   ([`crate::crdt::NodeId::from_name`]), so a node cannot speak for another.
+//!   A node certificate also names [`SERVER_NAME`], `localhost` and the
+//!   loopback addresses (it is a TLS server certificate too).
+//! - `client`: reads and writes, and read-only inspection (status, members,
+//!   layout, inspect, migrations). Valid for client auth only.
+//! - `admin`: everything a client may do, plus changing the cluster (join,
+//!   leave). Valid for client auth only.
+//!
+//! A certificate without a gossipkv URI (from an older release or another
+//! tool) has no role and is refused everywhere.
+//!
+//! Lifetimes: the CA is valid for [`CA_DAYS`] days, issued certificates for
+//! [`DEFAULT_DAYS`] unless asked otherwise; both start an hour in the past
+//! so that modest clock skew between machines does not refuse them.
 
 use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
-    KeyUsagePurpose,
+    KeyUsagePurpose, SanType,
 };
+use std::fmt;
 use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::Duration;
 
 pub const CA_CERT: &str = "ca.pem";
 pub const CA_KEY: &str = "ca-key.pem";
@@ -26,6 +45,140 @@ pub const KEY: &str = "key.pem";
 /// peers are reached by address, and any holder of a node certificate from
 /// the cluster CA is a legitimate cluster member.
 pub const SERVER_NAME: &str = "gossipkv";
+/// Days a new cluster CA is valid for.
+pub const CA_DAYS: u32 = 3650;
+/// Days an issued certificate is valid for, unless asked otherwise.
+pub const DEFAULT_DAYS: u32 = 365;
+/// Longest lifetime `issue` accepts, in days.
+pub const MAX_DAYS: u32 = 3650;
+/// The URI scheme of the role-and-name subject alternative name.
+const URI_PREFIX: &str = "gossipkv://";
+
+/// What a certificate's holder may do (see the module doc).
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Hash)]
+pub enum Role {
+    Node,
+    Client,
+    Admin,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Node => "node",
+            Role::Client => "client",
+            Role::Admin => "admin",
+        }
+    }
+}
+
+impl fmt::Display for Role {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for Role {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Role, String> {
+        match s {
+            "node" => Ok(Role::Node),
+            "client" => Ok(Role::Client),
+            "admin" => Ok(Role::Admin),
+            other => Err(format!("unknown role {other:?}: use node, client or admin")),
+        }
+    }
+}
+
+/// Who a verified certificate names: its role and name, and when it
+/// expires.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CertIdentity {
+    pub role: Role,
+    pub name: String,
+    /// Seconds since the Unix epoch after which the certificate is invalid.
+    pub not_after: i64,
+}
+
+impl fmt::Display for CertIdentity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} certificate {:?}", self.role, self.name)
+    }
+}
+
+/// Why a certificate names no usable identity.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum IdentityError {
+    #[error("the certificate cannot be parsed: {0}")]
+    Parse(String),
+    #[error("the certificate carries no gossipkv role (no {URI_PREFIX}ROLE/NAME name); issue a new one with `gossipkv certs issue`")]
+    NoRole,
+    #[error("the certificate's gossipkv name {0:?} is malformed")]
+    Malformed(String),
+    #[error("the certificate carries more than one gossipkv role name")]
+    Ambiguous,
+}
+
+/// Reads the role and name from a certificate (DER). The certificate's
+/// signature is not checked here: call it on certificates TLS verified.
+pub fn identity_of(der: &[u8]) -> Result<CertIdentity, IdentityError> {
+    use x509_parser::extensions::GeneralName;
+    let (_, cert) = x509_parser::parse_x509_certificate(der)
+        .map_err(|e| IdentityError::Parse(e.to_string()))?;
+    let san = cert
+        .subject_alternative_name()
+        .map_err(|e| IdentityError::Parse(e.to_string()))?;
+    let mut found = None;
+    for name in san.iter().flat_map(|san| san.value.general_names.iter()) {
+        let GeneralName::URI(uri) = name else {
+            continue;
+        };
+        let Some(rest) = uri.strip_prefix(URI_PREFIX) else {
+            continue;
+        };
+        let malformed = || IdentityError::Malformed(uri.to_string());
+        let (role, name) = rest.split_once('/').ok_or_else(malformed)?;
+        let role: Role = role.parse().map_err(|_| malformed())?;
+        check_name(name).map_err(|_| malformed())?;
+        if found.is_some() {
+            return Err(IdentityError::Ambiguous);
+        }
+        found = Some((role, name.to_string()));
+    }
+    let (role, name) = found.ok_or(IdentityError::NoRole)?;
+    Ok(CertIdentity {
+        role,
+        name,
+        not_after: cert.validity().not_after.timestamp(),
+    })
+}
+
+/// Checks a certificate (or node) name: 1 to 63 letters, digits, '-' or
+/// '.', as DNS labels allow.
+pub fn check_name(name: &str) -> Result<(), CertError> {
+    if name.is_empty()
+        || name.len() > 63
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.')
+    {
+        return Err(CertError::BadName {
+            name: name.to_string(),
+            reason: "use 1 to 63 letters, digits, '-' or '.'",
+        });
+    }
+    Ok(())
+}
+
+/// The validity window of a certificate issued now for `days`.
+fn validity(days: u32) -> (time::OffsetDateTime, time::OffsetDateTime) {
+    let now = time::OffsetDateTime::now_utc();
+    (
+        now - Duration::from_secs(3600),
+        now + Duration::from_secs(u64::from(days) * 86_400),
+    )
+}
 
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -43,6 +196,8 @@ pub enum CertError {
     Invalid { path: PathBuf, reason: String },
     #[error("invalid certificate name {name:?}: {reason}")]
     BadName { name: String, reason: &'static str },
+    #[error("invalid lifetime of {days} days: use 1 to {MAX_DAYS}")]
+    BadDays { days: u32 },
     #[error("certificate generation failed: {0}")]
     Generate(#[from] rcgen::Error),
 }
@@ -99,26 +254,25 @@ pub fn init_ca(dir: &Path, cluster: &str) -> Result<(), CertError> {
         KeyUsagePurpose::CrlSign,
         KeyUsagePurpose::DigitalSignature,
     ];
-    params.not_after = rcgen::date_time_ymd(2100, 1, 1);
+    (params.not_before, params.not_after) = validity(CA_DAYS);
     let cert = params.self_signed(&key)?;
     write(&dir.join(CA_KEY), &key.serialize_pem(), true)?;
     write(&cert_path, &cert.pem(), false)?;
     Ok(())
 }
 
-/// Issues a node (or, with `client`, a client) certificate named `name`,
-/// signed by the CA in `ca_dir`, into `out` with a copy of the CA certificate.
-pub fn issue(ca_dir: &Path, name: &str, client: bool, out: &Path) -> Result<(), CertError> {
-    if name.is_empty()
-        || name.len() > 63
-        || !name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.')
-    {
-        return Err(CertError::BadName {
-            name: name.to_string(),
-            reason: "use 1 to 63 letters, digits, '-' or '.'",
-        });
+/// Issues a certificate for `role` named `name`, valid for `days`, signed
+/// by the CA in `ca_dir`, into `out` with a copy of the CA certificate.
+pub fn issue(
+    ca_dir: &Path,
+    name: &str,
+    role: Role,
+    days: u32,
+    out: &Path,
+) -> Result<(), CertError> {
+    check_name(name)?;
+    if days == 0 || days > MAX_DAYS {
+        return Err(CertError::BadDays { days });
     }
     let ca_pem = read(&ca_dir.join(CA_CERT))?;
     let ca_key_path = ca_dir.join(CA_KEY);
@@ -130,6 +284,7 @@ pub fn issue(ca_dir: &Path, name: &str, client: bool, out: &Path) -> Result<(), 
         path: ca_dir.join(CA_CERT),
         reason: e.to_string(),
     })?;
+    let client = role != Role::Node;
     let names = if client {
         vec![name.to_string()]
     } else {
@@ -142,6 +297,10 @@ pub fn issue(ca_dir: &Path, name: &str, client: bool, out: &Path) -> Result<(), 
         ]
     };
     let mut params = CertificateParams::new(names)?;
+    let uri = format!("{URI_PREFIX}{role}/{name}");
+    params
+        .subject_alt_names
+        .push(SanType::URI(uri.as_str().try_into()?));
     params.distinguished_name.push(DnType::CommonName, name);
     params.key_usages = vec![
         KeyUsagePurpose::DigitalSignature,
@@ -155,7 +314,7 @@ pub fn issue(ca_dir: &Path, name: &str, client: bool, out: &Path) -> Result<(), 
             ExtendedKeyUsagePurpose::ClientAuth,
         ]
     };
-    params.not_after = rcgen::date_time_ymd(2100, 1, 1);
+    (params.not_before, params.not_after) = validity(days);
     let key = KeyPair::generate()?;
     let cert = params.signed_by(&key, &issuer)?;
     create_dir(out)?;

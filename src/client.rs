@@ -114,6 +114,11 @@ impl Request {
         )
     }
 
+    /// Requests that change the cluster: admin certificates only.
+    pub fn changes_cluster(&self) -> bool {
+        matches!(self, Request::Join { .. } | Request::Leave)
+    }
+
     /// Admin and inspection requests, served on the admin ALPN only.
     pub fn is_admin(&self) -> bool {
         matches!(
@@ -150,6 +155,7 @@ pub struct WireRecord {
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NodeStatus {
+    /// The node's name (its certificate's; with --insecure and no name, its id).
     pub node_id: String,
     /// The gossipkv version the node runs.
     pub version: String,
@@ -172,7 +178,10 @@ pub struct NodeStatus {
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MemberInfo {
+    /// The node's id (16 hex digits), derived from its name.
     pub id: String,
+    /// The node's name, as its certificate carries it.
+    pub name: String,
     pub addr: String,
     /// alive, suspect, down or left (this node: "self").
     pub state: String,

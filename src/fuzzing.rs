@@ -142,6 +142,7 @@ pub fn membership_payload(data: &[u8]) {
     let meta = NodeMeta {
         capacity: 100,
         zone: None,
+        name: None,
         load: Default::default(),
     };
     let addr = std::net::SocketAddr::from(([127, 0, 0, 1], 7000));

@@ -76,7 +76,14 @@ async fn strangers_and_garbage_are_refused_without_harming_the_node() {
     // A client certificate from another CA, and no certificate at all.
     let other = cluster.path().join("other-ca");
     certs::init_ca(&other, "other").unwrap();
-    certs::issue(&other, "intruder", true, &cluster.path().join("intruder")).unwrap();
+    certs::issue(
+        &other,
+        "intruder",
+        certs::Role::Client,
+        30,
+        &cluster.path().join("intruder"),
+    )
+    .unwrap();
     let intruder = TlsIdentity::load(&cluster.path().join("intruder")).unwrap();
     for identity in [Some(&intruder), None] {
         let refused = match Client::connect(cluster.addr(0), identity).await {

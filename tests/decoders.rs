@@ -163,6 +163,7 @@ mod replication_messages {
         let meta = NodeMeta {
             capacity: 100,
             zone: None,
+            name: None,
             load: Default::default(),
         };
         let addr = "127.0.0.1:7000".parse().unwrap();

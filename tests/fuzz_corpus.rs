@@ -144,6 +144,7 @@ fn membership_payloads() -> Vec<Vec<u8>> {
     let meta = |capacity| NodeMeta {
         capacity,
         zone: Some("a".into()),
+        name: None,
         load: Default::default(),
     };
     let addr = |port| std::net::SocketAddr::from(([127, 0, 0, 1], port));

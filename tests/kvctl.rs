@@ -165,14 +165,14 @@ async fn members_shows_a_killed_node_suspect_then_down() {
         tls: cluster.dir.path().join("client"),
     };
     cluster.kill(2);
-    let victim = format!("{:016x}", 3);
+    let victim = "node-3";
     let state = |ctl: &Ctl| -> String {
         let members = ctl.json(&["members"]);
         members
             .as_array()
             .unwrap()
             .iter()
-            .find(|m| m["id"] == victim.as_str())
+            .find(|m| m["name"] == victim)
             .map(|m| m["state"].as_str().unwrap_or("").to_string())
             .unwrap_or_default()
     };
@@ -281,6 +281,16 @@ async fn leave_hands_everything_off_and_returns_when_safe_to_stop() {
     for i in 0..50 {
         goer.ok(&["put", &format!("k{i}"), "v"]);
     }
+    // A client certificate may inspect, not change the cluster.
+    let refused = goer.run(&["leave"]);
+    assert_eq!(refused.status.code(), Some(1));
+    let said = String::from_utf8_lossy(&refused.stderr);
+    assert!(said.contains("admin certificate"), "{said}");
+    assert_eq!(goer.json(&["status"])["decommissioned"], false);
+    let goer = Ctl {
+        node: cluster.addr(2),
+        tls: cluster.dir.path().join("admin"),
+    };
     let out = goer.ok(&["leave"]);
     assert!(out.contains("safe to stop"), "{out}");
     let status = goer.json(&["status"]);
@@ -296,7 +306,7 @@ async fn leave_hands_everything_off_and_returns_when_safe_to_stop() {
             .as_array()
             .unwrap()
             .iter()
-            .any(|m| m["id"] == format!("{:016x}", 3).as_str() && m["state"] == "left")
+            .any(|m| m["name"] == "node-3" && m["state"] == "left")
     })
     .await;
 }

@@ -36,7 +36,7 @@
 use gossipkv::certs;
 use gossipkv::client::{Client, ClientError, Request, Response};
 use gossipkv::transport::tls::TlsIdentity;
-use gossipkv::{CausalContext, NodeId, Value};
+use gossipkv::{CausalContext, Value};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use std::collections::{BTreeMap, BTreeSet};
@@ -738,10 +738,10 @@ impl Net {
     fn certs(&self) {
         let ca = self.dir.path().join("ca");
         certs::init_ca(&ca, "nemesis").unwrap();
-        certs::issue(&ca, "client", true, &self.tls()).unwrap();
+        certs::issue(&ca, "client", certs::Role::Admin, 30, &self.tls()).unwrap();
         for i in 1..=NODES {
             let tls = self.dir.path().join(format!("node-{i}")).join("tls");
-            certs::issue(&ca, &format!("node-{i}"), false, &tls).unwrap();
+            certs::issue(&ca, &format!("node-{i}"), certs::Role::Node, 30, &tls).unwrap();
         }
     }
 
@@ -770,7 +770,7 @@ impl Net {
             .unwrap_or_else(|| env!("CARGO_BIN_EXE_gossipkv").into());
         command
             .arg(binary)
-            .args(["serve", "--node-id", &format!("{i:x}")])
+            .args(["serve", "--node-id", &format!("node-{i}")])
             .args(["--listen", "0.0.0.0:7000"])
             .args(["--advertise", &format!("{}:7000", self.addr_of(i))])
             .arg("--data-dir")
@@ -1194,7 +1194,7 @@ async fn read_state(
         }
     }
     let admin = admin.ok_or("no node answers on the admin ALPN")?;
-    let gone = gone.map(|i| NodeId(i as u64).to_string());
+    let gone = gone.map(|i| format!("node-{i}"));
     for key in keys {
         let response = admin
             .request(&Request::Inspect { key: key.clone() })

@@ -170,11 +170,25 @@ async fn a_two_one_split_heals_and_converges_without_losing_writes() {
     let dir = tempfile::tempdir().unwrap();
     let ca = dir.path().join("ca");
     certs::init_ca(&ca, "netns").unwrap();
-    certs::issue(&ca, "client", true, &dir.path().join("client")).unwrap();
+    certs::issue(
+        &ca,
+        "client",
+        certs::Role::Admin,
+        30,
+        &dir.path().join("client"),
+    )
+    .unwrap();
     let tls = TlsIdentity::load(&dir.path().join("client")).unwrap();
     for i in 1..=3u8 {
         let node_dir = dir.path().join(format!("node-{i}"));
-        certs::issue(&ca, &format!("node-{i}"), false, &node_dir.join("tls")).unwrap();
+        certs::issue(
+            &ca,
+            &format!("node-{i}"),
+            certs::Role::Node,
+            30,
+            &node_dir.join("tls"),
+        )
+        .unwrap();
         let mut command = Command::new("ip");
         command
             .args([
@@ -184,7 +198,12 @@ async fn a_two_one_split_heals_and_converges_without_losing_writes() {
                 env!("CARGO_BIN_EXE_gossipkv"),
                 "serve",
             ])
-            .args(["--node-id", &format!("{i:x}"), "--listen", "0.0.0.0:7000"])
+            .args([
+                "--node-id",
+                &format!("node-{i}"),
+                "--listen",
+                "0.0.0.0:7000",
+            ])
             .args(["--advertise", &format!("10.203.{subnet}.{i}:7000")])
             .arg("--data-dir")
             .arg(node_dir.join("data"))

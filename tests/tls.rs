@@ -10,7 +10,12 @@ use std::path::Path;
 
 fn issue(ca: &Path, name: &str, client: bool) -> TlsIdentity {
     let out = ca.parent().unwrap().join(name);
-    certs::issue(ca, name, client, &out).unwrap();
+    let role = if client {
+        certs::Role::Client
+    } else {
+        certs::Role::Node
+    };
+    certs::issue(ca, name, role, certs::DEFAULT_DAYS, &out).unwrap();
     TlsIdentity::load(&out).unwrap()
 }
 
@@ -93,7 +98,14 @@ fn bad_certificate_names_and_missing_files_are_clear_errors() {
     let dir = tempfile::tempdir().unwrap();
     let ca = dir.path().join("ca");
     certs::init_ca(&ca, "test").unwrap();
-    let err = certs::issue(&ca, "bad name!", false, &dir.path().join("x")).unwrap_err();
+    let err = certs::issue(
+        &ca,
+        "bad name!",
+        certs::Role::Node,
+        30,
+        &dir.path().join("x"),
+    )
+    .unwrap_err();
     assert!(err.to_string().contains("bad name!"), "{err}");
     let err = TlsIdentity::load(&dir.path().join("nowhere")).unwrap_err();
     assert!(err.to_string().contains("ca.pem"), "{err}");

@@ -101,6 +101,7 @@ pub fn default_meta() -> NodeMeta {
     NodeMeta {
         capacity: 100,
         zone: None,
+        name: None,
         load: Default::default(),
     }
 }

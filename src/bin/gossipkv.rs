@@ -40,8 +40,9 @@ struct ServeArgs {
     /// TOML config file; flags override its values.
     #[arg(long)]
     config: Option<PathBuf>,
-    /// Node id, 1 to 16 hex digits (default: the store's, random when new).
-    #[arg(long)]
+    /// The node's name, e.g. node-1 (default: the name in its certificate,
+    /// which it must match; with --insecure, the store's id).
+    #[arg(long, value_name = "NAME")]
     node_id: Option<String>,
     #[arg(long)]
     data_dir: Option<PathBuf>,
@@ -86,7 +87,10 @@ enum CertsCommand {
         #[arg(long, default_value = "gossipkv")]
         cluster: String,
     },
-    /// Issue a node (or client) certificate signed by the CA in --ca.
+    /// Issue a certificate signed by the CA in --ca, carrying its role and
+    /// name: node (a cluster member; NAME is the node's name), client
+    /// (applications, and kvctl's read-only commands) or admin (kvctl,
+    /// including join and leave).
     Issue {
         #[arg(long)]
         ca: PathBuf,
@@ -94,9 +98,15 @@ enum CertsCommand {
         name: String,
         #[arg(long)]
         out: PathBuf,
-        /// A client certificate (for kvctl and applications).
-        #[arg(long)]
+        /// node, client or admin.
+        #[arg(long, default_value = "node", value_parser = parse_role)]
+        role: certs::Role,
+        /// Same as --role client.
+        #[arg(long, conflicts_with = "role")]
         client: bool,
+        /// Days the certificate is valid for.
+        #[arg(long, default_value_t = certs::DEFAULT_DAYS)]
+        days: u32,
     },
 }
 
@@ -108,6 +118,10 @@ struct DevArgs {
     /// Directory for certificates and data (default: a new one under the system temp dir).
     #[arg(long)]
     dir: Option<PathBuf>,
+}
+
+fn parse_role(text: &str) -> Result<certs::Role, String> {
+    text.parse()
 }
 
 fn serve_config(args: ServeArgs) -> Result<NodeConfig> {
@@ -170,7 +184,23 @@ async fn dev(args: DevArgs) -> Result<()> {
     }
     let client = dir.join("client");
     if !client.join(certs::CERT).exists() {
-        certs::issue(&ca, "client", true, &client)?;
+        certs::issue(
+            &ca,
+            "client",
+            certs::Role::Client,
+            certs::DEFAULT_DAYS,
+            &client,
+        )?;
+    }
+    let admin = dir.join("admin");
+    if !admin.join(certs::CERT).exists() {
+        certs::issue(
+            &ca,
+            "admin",
+            certs::Role::Admin,
+            certs::DEFAULT_DAYS,
+            &admin,
+        )?;
     }
     let exe = std::env::current_exe().context("locating the gossipkv binary")?;
     let mut children = Vec::new();
@@ -179,14 +209,20 @@ async fn dev(args: DevArgs) -> Result<()> {
         let node_dir = dir.join(format!("node-{i}"));
         let tls = node_dir.join("tls");
         if !tls.join(certs::CERT).exists() {
-            certs::issue(&ca, &format!("node-{i}"), false, &tls)?;
+            certs::issue(
+                &ca,
+                &format!("node-{i}"),
+                certs::Role::Node,
+                certs::DEFAULT_DAYS,
+                &tls,
+            )?;
         }
         let addr: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
         let mut command = tokio::process::Command::new(&exe);
         command
             .arg("serve")
             .arg("--node-id")
-            .arg(format!("{i:x}"))
+            .arg(format!("node-{i}"))
             .arg("--data-dir")
             .arg(node_dir.join("data"))
             .arg("--listen")
@@ -211,9 +247,14 @@ async fn dev(args: DevArgs) -> Result<()> {
         println!("  node-{} {addr}", i + 1);
     }
     println!(
-        "reach it with: --node {} --tls-dir {}",
+        "reach it with: kvctl --node {} --tls-dir {}",
         addrs[0],
         client.display()
+    );
+    println!(
+        "admin commands (join, leave) need the admin certificate: kvctl --node {} --tls-dir {} members",
+        addrs[0],
+        admin.display()
     );
     println!("Ctrl-C stops the cluster");
     let mut any_exit = Box::pin(futures_first_exit(&mut children));
@@ -257,12 +298,14 @@ fn certs_command(command: CertsCommand) -> Result<()> {
             ca,
             name,
             out,
+            role,
             client,
+            days,
         } => {
-            certs::issue(&ca, &name, client, &out)?;
-            let kind = if client { "client" } else { "node" };
+            let role = if client { certs::Role::Client } else { role };
+            certs::issue(&ca, &name, role, days, &out)?;
             println!(
-                "{kind} certificate {name} written to {}; use it with --tls-dir {}",
+                "{role} certificate {name} (valid {days} days) written to {}; use it with --tls-dir {}",
                 out.display(),
                 out.display()
             );

@@ -435,6 +435,7 @@ impl Ctl {
                         .iter()
                         .map(|m| {
                             vec![
+                                m.name.clone(),
                                 m.id.clone(),
                                 m.addr.clone(),
                                 m.state.clone(),
@@ -455,6 +456,7 @@ impl Ctl {
                         .collect();
                     table(
                         &[
+                            "name",
                             "id",
                             "address",
                             "state",

@@ -34,6 +34,18 @@ impl NodeId {
     pub fn random() -> Self {
         NodeId(rand::random())
     }
+
+    /// The id of the node named `name` (the name its certificate carries):
+    /// a 64-bit hash, so that every node derives a peer's id from the
+    /// peer's verified certificate alone, and a name always means the same
+    /// writer. Reusing the name of a decommissioned node is safe: a node
+    /// writes a partition only once it holds it completely, vector included
+    /// (see `Store::writable`), so its new dots follow its old ones.
+    pub fn from_name(name: &str) -> Self {
+        NodeId(xxhash_rust::xxh3::xxh3_64(
+            format!("gossipkv node {name}").as_bytes(),
+        ))
+    }
 }
 
 impl fmt::Display for NodeId {

@@ -1,10 +1,12 @@
 //! Node configuration: a TOML file, then command-line flags over it.
 //!
 //! ```toml
-//! node_id = "00000000000000a1"   # 16 hex digits; default: the store's own
+//! node_id = "node-1"            # the node's name; with TLS it must be the
+//!                                # name its certificate carries (default)
 //! data_dir = "/var/lib/gossipkv"
 //! listen = "127.0.0.1:7000"
 //! advertise = "10.0.0.5:7000"       # what peers dial; default: listen
+//!                                # (with port 0, the port bound)
 //! seeds = ["127.0.0.1:7001"]
 //! tls_dir = "/etc/gossipkv/tls"  # or insecure = true, for experiments
 //! capacity = 100
@@ -15,7 +17,6 @@
 //! metrics_listen = "127.0.0.1:9100"
 //! ```
 
-use crate::crdt::NodeId;
 use serde::Deserialize;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -96,7 +97,10 @@ pub enum Security {
 /// A validated node configuration.
 #[derive(Clone, Debug)]
 pub struct NodeConfig {
-    pub node_id: Option<NodeId>,
+    /// The node's name (1 to 63 letters, digits, '-', '.'). With TLS it
+    /// must match the certificate's, which is the default; with
+    /// `insecure` and no name, the store's own id stands for it.
+    pub node_id: Option<String>,
     pub data_dir: PathBuf,
     pub listen: SocketAddr,
     pub advertise: SocketAddr,
@@ -125,11 +129,14 @@ impl NodeConfig {
     pub fn from_file(file: FileConfig) -> Result<NodeConfig, ConfigError> {
         let node_id = file
             .node_id
-            .map(|s| {
-                s.parse::<NodeId>().map_err(|_| ConfigError::Invalid {
+            .map(|name| {
+                crate::certs::check_name(&name).map_err(|_| ConfigError::Invalid {
                     field: "node_id",
-                    reason: format!("{s:?} is not 1 to 16 hex digits"),
-                })
+                    reason: format!(
+                        "{name:?} is not a node name: use 1 to 63 letters, digits, '-' or '.'"
+                    ),
+                })?;
+                Ok(name)
             })
             .transpose()?;
         let data_dir = file.data_dir.ok_or(ConfigError::Missing {
@@ -138,7 +145,16 @@ impl NodeConfig {
         })?;
         let listen = addr("listen", file.listen.as_deref().unwrap_or("127.0.0.1:7000"))?;
         let advertise = match file.advertise.as_deref() {
-            Some(text) => addr("advertise", text)?,
+            Some(text) => {
+                let advertise = addr("advertise", text)?;
+                if advertise.port() == 0 {
+                    return Err(ConfigError::Invalid {
+                        field: "advertise",
+                        reason: format!("{advertise} has port 0, which peers cannot dial"),
+                    });
+                }
+                advertise
+            }
             None if listen.ip().is_unspecified() => {
                 return Err(ConfigError::Invalid {
                     field: "advertise",
@@ -236,7 +252,7 @@ mod tests {
                 "listen",
             ),
             (
-                "data_dir = \"d\"\ninsecure = true\nnode_id = \"xyz\"",
+                "data_dir = \"d\"\ninsecure = true\nnode_id = \"node 1\"",
                 "node_id",
             ),
             (

@@ -78,6 +78,14 @@ pub enum NodeError {
     },
     #[error("{} is damaged: {reason}", path.display())]
     Damaged { path: PathBuf, reason: String },
+    #[error("{} is a {identity}, not a node certificate: issue one with `gossipkv certs issue --role node`", path.display())]
+    NotANodeCertificate { path: PathBuf, identity: String },
+    #[error("--node-id {given} does not match the node certificate {}, which names {certified:?}", path.display())]
+    NameMismatch {
+        given: String,
+        certified: String,
+        path: PathBuf,
+    },
 }
 
 /// What a peer stream carries: the sender's id and one payload.
@@ -326,10 +334,65 @@ fn save_layout(dir: &Path, state: &LayoutState) {
 }
 
 /// Runs a node until `shutdown` completes.
-pub async fn run(config: NodeConfig, shutdown: impl Future<Output = ()>) -> Result<(), NodeError> {
+pub async fn run(
+    mut config: NodeConfig,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), NodeError> {
+    // Everything that can refuse the start comes before anything is
+    // written: a failed start leaves no data directory, store or
+    // incarnation bump behind.
+    let identity = match &config.security {
+        Security::Tls(dir) => Some(TlsIdentity::load(dir)?),
+        Security::Insecure => {
+            warn!("INSECURE MODE: peers and clients are not authenticated and traffic is readable by anyone on the path; never use this outside experiments");
+            None
+        }
+    };
+    let name = match (&identity, &config.node_id, &config.security) {
+        (Some(tls), given, Security::Tls(dir)) => {
+            let cert = tls.identity();
+            if cert.role != crate::certs::Role::Node {
+                return Err(NodeError::NotANodeCertificate {
+                    path: dir.join(crate::certs::CERT),
+                    identity: cert.to_string(),
+                });
+            }
+            if let Some(given) = given.as_ref().filter(|g| **g != cert.name) {
+                return Err(NodeError::NameMismatch {
+                    given: given.clone(),
+                    certified: cert.name.clone(),
+                    path: dir.join(crate::certs::CERT),
+                });
+            }
+            Some(cert.name.clone())
+        }
+        (_, given, _) => given.clone(),
+    };
+    let server = server_config(identity.as_ref(), &[ALPN_PEER, ALPN_CLIENT, ALPN_ADMIN])?;
+    let listen = config.listen;
+    let listen_err = |source| NodeError::Listen {
+        addr: listen,
+        source,
+    };
+    let socket = std::net::UdpSocket::bind(config.listen).map_err(listen_err)?;
+    if config.advertise.port() == 0 {
+        // `--listen` on port 0 (and no `--advertise`): peers dial the port
+        // the system picked.
+        let bound = socket.local_addr().map_err(listen_err)?;
+        config.advertise.set_port(bound.port());
+        config.listen = bound;
+    }
+    let metrics = Arc::new(Metrics::default());
+    if let Some(addr) = config.metrics_listen {
+        metrics::serve(addr, metrics.clone())
+            .await
+            .map_err(|source| NodeError::Listen { addr, source })?;
+        info!(%addr, "metrics at http://{addr}/metrics");
+    }
+
     std::fs::create_dir_all(&config.data_dir).map_err(file_err("create", &config.data_dir))?;
     let options = StoreOptions {
-        node_id: config.node_id,
+        node_id: name.as_deref().map(NodeId::from_name),
         ..StoreOptions::default()
     };
     let store_path = config.data_dir.join(STORE_FILE);
@@ -339,17 +402,19 @@ pub async fn run(config: NodeConfig, shutdown: impl Future<Output = ()>) -> Resu
     }
     let store = Arc::new(Store::open(&store_path, options)?);
     let id = store.node_id();
+    let name = name.unwrap_or_else(|| id.to_string());
+    let endpoint = quinn::Endpoint::new(
+        quinn::EndpointConfig::new(Arc::new(reset_key(&config.data_dir)?)),
+        Some(server),
+        socket,
+        Arc::new(quinn::TokioRuntime),
+    )
+    .map_err(listen_err)?;
     let incarnation = next_incarnation(&config.data_dir)?;
-    let identity = match &config.security {
-        Security::Tls(dir) => Some(TlsIdentity::load(dir)?),
-        Security::Insecure => {
-            warn!("INSECURE MODE: peers and clients are not authenticated and traffic is readable by anyone on the path; never use this outside experiments");
-            None
-        }
-    };
     let meta = NodeMeta {
         capacity: config.capacity,
         zone: config.zone.clone(),
+        name: Some(name.clone()),
         load: Default::default(),
     };
     let partitions = store.partitions();
@@ -376,21 +441,8 @@ pub async fn run(config: NodeConfig, shutdown: impl Future<Output = ()>) -> Resu
     };
     save_layout(&config.data_dir, &layout);
 
-    let server = server_config(identity.as_ref(), &[ALPN_PEER, ALPN_CLIENT, ALPN_ADMIN])?;
-    let listen_err = |source| NodeError::Listen {
-        addr: config.listen,
-        source,
-    };
-    let socket = std::net::UdpSocket::bind(config.listen).map_err(listen_err)?;
-    let endpoint = quinn::Endpoint::new(
-        quinn::EndpointConfig::new(Arc::new(reset_key(&config.data_dir)?)),
-        Some(server),
-        socket,
-        Arc::new(quinn::TokioRuntime),
-    )
-    .map_err(listen_err)?;
     let peer_client = client_config(identity.as_ref(), ALPN_PEER)?;
-    info!(node = %id, listen = %config.listen, incarnation, "node up");
+    info!(node = %name, id = %id, listen = %config.listen, advertise = %config.advertise, incarnation, "node up");
 
     let replica_config = ReplicaConfig {
         membership: MembershipConfig::lan(16),
@@ -408,18 +460,13 @@ pub async fn run(config: NodeConfig, shutdown: impl Future<Output = ()>) -> Resu
         seed,
     );
 
-    let metrics = Arc::new(Metrics::default());
-    if let Some(addr) = config.metrics_listen {
-        metrics::serve(addr, metrics.clone())
-            .await
-            .map_err(|source| NodeError::Listen { addr, source })?;
-        info!(%addr, "metrics at http://{addr}/metrics");
-    }
     let (core_tx, core_rx) = mpsc::channel(4096);
     let accept = tokio::spawn(accept_loop(
         endpoint.clone(),
         core_tx.clone(),
         metrics.clone(),
+        id,
+        identity.is_some(),
     ));
     let core = Core {
         replica,
@@ -441,6 +488,8 @@ pub async fn run(config: NodeConfig, shutdown: impl Future<Output = ()>) -> Resu
         sizes_refreshed: None,
         deadlines: Default::default(),
         next_call: 0,
+        name: name.clone(),
+        twin_warned: None,
     };
     let mut seeds = config.seeds.clone();
     for peer in load_peers(&config.data_dir) {
@@ -525,6 +574,10 @@ struct Core {
     sizes_refreshed: Option<Instant>,
     deadlines: std::collections::BTreeSet<(Instant, u64)>,
     next_call: u64,
+    /// This node's name (its certificate's).
+    name: String,
+    /// The twin (see `Membership::twin`) last reported, so it is logged once.
+    twin_warned: Option<SocketAddr>,
 }
 
 impl Core {
@@ -699,7 +752,14 @@ impl Core {
             .into_iter()
             .filter(|n| *n == self.id || alive.contains(n))
             .collect();
-        let writable = self.replica.store().writable(partition);
+        // A gained replica still migrating may lack this node's own earlier
+        // writes (a node name reused with a fresh store): its next dot could
+        // repeat one. It coordinates only once its copy is complete.
+        let writable = self.replica.store().writable(partition)
+            && self
+                .replica
+                .layout()
+                .is_complete_replica(self.id, partition);
         nodes.sort_by_key(|&n| if n == self.id { !writable } else { writable });
         nodes
     }
@@ -763,6 +823,19 @@ impl Core {
                 // A replica that cannot write answers with the store's
                 // reason (`OwnWritesMissing`: sync the partition back
                 // first); reads it can serve from what it holds.
+                _ if is_replica
+                    && call.request.is_write()
+                    && !self
+                        .replica
+                        .layout()
+                        .is_complete_replica(self.id, partition) =>
+                {
+                    let version = self.replica.layout().current().version();
+                    let response = Response::Error(format!(
+                        "this node is still receiving partition {partition} (layout v{version}) and no replica holding it completely is reachable; retry shortly"
+                    ));
+                    return self.answer(reply, response);
+                }
                 _ if is_replica && quorum == 1 => {}
                 _ if is_replica => {
                     let response = Response::Error(format!(
@@ -871,6 +944,14 @@ impl Core {
                     Ok(outputs) => self.carry_out(outputs),
                     Err(e) => warn!(peer = %from, "refused a peer message: {e}"),
                 }
+            }
+            // Peers forward the calls of clients that reached them; admin
+            // requests are never forwarded, so a peer sending one is not
+            // relaying a client: refuse it.
+            Payload::Coordinate { id, call } if call.request.is_admin() => {
+                warn!(peer = %from, "refused an admin request sent by a peer");
+                let response = Response::Error("admin requests are not taken from peers".into());
+                self.answer(ReplyTo::Peer { node: from, id }, response);
             }
             Payload::Coordinate { id, call } => {
                 self.on_call(call, ReplyTo::Peer { node: from, id })
@@ -1017,6 +1098,19 @@ impl Core {
         self.answer(reply, response);
     }
 
+    /// A node's name as its metadata gives it (its id's hex form if no
+    /// name is known), for what operators read.
+    fn node_name(&self, node: NodeId) -> String {
+        if node == self.id {
+            return self.name.clone();
+        }
+        self.replica
+            .membership()
+            .member(node)
+            .and_then(|m| m.meta.as_ref()?.name.clone())
+            .unwrap_or_else(|| node.to_string())
+    }
+
     fn admin(&mut self, request: Request, reply: ReplyTo) {
         let layout = self.replica.layout().clone();
         let store = self.replica.store().clone();
@@ -1024,6 +1118,7 @@ impl Core {
             Request::ClusterMembers => {
                 let mut members = vec![MemberInfo {
                     id: self.id.to_string(),
+                    name: self.name.clone(),
                     addr: self.addr.to_string(),
                     state: "self".into(),
                     zone: self.replica.membership().meta().zone.clone(),
@@ -1035,6 +1130,7 @@ impl Core {
                 for m in self.replica.membership().members() {
                     members.push(MemberInfo {
                         id: m.id.to_string(),
+                        name: self.node_name(m.id),
                         addr: m.addr.to_string(),
                         state: format!("{:?}", m.state).to_lowercase(),
                         zone: m.meta.as_ref().and_then(|meta| meta.zone.clone()),
@@ -1052,7 +1148,13 @@ impl Core {
             Request::Layout => {
                 let current = layout.current();
                 let replicas = (0..current.partitions())
-                    .map(|p| current.replicas(p).iter().map(NodeId::to_string).collect())
+                    .map(|p| {
+                        current
+                            .replicas(p)
+                            .iter()
+                            .map(|&n| self.node_name(n))
+                            .collect()
+                    })
                     .collect();
                 let pending = current
                     .nodes()
@@ -1061,8 +1163,9 @@ impl Core {
                         layout
                             .pending_migrations(n)
                             .into_iter()
-                            .map(move |p| (p, n.to_string()))
+                            .map(move |p| (p, n))
                     })
+                    .map(|(p, n)| (p, self.node_name(n)))
                     .collect();
                 Response::Layout(LayoutInfo {
                     version: current.version(),
@@ -1082,7 +1185,7 @@ impl Core {
                         let stats = store.partition_stats(p).unwrap_or_default();
                         let version = vv
                             .nodes()
-                            .map(|n| (n.to_string(), vv.base(n), vv.extra(n).collect()))
+                            .map(|n| (self.node_name(n), vv.base(n), vv.extra(n).collect()))
                             .collect();
                         rows.push(PartitionInfo {
                             partition: p,
@@ -1142,7 +1245,7 @@ impl Core {
                         .replica
                         .migration_sources()
                         .into_iter()
-                        .map(|(p, n)| (p, n.to_string()))
+                        .map(|(p, n)| (p, self.node_name(n)))
                         .collect(),
                     total: progress.total,
                     done: progress.done,
@@ -1184,14 +1287,14 @@ impl Core {
                         other_kinds: r.other_kinds,
                     });
                 ReplicaView {
-                    node: node.to_string(),
+                    node: self.node_name(node),
                     answered: true,
                     record,
                 }
             })
             .collect();
         views.extend(silent.into_iter().map(|n| ReplicaView {
-            node: n.to_string(),
+            node: self.node_name(n),
             answered: false,
             record: None,
         }));
@@ -1251,6 +1354,13 @@ impl Core {
     }
 
     fn refresh_metrics(&mut self) {
+        let twin = self.replica.membership().twin();
+        if twin.is_some() && twin != self.twin_warned {
+            if let Some(addr) = twin {
+                tracing::error!(node = %self.name, %addr, "another live node claims this node's name and id: two nodes run with the same certificate or name; its messages are refused, stop one of them");
+            }
+        }
+        self.twin_warned = twin;
         // Sizes scan the held partitions: refresh them every 30 s only.
         let sizes = self
             .sizes_refreshed
@@ -1386,7 +1496,7 @@ impl Core {
             }
         }
         NodeStatus {
-            node_id: self.id.to_string(),
+            node_id: self.name.clone(),
             version: env!("CARGO_PKG_VERSION").to_string(),
             uptime_seconds: self.started.elapsed().as_secs(),
             members_alive: self.replica.membership().alive().len() + 1,
@@ -1410,6 +1520,8 @@ async fn accept_loop(
     endpoint: quinn::Endpoint,
     core: mpsc::Sender<CoreInput>,
     metrics: Arc<Metrics>,
+    me: NodeId,
+    secure: bool,
 ) {
     while let Some(incoming) = endpoint.accept().await {
         let core = core.clone();
@@ -1427,13 +1539,98 @@ async fn accept_loop(
                 .handshake_data()
                 .and_then(|d| d.downcast::<quinn::crypto::rustls::HandshakeData>().ok())
                 .and_then(|d| d.protocol);
-            match alpn.as_deref() {
-                Some(ALPN_PEER) => serve_peer(connection, core, metrics).await,
-                Some(ALPN_CLIENT) => serve_client(connection, core, metrics, false).await,
-                Some(ALPN_ADMIN) => serve_client(connection, core, metrics, true).await,
-                _ => connection.close(1u32.into(), b"unknown protocol"),
+            let alpn = match alpn.as_deref() {
+                Some(ALPN_PEER) => Alpn::Peer,
+                Some(ALPN_CLIENT) => Alpn::Client,
+                Some(ALPN_ADMIN) => Alpn::Admin,
+                _ => return connection.close(1u32.into(), b"unknown protocol"),
+            };
+            let role = match admit(&connection, alpn, me, secure) {
+                Ok(role) => role,
+                Err(reason) => {
+                    warn!(%remote, "refused a connection: {reason}");
+                    connection.close(REFUSED, reason.as_bytes());
+                    return;
+                }
+            };
+            match (alpn, role) {
+                (Alpn::Peer, Admitted::Node(sender)) => {
+                    serve_peer(connection, core, metrics, sender).await
+                }
+                (Alpn::Peer, _) => serve_peer(connection, core, metrics, None).await,
+                (Alpn::Client, _) => serve_client(connection, core, metrics, None).await,
+                (Alpn::Admin, role) => serve_client(connection, core, metrics, Some(role)).await,
             }
         });
+    }
+}
+
+/// The QUIC application error code of a connection refused by role.
+const REFUSED: quinn::VarInt = quinn::VarInt::from_u32(3);
+
+#[derive(Copy, Clone, PartialEq, Eq)]
+enum Alpn {
+    Peer,
+    Client,
+    Admin,
+}
+
+/// What the verified certificate of an admitted connection allows.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Admitted {
+    /// A node: every peer message on the connection is from this id
+    /// (`None` in the insecure mode, where nothing is verified).
+    Node(Option<NodeId>),
+    /// Reads, writes and read-only inspection.
+    Client,
+    /// Also join and leave.
+    Admin,
+}
+
+/// Decides by the verified certificate whether a connection on `alpn` is
+/// allowed: the peer protocol takes node certificates only (and never one
+/// naming this node), the client protocol client and admin certificates,
+/// the admin protocol client certificates (read-only) and admin ones.
+/// Without TLS (`secure` false) everything is allowed, as documented for
+/// the insecure mode.
+fn admit(
+    connection: &quinn::Connection,
+    alpn: Alpn,
+    me: NodeId,
+    secure: bool,
+) -> Result<Admitted, String> {
+    use crate::certs::Role;
+    if !secure {
+        return Ok(match alpn {
+            Alpn::Peer => Admitted::Node(None),
+            _ => Admitted::Admin,
+        });
+    }
+    let identity = match crate::transport::tls::peer_identity(connection) {
+        Some(Ok(identity)) => identity,
+        Some(Err(e)) => return Err(format!("unusable certificate: {e}")),
+        None => return Err("no certificate".into()),
+    };
+    match (alpn, identity.role) {
+        (Alpn::Peer, Role::Node) => {
+            let id = NodeId::from_name(&identity.name);
+            if id == me {
+                return Err(format!(
+                    "another node presents this node's own name {:?}: two nodes run with the same certificate or name",
+                    identity.name
+                ));
+            }
+            Ok(Admitted::Node(Some(id)))
+        }
+        (Alpn::Peer, _) => Err(format!(
+            "the peer protocol takes node certificates only; this is the {identity}"
+        )),
+        (_, Role::Node) => Err(format!(
+            "a node certificate ({:?}) cannot be used by a client or kvctl: use a client or admin certificate",
+            identity.name
+        )),
+        (_, Role::Admin) => Ok(Admitted::Admin),
+        (_, Role::Client) => Ok(Admitted::Client),
     }
 }
 
@@ -1441,15 +1638,26 @@ async fn serve_peer(
     connection: quinn::Connection,
     core: mpsc::Sender<CoreInput>,
     metrics: Arc<Metrics>,
+    sender: Option<NodeId>,
 ) {
     let remote = connection.remote_address();
     while let Ok(mut stream) = connection.accept_uni().await {
         let core = core.clone();
         let metrics = metrics.clone();
+        let connection = connection.clone();
         tokio::spawn(async move {
             loop {
                 match frame::read_sized::<Envelope, _>(&mut stream).await {
                     Ok(Some((Envelope { from, payload }, size))) => {
+                        if let Some(certified) = sender.filter(|&c| c != from) {
+                            // The sender of a peer message is the node its
+                            // certificate names; a claim to be another is
+                            // an impersonation attempt (or a bug): close.
+                            warn!(%remote, certified = %certified, claimed = %from, "closed a peer connection: a message claims another sender than its certificate names");
+                            connection
+                                .close(REFUSED, b"message sender does not match the certificate");
+                            return;
+                        }
                         let kind = Metrics::kind_index(payload.kind());
                         metrics.peer_bytes_received[kind].fetch_add(size as u64, Relaxed);
                         if core.send(CoreInput::Peer { from, payload }).await.is_err() {
@@ -1468,24 +1676,34 @@ async fn serve_peer(
     }
 }
 
-/// Serves client (or, with `admin`, admin) requests on one connection.
+/// Serves client requests on one connection, or, with `admin` (the admin
+/// protocol), inspection and, for an admin certificate, cluster changes.
 async fn serve_client(
     connection: quinn::Connection,
     core: mpsc::Sender<CoreInput>,
     metrics: Arc<Metrics>,
-    admin: bool,
+    admin: Option<Admitted>,
 ) {
     let remote = connection.remote_address();
     while let Ok((mut send, mut recv)) = connection.accept_bi().await {
         let core = core.clone();
         let metrics = metrics.clone();
+        let admin = admin.clone();
         tokio::spawn(async move {
             let started = Instant::now();
             let response = match frame::read::<Call, _>(&mut recv).await {
-                Ok(Some(call)) if call.request.is_admin() && !admin => Response::Error(
+                Ok(Some(call)) if call.request.is_admin() && admin.is_none() => Response::Error(
                     "admin requests are served on the admin protocol (kvctl), not the client one"
                         .into(),
                 ),
+                Ok(Some(call))
+                    if call.request.changes_cluster() && admin != Some(Admitted::Admin) =>
+                {
+                    Response::Error(
+                        "changing the cluster (join, leave) needs an admin certificate (`gossipkv certs issue --role admin`); this connection's certificate is a client one"
+                            .into(),
+                    )
+                }
                 Ok(Some(call)) => {
                     let (reply, answer) = oneshot::channel();
                     if core.send(CoreInput::Client { call, reply }).await.is_err() {

@@ -81,6 +81,10 @@ pub struct NodeMeta {
     /// Failure zone; at most [`MAX_ZONE_BYTES`] bytes are kept (longer names
     /// are cut at a character boundary so the metadata fits in one packet).
     pub zone: Option<String>,
+    /// The node's name (its certificate's), shown by kvctl, logs and
+    /// metrics; cut to [`MAX_ZONE_BYTES`] like the zone. The id is what
+    /// the protocol goes by.
+    pub name: Option<String>,
     pub load: LoadFigures,
 }
 
@@ -339,6 +343,9 @@ pub struct Membership {
     /// Picks settling-announce targets; foca's generator is out of reach.
     rng: rand::rngs::StdRng,
     left: bool,
+    /// An up member with our id at another address: two nodes run with the
+    /// same name (a copied certificate or data directory).
+    twin: Option<Addr>,
     /// Outputs produced before an input failed; returned by the next call.
     carry: Vec<MembershipOutput>,
 }
@@ -393,6 +400,7 @@ impl Membership {
             fallback_next: 0,
             rng,
             left: false,
+            twin: None,
             carry: Vec::new(),
         };
         // Queued now, sent with the first messages once we are in.
@@ -606,6 +614,12 @@ impl Membership {
                 .filter(|o| matches!(o, MembershipOutput::Send { .. })),
         );
         out
+    }
+
+    /// The address of another live node that claims this node's id, if
+    /// one was seen: its messages are not taken as a peer's.
+    pub fn twin(&self) -> Option<Addr> {
+        self.twin
     }
 
     /// Every other member this node knows of, in any state, sorted by id.
@@ -914,8 +928,17 @@ impl Membership {
             if !touched.is_empty() {
                 let knowledge = lock(&self.knowledge);
                 let own = self.id();
+                let own_addr = self.foca.identity().addr;
                 // A stale identity of our own (a previous run at our
-                // address, or a misconfigured twin) is not a peer.
+                // address, or a misconfigured twin) is not a peer; a twin
+                // that is up elsewhere is remembered for the operator.
+                if let Some(twin) = touched.get(&own).filter(|i| i.addr != own_addr) {
+                    let up = self
+                        .liveness
+                        .get(&twin.addr)
+                        .is_some_and(|(known, active)| known == twin && *active);
+                    self.twin = up.then_some(twin.addr);
+                }
                 for (id, mut ident) in touched.into_iter().filter(|(id, _)| *id != own) {
                     let previous = self.peers.get(&id);
                     if let Some(p) = previous {
@@ -1451,7 +1474,7 @@ fn lock(knowledge: &Mutex<Knowledge>) -> MutexGuard<'_, Knowledge> {
 }
 
 fn clamp_meta(mut meta: NodeMeta) -> NodeMeta {
-    if let Some(zone) = &mut meta.zone {
+    for zone in [&mut meta.zone, &mut meta.name].into_iter().flatten() {
         if zone.len() > MAX_ZONE_BYTES {
             let mut end = MAX_ZONE_BYTES;
             while !zone.is_char_boundary(end) {
@@ -1532,6 +1555,7 @@ mod tests {
         NodeMeta {
             capacity: 100 + i as u32,
             zone: Some(format!("zone-{}", i % 3)),
+            name: None,
             load: LoadFigures {
                 keys: generation,
                 bytes: 1000 * generation,

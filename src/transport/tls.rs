@@ -6,7 +6,7 @@
 //! throwaway self-signed certificate and asks for none, the client accepts
 //! any server. The node logs loudly when they are in use.
 
-use crate::certs::{CA_CERT, CERT, KEY, SERVER_NAME};
+use crate::certs::{identity_of, CertIdentity, IdentityError, CA_CERT, CERT, KEY, SERVER_NAME};
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::CryptoProvider;
@@ -30,6 +30,14 @@ pub enum TlsError {
     Verifier(String),
     #[error("QUIC crypto setup failed: {0}")]
     Quic(String),
+    #[error("{}: {source}", path.display())]
+    Identity {
+        path: PathBuf,
+        #[source]
+        source: IdentityError,
+    },
+    #[error("{} is readable by group or others (mode {mode:03o}): a private key must be readable by its owner alone; run `chmod 600 {}`", path.display(), path.display())]
+    KeyPermissions { path: PathBuf, mode: u32 },
     #[error("self-signed certificate generation failed: {0}")]
     Generate(#[from] rcgen::Error),
 }
@@ -40,6 +48,7 @@ pub struct TlsIdentity {
     roots: Arc<RootCertStore>,
     chain: Vec<CertificateDer<'static>>,
     key: Arc<PrivateKeyDer<'static>>,
+    identity: CertIdentity,
 }
 
 impl std::fmt::Debug for TlsIdentity {
@@ -78,8 +87,14 @@ impl TlsIdentity {
                 reason: e.to_string(),
             })?;
         }
-        let chain = certs(&dir.join(CERT))?;
+        let cert_path = dir.join(CERT);
+        let chain = certs(&cert_path)?;
+        let identity = identity_of(&chain[0]).map_err(|source| TlsError::Identity {
+            path: cert_path,
+            source,
+        })?;
         let key_path = dir.join(KEY);
+        check_key_permissions(&key_path)?;
         let key = PrivateKeyDer::from_pem_file(&key_path).map_err(|e| TlsError::Read {
             path: key_path,
             reason: e.to_string(),
@@ -88,8 +103,53 @@ impl TlsIdentity {
             roots: Arc::new(roots),
             chain,
             key: Arc::new(key),
+            identity,
         })
     }
+
+    /// The role and name this certificate carries.
+    pub fn identity(&self) -> &CertIdentity {
+        &self.identity
+    }
+}
+
+/// Refuses a private key file that others than its owner can read, as
+/// CockroachDB and ssh do: such a key may already be another's.
+fn check_key_permissions(path: &Path) -> Result<(), TlsError> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(path)
+            .map_err(|e| TlsError::Read {
+                path: path.to_path_buf(),
+                reason: e.to_string(),
+            })?
+            .permissions()
+            .mode()
+            & 0o777;
+        if mode & 0o077 != 0 {
+            return Err(TlsError::KeyPermissions {
+                path: path.to_path_buf(),
+                mode,
+            });
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = path;
+    Ok(())
+}
+
+/// The identity in the certificate a connection's other end presented
+/// (verified against the cluster CA during the handshake): `None` when it
+/// presented none (the insecure mode).
+pub fn peer_identity(
+    connection: &quinn::Connection,
+) -> Option<Result<CertIdentity, IdentityError>> {
+    let chain = connection
+        .peer_identity()?
+        .downcast::<Vec<CertificateDer<'static>>>()
+        .ok()?;
+    chain.first().map(|leaf| identity_of(leaf))
 }
 
 fn provider() -> Arc<CryptoProvider> {

@@ -34,7 +34,7 @@ pub fn serve_command(
         .args([
             "serve",
             "--node-id",
-            &format!("{i:x}"),
+            &format!("node-{i}"),
             "--listen",
             &addr.to_string(),
         ])
@@ -111,7 +111,22 @@ impl Cluster {
         let dir = tempfile::tempdir().unwrap();
         let ca = dir.path().join("ca");
         certs::init_ca(&ca, "test").unwrap();
-        certs::issue(&ca, "client", true, &dir.path().join("client")).unwrap();
+        certs::issue(
+            &ca,
+            "client",
+            certs::Role::Client,
+            30,
+            &dir.path().join("client"),
+        )
+        .unwrap();
+        certs::issue(
+            &ca,
+            "admin",
+            certs::Role::Admin,
+            30,
+            &dir.path().join("admin"),
+        )
+        .unwrap();
         let mut cluster = Cluster {
             nodes: Vec::new(),
             metrics: Vec::new(),
@@ -139,7 +154,8 @@ impl Cluster {
         certs::issue(
             &self.dir.path().join("ca"),
             &format!("node-{i}"),
-            false,
+            certs::Role::Node,
+            30,
             &node_dir.join("tls"),
         )
         .unwrap();
@@ -174,6 +190,11 @@ impl Cluster {
 
     pub fn client_tls(&self) -> TlsIdentity {
         TlsIdentity::load(&self.dir.path().join("client")).unwrap()
+    }
+
+    /// An admin certificate: join, leave and the other cluster changes.
+    pub fn admin_tls(&self) -> TlsIdentity {
+        TlsIdentity::load(&self.dir.path().join("admin")).unwrap()
     }
 
     pub fn addr(&self, i: usize) -> SocketAddr {
