@@ -93,8 +93,17 @@ async fn strangers_and_garbage_are_refused_without_harming_the_node() {
         assert!(refused, "a client without a cluster certificate was served");
     }
 
-    // Garbage on the peer ALPN, from a legitimate certificate.
-    let node_tls = TlsIdentity::load(&cluster.path().join("node-1").join("tls")).unwrap();
+    // Garbage on the peer ALPN, from a legitimate node certificate.
+    let node_dir = cluster.path().join("node-9");
+    certs::issue(
+        &cluster.path().join("ca"),
+        "node-9",
+        certs::Role::Node,
+        30,
+        &node_dir,
+    )
+    .unwrap();
+    let node_tls = TlsIdentity::load(&node_dir).unwrap();
     let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
     endpoint.set_default_client_config(client_config(Some(&node_tls), ALPN_PEER).unwrap());
     let connection = endpoint

@@ -145,6 +145,28 @@ pub fn decode_peer_frame(mut bytes: &[u8]) -> Result<usize, frame::FrameError> {
     Ok(frames)
 }
 
+/// A peer frame asking the receiver to merge `entry` as key `key` of
+/// `partition`, claiming to come from `from`: what a coordinator sends its
+/// co-replicas after a write. For attack tests (a forged sender).
+#[doc(hidden)]
+pub fn replicate_frame(
+    from: NodeId,
+    partition: u16,
+    key: &[u8],
+    entry: Vec<u8>,
+) -> Result<Vec<u8>, frame::FrameError> {
+    frame::encode(&Envelope {
+        from,
+        payload: Payload::Replicate {
+            id: 1,
+            partition,
+            key: key.to_vec(),
+            entry,
+            ack: false,
+        },
+    })
+}
+
 impl Payload {
     fn kind(&self) -> &'static str {
         match self {
