@@ -50,6 +50,11 @@ async fn a_write_through_one_node_is_read_through_the_others_and_concurrent_writ
         "{text}"
     );
     assert_eq!(metric(&text, "gossipkv_members_alive"), Some(3.0));
+    let info = format!(
+        "gossipkv_node_info{{name=\"node-1\",id=\"{}\"}}",
+        gossipkv::NodeId::from_name("node-1")
+    );
+    assert_eq!(metric(&text, &info), Some(1.0), "{text}");
     assert!(metric(&text, "gossipkv_entries_held").is_some(), "{text}");
     assert!(
         metric(&text, "gossipkv_client_request_duration_seconds_count").unwrap() > 0.0,

@@ -29,6 +29,8 @@ pub struct Metrics {
     pub client_errors: AtomicU64,
     /// Gauges and core counters, refreshed by the core loop.
     pub core: Mutex<BTreeMap<&'static str, u64>>,
+    /// This node's name and id, for `gossipkv_node_info`.
+    pub node: std::sync::OnceLock<(String, String)>,
 }
 
 impl Metrics {
@@ -54,6 +56,15 @@ impl Metrics {
                 .map(|(k, v)| (format!("{{kind=\"{k}\"}}"), v.load(Ordering::Relaxed)))
                 .collect()
         };
+        if let Some((name, id)) = self.node.get() {
+            // Names are checked to letters, digits, '-' and '.': no escaping.
+            counter(
+                "node_info",
+                "This node's name (its certificate's) and id.",
+                "gauge",
+                vec![(format!("{{name=\"{name}\",id=\"{id}\"}}"), 1)],
+            );
+        }
         counter(
             "peer_bytes_sent_total",
             "Bytes of peer frames sent, by message kind.",

@@ -425,6 +425,7 @@ pub async fn run(
     let store = Arc::new(Store::open(&store_path, options)?);
     let id = store.node_id();
     let name = name.unwrap_or_else(|| id.to_string());
+    let _ = metrics.node.set((name.clone(), id.to_string()));
     let endpoint = quinn::Endpoint::new(
         quinn::EndpointConfig::new(Arc::new(reset_key(&config.data_dir)?)),
         Some(server),
