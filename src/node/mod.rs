@@ -513,6 +513,7 @@ pub async fn run(
         next_call: 0,
         name: name.clone(),
         twin_warned: None,
+        named: Default::default(),
     };
     let mut seeds = config.seeds.clone();
     for peer in load_peers(&config.data_dir) {
@@ -601,6 +602,8 @@ struct Core {
     name: String,
     /// The twin (see `Membership::twin`) last reported, so it is logged once.
     twin_warned: Option<SocketAddr>,
+    /// Peers whose name has been logged.
+    named: std::collections::HashSet<NodeId>,
 }
 
 impl Core {
@@ -705,12 +708,26 @@ impl Core {
                     self.timers
                         .insert((Instant::now() + after, self.next_timer), timer);
                 }
-                Output::Event(event) => match event {
-                    ReplicaEvent::LayoutChanged { version, completed } => {
-                        save_layout(&self.data_dir, self.replica.layout());
-                        debug!(node = %self.id, version, completed, "layout changed");
-                    }
-                    ReplicaEvent::Membership(MembershipEventKind::Up(peer)) => {
+                Output::Event(event) => self.on_event(event),
+            }
+        }
+    }
+
+    /// Acts on a replica event and logs it in words an operator reads:
+    /// membership and layout milestones at info, routine ones at debug.
+    fn on_event(&mut self, event: ReplicaEvent) {
+        match event {
+            ReplicaEvent::LayoutChanged { version, completed } => {
+                save_layout(&self.data_dir, self.replica.layout());
+                if version == completed {
+                    info!(node = %self.name, "layout v{version} complete");
+                } else {
+                    info!(node = %self.name, "layout v{version} in progress (v{completed} complete)");
+                }
+            }
+            ReplicaEvent::Membership(kind) => {
+                match kind {
+                    MembershipEventKind::Up(peer) => {
                         self.save_peers();
                         // A peer that comes back may be a new process: the old
                         // connection to its address is dead but would take
@@ -718,15 +735,46 @@ impl Core {
                         if let Some(addr) = self.replica.membership().addr_of(peer) {
                             self.peers.queues.remove(&addr);
                         }
-                        info!(node = %self.id, "{event:?}")
+                        info!(node = %self.name, "{} is up", self.node_name(peer));
                     }
-                    ReplicaEvent::Membership(_)
-                    | ReplicaEvent::SafeToStop
-                    | ReplicaEvent::Purged { .. } => {
-                        info!(node = %self.id, "{event:?}")
+                    MembershipEventKind::Down(peer) => {
+                        info!(node = %self.name, "{} is down", self.node_name(peer))
                     }
-                    _ => debug!(node = %self.id, "{event:?}"),
-                },
+                    MembershipEventKind::Left(peer) => {
+                        info!(node = %self.name, "{} left the cluster", self.node_name(peer))
+                    }
+                    MembershipEventKind::MetaChanged(peer) => {
+                        // Up often comes before the metadata that names the
+                        // peer: say the name once it is known.
+                        let name = self.node_name(peer);
+                        if name != peer.to_string() && self.named.insert(peer) {
+                            info!(node = %self.name, "{peer} is {name}");
+                        } else {
+                            debug!(node = %self.name, "{name} updated its metadata");
+                        }
+                    }
+                    MembershipEventKind::Rejoined => {
+                        info!(node = %self.name, "the cluster had declared this node down; rejoined under a new incarnation")
+                    }
+                }
+            }
+            ReplicaEvent::SafeToStop => {
+                info!(node = %self.name, "decommission complete: this node holds nothing and is safe to stop")
+            }
+            ReplicaEvent::Purged {
+                partition,
+                tombstones,
+            } => {
+                info!(node = %self.name, "purged {tombstones} tombstones from partition {partition}")
+            }
+            ReplicaEvent::MigrationStarted { partition, source } => {
+                debug!(node = %self.name, "migrating partition {partition} from {}", self.node_name(source))
+            }
+            ReplicaEvent::MigrationDone { partition } => {
+                debug!(node = %self.name, "partition {partition} migrated")
+            }
+            ReplicaEvent::PartitionDropped { partition } => {
+                debug!(node = %self.name, "partition {partition} handed off and dropped")
             }
         }
     }
