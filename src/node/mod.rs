@@ -18,6 +18,7 @@
 
 pub mod config;
 pub mod metrics;
+mod reload;
 
 use crate::client::{
     Call, LayoutInfo, MemberInfo, MigrationsInfo, NodeStatus, PartitionInfo, ReplicaView, Request,
@@ -36,6 +37,7 @@ use crate::transport::tls::{client_config, server_config, TlsIdentity};
 use crate::transport::{frame, ALPN_ADMIN, ALPN_CLIENT, ALPN_PEER};
 use config::{NodeConfig, Security};
 use metrics::Metrics;
+use reload::LiveTls;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
@@ -368,7 +370,21 @@ pub async fn run(
         }
         (_, given, _) => given.clone(),
     };
-    let server = server_config(identity.as_ref(), &[ALPN_PEER, ALPN_CLIENT, ALPN_ADMIN])?;
+    let server = server_config(identity.as_ref(), &reload::ALPNS)?;
+    let peer_client = client_config(identity.as_ref(), ALPN_PEER)?;
+    let live = Arc::new(LiveTls::new(
+        match (&identity, &config.security) {
+            (Some(id), Security::Tls(dir)) => Some((id, dir.as_path())),
+            _ => None,
+        },
+        peer_client,
+    ));
+    if let (Some(id), Security::Tls(dir)) = (&identity, &config.security) {
+        reload::warn_if_expiring(id.identity().not_after, &dir.join(crate::certs::CERT));
+    }
+    // Before the node is reachable (see `reload::hangup`).
+    #[cfg(unix)]
+    let hangup = reload::hangup();
     let listen = config.listen;
     let listen_err = |source| NodeError::Listen {
         addr: listen,
@@ -441,7 +457,6 @@ pub async fn run(
     };
     save_layout(&config.data_dir, &layout);
 
-    let peer_client = client_config(identity.as_ref(), ALPN_PEER)?;
     info!(node = %name, id = %id, listen = %config.listen, advertise = %config.advertise, incarnation, "node up");
 
     let replica_config = ReplicaConfig {
@@ -460,6 +475,24 @@ pub async fn run(
         seed,
     );
 
+    #[cfg(unix)]
+    let reloader = hangup.map(|signal| {
+        tokio::spawn(reload::reload_on_hangup(
+            signal,
+            live.clone(),
+            endpoint.clone(),
+        ))
+    });
+    if let Some(id) = &identity {
+        info!(
+            expires = %crate::certs::rfc3339(id.identity().not_after),
+            revoked = id.revoked().len(),
+            "TLS: certificate expires {}, {} revoked{}; SIGHUP reloads the TLS directory",
+            crate::certs::rfc3339(id.identity().not_after),
+            id.revoked().len(),
+            if id.has_crl() { "" } else { " (no crl.pem)" }
+        );
+    }
     let (core_tx, core_rx) = mpsc::channel(4096);
     let accept = tokio::spawn(accept_loop(
         endpoint.clone(),
@@ -467,6 +500,7 @@ pub async fn run(
         metrics.clone(),
         id,
         identity.is_some(),
+        live.clone(),
     ));
     let core = Core {
         replica,
@@ -477,7 +511,7 @@ pub async fn run(
         next_timer: 0,
         peers: Peers {
             endpoint: endpoint.clone(),
-            config: peer_client,
+            tls: live,
             queues: HashMap::new(),
         },
         data_dir: config.data_dir.clone(),
@@ -499,6 +533,10 @@ pub async fn run(
     }
     core.run(core_rx, &seeds, shutdown).await;
     accept.abort();
+    #[cfg(unix)]
+    if let Some(reloader) = reloader {
+        reloader.abort();
+    }
     endpoint.close(0u32.into(), b"shutting down");
     endpoint.wait_idle().await;
     info!(node = %id, "node stopped");
@@ -507,7 +545,9 @@ pub async fn run(
 
 struct Peers {
     endpoint: quinn::Endpoint,
-    config: quinn::ClientConfig,
+    /// The peer client configuration (replaced by a TLS reload), and where
+    /// refusals are logged and connections tracked.
+    tls: Arc<LiveTls>,
     queues: HashMap<SocketAddr, mpsc::Sender<Vec<u8>>>,
 }
 
@@ -534,13 +574,20 @@ impl Peers {
         let _ = tx.try_send(first);
         self.queues.insert(to, tx);
         let endpoint = self.endpoint.clone();
-        let config = self.config.clone();
+        let tls = self.tls.clone();
         tokio::spawn(async move {
+            let connecting =
+                match endpoint.connect_with(tls.peer_config(), to, crate::certs::SERVER_NAME) {
+                    Ok(connecting) => connecting,
+                    Err(e) => return debug!(peer = %to, "cannot dial the peer: {e}"),
+                };
+            let connection = match connecting.await {
+                Ok(connection) => connection,
+                // Our side refused the peer's certificate, or a timeout.
+                Err(e) => return tls.peer_failed(to, &e),
+            };
+            let _tracked = tls.track(&connection);
             let result: Result<(), String> = async {
-                let connecting = endpoint
-                    .connect_with(config, to, crate::certs::SERVER_NAME)
-                    .map_err(|e| e.to_string())?;
-                let connection = connecting.await.map_err(|e| e.to_string())?;
                 let mut stream = connection.open_uni().await.map_err(|e| e.to_string())?;
                 while let Some(frame) = rx.recv().await {
                     stream.write_all(&frame).await.map_err(|e| e.to_string())?;
@@ -548,8 +595,12 @@ impl Peers {
                 Ok(())
             }
             .await;
-            if let Err(e) = result {
-                debug!(peer = %to, "peer stream ended: {e}");
+            // The peer refuses our certificate after our side of the
+            // handshake completed: that shows as the connection's close.
+            match (connection.close_reason(), result) {
+                (Some(reason), _) => tls.peer_failed(to, &reason),
+                (None, Err(e)) => debug!(peer = %to, "peer stream ended: {e}"),
+                (None, Ok(())) => {}
             }
         });
     }
@@ -1512,6 +1563,8 @@ impl Core {
             decommissioned: self.replica.has_left(),
             entries_held,
             bytes_held,
+            cert_expires: self.peers.tls.not_after().map(crate::certs::rfc3339),
+            cert_expires_in_days: self.peers.tls.not_after().map(crate::certs::days_left),
         }
     }
 }
@@ -1522,10 +1575,12 @@ async fn accept_loop(
     metrics: Arc<Metrics>,
     me: NodeId,
     secure: bool,
+    tls: Arc<LiveTls>,
 ) {
     while let Some(incoming) = endpoint.accept().await {
         let core = core.clone();
         let metrics = metrics.clone();
+        let tls = tls.clone();
         tokio::spawn(async move {
             let remote = incoming.remote_address();
             let connection = match incoming.await {
@@ -1553,6 +1608,8 @@ async fn accept_loop(
                     return;
                 }
             };
+            // Tracked while served, so that revoking its certificate closes it.
+            let _tracked = tls.track(&connection);
             match (alpn, role) {
                 (Alpn::Peer, Admitted::Node(sender)) => {
                     serve_peer(connection, core, metrics, sender).await
