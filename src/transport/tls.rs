@@ -224,6 +224,11 @@ fn check_crl(
     let at = UnixTime::since_unix_epoch(Duration::from_secs(at));
     match verifier.verify_client_cert(leaf, &[], at) {
         Ok(_) => Ok(()),
+        Err(rustls::Error::InvalidCertRevocationList(
+            rustls::CertRevocationListError::BadSignature,
+        )) => Err(crl_err(format!(
+            "not issued by the CA in {CA_CERT}: its signature does not verify (copy crl.pem from the CA directory that issued this certificate)"
+        ))),
         Err(rustls::Error::InvalidCertRevocationList(e)) => Err(crl_err(format!(
             "not a usable revocation list of the CA in {CA_CERT}: {e:?}"
         ))),
@@ -527,9 +532,9 @@ mod tests {
         assert_eq!(refusal(&quinn::ConnectionError::TimedOut), None);
     }
 
-    fn setup(dir: &Path) -> PathBuf {
+    fn setup(dir: &Path, cluster: &str) -> PathBuf {
         let ca = dir.join("ca");
-        crate::certs::init_ca(&ca, "test").unwrap();
+        crate::certs::init_ca(&ca, cluster).unwrap();
         ca
     }
 
@@ -537,7 +542,7 @@ mod tests {
     fn a_crl_is_loaded_and_checked_against_the_ca() {
         use crate::certs::{issue, revoke, RevokeTarget, Role};
         let dir = tempfile::tempdir().unwrap();
-        let ca = setup(dir.path());
+        let ca = setup(dir.path(), "test");
         let node = dir.path().join("node");
         let gone = dir.path().join("gone");
         issue(&ca, "node-1", Role::Node, 30, &node).unwrap();
@@ -561,18 +566,22 @@ mod tests {
             "{err}"
         );
 
-        // A CRL of another CA: refused, naming the file.
-        let other = dir.path().join("other");
-        std::fs::create_dir_all(&other).unwrap();
-        let other_ca = setup(&other);
-        issue(&other_ca, "x", Role::Client, 30, &other.join("x")).unwrap();
-        revoke(&other_ca, &RevokeTarget::Cert(other.join("x").join(CERT))).unwrap();
-        std::fs::copy(other_ca.join(CRL), node.join(CRL)).unwrap();
-        let err = TlsIdentity::load(&node).unwrap_err().to_string();
-        assert!(
-            err.contains("crl.pem") && err.contains("not issued by the CA"),
-            "{err}"
-        );
+        // A CRL of another CA, with the same name as ours (a signature
+        // that does not verify) or another (no CRL covers our certificate):
+        // refused, naming the file.
+        for cluster in ["test", "other"] {
+            let other = dir.path().join(cluster);
+            std::fs::create_dir_all(&other).unwrap();
+            let other_ca = setup(&other, cluster);
+            issue(&other_ca, "x", Role::Client, 30, &other.join("x")).unwrap();
+            revoke(&other_ca, &RevokeTarget::Cert(other.join("x").join(CERT))).unwrap();
+            std::fs::copy(other_ca.join(CRL), node.join(CRL)).unwrap();
+            let err = TlsIdentity::load(&node).unwrap_err().to_string();
+            assert!(
+                err.contains("crl.pem") && err.contains("not issued by the CA in ca.pem"),
+                "{err}"
+            );
+        }
 
         // A damaged CRL: refused, naming the file.
         std::fs::write(node.join(CRL), "garbage").unwrap();
