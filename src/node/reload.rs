@@ -297,3 +297,55 @@ pub(super) async fn reload_on_hangup(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::certs::{init_ca, issue};
+
+    #[tokio::test]
+    async fn a_reload_keeps_the_name_and_role_or_changes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = dir.path().join("ca");
+        let tls = dir.path().join("node");
+        init_ca(&ca, "test").unwrap();
+        issue(&ca, "node-1", Role::Node, 30, &tls).unwrap();
+        let id = TlsIdentity::load(&tls).unwrap();
+        let server = server_config(Some(&id), &ALPNS).unwrap();
+        let endpoint = quinn::Endpoint::server(server, "127.0.0.1:0".parse().unwrap()).unwrap();
+        let live = LiveTls::new(
+            Some((&id, &tls)),
+            client_config(Some(&id), ALPN_PEER).unwrap(),
+        );
+        let first = live.not_after();
+
+        issue(&ca, "node-9", Role::Node, 10, &tls).unwrap();
+        let err = live.reload(&endpoint).err().unwrap();
+        assert!(matches!(err, ReloadError::Renamed { .. }), "{err}");
+        issue(&ca, "node-1", Role::Client, 10, &tls).unwrap();
+        let err = live.reload(&endpoint).err().unwrap();
+        assert!(matches!(err, ReloadError::NotANode { .. }), "{err}");
+        std::fs::write(tls.join(crate::certs::CRL), "damaged").unwrap();
+        let err = live.reload(&endpoint).err().unwrap().to_string();
+        assert!(err.contains("crl.pem"), "{err}");
+        assert_eq!(
+            live.not_after(),
+            first,
+            "a refused reload changed the state"
+        );
+
+        std::fs::remove_file(tls.join(crate::certs::CRL)).unwrap();
+        issue(&ca, "node-1", Role::Node, 10, &tls).unwrap();
+        let done = live.reload(&endpoint).unwrap();
+        assert_eq!(live.not_after(), Some(done.not_after));
+        assert!(days_left(done.not_after) < 11);
+        assert_eq!((done.revoked, done.closed), (0, 0));
+
+        let insecure = LiveTls::new(None, client_config(None, ALPN_PEER).unwrap());
+        assert!(matches!(
+            insecure.reload(&endpoint),
+            Err(ReloadError::Insecure)
+        ));
+        assert_eq!(insecure.not_after(), None);
+    }
+}

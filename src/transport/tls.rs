@@ -58,6 +58,9 @@ pub enum TlsError {
     Generate(#[from] rcgen::Error),
     #[error("{}: {reason}", path.display())]
     Crl { path: PathBuf, reason: String },
+    /// Reading a certificate file (the CRL) failed; the error names it.
+    #[error(transparent)]
+    Cert(#[from] crate::certs::CertError),
     #[error("{} is revoked by {}: issue a new certificate with `gossipkv certs issue`", cert.display(), crl.display())]
     OwnCertificateRevoked { cert: PathBuf, crl: PathBuf },
 }
@@ -133,10 +136,7 @@ impl TlsIdentity {
         let roots = Arc::new(roots);
         let crl_path = dir.join(CRL);
         let (crls, revoked) = if crl_path.exists() {
-            let crl = read_crl(&crl_path).map_err(|e| TlsError::Crl {
-                path: crl_path.clone(),
-                reason: e.to_string(),
-            })?;
+            let crl = read_crl(&crl_path)?;
             let der = CertificateRevocationListDer::from(crl.der);
             check_crl(
                 &roots,
