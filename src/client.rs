@@ -7,7 +7,7 @@
 use crate::certs::SERVER_NAME;
 use crate::crdt::{CausalContext, Value};
 use crate::replication::membership::LoadFigures;
-use crate::transport::tls::{client_config, TlsIdentity};
+use crate::transport::tls::{client_config, refusal, CertProblem, Refusal, TlsIdentity};
 use crate::transport::{frame, ALPN_ADMIN, ALPN_CLIENT};
 use serde::{Deserialize, Serialize};
 use std::net::SocketAddr;
@@ -174,6 +174,10 @@ pub struct NodeStatus {
     /// Entries and key + entry bytes in the partitions this node holds.
     pub entries_held: u64,
     pub bytes_held: u64,
+    /// When the node's certificate expires (RFC 3339, UTC); `None` without TLS.
+    pub cert_expires: Option<String>,
+    /// Whole days until then (negative once expired).
+    pub cert_expires_in_days: Option<i64>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -261,6 +265,10 @@ pub enum Response {
 pub enum ClientError {
     #[error("cannot reach {addr}: {reason}")]
     Connect { addr: SocketAddr, reason: String },
+    /// The handshake or the connection was refused over a certificate (or
+    /// by role); `reason` says whose and why.
+    #[error("{reason}")]
+    Refused { addr: SocketAddr, reason: String },
     #[error("request to {addr} failed: {reason}")]
     Request { addr: SocketAddr, reason: String },
     #[error("{0}")]
@@ -277,6 +285,8 @@ pub enum ClientError {
 pub struct Client {
     addr: SocketAddr,
     connection: quinn::Connection,
+    /// The TLS directory the certificates came from, named in refusals.
+    tls_dir: Option<std::path::PathBuf>,
     timeout: std::time::Duration,
     w: u8,
     r: u8,
@@ -333,15 +343,30 @@ impl Client {
         let connection = tokio::time::timeout(CONNECT_TIMEOUT, connecting)
             .await
             .map_err(|_| connect_err(format!("no answer within {CONNECT_TIMEOUT:?}")))?
-            .map_err(|e| connect_err(e.to_string()))?;
+            .map_err(|e| refused(addr, tls, &e).unwrap_or_else(|| connect_err(e.to_string())))?;
         Ok(Client {
             addr,
             connection,
+            tls_dir: tls.map(|t| t.dir().to_path_buf()),
             timeout: DEFAULT_REQUEST_TIMEOUT,
             w: 1,
             r: 1,
             _endpoint: endpoint,
         })
+    }
+
+    /// A request failure: the refusal that closed the connection, if that
+    /// is what happened (a node checks a client's certificate after the
+    /// client's side of the handshake completed, so a refused client learns
+    /// of it on its first request), else `reason`.
+    fn failed(&self, reason: String) -> ClientError {
+        self.connection
+            .close_reason()
+            .and_then(|e| refused_in(self.addr, self.tls_dir.as_deref(), &e))
+            .unwrap_or(ClientError::Request {
+                addr: self.addr,
+                reason,
+            })
     }
 
     pub fn set_timeout(&mut self, timeout: std::time::Duration) {
@@ -357,18 +382,12 @@ impl Client {
     pub async fn request(&self, request: &Request) -> Result<Response, ClientError> {
         match tokio::time::timeout(self.timeout, self.exchange(request)).await {
             Ok(result) => result,
-            Err(_) => Err(ClientError::Request {
-                addr: self.addr,
-                reason: format!("no answer within {:?}", self.timeout),
-            }),
+            Err(_) => Err(self.failed(format!("no answer within {:?}", self.timeout))),
         }
     }
 
     async fn exchange(&self, request: &Request) -> Result<Response, ClientError> {
-        let fail = |reason: String| ClientError::Request {
-            addr: self.addr,
-            reason,
-        };
+        let fail = |reason: String| self.failed(reason);
         let (mut send, mut recv) = self
             .connection
             .open_bi()
@@ -464,4 +483,59 @@ impl Client {
             other => Err(ClientError::Unexpected(Box::new(other))),
         }
     }
+}
+
+fn refused(
+    addr: SocketAddr,
+    tls: Option<&TlsIdentity>,
+    error: &quinn::ConnectionError,
+) -> Option<ClientError> {
+    refused_in(addr, tls.map(TlsIdentity::dir), error)
+}
+
+/// The one-line explanation of a refused handshake or connection: whose
+/// certificate was refused and why, naming the files concerned.
+fn refused_in(
+    addr: SocketAddr,
+    dir: Option<&std::path::Path>,
+    error: &quinn::ConnectionError,
+) -> Option<ClientError> {
+    use crate::certs::{CA_CERT, CERT, CRL};
+    let file = |name: &str| match dir {
+        Some(dir) => dir.join(name).display().to_string(),
+        None => name.to_string(),
+    };
+    let reason = match refusal(error)? {
+        Refusal::OursRefused(CertProblem::UnknownCa) => format!(
+            "the node at {addr} refused this client's certificate ({}): it is not from the cluster's CA, or the node cannot tell whether it is revoked",
+            file(CERT)
+        ),
+        Refusal::OursRefused(problem) => format!(
+            "the node at {addr} refused this client's certificate ({}): {problem}",
+            file(CERT)
+        ),
+        Refusal::TheirsRefused {
+            problem: CertProblem::UnknownCa,
+            ..
+        } => format!(
+            "the certificate of the node at {addr} is not from the cluster CA in {}",
+            file(CA_CERT)
+        ),
+        Refusal::TheirsRefused {
+            problem: CertProblem::Expired,
+            ..
+        } => format!("the certificate of the node at {addr} has expired (or is not valid yet)"),
+        Refusal::TheirsRefused {
+            problem: CertProblem::Revoked,
+            ..
+        } => format!(
+            "the certificate of the node at {addr} is revoked (by {})",
+            file(CRL)
+        ),
+        Refusal::TheirsRefused { problem, detail } => format!(
+            "the certificate of the node at {addr} was refused: {problem} ({detail})"
+        ),
+        Refusal::Closed(reason) => format!("the node at {addr} refused the connection: {reason}"),
+    };
+    Some(ClientError::Refused { addr, reason })
 }

@@ -272,6 +272,8 @@ fn responses(s: &Store) -> Vec<Response> {
             decommissioned: false,
             entries_held: 5,
             bytes_held: 100,
+            cert_expires: Some("2027-01-01T00:00:00Z".into()),
+            cert_expires_in_days: Some(300),
         }),
         Response::Inspect(vec![gossipkv::client::ReplicaView {
             node: "7".into(),

@@ -108,6 +108,24 @@ enum CertsCommand {
         #[arg(long, default_value_t = certs::DEFAULT_DAYS)]
         days: u32,
     },
+    /// Revoke a certificate of the CA in --ca, by file or serial: records it
+    /// in CA_DIR/revoked.json and writes CA_DIR/crl.pem, signed by the CA,
+    /// listing every revoked certificate. Copy crl.pem into each node's TLS
+    /// directory and send the nodes SIGHUP (or restart them): they then
+    /// refuse the certificate and close its connections.
+    ///
+    /// Example: gossipkv certs revoke --ca tls/ca --cert tls/client/cert.pem
+    #[command(group(clap::ArgGroup::new("what").required(true).args(["cert", "serial"])))]
+    Revoke {
+        #[arg(long)]
+        ca: PathBuf,
+        /// The certificate to revoke (its cert.pem).
+        #[arg(long)]
+        cert: Option<PathBuf>,
+        /// The serial number to revoke, in hex (as `revoke` prints it).
+        #[arg(long)]
+        serial: Option<String>,
+    },
 }
 
 #[derive(Args)]
@@ -308,6 +326,29 @@ fn certs_command(command: CertsCommand) -> Result<()> {
                 "{role} certificate {name} (valid {days} days) written to {}; use it with --tls-dir {}",
                 out.display(),
                 out.display()
+            );
+        }
+        CertsCommand::Revoke { ca, cert, serial } => {
+            let target = match (cert, serial) {
+                (Some(cert), _) => certs::RevokeTarget::Cert(cert),
+                (None, Some(serial)) => certs::RevokeTarget::Serial(serial),
+                (None, None) => bail!("give --cert or --serial"),
+            };
+            let done = certs::revoke(&ca, &target)?;
+            let what = match &done.revoked.holder {
+                Some(holder) => format!("{holder} (serial {})", done.revoked.serial),
+                None => format!("serial {}", done.revoked.serial),
+            };
+            if done.already {
+                println!("{what} was already revoked");
+            } else {
+                println!("revoked {what}");
+            }
+            println!(
+                "{} lists {} revoked certificate(s): copy it into every node's TLS directory (as {}) and send the nodes SIGHUP",
+                done.crl.display(),
+                done.total,
+                certs::CRL
             );
         }
     }

@@ -361,9 +361,9 @@ impl Ctl {
             Client::connect(addr, self.tls.as_ref()).await
         };
         connected.map_err(|e| match e {
-            ClientError::Connect { .. } => anyhow::anyhow!(
-                "{e} (is a node listening there? check --node / KVCTL_NODE; a refused handshake means the certificate in --tls-dir is not from the cluster CA)"
-            ),
+            ClientError::Connect { .. } => {
+                anyhow::anyhow!("{e} (is a node listening there? check --node / KVCTL_NODE)")
+            }
             e => e.into(),
         })
     }
@@ -419,6 +419,17 @@ impl Ctl {
                                 s.anti_entropy_rounds.to_string(),
                             ],
                             vec!["entries repaired".into(), s.repaired_entries.to_string()],
+                            vec![
+                                "certificate expires".into(),
+                                match (&s.cert_expires, s.cert_expires_in_days) {
+                                    (Some(at), Some(days)) if days < 0 => {
+                                        format!("{at} (EXPIRED)")
+                                    }
+                                    (Some(at), Some(days)) => format!("{at} (in {days} days)"),
+                                    (Some(at), None) => at.clone(),
+                                    (None, _) => "no TLS (insecure mode)".into(),
+                                },
+                            ],
                         ],
                     )
                 });

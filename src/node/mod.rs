@@ -18,6 +18,7 @@
 
 pub mod config;
 pub mod metrics;
+mod reload;
 
 use crate::client::{
     Call, LayoutInfo, MemberInfo, MigrationsInfo, NodeStatus, PartitionInfo, ReplicaView, Request,
@@ -32,10 +33,11 @@ use crate::replication::replica::{
     MembershipEventKind, Output, Replica, ReplicaConfig, ReplicaEvent, Timer,
 };
 use crate::store::{ChangeChunk, RemoteEntry, Store, StoreOptions};
-use crate::transport::tls::{client_config, server_config, TlsIdentity};
+use crate::transport::tls::{client_config, server_config, TlsIdentity, REFUSED};
 use crate::transport::{frame, ALPN_ADMIN, ALPN_CLIENT, ALPN_PEER};
 use config::{NodeConfig, Security};
 use metrics::Metrics;
+use reload::LiveTls;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
@@ -390,7 +392,21 @@ pub async fn run(
         }
         (_, given, _) => given.clone(),
     };
-    let server = server_config(identity.as_ref(), &[ALPN_PEER, ALPN_CLIENT, ALPN_ADMIN])?;
+    let server = server_config(identity.as_ref(), &reload::ALPNS)?;
+    let peer_client = client_config(identity.as_ref(), ALPN_PEER)?;
+    let live = Arc::new(LiveTls::new(
+        match (&identity, &config.security) {
+            (Some(id), Security::Tls(dir)) => Some((id, dir.as_path())),
+            _ => None,
+        },
+        peer_client,
+    ));
+    if let (Some(id), Security::Tls(dir)) = (&identity, &config.security) {
+        reload::warn_if_expiring(id.identity().not_after, &dir.join(crate::certs::CERT));
+    }
+    // Before the node is reachable (see `reload::hangup`).
+    #[cfg(unix)]
+    let hangup = reload::hangup();
     let listen = config.listen;
     let listen_err = |source| NodeError::Listen {
         addr: listen,
@@ -464,7 +480,6 @@ pub async fn run(
     };
     save_layout(&config.data_dir, &layout);
 
-    let peer_client = client_config(identity.as_ref(), ALPN_PEER)?;
     info!(node = %name, id = %id, listen = %config.listen, advertise = %config.advertise, incarnation, "node up");
 
     let replica_config = ReplicaConfig {
@@ -483,6 +498,24 @@ pub async fn run(
         seed,
     );
 
+    #[cfg(unix)]
+    let reloader = hangup.map(|signal| {
+        tokio::spawn(reload::reload_on_hangup(
+            signal,
+            live.clone(),
+            endpoint.clone(),
+        ))
+    });
+    if let Some(id) = &identity {
+        info!(
+            expires = %crate::certs::rfc3339(id.identity().not_after),
+            revoked = id.revoked().len(),
+            "TLS: certificate expires {}, {} revoked{}; SIGHUP reloads the TLS directory",
+            crate::certs::rfc3339(id.identity().not_after),
+            id.revoked().len(),
+            if id.has_crl() { "" } else { " (no crl.pem)" }
+        );
+    }
     let (core_tx, core_rx) = mpsc::channel(4096);
     let accept = tokio::spawn(accept_loop(
         endpoint.clone(),
@@ -490,6 +523,7 @@ pub async fn run(
         metrics.clone(),
         id,
         identity.is_some(),
+        live.clone(),
     ));
     let core = Core {
         replica,
@@ -500,7 +534,7 @@ pub async fn run(
         next_timer: 0,
         peers: Peers {
             endpoint: endpoint.clone(),
-            config: peer_client,
+            tls: live,
             queues: HashMap::new(),
         },
         data_dir: config.data_dir.clone(),
@@ -523,6 +557,10 @@ pub async fn run(
     }
     core.run(core_rx, &seeds, shutdown).await;
     accept.abort();
+    #[cfg(unix)]
+    if let Some(reloader) = reloader {
+        reloader.abort();
+    }
     endpoint.close(0u32.into(), b"shutting down");
     endpoint.wait_idle().await;
     info!(node = %id, "node stopped");
@@ -531,7 +569,9 @@ pub async fn run(
 
 struct Peers {
     endpoint: quinn::Endpoint,
-    config: quinn::ClientConfig,
+    /// The peer client configuration (replaced by a TLS reload), and where
+    /// refusals are logged and connections tracked.
+    tls: Arc<LiveTls>,
     queues: HashMap<SocketAddr, mpsc::Sender<Vec<u8>>>,
 }
 
@@ -558,13 +598,20 @@ impl Peers {
         let _ = tx.try_send(first);
         self.queues.insert(to, tx);
         let endpoint = self.endpoint.clone();
-        let config = self.config.clone();
+        let tls = self.tls.clone();
         tokio::spawn(async move {
+            let connecting =
+                match endpoint.connect_with(tls.peer_config(), to, crate::certs::SERVER_NAME) {
+                    Ok(connecting) => connecting,
+                    Err(e) => return debug!(peer = %to, "cannot dial the peer: {e}"),
+                };
+            let connection = match connecting.await {
+                Ok(connection) => connection,
+                // Our side refused the peer's certificate, or a timeout.
+                Err(e) => return tls.peer_failed(to, &e),
+            };
+            let _tracked = tls.track(&connection);
             let result: Result<(), String> = async {
-                let connecting = endpoint
-                    .connect_with(config, to, crate::certs::SERVER_NAME)
-                    .map_err(|e| e.to_string())?;
-                let connection = connecting.await.map_err(|e| e.to_string())?;
                 let mut stream = connection.open_uni().await.map_err(|e| e.to_string())?;
                 while let Some(frame) = rx.recv().await {
                     stream.write_all(&frame).await.map_err(|e| e.to_string())?;
@@ -572,8 +619,12 @@ impl Peers {
                 Ok(())
             }
             .await;
-            if let Err(e) = result {
-                debug!(peer = %to, "peer stream ended: {e}");
+            // The peer refuses our certificate after our side of the
+            // handshake completed: that shows as the connection's close.
+            match (connection.close_reason(), result) {
+                (Some(reason), _) => tls.peer_failed(to, &reason),
+                (None, Err(e)) => debug!(peer = %to, "peer stream ended: {e}"),
+                (None, Ok(())) => {}
             }
         });
     }
@@ -1583,6 +1634,8 @@ impl Core {
             decommissioned: self.replica.has_left(),
             entries_held,
             bytes_held,
+            cert_expires: self.peers.tls.not_after().map(crate::certs::rfc3339),
+            cert_expires_in_days: self.peers.tls.not_after().map(crate::certs::days_left),
         }
     }
 }
@@ -1593,10 +1646,12 @@ async fn accept_loop(
     metrics: Arc<Metrics>,
     me: NodeId,
     secure: bool,
+    tls: Arc<LiveTls>,
 ) {
     while let Some(incoming) = endpoint.accept().await {
         let core = core.clone();
         let metrics = metrics.clone();
+        let tls = tls.clone();
         tokio::spawn(async move {
             let remote = incoming.remote_address();
             let connection = match incoming.await {
@@ -1624,6 +1679,8 @@ async fn accept_loop(
                     return;
                 }
             };
+            // Tracked while served, so that revoking its certificate closes it.
+            let _tracked = tls.track(&connection);
             match (alpn, role) {
                 (Alpn::Peer, Admitted::Node(sender)) => {
                     serve_peer(connection, core, metrics, sender).await
@@ -1635,9 +1692,6 @@ async fn accept_loop(
         });
     }
 }
-
-/// The QUIC application error code of a connection refused by role.
-const REFUSED: quinn::VarInt = quinn::VarInt::from_u32(3);
 
 #[derive(Copy, Clone, PartialEq, Eq)]
 enum Alpn {
