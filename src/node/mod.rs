@@ -17,6 +17,7 @@
 //! that took it (hinted hand-off).
 
 pub mod config;
+pub mod limits;
 pub mod metrics;
 
 use crate::client::{
@@ -35,6 +36,7 @@ use crate::store::{ChangeChunk, RemoteEntry, Store, StoreOptions};
 use crate::transport::tls::{client_config, server_config, TlsIdentity};
 use crate::transport::{frame, ALPN_ADMIN, ALPN_CLIENT, ALPN_PEER};
 use config::{NodeConfig, Security};
+use limits::{ConnResponses, Identity, Limits, Refusal};
 use metrics::Metrics;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
@@ -376,7 +378,12 @@ pub async fn run(config: NodeConfig, shutdown: impl Future<Output = ()>) -> Resu
     };
     save_layout(&config.data_dir, &layout);
 
-    let server = server_config(identity.as_ref(), &[ALPN_PEER, ALPN_CLIENT, ALPN_ADMIN])?;
+    let mut server = server_config(identity.as_ref(), &[ALPN_PEER, ALPN_CLIENT, ALPN_ADMIN])?;
+    server.transport_config(Arc::new(
+        config
+            .limits
+            .transport(crate::transport::tls::base_transport()),
+    ));
     let listen_err = |source| NodeError::Listen {
         addr: config.listen,
         source,
@@ -416,10 +423,12 @@ pub async fn run(config: NodeConfig, shutdown: impl Future<Output = ()>) -> Resu
         info!(%addr, "metrics at http://{addr}/metrics");
     }
     let (core_tx, core_rx) = mpsc::channel(4096);
+    let limits = Limits::new(config.limits.clone(), metrics.clone());
     let accept = tokio::spawn(accept_loop(
         endpoint.clone(),
         core_tx.clone(),
         metrics.clone(),
+        limits,
     ));
     let core = Core {
         replica,
@@ -1410,12 +1419,26 @@ async fn accept_loop(
     endpoint: quinn::Endpoint,
     core: mpsc::Sender<CoreInput>,
     metrics: Arc<Metrics>,
+    limits: Arc<Limits>,
 ) {
     while let Some(incoming) = endpoint.accept().await {
+        let remote = incoming.remote_address();
+        // Counted from before the handshake, so handshakes in progress
+        // count too.
+        let mut slot = match limits.open() {
+            Ok(slot) => slot,
+            Err(refusal) => {
+                if let Refusal::First(reason) = refusal {
+                    warn!(%remote, "refusing connections: {reason}");
+                }
+                incoming.refuse();
+                continue;
+            }
+        };
         let core = core.clone();
         let metrics = metrics.clone();
+        let limits = limits.clone();
         tokio::spawn(async move {
-            let remote = incoming.remote_address();
             let connection = match incoming.await {
                 Ok(connection) => connection,
                 Err(e) => {
@@ -1423,17 +1446,52 @@ async fn accept_loop(
                     return;
                 }
             };
+            let identity = Identity::of(&connection);
+            if let Err(refusal) = limits.identify(&mut slot, identity) {
+                let reason = match refusal {
+                    Refusal::First(reason) => {
+                        warn!(%remote, %identity, "refusing connections: {reason}");
+                        reason
+                    }
+                    Refusal::Again(reason) => reason,
+                };
+                connection.close(3u32.into(), reason.as_bytes());
+                return;
+            }
             let alpn = connection
                 .handshake_data()
                 .and_then(|d| d.downcast::<quinn::crypto::rustls::HandshakeData>().ok())
                 .and_then(|d| d.protocol);
             match alpn.as_deref() {
-                Some(ALPN_PEER) => serve_peer(connection, core, metrics).await,
-                Some(ALPN_CLIENT) => serve_client(connection, core, metrics, false).await,
-                Some(ALPN_ADMIN) => serve_client(connection, core, metrics, true).await,
+                Some(ALPN_PEER) => serve_peer(connection, core, metrics, &limits).await,
+                Some(ALPN_CLIENT) => serve_client(connection, core, metrics, &limits, false).await,
+                Some(ALPN_ADMIN) => serve_client(connection, core, metrics, &limits, true).await,
                 _ => connection.close(1u32.into(), b"unknown protocol"),
             }
+            drop(slot);
         });
+    }
+}
+
+/// Logs a connection's first dropped frame or refused request at warn and
+/// the rest at debug: once per offender, not once per frame.
+#[derive(Default)]
+struct WarnOnce(std::sync::atomic::AtomicBool);
+
+impl WarnOnce {
+    fn first(&self) -> bool {
+        !self.0.swap(true, Relaxed)
+    }
+}
+
+fn dropped(metrics: &Metrics, e: &frame::FrameError) {
+    if matches!(
+        e,
+        frame::FrameError::Stalled(_)
+            | frame::FrameError::OverLimit { .. }
+            | frame::FrameError::TooLarge(_)
+    ) {
+        metrics.frames_dropped.fetch_add(1, Relaxed);
     }
 }
 
@@ -1441,14 +1499,25 @@ async fn serve_peer(
     connection: quinn::Connection,
     core: mpsc::Sender<CoreInput>,
     metrics: Arc<Metrics>,
+    limits: &Limits,
 ) {
+    // Peers open unidirectional streams only.
+    connection.set_max_concurrent_bi_streams(0u32.into());
     let remote = connection.remote_address();
+    let read_limits = frame::ReadLimits {
+        max_len: crate::transport::MAX_FRAME_BYTES,
+        timeout: Some(limits.config.frame_read_timeout()),
+        budget: Some(limits.inbound.clone()),
+    };
+    let warned = Arc::new(WarnOnce::default());
     while let Ok(mut stream) = connection.accept_uni().await {
         let core = core.clone();
         let metrics = metrics.clone();
+        let read_limits = read_limits.clone();
+        let warned = warned.clone();
         tokio::spawn(async move {
             loop {
-                match frame::read_sized::<Envelope, _>(&mut stream).await {
+                match frame::read_limited::<Envelope, _>(&mut stream, &read_limits).await {
                     Ok(Some((Envelope { from, payload }, size))) => {
                         let kind = Metrics::kind_index(payload.kind());
                         metrics.peer_bytes_received[kind].fetch_add(size as u64, Relaxed);
@@ -1458,7 +1527,12 @@ async fn serve_peer(
                     }
                     Ok(None) => return,
                     Err(e) => {
-                        warn!(%remote, "closed a peer stream: {e}");
+                        dropped(&metrics, &e);
+                        if warned.first() {
+                            warn!(%remote, "closed a peer stream: {e} (further ones from this connection logged at debug)");
+                        } else {
+                            debug!(%remote, "closed a peer stream: {e}");
+                        }
                         let _ = stream.stop(2u32.into());
                         return;
                     }
@@ -1469,24 +1543,43 @@ async fn serve_peer(
 }
 
 /// Serves client (or, with `admin`, admin) requests on one connection.
+///
+/// Each stream waits for response budget before reading its request (see
+/// `limits`), and holds its response's bytes until the client has them.
 async fn serve_client(
     connection: quinn::Connection,
     core: mpsc::Sender<CoreInput>,
     metrics: Arc<Metrics>,
+    limits: &Limits,
     admin: bool,
 ) {
+    // Clients open bidirectional streams only.
+    connection.set_max_concurrent_uni_streams(0u32.into());
     let remote = connection.remote_address();
+    let read_limits = frame::ReadLimits {
+        max_len: limits::CLIENT_FRAME_BYTES,
+        timeout: Some(limits.config.frame_read_timeout()),
+        budget: Some(limits.inbound.clone()),
+    };
+    let responses: Arc<ConnResponses> = limits.responses();
+    let warned = Arc::new(WarnOnce::default());
     while let Ok((mut send, mut recv)) = connection.accept_bi().await {
         let core = core.clone();
         let metrics = metrics.clone();
+        let read_limits = read_limits.clone();
+        let responses = responses.clone();
+        let warned = warned.clone();
         tokio::spawn(async move {
+            // Before reading the request: a connection whose answers are not
+            // read stops being read, and flow control stops its sender.
+            let mut ticket = responses.admit().await;
             let started = Instant::now();
-            let response = match frame::read::<Call, _>(&mut recv).await {
-                Ok(Some(call)) if call.request.is_admin() && !admin => Response::Error(
+            let response = match frame::read_limited::<Call, _>(&mut recv, &read_limits).await {
+                Ok(Some((call, _))) if call.request.is_admin() && !admin => Response::Error(
                     "admin requests are served on the admin protocol (kvctl), not the client one"
                         .into(),
                 ),
-                Ok(Some(call)) => {
+                Ok(Some((call, _))) => {
                     let (reply, answer) = oneshot::channel();
                     if core.send(CoreInput::Client { call, reply }).await.is_err() {
                         return;
@@ -1497,14 +1590,31 @@ async fn serve_client(
                 }
                 Ok(None) => return,
                 Err(e) => {
-                    warn!(%remote, "refused a client request: {e}");
+                    dropped(&metrics, &e);
+                    if warned.first() {
+                        warn!(%remote, "refused a client request: {e} (further ones from this connection logged at debug)");
+                    } else {
+                        debug!(%remote, "refused a client request: {e}");
+                    }
                     Response::Error(format!("bad request: {e}"))
                 }
             };
             metrics.request_latency.observe(started.elapsed());
-            if frame::write(&mut send, &response).await.is_ok() {
-                let _ = send.finish();
+            let Ok(bytes) = frame::encode(&response) else {
+                return;
+            };
+            // One copy only from here on.
+            drop(response);
+            ticket.hold(bytes.len() as u64);
+            if send.write_all(&bytes).await.is_ok() {
+                drop(bytes);
+                if send.finish().is_ok() {
+                    // Held until the client acknowledged every byte (QUIC's
+                    // send buffer is part of what a slow reader makes us hold).
+                    let _ = send.stopped().await;
+                }
             }
+            drop(ticket);
         });
     }
 }
