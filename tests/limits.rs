@@ -18,8 +18,8 @@ mod common;
 
 use common::{eventually, metric, scrape, Cluster, SLOTS};
 use gossipkv::certs;
-use gossipkv::crdt::Value;
 use gossipkv::client::{Call, Client, Request};
+use gossipkv::crdt::Value;
 use gossipkv::transport::tls::{client_config, TlsIdentity};
 use gossipkv::transport::{frame, ALPN_CLIENT, ALPN_PEER};
 use std::net::SocketAddr;
@@ -122,7 +122,9 @@ async fn slow_readers_are_not_read_and_memory_stays_bounded() {
     let attacker_tls = cluster.client_tls();
     let attackers = endpoint();
     let get = frame::encode(&Call {
-        request: Request::Get { key: b"big".to_vec() },
+        request: Request::Get {
+            key: b"big".to_vec(),
+        },
         w: 1,
         r: 1,
     })
@@ -198,7 +200,10 @@ async fn slow_readers_are_not_read_and_memory_stays_bounded() {
         gauge(&cluster, "gossipkv_response_bytes_held") == 0
     })
     .await;
-    watch(pid, Duration::from_secs(30), |now| now < idle + RETURN_MARGIN).await;
+    watch(pid, Duration::from_secs(30), |now| {
+        now < idle + RETURN_MARGIN
+    })
+    .await;
     let after = rss(pid);
     println!("metric: slow_readers_rss_after {:.1} MiB", mib(after));
     assert!(
@@ -254,7 +259,10 @@ async fn stalled_peer_frames_are_dropped_at_their_deadline() {
     let mut peak = idle;
     let deadline = Instant::now() + Duration::from_secs(60);
     while gauge(&cluster, "gossipkv_frames_dropped_total") < 30 {
-        assert!(Instant::now() < deadline, "the stalled frames were not dropped");
+        assert!(
+            Instant::now() < deadline,
+            "the stalled frames were not dropped"
+        );
         peak = peak.max(rss(pid));
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -271,7 +279,10 @@ async fn stalled_peer_frames_are_dropped_at_their_deadline() {
     );
     // The frames held at least the first wave's bytes (the test is real).
     assert!(peak > idle + 100 * MIB, "the stalled frames held little");
-    watch(pid, Duration::from_secs(30), |now| now < idle + RETURN_MARGIN).await;
+    watch(pid, Duration::from_secs(30), |now| {
+        now < idle + RETURN_MARGIN
+    })
+    .await;
     let after = rss(pid);
     println!("metric: stalled_frames_rss_after {:.1} MiB", mib(after));
     assert!(
@@ -329,18 +340,27 @@ async fn connections_beyond_the_caps_are_refused_with_a_reason() {
     }
     match connect(&ep, addr, &c, ALPN_CLIENT).await {
         Err(quinn::ConnectionError::ConnectionClosed(close)) => {
-            assert_eq!(close.error_code, quinn::TransportErrorCode::CONNECTION_REFUSED)
+            assert_eq!(
+                close.error_code,
+                quinn::TransportErrorCode::CONNECTION_REFUSED
+            )
         }
         other => panic!("a ninth connection: {other:?}"),
     }
-    assert!(first.status().await.is_ok(), "held connections still served");
+    assert!(
+        first.status().await.is_ok(),
+        "held connections still served"
+    );
     // A connection ends: its place is given back.
     let gone = held.pop().unwrap();
     gone.close(0u32.into(), b"bye");
     drop(gone);
     let deadline = Instant::now() + Duration::from_secs(30);
     while connect(&ep, addr, &c, ALPN_CLIENT).await.is_err() {
-        assert!(Instant::now() < deadline, "the closed connection's place stayed taken");
+        assert!(
+            Instant::now() < deadline,
+            "the closed connection's place stayed taken"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(gauge(&cluster, "gossipkv_connections_refused_total") >= 2);

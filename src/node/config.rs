@@ -304,10 +304,9 @@ mod tests {
         assert_eq!(ok.security, Security::Tls("t".into()));
         assert_eq!(ok.seeds.len(), 1);
         assert_eq!(ok.limits, LimitsConfig::default());
-        let tuned = parse(
-            "data_dir = \"d\"\ninsecure = true\n[limits]\nframe_read_timeout_ms = 2000",
-        )
-        .unwrap();
+        let tuned =
+            parse("data_dir = \"d\"\ninsecure = true\n[limits]\nframe_read_timeout_ms = 2000")
+                .unwrap();
         assert_eq!(tuned.limits.frame_read_timeout_ms, 2000);
         assert_eq!(tuned.limits.max_connections, 1024);
     }

@@ -14,7 +14,9 @@
 //!   (`client_streams_per_connection` bidirectional ones on client and admin
 //!   connections, `peer_streams_per_connection` unidirectional ones on peer
 //!   connections, none of the other kind). Data a remote sent that the node
-//!   has not read stays within each stream's QUIC receive window.
+//!   has not read stays within the QUIC receive windows:
+//!   [`STREAM_RECEIVE_WINDOW`] per stream, [`CONNECTION_RECEIVE_WINDOW`] per
+//!   connection.
 //! - **Frames being read** ([`crate::transport::frame::read_limited`]): a
 //!   frame's whole announced length is reserved from one node-wide budget of
 //!   `inbound_frame_bytes_total` bytes before its body is read (a reader
@@ -72,6 +74,12 @@ use tokio::sync::{Notify, Semaphore};
 pub const CLIENT_FRAME_BYTES: usize = MAX_VALUE_BYTES + 1024 * 1024;
 
 const MIB: u64 = 1024 * 1024;
+/// Unread bytes QUIC buffers per stream and per connection (the server
+/// side). quinn's default per connection is unbounded; these bound what
+/// streams waiting for response budget can make the node buffer, and still
+/// allow 4 MiB / RTT per connection (4 GB/s on a 1 ms LAN).
+pub const STREAM_RECEIVE_WINDOW: u32 = 1024 * 1024;
+pub const CONNECTION_RECEIVE_WINDOW: u32 = 4 * 1024 * 1024;
 /// The first response estimate of a connection.
 const FIRST_ESTIMATE: u64 = MIB;
 /// The smallest estimate (a response frame is never near zero bytes).
@@ -200,10 +208,13 @@ impl LimitsConfig {
         Duration::from_millis(self.frame_read_timeout_ms)
     }
 
-    /// The server's QUIC transport: `base` with the stream caps.
+    /// The server's QUIC transport: `base` with the stream caps and the
+    /// receive windows (what a remote may send that the node has not read).
     pub fn transport(&self, mut base: quinn::TransportConfig) -> quinn::TransportConfig {
         base.max_concurrent_bidi_streams(self.client_streams_per_connection.into());
         base.max_concurrent_uni_streams(self.peer_streams_per_connection.into());
+        base.stream_receive_window(quinn::VarInt::from_u32(STREAM_RECEIVE_WINDOW));
+        base.receive_window(quinn::VarInt::from_u32(CONNECTION_RECEIVE_WINDOW));
         base
     }
 }
@@ -537,7 +548,8 @@ mod tests {
     #[test]
     fn defaults_are_valid_and_bad_values_name_their_field() {
         LimitsConfig::default().validate().unwrap();
-        let cases: [(fn(&mut LimitsConfig), &str); 5] = [
+        type Change = fn(&mut LimitsConfig);
+        let cases: [(Change, &str); 5] = [
             (|c| c.max_connections = 0, "limits.max_connections"),
             (
                 |c| c.max_connections_per_identity = 2000,
@@ -551,7 +563,10 @@ mod tests {
                 |c| c.inbound_frame_bytes_total = 1024,
                 "limits.inbound_frame_bytes_total",
             ),
-            (|c| c.frame_read_timeout_ms = 0, "limits.frame_read_timeout_ms"),
+            (
+                |c| c.frame_read_timeout_ms = 0,
+                "limits.frame_read_timeout_ms",
+            ),
         ];
         for (change, field) in cases {
             let mut config = LimitsConfig::default();
@@ -576,8 +591,14 @@ mod tests {
             slots.push(slot);
         }
         let mut third = limits.open().unwrap();
-        assert!(matches!(limits.identify(&mut third, a), Err(Refusal::First(_))));
-        assert!(matches!(limits.identify(&mut third, a), Err(Refusal::Again(_))));
+        assert!(matches!(
+            limits.identify(&mut third, a),
+            Err(Refusal::First(_))
+        ));
+        assert!(matches!(
+            limits.identify(&mut third, a),
+            Err(Refusal::Again(_))
+        ));
         limits.identify(&mut third, b).unwrap();
         assert!(matches!(limits.open(), Err(Refusal::First(_))));
         assert!(matches!(limits.open(), Err(Refusal::Again(_))));
@@ -605,16 +626,20 @@ mod tests {
         assert!(blocked.is_err(), "a second request before the first answer");
         // An oversized response is held; nothing more until it is read.
         first.hold(20 * MIB);
-        assert!(tokio::time::timeout(Duration::from_millis(50), conn.admit())
-            .await
-            .is_err());
+        assert!(
+            tokio::time::timeout(Duration::from_millis(50), conn.admit())
+                .await
+                .is_err()
+        );
         // Another connection holding nothing still gets one through.
         let other = limits.responses();
         let mut served = other.admit().await;
         served.hold(4 * MIB);
-        assert!(tokio::time::timeout(Duration::from_millis(50), other.admit())
-            .await
-            .is_err());
+        assert!(
+            tokio::time::timeout(Duration::from_millis(50), other.admit())
+                .await
+                .is_err()
+        );
         // The client read the big one: the waiting connection goes on.
         let waiting = tokio::spawn({
             let conn = conn.clone();
@@ -628,9 +653,11 @@ mod tests {
             .unwrap();
         next.hold(4 * MIB);
         // Its estimate is now 20 MiB - 1/8: a second does not fit 8 MiB.
-        assert!(tokio::time::timeout(Duration::from_millis(50), conn.admit())
-            .await
-            .is_err());
+        assert!(
+            tokio::time::timeout(Duration::from_millis(50), conn.admit())
+                .await
+                .is_err()
+        );
         drop((next, served));
         let state = lock(&limits.responses.held);
         assert_eq!((state.held, state.reserved), (0, 0));

@@ -313,7 +313,10 @@ mod tests {
             read_limited::<Vec<u8>, _>(&mut silent, &limits),
         )
         .await;
-        assert!(idle.is_err(), "an idle stream between frames is not a stall");
+        assert!(
+            idle.is_err(),
+            "an idle stream between frames is not a stall"
+        );
     }
 
     #[tokio::test]
@@ -336,7 +339,10 @@ mod tests {
             }
         });
         tokio::time::sleep(Duration::from_millis(50)).await;
-        assert!(!read.is_finished(), "read past a budget that cannot hold it");
+        assert!(
+            !read.is_finished(),
+            "read past a budget that cannot hold it"
+        );
         drop(held);
         let (value, size) = read.await.unwrap().unwrap().unwrap();
         assert_eq!((value.len(), size), (100_000, frame.len()));
