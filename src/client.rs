@@ -355,10 +355,27 @@ impl Client {
         }
     }
 
+    /// Closes the connection and waits (at most 1 s) until the node was
+    /// told. A process that exits without this leaves its connection open
+    /// on the node until the idle timeout, counted against the node's
+    /// per-identity connection cap (see `node::limits`).
+    pub async fn close(self) {
+        self.connection.close(0u32.into(), b"done");
+        let _ = tokio::time::timeout(
+            std::time::Duration::from_secs(1),
+            self._endpoint.wait_idle(),
+        )
+        .await;
+    }
+
     async fn exchange(&self, request: &Request) -> Result<Response, ClientError> {
+        // A connection the node closed says why (e.g. a connection cap).
         let fail = |reason: String| ClientError::Request {
             addr: self.addr,
-            reason,
+            reason: match self.connection.close_reason() {
+                Some(close) => format!("{reason} ({close})"),
+                None => reason,
+            },
         };
         let (mut send, mut recv) = self
             .connection
