@@ -115,7 +115,7 @@ async fn until<F: Future>(
 /// between frames. Waiting for a frame's first byte is not bounded (an idle
 /// stream is fine); from then on the frame must be complete within the
 /// timeout. Memory held is at most the bytes that arrived (plus one
-/// [`CHUNK`]), and a body is read only once its whole length is reserved
+/// 64 KiB step), and a body is read only once its whole length is reserved
 /// in the budget, waiting for it while holding none of it.
 pub async fn read_limited<T: DeserializeOwned, R: AsyncRead + Unpin>(
     reader: &mut R,
