@@ -29,7 +29,7 @@ const MIB: u64 = 1024 * 1024;
 /// RSS allowed above idle while under attack.
 const ATTACK_BOUND: u64 = 256 * MIB;
 /// RSS allowed above idle once the attack is over.
-const RETURN_MARGIN: u64 = 48 * MIB;
+const RETURN_MARGIN: u64 = 64 * MIB;
 
 fn rss(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
