@@ -360,13 +360,21 @@ impl Client {
     /// client's side of the handshake completed, so a refused client learns
     /// of it on its first request), else `reason`.
     fn failed(&self, reason: String) -> ClientError {
-        self.connection
-            .close_reason()
-            .and_then(|e| refused_in(self.addr, self.tls_dir.as_deref(), &e))
-            .unwrap_or(ClientError::Request {
-                addr: self.addr,
-                reason,
-            })
+        let close = self.connection.close_reason();
+        if let Some(refused) = close
+            .as_ref()
+            .and_then(|e| refused_in(self.addr, self.tls_dir.as_deref(), e))
+        {
+            return refused;
+        }
+        // A connection the node closed says why (e.g. a connection cap).
+        ClientError::Request {
+            addr: self.addr,
+            reason: match close {
+                Some(close) => format!("{reason} ({close})"),
+                None => reason,
+            },
+        }
     }
 
     pub fn set_timeout(&mut self, timeout: std::time::Duration) {
@@ -384,6 +392,19 @@ impl Client {
             Ok(result) => result,
             Err(_) => Err(self.failed(format!("no answer within {:?}", self.timeout))),
         }
+    }
+
+    /// Closes the connection and waits (at most 1 s) until the node was
+    /// told. A process that exits without this leaves its connection open
+    /// on the node until the idle timeout, counted against the node's
+    /// per-identity connection cap (see `node::limits`).
+    pub async fn close(self) {
+        self.connection.close(0u32.into(), b"done");
+        let _ = tokio::time::timeout(
+            std::time::Duration::from_secs(1),
+            self._endpoint.wait_idle(),
+        )
+        .await;
     }
 
     async fn exchange(&self, request: &Request) -> Result<Response, ClientError> {

@@ -362,8 +362,40 @@ fn check_dir(path: &Path) -> Result<()> {
     Ok(())
 }
 
+/// glibc's malloc raises its mmap threshold each time it frees a large
+/// mmapped block, after which large buffers (values, frames) come from its
+/// heaps and are kept after use: a node that answered a burst of 4 MiB
+/// values stayed hundreds of MB above its idle size after the clients left.
+/// A fixed threshold (which disables the adjustment) gives such buffers
+/// back when freed. glibc reads it from the environment at start only, so
+/// `serve` re-executes itself once with it set; a value the operator set
+/// is kept as it is.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn fix_malloc_threshold() {
+    use std::os::unix::process::CommandExt;
+    const VAR: &str = "MALLOC_MMAP_THRESHOLD_";
+    if std::env::var_os(VAR).is_some() {
+        return;
+    }
+    let Ok(exe) = std::env::current_exe() else {
+        return;
+    };
+    // Only returns on failure; the node then runs with glibc's default.
+    let error = std::process::Command::new(exe)
+        .args(std::env::args_os().skip(1))
+        .env(VAR, "131072")
+        .exec();
+    eprintln!("warning: cannot re-execute with {VAR} set ({error}); freed large buffers may stay in the process");
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn fix_malloc_threshold() {}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if matches!(cli.command, Command::Serve(_)) {
+        fix_malloc_threshold();
+    }
     tracing_subscriber::fmt()
         .with_env_filter(
             EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),

@@ -371,7 +371,11 @@ impl Ctl {
     async fn call(&self, request: Request, w: u8) -> anyhow::Result<Response> {
         let mut client = self.connect(self.node, request.is_admin()).await?;
         client.set_quorum(w, 1);
-        Ok(client.request(&request).await?)
+        let response = client.request(&request).await;
+        // Tell the node now rather than at its idle timeout: scripts run
+        // kvctl in loops, and open connections count against a cap.
+        client.close().await;
+        Ok(response?)
     }
 
     fn emit(&self, value: Json, text: impl FnOnce()) {
@@ -810,7 +814,9 @@ impl Ctl {
             Command::Diff { node_a, node_b } => {
                 let fetch = |addr| async move {
                     let client = self.connect(addr, true).await?;
-                    match client.request(&Request::Partitions).await? {
+                    let response = client.request(&Request::Partitions).await;
+                    client.close().await;
+                    match response? {
                         Response::Partitions(p) => Ok::<Vec<PartitionInfo>, anyhow::Error>(p),
                         _ => anyhow::bail!("unexpected answer from {addr}"),
                     }

@@ -15,8 +15,20 @@
 //! expect_nodes = 3               # a node starting a new cluster (no seeds):
 //!                                # make the first layout once 3 are up
 //! metrics_listen = "127.0.0.1:9100"
+//!
+//! [limits]                       # resource bounds (src/node/limits.rs);
+//!                                # every field optional, defaults shown
+//! max_connections = 1024         # connections at once, all protocols
+//! max_connections_per_identity = 32  # per certificate (per IP if insecure)
+//! client_streams_per_connection = 16 # concurrent requests per connection
+//! peer_streams_per_connection = 8
+//! response_bytes_per_connection = 8388608   # 8 MiB of unread answers
+//! response_bytes_total = 134217728          # 128 MiB, all clients
+//! frame_read_timeout_ms = 10000  # first byte to last of one frame
+//! inbound_frame_bytes_total = 268435456     # 256 MiB of frames being read
 //! ```
 
+use super::limits::LimitsConfig;
 use serde::Deserialize;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -61,6 +73,8 @@ pub struct FileConfig {
     pub replicas: Option<u8>,
     pub expect_nodes: Option<usize>,
     pub metrics_listen: Option<String>,
+    #[serde(default)]
+    pub limits: LimitsConfig,
 }
 
 impl FileConfig {
@@ -115,6 +129,8 @@ pub struct NodeConfig {
     /// will have. Ignored by a node that joins through seeds.
     pub expect_nodes: usize,
     pub metrics_listen: Option<SocketAddr>,
+    /// Resource bounds, validated.
+    pub limits: LimitsConfig,
 }
 
 fn addr(field: &'static str, text: &str) -> Result<SocketAddr, ConfigError> {
@@ -220,6 +236,9 @@ impl NodeConfig {
             .as_deref()
             .map(|s| addr("metrics_listen", s))
             .transpose()?;
+        file.limits
+            .validate()
+            .map_err(|(field, reason)| ConfigError::Invalid { field, reason })?;
         Ok(NodeConfig {
             node_id,
             data_dir,
@@ -232,6 +251,7 @@ impl NodeConfig {
             replicas,
             expect_nodes,
             metrics_listen,
+            limits: file.limits,
         })
     }
 }
@@ -279,6 +299,14 @@ mod tests {
             ),
             ("data_dir = \"d\"\ninsecure = true\ncolour = 1", "colour"),
             (
+                "data_dir = \"d\"\ninsecure = true\n[limits]\nmax_connections = 0",
+                "limits.max_connections",
+            ),
+            (
+                "data_dir = \"d\"\ninsecure = true\n[limits]\nmax_streams = 1",
+                "max_streams",
+            ),
+            (
                 "data_dir = \"d\"\ninsecure = true\nlisten = \"0.0.0.0:7000\"",
                 "advertise",
             ),
@@ -291,5 +319,11 @@ mod tests {
         let ok = parse("data_dir = \"d\"\ntls_dir = \"t\"\nseeds = [\"127.0.0.1:1\"]").unwrap();
         assert_eq!(ok.security, Security::Tls("t".into()));
         assert_eq!(ok.seeds.len(), 1);
+        assert_eq!(ok.limits, LimitsConfig::default());
+        let tuned =
+            parse("data_dir = \"d\"\ninsecure = true\n[limits]\nframe_read_timeout_ms = 2000")
+                .unwrap();
+        assert_eq!(tuned.limits.frame_read_timeout_ms, 2000);
+        assert_eq!(tuned.limits.max_connections, 1024);
     }
 }

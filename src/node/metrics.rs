@@ -27,6 +27,12 @@ pub struct Metrics {
     /// Client request latency at the node, from request to answer.
     pub request_latency: Histogram,
     pub client_errors: AtomicU64,
+    /// Connections refused by the connection caps (node/limits.rs).
+    pub connections_refused: AtomicU64,
+    /// Frames dropped: stalled past the read deadline, or over a limit.
+    pub frames_dropped: AtomicU64,
+    /// Gauge: response bytes encoded and not yet read by their clients.
+    pub response_bytes_held: AtomicU64,
     /// Gauges and core counters, refreshed by the core loop.
     pub core: Mutex<BTreeMap<&'static str, u64>>,
     /// This node's name and id, for `gossipkv_node_info`.
@@ -88,6 +94,30 @@ impl Metrics {
             "Client requests that failed.",
             "counter",
             vec![(String::new(), self.client_errors.load(Ordering::Relaxed))],
+        );
+        counter(
+            "connections_refused_total",
+            "Connections refused by the connection limits.",
+            "counter",
+            vec![(
+                String::new(),
+                self.connections_refused.load(Ordering::Relaxed),
+            )],
+        );
+        counter(
+            "frames_dropped_total",
+            "Frames dropped: stalled past frame_read_timeout_ms, or over a size limit.",
+            "counter",
+            vec![(String::new(), self.frames_dropped.load(Ordering::Relaxed))],
+        );
+        counter(
+            "response_bytes_held",
+            "Response bytes encoded and not yet acknowledged by their clients.",
+            "gauge",
+            vec![(
+                String::new(),
+                self.response_bytes_held.load(Ordering::Relaxed),
+            )],
         );
         let core = self.core.lock().map(|c| c.clone()).unwrap_or_default();
         for (name, value) in core {

@@ -17,6 +17,7 @@
 //! that took it (hinted hand-off).
 
 pub mod config;
+pub mod limits;
 pub mod metrics;
 mod reload;
 
@@ -33,9 +34,10 @@ use crate::replication::replica::{
     MembershipEventKind, Output, Replica, ReplicaConfig, ReplicaEvent, Timer,
 };
 use crate::store::{ChangeChunk, RemoteEntry, Store, StoreOptions};
-use crate::transport::tls::{client_config, server_config, TlsIdentity, REFUSED};
+use crate::transport::tls::{client_config, TlsIdentity, REFUSED};
 use crate::transport::{frame, ALPN_ADMIN, ALPN_CLIENT, ALPN_PEER};
 use config::{NodeConfig, Security};
+use limits::{ConnResponses, Identity, Limits, Refusal};
 use metrics::Metrics;
 use reload::LiveTls;
 use serde::{Deserialize, Serialize};
@@ -392,7 +394,6 @@ pub async fn run(
         }
         (_, given, _) => given.clone(),
     };
-    let server = server_config(identity.as_ref(), &reload::ALPNS)?;
     let peer_client = client_config(identity.as_ref(), ALPN_PEER)?;
     let live = Arc::new(LiveTls::new(
         match (&identity, &config.security) {
@@ -400,7 +401,13 @@ pub async fn run(
             _ => None,
         },
         peer_client,
+        Arc::new(
+            config
+                .limits
+                .transport(crate::transport::tls::base_transport()),
+        ),
     ));
+    let server = live.server_config(identity.as_ref())?;
     if let (Some(id), Security::Tls(dir)) = (&identity, &config.security) {
         reload::warn_if_expiring(id.identity().not_after, &dir.join(crate::certs::CERT));
     }
@@ -517,6 +524,7 @@ pub async fn run(
         );
     }
     let (core_tx, core_rx) = mpsc::channel(4096);
+    let limits = Limits::new(config.limits.clone(), metrics.clone());
     let accept = tokio::spawn(accept_loop(
         endpoint.clone(),
         core_tx.clone(),
@@ -524,6 +532,7 @@ pub async fn run(
         id,
         identity.is_some(),
         live.clone(),
+        limits,
     ));
     let core = Core {
         replica,
@@ -1647,13 +1656,27 @@ async fn accept_loop(
     me: NodeId,
     secure: bool,
     tls: Arc<LiveTls>,
+    limits: Arc<Limits>,
 ) {
     while let Some(incoming) = endpoint.accept().await {
+        let remote = incoming.remote_address();
+        // Counted from before the handshake, so handshakes in progress
+        // count too.
+        let mut slot = match limits.open() {
+            Ok(slot) => slot,
+            Err(refusal) => {
+                if let Refusal::First(reason) = refusal {
+                    warn!(%remote, "refusing connections: {reason}");
+                }
+                incoming.refuse();
+                continue;
+            }
+        };
         let core = core.clone();
         let metrics = metrics.clone();
         let tls = tls.clone();
+        let limits = limits.clone();
         tokio::spawn(async move {
-            let remote = incoming.remote_address();
             let connection = match incoming.await {
                 Ok(connection) => connection,
                 Err(e) => {
@@ -1661,6 +1684,18 @@ async fn accept_loop(
                     return;
                 }
             };
+            let identity = Identity::of(&connection);
+            if let Err(refusal) = limits.identify(&mut slot, identity) {
+                let reason = match refusal {
+                    Refusal::First(reason) => {
+                        warn!(%remote, %identity, "refusing connections: {reason}");
+                        reason
+                    }
+                    Refusal::Again(reason) => reason,
+                };
+                connection.close(REFUSED, reason.as_bytes());
+                return;
+            }
             let alpn = connection
                 .handshake_data()
                 .and_then(|d| d.downcast::<quinn::crypto::rustls::HandshakeData>().ok())
@@ -1683,12 +1718,15 @@ async fn accept_loop(
             let _tracked = tls.track(&connection);
             match (alpn, role) {
                 (Alpn::Peer, Admitted::Node(sender)) => {
-                    serve_peer(connection, core, metrics, sender).await
+                    serve_peer(connection, core, metrics, sender, &limits).await
                 }
-                (Alpn::Peer, _) => serve_peer(connection, core, metrics, None).await,
-                (Alpn::Client, _) => serve_client(connection, core, metrics, None).await,
-                (Alpn::Admin, role) => serve_client(connection, core, metrics, Some(role)).await,
+                (Alpn::Peer, _) => serve_peer(connection, core, metrics, None, &limits).await,
+                (Alpn::Client, _) => serve_client(connection, core, metrics, None, &limits).await,
+                (Alpn::Admin, role) => {
+                    serve_client(connection, core, metrics, Some(role), &limits).await
+                }
             }
+            drop(slot);
         });
     }
 }
@@ -1759,20 +1797,53 @@ fn admit(
     }
 }
 
+/// Logs a connection's first dropped frame or refused request at warn and
+/// the rest at debug: once per offender, not once per frame.
+#[derive(Default)]
+struct WarnOnce(std::sync::atomic::AtomicBool);
+
+impl WarnOnce {
+    fn first(&self) -> bool {
+        !self.0.swap(true, Relaxed)
+    }
+}
+
+fn dropped(metrics: &Metrics, e: &frame::FrameError) {
+    if matches!(
+        e,
+        frame::FrameError::Stalled(_)
+            | frame::FrameError::OverLimit { .. }
+            | frame::FrameError::TooLarge(_)
+    ) {
+        metrics.frames_dropped.fetch_add(1, Relaxed);
+    }
+}
+
 async fn serve_peer(
     connection: quinn::Connection,
     core: mpsc::Sender<CoreInput>,
     metrics: Arc<Metrics>,
     sender: Option<NodeId>,
+    limits: &Limits,
 ) {
+    // Peers open unidirectional streams only.
+    connection.set_max_concurrent_bi_streams(0u32.into());
     let remote = connection.remote_address();
+    let read_limits = frame::ReadLimits {
+        max_len: crate::transport::MAX_FRAME_BYTES,
+        timeout: Some(limits.config.frame_read_timeout()),
+        budget: Some(limits.inbound.clone()),
+    };
+    let warned = Arc::new(WarnOnce::default());
     while let Ok(mut stream) = connection.accept_uni().await {
         let core = core.clone();
         let metrics = metrics.clone();
         let connection = connection.clone();
+        let read_limits = read_limits.clone();
+        let warned = warned.clone();
         tokio::spawn(async move {
             loop {
-                match frame::read_sized::<Envelope, _>(&mut stream).await {
+                match frame::read_limited::<Envelope, _>(&mut stream, &read_limits).await {
                     Ok(Some((Envelope { from, payload }, size))) => {
                         if let Some(certified) = sender.filter(|&c| c != from) {
                             // The sender of a peer message is the node its
@@ -1791,7 +1862,16 @@ async fn serve_peer(
                     }
                     Ok(None) => return,
                     Err(e) => {
-                        warn!(%remote, "closed a peer stream: {e}");
+                        dropped(&metrics, &e);
+                        if matches!(e, frame::FrameError::Io(_)) {
+                            // The connection went away (restart, idle
+                            // timeout, network): not the peer's fault.
+                            debug!(%remote, "closed a peer stream: {e}");
+                        } else if warned.first() {
+                            warn!(%remote, "closed a peer stream: {e} (further ones from this connection logged at debug)");
+                        } else {
+                            debug!(%remote, "closed a peer stream: {e}");
+                        }
                         let _ = stream.stop(2u32.into());
                         return;
                     }
@@ -1803,25 +1883,44 @@ async fn serve_peer(
 
 /// Serves client requests on one connection, or, with `admin` (the admin
 /// protocol), inspection and, for an admin certificate, cluster changes.
+///
+/// Each stream waits for response budget before reading its request (see
+/// `limits`), and holds its response's bytes until the client has them.
 async fn serve_client(
     connection: quinn::Connection,
     core: mpsc::Sender<CoreInput>,
     metrics: Arc<Metrics>,
     admin: Option<Admitted>,
+    limits: &Limits,
 ) {
+    // Clients open bidirectional streams only.
+    connection.set_max_concurrent_uni_streams(0u32.into());
     let remote = connection.remote_address();
+    let read_limits = frame::ReadLimits {
+        max_len: limits::CLIENT_FRAME_BYTES,
+        timeout: Some(limits.config.frame_read_timeout()),
+        budget: Some(limits.inbound.clone()),
+    };
+    let responses: Arc<ConnResponses> = limits.responses();
+    let warned = Arc::new(WarnOnce::default());
     while let Ok((mut send, mut recv)) = connection.accept_bi().await {
         let core = core.clone();
         let metrics = metrics.clone();
         let admin = admin.clone();
+        let read_limits = read_limits.clone();
+        let responses = responses.clone();
+        let warned = warned.clone();
         tokio::spawn(async move {
+            // Before reading the request: a connection whose answers are not
+            // read stops being read, and flow control stops its sender.
+            let mut ticket = responses.admit().await;
             let started = Instant::now();
-            let response = match frame::read::<Call, _>(&mut recv).await {
-                Ok(Some(call)) if call.request.is_admin() && admin.is_none() => Response::Error(
+            let response = match frame::read_limited::<Call, _>(&mut recv, &read_limits).await {
+                Ok(Some((call, _))) if call.request.is_admin() && admin.is_none() => Response::Error(
                     "admin requests are served on the admin protocol (kvctl), not the client one"
                         .into(),
                 ),
-                Ok(Some(call))
+                Ok(Some((call, _)))
                     if call.request.changes_cluster() && admin != Some(Admitted::Admin) =>
                 {
                     Response::Error(
@@ -1829,7 +1928,7 @@ async fn serve_client(
                             .into(),
                     )
                 }
-                Ok(Some(call)) => {
+                Ok(Some((call, _))) => {
                     let (reply, answer) = oneshot::channel();
                     if core.send(CoreInput::Client { call, reply }).await.is_err() {
                         return;
@@ -1840,14 +1939,31 @@ async fn serve_client(
                 }
                 Ok(None) => return,
                 Err(e) => {
-                    warn!(%remote, "refused a client request: {e}");
+                    dropped(&metrics, &e);
+                    if warned.first() {
+                        warn!(%remote, "refused a client request: {e} (further ones from this connection logged at debug)");
+                    } else {
+                        debug!(%remote, "refused a client request: {e}");
+                    }
                     Response::Error(format!("bad request: {e}"))
                 }
             };
             metrics.request_latency.observe(started.elapsed());
-            if frame::write(&mut send, &response).await.is_ok() {
-                let _ = send.finish();
+            let Ok(bytes) = frame::encode(&response) else {
+                return;
+            };
+            // One copy only from here on.
+            drop(response);
+            ticket.hold(bytes.len() as u64);
+            if send.write_all(&bytes).await.is_ok() {
+                drop(bytes);
+                if send.finish().is_ok() {
+                    // Held until the client acknowledged every byte (QUIC's
+                    // send buffer is part of what a slow reader makes us hold).
+                    let _ = send.stopped().await;
+                }
             }
+            drop(ticket);
         });
     }
 }

@@ -78,6 +78,8 @@ pub(super) struct LiveTls {
     connections: Mutex<HashMap<usize, Tracked>>,
     /// The refusal last logged per peer address.
     refused: Mutex<HashMap<SocketAddr, String>>,
+    /// QUIC limits of the listener (receive windows, idle timeout).
+    server_transport: Arc<quinn::TransportConfig>,
 }
 
 /// Locks, ignoring poisoning: every critical section here only replaces or
@@ -103,8 +105,10 @@ impl LiveTls {
     pub(super) fn new(
         identity: Option<(&TlsIdentity, &Path)>,
         peer: quinn::ClientConfig,
+        server_transport: Arc<quinn::TransportConfig>,
     ) -> LiveTls {
         LiveTls {
+            server_transport,
             source: identity.map(|(id, dir)| (dir.to_path_buf(), id.identity().name.clone())),
             peer: Mutex::new(peer),
             not_after: Mutex::new(identity.map(|(id, _)| id.identity().not_after)),
@@ -116,6 +120,17 @@ impl LiveTls {
             connections: Mutex::new(HashMap::new()),
             refused: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// The server side of every ALPN for `identity`, with the node's
+    /// transport limits (kept across reloads).
+    pub(super) fn server_config(
+        &self,
+        identity: Option<&TlsIdentity>,
+    ) -> Result<quinn::ServerConfig, TlsError> {
+        let mut server = server_config(identity, &ALPNS)?;
+        server.transport_config(self.server_transport.clone());
+        Ok(server)
     }
 
     /// The client configuration for new outgoing peer connections.
@@ -183,7 +198,7 @@ impl LiveTls {
                 now: cert.name.clone(),
             });
         }
-        let server = server_config(Some(&identity), &ALPNS)?;
+        let server = self.server_config(Some(&identity))?;
         let peer = client_config(Some(&identity), ALPN_PEER)?;
         // Everything is built: from here on nothing can fail.
         endpoint.set_server_config(Some(server));
@@ -316,6 +331,7 @@ mod tests {
         let live = LiveTls::new(
             Some((&id, &tls)),
             client_config(Some(&id), ALPN_PEER).unwrap(),
+            Arc::new(quinn::TransportConfig::default()),
         );
         let first = live.not_after();
 
@@ -341,7 +357,11 @@ mod tests {
         assert!(days_left(done.not_after) < 11);
         assert_eq!((done.revoked, done.closed), (0, 0));
 
-        let insecure = LiveTls::new(None, client_config(None, ALPN_PEER).unwrap());
+        let insecure = LiveTls::new(
+            None,
+            client_config(None, ALPN_PEER).unwrap(),
+            Arc::new(quinn::TransportConfig::default()),
+        );
         assert!(matches!(
             insecure.reload(&endpoint),
             Err(ReloadError::Insecure)

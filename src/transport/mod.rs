@@ -4,8 +4,11 @@
 //! Three ALPNs separate traffic: peer (replication), client (reads and
 //! writes) and admin (inspection). A frame is `b"GKV"`, a protocol version
 //! byte, a big-endian u32 length, then that many bytes of postcard. Frames
-//! above [`MAX_FRAME_BYTES`] are refused before anything is allocated. A bad
-//! frame ends that stream with an error; the connection and the node go on.
+//! above [`MAX_FRAME_BYTES`] are refused before anything is allocated, and a
+//! body's buffer grows as its bytes arrive (the node also bounds the time
+//! and memory frames being read take: [`frame::read_limited`],
+//! `node::limits`). A bad frame ends that stream with an error; the
+//! connection and the node go on.
 
 pub mod frame;
 pub mod tls;

@@ -292,11 +292,17 @@ fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
-fn transport() -> Arc<quinn::TransportConfig> {
+/// The QUIC transport settings every connection starts from (keep-alive,
+/// idle timeout); the node adds its stream limits on the server side.
+pub fn base_transport() -> quinn::TransportConfig {
     let mut transport = quinn::TransportConfig::default();
     transport.keep_alive_interval(Some(Duration::from_secs(5)));
     transport.max_idle_timeout(Duration::from_secs(30).try_into().ok());
-    Arc::new(transport)
+    transport
+}
+
+fn transport() -> Arc<quinn::TransportConfig> {
+    Arc::new(base_transport())
 }
 
 /// Server side of every ALPN in `alpns`, requiring a client certificate

@@ -108,6 +108,12 @@ impl Cluster {
     /// once `expect_nodes` nodes are up (`--expect-nodes`), so that the
     /// first layout already has every node.
     pub fn forming(expect_nodes: usize) -> Cluster {
+        Cluster::forming_with_config(expect_nodes, None)
+    }
+
+    /// [`Cluster::forming`], the first node reading `config` (TOML) through
+    /// `--config`; flags still give the rest.
+    pub fn forming_with_config(expect_nodes: usize, config: Option<&str>) -> Cluster {
         let dir = tempfile::tempdir().unwrap();
         let ca = dir.path().join("ca");
         certs::init_ca(&ca, "test").unwrap();
@@ -132,7 +138,7 @@ impl Cluster {
             metrics: Vec::new(),
             dir,
         };
-        cluster.spawn_node(None, expect_nodes);
+        cluster.spawn_node(None, expect_nodes, config);
         cluster
     }
 
@@ -145,10 +151,10 @@ impl Cluster {
     /// Starts one more node joining through `seed`, or, with `None`, a node
     /// that starts a cluster of its own (same CA, so clients reach both).
     pub fn add_node_with_seed(&mut self, seed: Option<SocketAddr>) {
-        self.spawn_node(seed, 1);
+        self.spawn_node(seed, 1, None);
     }
 
-    fn spawn_node(&mut self, seed: Option<SocketAddr>, expect_nodes: usize) {
+    fn spawn_node(&mut self, seed: Option<SocketAddr>, expect_nodes: usize, config: Option<&str>) {
         let i = self.nodes.len() + 1;
         let node_dir = self.dir.path().join(format!("node-{i}"));
         certs::issue(
@@ -164,6 +170,11 @@ impl Cluster {
         self.metrics.push(metrics);
         let mut command = serve_command(&node_dir, i, addr, metrics, seed);
         command.args(["--expect-nodes", &expect_nodes.to_string()]);
+        if let Some(config) = config {
+            let path = node_dir.join("config.toml");
+            std::fs::write(&path, config).unwrap();
+            command.arg("--config").arg(path);
+        }
         self.nodes.push((command.spawn().unwrap(), addr));
     }
 
