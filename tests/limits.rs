@@ -116,9 +116,12 @@ async fn slow_readers_are_not_read_and_memory_stays_bounded() {
     let idle = rss(pid);
 
     // Another identity: the per-identity caps do not involve it.
-    let honest = Client::connect(addr, Some(&issue(&cluster, "client-2", certs::Role::Client)))
-        .await
-        .unwrap();
+    let honest = Client::connect(
+        addr,
+        Some(&issue(&cluster, "client-2", certs::Role::Client)),
+    )
+    .await
+    .unwrap();
     let attacker_tls = cluster.client_tls();
     let attackers = endpoint();
     let get = frame::encode(&Call {

@@ -8,6 +8,7 @@
 //! vectors only after the commit succeeds.
 
 mod changes;
+mod group;
 mod partition;
 mod tables;
 mod write;
@@ -15,6 +16,7 @@ mod write;
 pub use changes::{
     ApplyReport, ChangeChunk, ChangeStream, ChunkLimits, PartitionStats, RemoteEntry,
 };
+pub use group::{GroupOutcome, GroupWrite, MergedView};
 pub use partition::{partition_of, DEFAULT_PARTITIONS, HASH_SCHEME};
 pub use write::{Batch, Op};
 
@@ -26,6 +28,7 @@ use crate::crdt::{
 use crate::error::{show_key, Error, Result};
 use redb::{Database, ReadableDatabase, ReadableTable};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use tables::*;
 
@@ -140,6 +143,10 @@ pub struct Store {
     durability: Durability,
     clock: Arc<dyn WallClock>,
     writer: Mutex<WriterState>,
+    /// Per partition, whether local writes are accepted (see `writable`),
+    /// kept beside the writer state so that asking never waits for a
+    /// commit in progress.
+    writable: Box<[AtomicBool]>,
 }
 
 impl std::fmt::Debug for Store {
@@ -331,6 +338,11 @@ impl Store {
             partitions,
             durability: options.durability,
             clock: options.clock,
+            writable: versions
+                .iter()
+                .zip(&issued_floor)
+                .map(|(vv, &floor)| AtomicBool::new(holds_own_writes(node, vv, floor)))
+                .collect(),
             writer: Mutex::new(WriterState {
                 versions,
                 issued_floor,
@@ -402,12 +414,22 @@ impl Store {
     /// dropped, until a sync from a replica brings those writes back (see
     /// [`Error::OwnWritesMissing`](crate::Error::OwnWritesMissing)).
     pub fn writable(&self, partition: u16) -> bool {
-        let state = self.writer();
+        self.writable
+            .get(usize::from(partition))
+            .is_some_and(|w| w.load(Ordering::Acquire))
+    }
+
+    /// Updates `writable` for `partition` from the writer state just
+    /// committed.
+    fn refresh_writable(&self, state: &WriterState, partition: u16) {
         let p = usize::from(partition);
-        let (Some(vv), Some(&floor)) = (state.versions.get(p), state.issued_floor.get(p)) else {
-            return false;
-        };
-        vv.base(self.node) >= vv.max_seq(self.node).max(floor)
+        if let (Some(flag), Some(vv), Some(&floor)) = (
+            self.writable.get(p),
+            state.versions.get(p),
+            state.issued_floor.get(p),
+        ) {
+            flag.store(holds_own_writes(self.node, vv, floor), Ordering::Release);
+        }
     }
 
     /// The partition's version vector: the writes this store has incorporated.
@@ -583,6 +605,12 @@ fn fixed<const N: usize>(bytes: &[u8], path: &str, field: &str) -> Result<[u8; N
             bytes.len()
         ),
     })
+}
+
+/// Whether a partition's vector covers every sequence `node` ever issued
+/// there (`floor`: the issued floor kept when it was dropped).
+fn holds_own_writes(node: NodeId, vv: &VersionVector, floor: u64) -> bool {
+    vv.base(node) >= vv.max_seq(node).max(floor)
 }
 
 /// The read view of an encoded entry (as `entry_bytes` returns it), for

@@ -44,6 +44,16 @@ pub enum Op {
 }
 
 impl Op {
+    /// The key and value bytes the operation carries.
+    pub fn payload_bytes(&self) -> usize {
+        let data = match self {
+            Op::Put { value, .. } | Op::PutLww { value, .. } => value.len(),
+            Op::SetAdd { member, .. } | Op::SetRemove { member, .. } => member.len(),
+            Op::Delete { .. } | Op::CounterAdd { .. } => 8,
+        };
+        self.key().len() + data
+    }
+
     fn key(&self) -> &[u8] {
         match self {
             Op::Put { key, .. }
@@ -138,9 +148,12 @@ impl Batch {
 }
 
 /// What a local operation left behind.
-struct Applied {
-    context: CausalContext,
-    counter: Option<i64>,
+pub(super) struct Applied {
+    pub(super) context: CausalContext,
+    pub(super) counter: Option<i64>,
+    /// The key's encoded entry after the operation (`None` for a delete
+    /// that found nothing to delete and wrote nothing).
+    pub(super) entry: Option<Vec<u8>>,
 }
 
 impl Store {
@@ -242,9 +255,11 @@ impl Store {
         for (p, issued) in dropped {
             state.versions[usize::from(p)] = VersionVector::new();
             state.issued_floor[usize::from(p)] = issued;
+            self.refresh_writable(&state, p);
         }
         for (p, vv) in touched {
             state.versions[usize::from(p)] = vv;
+            self.refresh_writable(&state, p);
         }
         state.hlc = hlc;
         Ok(result)
@@ -317,7 +332,7 @@ impl<'t> Writer<'t> {
         bytes.map(|b| decode_entry(key, b.value())).transpose()
     }
 
-    fn local(&mut self, op: &Op) -> Result<Applied> {
+    pub(super) fn local(&mut self, op: &Op) -> Result<Applied> {
         let key = op.key();
         check_key(key)?;
         let partition = self.store.partition_of(key);
@@ -343,6 +358,7 @@ impl<'t> Writer<'t> {
                         return Ok(Applied {
                             context: CausalContext::new(),
                             counter: None,
+                            entry: None,
                         });
                     }
                     Some(k) => k,
@@ -408,10 +424,11 @@ impl<'t> Writer<'t> {
             Op::SetRemove { member, .. } => entry.set_remove(member.clone(), dot),
         }
         self.version_mut(partition).add(dot);
-        self.store_entry(partition, key, &before, was_tombstone, &entry)?;
+        let encoded = self.store_entry(partition, key, &before, was_tombstone, &entry)?;
         Ok(Applied {
             context: entry.context,
             counter,
+            entry: Some(encoded),
         })
     }
 
@@ -503,8 +520,9 @@ impl<'t> Writer<'t> {
         }
     }
 
-    /// Writes the entry with its index and tombstone rows. `before` are the
-    /// index dots of the entry as stored (empty if new).
+    /// Writes the entry with its index and tombstone rows; returns it
+    /// encoded. `before` are the index dots of the entry as stored (empty if
+    /// new).
     pub(super) fn store_entry(
         &mut self,
         partition: u16,
@@ -512,7 +530,7 @@ impl<'t> Writer<'t> {
         before: &[Dot],
         was_tombstone: Option<bool>,
         entry: &Entry,
-    ) -> Result<()> {
+    ) -> Result<Vec<u8>> {
         let after = entry.index_dots();
         for dot in before.iter().filter(|d| !after.contains(d)) {
             self.changes.remove((partition, dot.node.0, dot.seq))?;
@@ -520,7 +538,8 @@ impl<'t> Writer<'t> {
         for dot in after.iter().filter(|d| !before.contains(d)) {
             self.changes.insert((partition, dot.node.0, dot.seq), key)?;
         }
-        self.entries.insert(key, entry.encode().as_slice())?;
+        let encoded = entry.encode();
+        self.entries.insert(key, encoded.as_slice())?;
         let is_tombstone = entry.is_tombstone();
         if was_tombstone != Some(is_tombstone) {
             if is_tombstone {
@@ -529,7 +548,7 @@ impl<'t> Writer<'t> {
                 self.tombstones.remove((partition, key))?;
             }
         }
-        Ok(())
+        Ok(encoded)
     }
 
     /// Removes an entry and its rows (tombstone purge).

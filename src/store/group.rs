@@ -1,0 +1,323 @@
+//! Group commit: many independent writes in one transaction and one durable
+//! commit, each with its own outcome; and reads merged from other replicas'
+//! entries without writing.
+//!
+//! A write that fails its own checks (wrong type, bad context, a partition
+//! this store cannot write) fails alone and leaves nothing behind: every such
+//! check runs before the write touches a table. A storage error fails the
+//! whole group and nothing of it is committed. Each local write still gets
+//! its own dot; grouping changes nothing in the causal model.
+
+use super::write::Op;
+use super::{Record, Store};
+use crate::crdt::entry::Entry;
+use crate::crdt::{CausalContext, ValueKind};
+use crate::error::{show_key, Error, Result};
+
+/// One write of a group (see [`Store::commit_group`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum GroupWrite {
+    /// A local operation: gets a fresh dot of this store.
+    Local(Op),
+    /// Merge another replica's entry of `key` (encoded as
+    /// [`Store::entry_bytes`] gives it), which hashes to `partition`.
+    Merge {
+        partition: u16,
+        key: Vec<u8>,
+        entry: Vec<u8>,
+    },
+}
+
+impl GroupWrite {
+    /// Bytes this write carries (to bound a group's size).
+    pub fn payload_bytes(&self) -> usize {
+        match self {
+            GroupWrite::Local(op) => op.payload_bytes(),
+            GroupWrite::Merge { key, entry, .. } => key.len() + entry.len(),
+        }
+    }
+}
+
+/// What one write of a group did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum GroupOutcome {
+    Local {
+        /// The key's causal context after the write.
+        context: CausalContext,
+        /// A counter's value here after an add.
+        counter: Option<i64>,
+        /// The key's encoded entry after the write, to replicate; `None` when
+        /// the write changed nothing (a delete of a key never written).
+        entry: Option<Vec<u8>>,
+    },
+    /// Whether the merge brought anything new.
+    Merged { changed: bool },
+}
+
+impl Store {
+    /// Commits `writes` in one transaction, in order (a later write to a
+    /// key sees the earlier ones). The outer error is a storage failure:
+    /// nothing was committed. Otherwise each write has its own result, and
+    /// the ones that failed wrote nothing.
+    pub fn commit_group(&self, writes: &[GroupWrite]) -> Result<Vec<Result<GroupOutcome>>> {
+        if writes.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.with_write(|w| {
+            let mut outcomes = Vec::with_capacity(writes.len());
+            for write in writes {
+                let outcome = match write {
+                    GroupWrite::Local(op) => w.local(op).map(|a| GroupOutcome::Local {
+                        context: a.context,
+                        counter: a.counter,
+                        entry: a.entry,
+                    }),
+                    GroupWrite::Merge {
+                        partition,
+                        key,
+                        entry,
+                    } => self
+                        .check_remote(*partition, key, entry)
+                        .and_then(|entry| w.merge_remote(*partition, key, entry))
+                        .map(|changed| GroupOutcome::Merged { changed }),
+                };
+                // A storage error may leave the transaction half written:
+                // give up on all of it (the caller reports it to every write).
+                if let Err(e @ Error::Storage(_)) = outcome {
+                    return Err(e);
+                }
+                outcomes.push(outcome);
+            }
+            Ok(outcomes)
+        })
+    }
+
+    /// Decodes and checks a remote entry as `apply` does for a chunk.
+    fn check_remote(&self, partition: u16, key: &[u8], entry: &[u8]) -> Result<Entry> {
+        self.check_partition(partition)?;
+        super::write::check_key(key)?;
+        let actual = self.partition_of(key);
+        if actual != partition {
+            return Err(Error::MisroutedEntry {
+                key: show_key(key),
+                claimed: partition,
+                actual,
+            });
+        }
+        Entry::decode(entry).map_err(|e| Error::InvalidEntry {
+            key: show_key(key),
+            reason: e.to_string(),
+        })
+    }
+
+    /// This store's entry of `key` merged, in memory, with other replicas'
+    /// encoded entries of it: what a read at R > 1 answers from. Nothing is
+    /// written; the caller merges the remote entries in durably (through
+    /// `commit_group`) and repairs the replicas that were behind.
+    pub fn merged_view(&self, key: &[u8], remote: &[Vec<u8>]) -> Result<MergedView> {
+        let mut entry = self.load(key)?.unwrap_or_default();
+        for bytes in remote {
+            let incoming = Entry::decode(bytes).map_err(|e| Error::InvalidEntry {
+                key: show_key(key),
+                reason: e.to_string(),
+            })?;
+            entry.merge(incoming);
+        }
+        Ok(MergedView {
+            key: key.to_vec(),
+            encoded: entry.encode(),
+            entry,
+        })
+    }
+}
+
+/// A key's state merged from several replicas (see [`Store::merged_view`]).
+#[derive(Clone, Debug)]
+pub struct MergedView {
+    key: Vec<u8>,
+    entry: Entry,
+    encoded: Vec<u8>,
+}
+
+impl MergedView {
+    /// The merged entry, encoded: what replicas that were behind get;
+    /// `None` when no replica holds the key.
+    pub fn encoded(&self) -> Option<&[u8]> {
+        (self.entry != Entry::default()).then_some(self.encoded.as_slice())
+    }
+
+    /// The read view; `None` if the key is absent or deleted everywhere.
+    pub fn record(&self) -> Option<Record> {
+        self.entry.clone().into_record()
+    }
+
+    /// The counter's value; 0 if the key does not exist.
+    pub fn counter(&self) -> Result<i64> {
+        self.check(ValueKind::Counter)?;
+        Ok(self.entry.counter_value())
+    }
+
+    /// The set's members, sorted.
+    pub fn members(&self) -> Result<Vec<Vec<u8>>> {
+        self.check(ValueKind::Set)?;
+        Ok(self.entry.members())
+    }
+
+    fn check(&self, kind: ValueKind) -> Result<()> {
+        self.entry
+            .check_writable(kind)
+            .map_err(|found| Error::WrongType {
+                key: show_key(&self.key),
+                expected: kind,
+                found,
+            })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crdt::NodeId;
+    use crate::store::StoreOptions;
+
+    fn store(node: u64) -> Store {
+        Store::open_in_memory(StoreOptions::default().node_id(NodeId(node))).unwrap()
+    }
+
+    fn add(key: &str, amount: i64) -> GroupWrite {
+        GroupWrite::Local(Op::CounterAdd {
+            key: key.into(),
+            amount,
+        })
+    }
+
+    #[test]
+    fn a_failed_write_fails_alone_and_the_rest_commit() {
+        let s = store(1);
+        s.put(b"reg", b"v", None).unwrap();
+        let writes = vec![
+            add("c", 2),
+            add("reg", 1), // a register, not a counter
+            add("c", 3),
+            GroupWrite::Local(Op::Put {
+                key: Vec::new(),
+                value: b"x".to_vec(),
+                context: None,
+            }),
+        ];
+        let out = s.commit_group(&writes).unwrap();
+        assert!(matches!(
+            out[0],
+            Ok(GroupOutcome::Local {
+                counter: Some(2),
+                ..
+            })
+        ));
+        assert!(
+            matches!(out[1], Err(Error::WrongType { .. })),
+            "{:?}",
+            out[1]
+        );
+        assert!(matches!(
+            out[2],
+            Ok(GroupOutcome::Local {
+                counter: Some(5),
+                ..
+            })
+        ));
+        assert!(matches!(out[3], Err(Error::InvalidKey(_))));
+        assert_eq!(s.counter(b"c").unwrap(), 5);
+        assert_eq!(
+            s.get(b"reg").unwrap().unwrap().value.kind(),
+            ValueKind::Register
+        );
+        // Each write got its own dot: 1 (the put), 2 and 3.
+        let p = s.partition_of(b"c");
+        assert_eq!(s.partition_version(p).unwrap().max_seq(NodeId(1)), {
+            if p == s.partition_of(b"reg") {
+                3
+            } else {
+                2
+            }
+        });
+    }
+
+    #[test]
+    fn merges_and_local_writes_share_a_group_and_replicate_what_they_wrote() {
+        let a = store(1);
+        let b = store(2);
+        let out = a
+            .commit_group(&[
+                GroupWrite::Local(Op::SetAdd {
+                    key: b"s".to_vec(),
+                    member: b"x".to_vec(),
+                }),
+                add("c", 7),
+            ])
+            .unwrap();
+        let entries: Vec<Vec<u8>> = out
+            .into_iter()
+            .map(|o| match o {
+                Ok(GroupOutcome::Local { entry: Some(e), .. }) => e,
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        let merges = vec![
+            GroupWrite::Merge {
+                partition: b.partition_of(b"s"),
+                key: b"s".to_vec(),
+                entry: entries[0].clone(),
+            },
+            GroupWrite::Merge {
+                partition: b.partition_of(b"c"),
+                key: b"c".to_vec(),
+                entry: entries[1].clone(),
+            },
+            add("c", 1),
+            // Misrouted: refused alone.
+            GroupWrite::Merge {
+                partition: b.partition_of(b"c").wrapping_add(1) % b.partitions(),
+                key: b"c".to_vec(),
+                entry: entries[1].clone(),
+            },
+        ];
+        let out = b.commit_group(&merges).unwrap();
+        assert!(matches!(out[0], Ok(GroupOutcome::Merged { changed: true })));
+        assert!(matches!(
+            out[2],
+            Ok(GroupOutcome::Local {
+                counter: Some(8),
+                ..
+            })
+        ));
+        assert!(matches!(out[3], Err(Error::MisroutedEntry { .. })));
+        assert_eq!(b.set_members(b"s").unwrap(), vec![b"x".to_vec()]);
+        assert_eq!(b.counter(b"c").unwrap(), 8);
+        // The same merge again brings nothing.
+        let again = b.commit_group(&merges[..1]).unwrap();
+        assert!(matches!(
+            again[0],
+            Ok(GroupOutcome::Merged { changed: false })
+        ));
+    }
+
+    #[test]
+    fn a_merged_view_reads_what_either_side_holds_and_writes_nothing() {
+        let a = store(1);
+        let b = store(2);
+        a.counter_add(b"c", 4).unwrap();
+        b.counter_add(b"c", 5).unwrap();
+        let remote = b.entry_bytes(b"c").unwrap().unwrap();
+        let view = a.merged_view(b"c", &[remote]).unwrap();
+        assert_eq!(view.counter().unwrap(), 9);
+        assert!(matches!(view.members(), Err(Error::WrongType { .. })));
+        assert_eq!(a.counter(b"c").unwrap(), 4, "a merged view wrote");
+        let view = a.merged_view(b"absent", &[]).unwrap();
+        assert!(view.record().is_none());
+        assert!(view.encoded().is_none());
+        assert!(matches!(
+            a.merged_view(b"c", &[b"junk".to_vec()]),
+            Err(Error::InvalidEntry { .. })
+        ));
+    }
+}
