@@ -256,8 +256,88 @@ pub enum Response {
     Done,
     /// Keys with the kind of value each holds.
     Keys(Vec<(Vec<u8>, String)>),
-    /// The request failed; the text says why.
-    Error(String),
+    /// The request failed: its kind, and a message saying why.
+    Error(Failure),
+}
+
+/// A failed request: what kind of failure (for programs to act on) and a
+/// message (for people).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[error("{message}")]
+pub struct Failure {
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+impl Failure {
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Failure {
+        Failure {
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+/// The kinds of failure a node answers with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ErrorCode {
+    /// The request is malformed or out of bounds (empty or oversized key,
+    /// oversized value, W or R above the replica count, a counter add that
+    /// would overflow, a delete of a counter or set). Retrying is useless.
+    BadRequest,
+    /// The key holds another kind of value.
+    WrongType,
+    /// The causal context token is malformed or claims writes never made.
+    BadToken,
+    /// Fewer replicas than the quorum answered or acknowledged in time.
+    /// For a write, `reached` replicas hold it (it is kept there and
+    /// spreads; retrying with the same context is safe); for a read,
+    /// `reached` answered.
+    QuorumNotMet { reached: u8, needed: u8 },
+    /// The node coordinating the call did not answer in time; the outcome
+    /// is unknown.
+    Timeout,
+    /// The node's write queue is full; retry after a pause.
+    Overloaded,
+    /// No replica can take the call now (no layout yet, no replica
+    /// reachable, a replica still receiving its partition); retry shortly.
+    Unavailable,
+    /// The connection's certificate does not allow the request.
+    Forbidden,
+    /// The node failed (storage error, shutting down).
+    Internal,
+}
+
+impl ErrorCode {
+    /// Whether the same request may succeed if sent again later.
+    pub fn is_retryable(self) -> bool {
+        matches!(
+            self,
+            ErrorCode::QuorumNotMet { .. }
+                | ErrorCode::Timeout
+                | ErrorCode::Overloaded
+                | ErrorCode::Unavailable
+                | ErrorCode::Internal
+        )
+    }
+
+    /// The store error's kind.
+    pub fn of(error: &crate::Error) -> ErrorCode {
+        use crate::Error as E;
+        match error {
+            E::WrongType { .. } => ErrorCode::WrongType,
+            E::BadToken(_) | E::UnissuedWrite { .. } => ErrorCode::BadToken,
+            E::OwnWritesMissing { .. } => ErrorCode::Unavailable,
+            E::InvalidKey(_)
+            | E::TooLarge { .. }
+            | E::DeleteUnsupported { .. }
+            | E::CounterOverflow { .. }
+            | E::PartitionOutOfRange { .. }
+            | E::MisroutedEntry { .. }
+            | E::InvalidEntry { .. } => ErrorCode::BadRequest,
+            _ => ErrorCode::Internal,
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -271,8 +351,9 @@ pub enum ClientError {
     Refused { addr: SocketAddr, reason: String },
     #[error("request to {addr} failed: {reason}")]
     Request { addr: SocketAddr, reason: String },
+    /// The node answered with a failure.
     #[error("{0}")]
-    Node(String),
+    Node(Failure),
     #[error("the node sent an unexpected response: {0:?}")]
     Unexpected(Box<Response>),
     #[error("TLS: {0}")]
@@ -429,7 +510,7 @@ impl Client {
             .await
             .map_err(|e| fail(e.to_string()))?
         {
-            Some(Response::Error(message)) => Err(ClientError::Node(message)),
+            Some(Response::Error(failure)) => Err(ClientError::Node(failure)),
             Some(response) => Ok(response),
             None => Err(fail("the node closed the stream without answering".into())),
         }

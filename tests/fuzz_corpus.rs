@@ -61,36 +61,24 @@ struct Envelope {
 }
 
 #[derive(Serialize)]
+struct ReplicateItem {
+    id: u64,
+    partition: u16,
+    key: Vec<u8>,
+    entry: Vec<u8>,
+    ack: bool,
+}
+
+#[derive(Serialize)]
 #[allow(dead_code)]
 enum Payload {
     Core(Message),
-    Coordinate {
-        id: u64,
-        call: Call,
-    },
-    Coordinated {
-        id: u64,
-        response: Response,
-    },
-    Replicate {
-        id: u64,
-        partition: u16,
-        key: Vec<u8>,
-        entry: Vec<u8>,
-        ack: bool,
-    },
-    Replicated {
-        id: u64,
-        ok: bool,
-    },
-    Fetch {
-        id: u64,
-        key: Vec<u8>,
-    },
-    Fetched {
-        id: u64,
-        entry: Option<Vec<u8>>,
-    },
+    Coordinate { id: u64, call: Call },
+    Coordinated { id: u64, response: Response },
+    Replicate { items: Vec<ReplicateItem> },
+    Replicated { acks: Vec<(u64, bool)> },
+    Fetch { id: u64, key: Vec<u8> },
+    Fetched { id: u64, entry: Option<Vec<u8>> },
 }
 
 fn populated_store(path: Option<&Path>) -> Store {
@@ -282,7 +270,13 @@ fn responses(s: &Store) -> Vec<Response> {
         }]),
         Response::Done,
         Response::Keys(vec![(b"k".to_vec(), "register".into())]),
-        Response::Error("no".into()),
+        Response::Error(gossipkv::client::Failure::new(
+            gossipkv::client::ErrorCode::QuorumNotMet {
+                reached: 1,
+                needed: 2,
+            },
+            "no",
+        )),
     ]
 }
 
@@ -366,13 +360,17 @@ fn write_seed_corpora() {
         response: responses(&s).remove(0),
     });
     payloads.push(Payload::Replicate {
-        id: 2,
-        partition: s.partition_of(&entry.key),
-        key: entry.key.clone(),
-        entry: entry.entry.clone(),
-        ack: true,
+        items: vec![ReplicateItem {
+            id: 2,
+            partition: s.partition_of(&entry.key),
+            key: entry.key.clone(),
+            entry: entry.entry.clone(),
+            ack: true,
+        }],
     });
-    payloads.push(Payload::Replicated { id: 2, ok: true });
+    payloads.push(Payload::Replicated {
+        acks: vec![(2, true), (3, false)],
+    });
     payloads.push(Payload::Fetch {
         id: 3,
         key: entry.key,

@@ -8,7 +8,7 @@ mod common;
 
 use common::*;
 use gossipkv::certs::{self, Role};
-use gossipkv::client::{Client, ClientError, Request, Response};
+use gossipkv::client::{Client, ClientError, ErrorCode, Failure, Request, Response};
 use gossipkv::store::{Store, StoreOptions};
 use gossipkv::transport::tls::{client_config, TlsIdentity};
 use gossipkv::transport::{ALPN_ADMIN, ALPN_PEER};
@@ -163,7 +163,10 @@ async fn only_admin_certificates_change_the_cluster() {
     ));
     for request in [Request::Join { seed }, Request::Leave] {
         match as_client.request(&request).await {
-            Err(ClientError::Node(e)) => assert!(e.contains("admin certificate"), "{e}"),
+            Err(ClientError::Node(e)) => {
+                assert_eq!(e.code, ErrorCode::Forbidden, "{e}");
+                assert!(e.message.contains("admin certificate"), "{e}")
+            }
             other => panic!("a client certificate ran {request:?}: {other:?}"),
         }
     }
@@ -173,7 +176,10 @@ async fn only_admin_certificates_change_the_cluster() {
         .unwrap();
     assert!(matches!(
         plain.request(&Request::Leave).await,
-        Err(ClientError::Node(_))
+        Err(ClientError::Node(Failure {
+            code: ErrorCode::Forbidden,
+            ..
+        }))
     ));
 
     // A node certificate is not an admin one (nor a client one).

@@ -17,15 +17,17 @@
 //! that took it (hinted hand-off).
 
 pub mod config;
+mod coordinate;
 pub mod limits;
 pub mod metrics;
 mod reload;
+mod storage;
 
 use crate::client::{
-    Call, LayoutInfo, MemberInfo, MigrationsInfo, NodeStatus, PartitionInfo, ReplicaView, Request,
-    Response, WireRecord,
+    Call, ErrorCode, Failure, LayoutInfo, MemberInfo, MigrationsInfo, NodeStatus, PartitionInfo,
+    ReplicaView, Request, Response, WireRecord,
 };
-use crate::crdt::{CausalContext, NodeId};
+use crate::crdt::NodeId;
 use crate::replication::layout::NodeSpec;
 use crate::replication::layout_state::LayoutState;
 use crate::replication::membership::{LoadFigures, MemberState, MembershipConfig, NodeMeta};
@@ -33,10 +35,11 @@ use crate::replication::message::Message;
 use crate::replication::replica::{
     MembershipEventKind, Output, Replica, ReplicaConfig, ReplicaEvent, Timer,
 };
-use crate::store::{ChangeChunk, RemoteEntry, Store, StoreOptions};
+use crate::store::{Store, StoreOptions};
 use crate::transport::tls::{client_config, TlsIdentity, REFUSED};
 use crate::transport::{frame, ALPN_ADMIN, ALPN_CLIENT, ALPN_PEER};
 use config::{NodeConfig, Security};
+use coordinate::Pending;
 use limits::{ConnResponses, Identity, Limits, Refusal};
 use metrics::Metrics;
 use reload::LiveTls;
@@ -80,6 +83,8 @@ pub enum NodeError {
         #[source]
         source: std::io::Error,
     },
+    #[error("cannot start the storage thread: {0}")]
+    StorageThread(#[source] std::io::Error),
     #[error("{} is damaged: {reason}", path.display())]
     Damaged { path: PathBuf, reason: String },
     #[error("{} is a {identity}, not a node certificate: issue one with `gossipkv certs issue --role node`", path.display())]
@@ -113,18 +118,15 @@ enum Payload {
         id: u64,
         response: Response,
     },
-    /// Merge this entry (the coordinator's state of the key after a write,
-    /// or a read repair); acknowledge if `ack`.
+    /// Merge these entries (the coordinators' state of each key after a
+    /// write, or read repairs), in one transaction; acknowledge those that
+    /// ask, in one `Replicated`, once they are durable.
     Replicate {
-        id: u64,
-        partition: u16,
-        key: Vec<u8>,
-        entry: Vec<u8>,
-        ack: bool,
+        items: Vec<ReplicateItem>,
     },
+    /// The writes of a `Replicate` that asked, and whether each was taken.
     Replicated {
-        id: u64,
-        ok: bool,
+        acks: Vec<(u64, bool)>,
     },
     /// Send your entry of this key (a read at R > 1).
     Fetch {
@@ -135,6 +137,17 @@ enum Payload {
         id: u64,
         entry: Option<Vec<u8>>,
     },
+}
+
+/// One entry of a `Replicate`.
+#[derive(Debug, Serialize, Deserialize)]
+struct ReplicateItem {
+    /// The write's call id at the coordinator (0 for a read repair).
+    id: u64,
+    partition: u16,
+    key: Vec<u8>,
+    entry: Vec<u8>,
+    ack: bool,
 }
 
 /// Decodes the frames of one peer stream held in memory, as `serve_peer`
@@ -162,11 +175,13 @@ pub fn replicate_frame(
     frame::encode(&Envelope {
         from,
         payload: Payload::Replicate {
-            id: 1,
-            partition,
-            key: key.to_vec(),
-            entry,
-            ack: false,
+            items: vec![ReplicateItem {
+                id: 1,
+                partition,
+                key: key.to_vec(),
+                entry,
+                ack: false,
+            }],
         },
     })
 }
@@ -196,35 +211,6 @@ enum CoreInput {
 enum ReplyTo {
     Client(oneshot::Sender<Response>),
     Peer { node: NodeId, id: u64 },
-}
-
-/// A call waiting for other replicas.
-enum Pending {
-    /// Forwarded to a replica, which coordinates it.
-    Forwarded { reply: ReplyTo },
-    /// Written here; waiting for `needed` more acknowledgements.
-    Write {
-        reply: ReplyTo,
-        response: Response,
-        needed: usize,
-        acks: usize,
-        w: u8,
-    },
-    /// Showing a key on each replica; waiting for `waiting` to answer.
-    Inspect {
-        reply: ReplyTo,
-        key: Vec<u8>,
-        answers: Vec<(NodeId, Option<Vec<u8>>)>,
-        waiting: Vec<NodeId>,
-    },
-    /// Read here; waiting for `needed` more replicas' entries.
-    Read {
-        reply: ReplyTo,
-        call: Call,
-        partition: u16,
-        needed: usize,
-        answers: Vec<(NodeId, Option<Vec<u8>>)>,
-    },
 }
 
 /// How often the sizes held are counted (it scans the held partitions) and
@@ -534,7 +520,13 @@ pub async fn run(
         live.clone(),
         limits,
     ));
+    let (stored_tx, stored_rx) = mpsc::unbounded_channel();
+    let storage =
+        storage::Storage::start(store.clone(), stored_tx).map_err(NodeError::StorageThread)?;
     let core = Core {
+        storage,
+        writing: HashMap::new(),
+        outbox: HashMap::new(),
         replica,
         id,
         addr: config.advertise,
@@ -564,7 +556,7 @@ pub async fn run(
             seeds.push(peer);
         }
     }
-    core.run(core_rx, &seeds, shutdown).await;
+    core.run(core_rx, stored_rx, &seeds, shutdown).await;
     accept.abort();
     #[cfg(unix)]
     if let Some(reloader) = reloader {
@@ -641,6 +633,12 @@ impl Peers {
 
 struct Core {
     replica: Replica,
+    /// Commits the node's writes (see `storage`).
+    storage: storage::Storage,
+    /// Jobs on the storage thread, by token.
+    writing: HashMap<u64, coordinate::Writing>,
+    /// Entries to send each co-replica at the end of this turn.
+    outbox: HashMap<NodeId, Vec<ReplicateItem>>,
     id: NodeId,
     /// The address peers reach this node at.
     addr: SocketAddr,
@@ -674,6 +672,7 @@ impl Core {
     async fn run(
         mut self,
         mut rx: mpsc::Receiver<CoreInput>,
+        mut stored: mpsc::UnboundedReceiver<Vec<storage::Done>>,
         seeds: &[SocketAddr],
         shutdown: impl Future<Output = ()>,
     ) {
@@ -696,6 +695,13 @@ impl Core {
             );
             tokio::select! {
                 () = &mut shutdown => break,
+                done = stored.recv() => match done {
+                    Some(done) => self.on_stored(done),
+                    None => {
+                        tracing::error!(node = %self.name, "the storage thread stopped: this node cannot write any more; stopping");
+                        break;
+                    }
+                },
                 input = rx.recv() => match input {
                     Some(CoreInput::Peer { from, payload }) => self.on_peer(from, payload),
                     Some(CoreInput::Client { call, reply }) => self.on_call(call, ReplyTo::Client(reply)),
@@ -715,6 +721,7 @@ impl Core {
                     self.refresh_metrics();
                 }
             }
+            self.flush_outbox();
         }
         // A stop is not a decommission (that is the admin `Leave`): the node
         // keeps its place in the layout, peers see it down, and it catches up
@@ -839,234 +846,6 @@ impl Core {
         }
     }
 
-    // ---- request coordination ----
-    //
-    // A write is made once, by a replica of the key (so it gets one dot),
-    // and the resulting entry is merged into the other replicas; the call is
-    // answered after `w` replicas hold it. A read merges the entries of `r`
-    // replicas into the coordinator's and answers from the result, then
-    // sends the merged entry to the replicas that were behind (read repair).
-    // A node that holds no replica of the key forwards the call to one.
-    // Writes that cannot reach their quorum in time fail with a message
-    // saying how many replicas hold them; those copies stay and spread.
-
-    fn fresh_call_id(&mut self) -> u64 {
-        self.next_call += 1;
-        self.next_call
-    }
-
-    fn wait(&mut self, id: u64, pending: Pending) {
-        self.pending.insert(id, pending);
-        self.deadlines.insert((Instant::now() + QUORUM_TIMEOUT, id));
-    }
-
-    fn answer(&mut self, reply: ReplyTo, response: Response) {
-        match reply {
-            ReplyTo::Client(sender) => {
-                let _ = sender.send(response);
-            }
-            ReplyTo::Peer { node, id } => {
-                self.send_to_node(node, Payload::Coordinated { id, response });
-            }
-        }
-    }
-
-    /// Replicas of `partition` that are up, this node first if it is one
-    /// that can write the partition (it holds all of its own earlier writes
-    /// there; see `Store::writable`), else last.
-    fn live_replicas(&self, partition: u16) -> Vec<NodeId> {
-        let alive = self.replica.membership().alive();
-        let mut nodes: Vec<NodeId> = self
-            .replica
-            .layout()
-            .holders(partition)
-            .into_iter()
-            .filter(|n| *n == self.id || alive.contains(n))
-            .collect();
-        // A gained replica still migrating may lack this node's own earlier
-        // writes (a node name reused with a fresh store): its next dot could
-        // repeat one. It coordinates only once its copy is complete.
-        let writable = self.replica.store().writable(partition)
-            && self
-                .replica
-                .layout()
-                .is_complete_replica(self.id, partition);
-        nodes.sort_by_key(|&n| if n == self.id { !writable } else { writable });
-        nodes
-    }
-
-    fn on_call(&mut self, call: Call, reply: ReplyTo) {
-        if call.request.is_admin() {
-            return self.admin(call.request, reply);
-        }
-        let Some(key) = call.request.key().map(<[u8]>::to_vec) else {
-            let response = self.serve(call.request);
-            return self.answer(reply, response);
-        };
-        if self.replica.layout().current().version() == 0 {
-            let response = Response::Error(
-                "the cluster has no layout yet: it is forming (the node that starts it waits for --expect-nodes nodes) or this node has not heard from it; retry shortly".into(),
-            );
-            return self.answer(reply, response);
-        }
-        let store = self.replica.store().clone();
-        let partition = store.partition_of(&key);
-        let replicas = self.live_replicas(partition);
-        let quorum = usize::from(if call.request.is_write() {
-            call.w
-        } else {
-            call.r
-        })
-        .max(1);
-        let total = self
-            .replica
-            .layout()
-            .current()
-            .replicas(partition)
-            .len()
-            .max(1);
-        if quorum > total {
-            let what = if call.request.is_write() { "w" } else { "r" };
-            let response = Response::Error(format!(
-                "{what}={quorum} exceeds the {total} replicas of this key"
-            ));
-            return self.answer(reply, response);
-        }
-        if replicas.first() != Some(&self.id) {
-            // This node is not the replica to coordinate here: it holds no
-            // replica of the key, or holds one it cannot write yet (it
-            // dropped the partition and has not synced its own writes
-            // back). A client's call goes to the first live replica; a
-            // forwarded call is never forwarded again (no loops between two
-            // views of the layout) and never written by a non-replica, which
-            // would mint dots outside the key's replica set.
-            let is_replica = replicas.contains(&self.id);
-            match replicas.first().copied() {
-                Some(target) if !matches!(reply, ReplyTo::Peer { .. }) => {
-                    let id = self.fresh_call_id();
-                    if self.send_to_node(target, Payload::Coordinate { id, call }) {
-                        self.wait(id, Pending::Forwarded { reply });
-                        return;
-                    }
-                    let response = Response::Error("no replica of this key is reachable".into());
-                    return self.answer(reply, response);
-                }
-                // A replica that cannot write answers with the store's
-                // reason (`OwnWritesMissing`: sync the partition back
-                // first); reads it can serve from what it holds.
-                _ if is_replica
-                    && call.request.is_write()
-                    && !self
-                        .replica
-                        .layout()
-                        .is_complete_replica(self.id, partition) =>
-                {
-                    let version = self.replica.layout().current().version();
-                    let response = Response::Error(format!(
-                        "this node is still receiving partition {partition} (layout v{version}) and no replica holding it completely is reachable; retry shortly"
-                    ));
-                    return self.answer(reply, response);
-                }
-                _ if is_replica && quorum == 1 => {}
-                _ if is_replica => {
-                    let response = Response::Error(format!(
-                        "no other replica of this key is reachable to meet a quorum of {quorum}"
-                    ));
-                    return self.answer(reply, response);
-                }
-                _ => {
-                    let version = self.replica.layout().current().version();
-                    let response = Response::Error(format!(
-                        "no replica of this key is reachable (this node holds no replica of its partition {partition} in layout v{version})"
-                    ));
-                    return self.answer(reply, response);
-                }
-            }
-        }
-        let others: Vec<NodeId> = replicas[1..].to_vec();
-        if call.request.is_write() {
-            let response = self.serve(call.request);
-            if matches!(response, Response::Error(_)) {
-                return self.answer(reply, response);
-            }
-            let entry = match store.entry_bytes(&key) {
-                Ok(Some(entry)) => entry,
-                _ => return self.answer(reply, response), // a no-op delete
-            };
-            let id = self.fresh_call_id();
-            let mut sent = 0;
-            for node in others {
-                let payload = Payload::Replicate {
-                    id,
-                    partition,
-                    key: key.clone(),
-                    entry: entry.clone(),
-                    ack: true,
-                };
-                if self.send_to_node(node, payload) {
-                    sent += 1;
-                }
-            }
-            let needed = quorum - 1;
-            if needed == 0 {
-                return self.answer(reply, response);
-            }
-            if sent < needed {
-                let response = Response::Error(format!(
-                    "written on 1 replica, but only {} of the {} more needed for w={quorum} are reachable",
-                    sent, needed
-                ));
-                return self.answer(reply, response);
-            }
-            self.wait(
-                id,
-                Pending::Write {
-                    reply,
-                    response,
-                    needed,
-                    acks: 0,
-                    w: call.w,
-                },
-            );
-        } else {
-            let needed = quorum - 1;
-            if needed == 0 {
-                let response = self.serve(call.request);
-                return self.answer(reply, response);
-            }
-            let id = self.fresh_call_id();
-            let mut sent = 0;
-            for node in others {
-                if self.send_to_node(
-                    node,
-                    Payload::Fetch {
-                        id,
-                        key: key.clone(),
-                    },
-                ) {
-                    sent += 1;
-                }
-            }
-            if sent < needed {
-                let response = Response::Error(format!(
-                    "only {} of the {} more replicas needed for r={quorum} are reachable",
-                    sent, needed
-                ));
-                return self.answer(reply, response);
-            }
-            self.wait(
-                id,
-                Pending::Read {
-                    reply,
-                    call,
-                    partition,
-                    needed,
-                    answers: Vec::new(),
-                },
-            );
-        }
-    }
-
     fn on_peer(&mut self, from: NodeId, payload: Payload) {
         self.last_heard.insert(from, Instant::now());
         match payload {
@@ -1081,7 +860,10 @@ impl Core {
             // relaying a client: refuse it.
             Payload::Coordinate { id, call } if call.request.is_admin() => {
                 warn!(peer = %from, "refused an admin request sent by a peer");
-                let response = Response::Error("admin requests are not taken from peers".into());
+                let response = Response::Error(Failure::new(
+                    ErrorCode::Forbidden,
+                    "admin requests are not taken from peers",
+                ));
                 self.answer(ReplyTo::Peer { node: from, id }, response);
             }
             Payload::Coordinate { id, call } => {
@@ -1092,141 +874,14 @@ impl Core {
                     self.answer(reply, response);
                 }
             }
-            Payload::Replicate {
-                id,
-                partition,
-                key,
-                entry,
-                ack,
-            } => {
-                let chunk = ChangeChunk {
-                    partition,
-                    entries: vec![RemoteEntry { key, entry }],
-                    complete: None,
-                };
-                let ok = match self.replica.store().apply(&chunk) {
-                    Ok(_) => true,
-                    Err(e) => {
-                        warn!(peer = %from, "refused a replicated entry: {e}");
-                        false
-                    }
-                };
-                if ack {
-                    self.send_to_node(from, Payload::Replicated { id, ok });
-                }
-            }
-            Payload::Replicated { id, ok } => {
-                let done = match self.pending.get_mut(&id) {
-                    Some(Pending::Write { acks, needed, .. }) if ok => {
-                        *acks += 1;
-                        *acks >= *needed
-                    }
-                    _ => false,
-                };
-                if done {
-                    if let Some(Pending::Write {
-                        reply, response, ..
-                    }) = self.pending.remove(&id)
-                    {
-                        self.answer(reply, response);
-                    }
-                }
-            }
+            Payload::Replicate { items } => self.on_replicate(from, items),
+            Payload::Replicated { acks } => self.on_replicated(acks),
             Payload::Fetch { id, key } => {
                 let entry = self.replica.store().entry_bytes(&key).ok().flatten();
                 self.send_to_node(from, Payload::Fetched { id, entry });
             }
-            Payload::Fetched { id, entry } => {
-                if let Some(Pending::Inspect {
-                    answers, waiting, ..
-                }) = self.pending.get_mut(&id)
-                {
-                    waiting.retain(|&n| n != from);
-                    answers.push((from, entry));
-                    if waiting.is_empty() {
-                        if let Some(Pending::Inspect {
-                            reply,
-                            key,
-                            answers,
-                            ..
-                        }) = self.pending.remove(&id)
-                        {
-                            self.finish_inspect(reply, &key, answers, Vec::new());
-                        }
-                    }
-                    return;
-                }
-                let done = match self.pending.get_mut(&id) {
-                    Some(Pending::Read {
-                        answers, needed, ..
-                    }) => {
-                        answers.push((from, entry));
-                        answers.len() >= *needed
-                    }
-                    _ => false,
-                };
-                if done {
-                    if let Some(Pending::Read {
-                        reply,
-                        call,
-                        partition,
-                        answers,
-                        ..
-                    }) = self.pending.remove(&id)
-                    {
-                        self.finish_read(reply, call, partition, answers);
-                    }
-                }
-            }
+            Payload::Fetched { id, entry } => self.on_fetched(from, id, entry),
         }
-    }
-
-    fn finish_read(
-        &mut self,
-        reply: ReplyTo,
-        call: Call,
-        partition: u16,
-        answers: Vec<(NodeId, Option<Vec<u8>>)>,
-    ) {
-        let store = self.replica.store().clone();
-        let Some(key) = call.request.key().map(<[u8]>::to_vec) else {
-            return;
-        };
-        let entries: Vec<RemoteEntry> = answers
-            .iter()
-            .filter_map(|(_, e)| e.clone())
-            .map(|entry| RemoteEntry {
-                key: key.clone(),
-                entry,
-            })
-            .collect();
-        if !entries.is_empty() {
-            let chunk = ChangeChunk {
-                partition,
-                entries,
-                complete: None,
-            };
-            if let Err(e) = store.apply(&chunk) {
-                warn!("a replica's entry for a read was refused: {e}");
-            }
-        }
-        let response = self.serve(call.request);
-        // Read repair: replicas whose entry differs from the merged one.
-        if let Ok(Some(merged)) = store.entry_bytes(&key) {
-            for (node, entry) in answers {
-                if entry.as_deref() != Some(merged.as_slice()) {
-                    let payload = Payload::Replicate {
-                        id: 0,
-                        partition,
-                        key: key.clone(),
-                        entry: merged.clone(),
-                        ack: false,
-                    };
-                    self.send_to_node(node, payload);
-                }
-            }
-        }
-        self.answer(reply, response);
     }
 
     /// A node's name as its metadata gives it (its id's hex form if no
@@ -1328,7 +983,7 @@ impl Core {
                     }
                     Response::Partitions(rows)
                 }
-                Err(e) => Response::Error(e.to_string()),
+                Err(e) => Response::Error(Failure::new(ErrorCode::of(&e), e.to_string())),
             },
             Request::Inspect { key } => {
                 let partition = store.partition_of(&key);
@@ -1395,7 +1050,10 @@ impl Core {
                 self.carry_out(outputs);
                 Response::Done
             }
-            other => Response::Error(format!("{other:?} is not an admin request")),
+            other => Response::Error(Failure::new(
+                ErrorCode::BadRequest,
+                format!("{other:?} is not an admin request"),
+            )),
         };
         self.answer(reply, response);
     }
@@ -1431,41 +1089,6 @@ impl Core {
         }));
         views.sort_by(|a, b| a.node.cmp(&b.node));
         self.answer(reply, Response::Inspect(views));
-    }
-
-    fn expire_pending(&mut self, now: Instant) {
-        while let Some(&(at, id)) = self.deadlines.iter().next() {
-            if at > now {
-                break;
-            }
-            self.deadlines.remove(&(at, id));
-            let response = match self.pending.remove(&id) {
-                None => continue,
-                Some(Pending::Forwarded { reply }) => {
-                    (reply, Response::Error("the replica coordinating this call did not answer in time".into()))
-                }
-                Some(Pending::Write { reply, acks, w, .. }) => (
-                    reply,
-                    Response::Error(format!(
-                        "only {} of w={w} replicas acknowledged in time; the write is kept on those and will spread",
-                        acks + 1
-                    )),
-                ),
-                Some(Pending::Inspect { reply, key, answers, waiting }) => {
-                    self.finish_inspect(reply, &key, answers, waiting);
-                    continue;
-                }
-                Some(Pending::Read { reply, call, answers, .. }) => (
-                    reply,
-                    Response::Error(format!(
-                        "only {} of r={} replicas answered in time",
-                        answers.len() + 1,
-                        call.r
-                    )),
-                ),
-            };
-            self.answer(response.0, response.1);
-        }
     }
 
     /// Gossips this node's load with its metadata (every 30 s, with sizes).
@@ -1528,88 +1151,18 @@ impl Core {
         core.insert("partitions_dropped_total", stats.partitions_dropped);
         core.insert("tombstones_purged_total", stats.tombstones_purged);
         core.insert("streams_broken_total", stats.streams_broken);
+        let storage = &self.storage.stats;
+        core.insert("storage_commits_total", storage.commits.load(Relaxed));
+        core.insert("storage_writes_total", storage.writes.load(Relaxed));
+        core.insert(
+            "storage_failed_commits_total",
+            storage.failed_commits.load(Relaxed),
+        );
+        core.insert("storage_queued_writes", storage.queued.load(Relaxed));
         drop(core);
         if sizes {
             self.publish_load(status.entries_held, status.bytes_held);
         }
-    }
-
-    fn serve(&mut self, request: Request) -> Response {
-        self.metrics.client_requests.fetch_add(1, Relaxed);
-        let store = self.replica.store().clone();
-        let context =
-            |bytes: Option<Vec<u8>>| bytes.map(|b| CausalContext::from_bytes(&b)).transpose();
-        let result: Result<Response, String> = (|| match request {
-            Request::Get { key } => {
-                let record = store.get(&key).map_err(|e| e.to_string())?;
-                Ok(Response::Record(record.map(|r| WireRecord {
-                    value: r.value,
-                    context: r.context.to_bytes(),
-                    other_kinds: r.other_kinds,
-                })))
-            }
-            Request::Put {
-                key,
-                value,
-                context: ctx,
-            } => {
-                let ctx = context(ctx).map_err(|e| format!("bad causal context token: {e}"))?;
-                store
-                    .put(&key, &value, ctx.as_ref())
-                    .map(|c| Response::Context(c.to_bytes()))
-                    .map_err(|e| e.to_string())
-            }
-            Request::PutLww { key, value } => store
-                .put_lww(&key, &value)
-                .map(|c| Response::Context(c.to_bytes()))
-                .map_err(|e| e.to_string()),
-            Request::Delete { key, context: ctx } => {
-                let ctx = context(ctx).map_err(|e| format!("bad causal context token: {e}"))?;
-                store
-                    .delete(&key, ctx.as_ref())
-                    .map(|c| Response::Context(c.to_bytes()))
-                    .map_err(|e| e.to_string())
-            }
-            Request::CounterAdd { key, amount } => store
-                .counter_add(&key, amount)
-                .map(Response::Counter)
-                .map_err(|e| e.to_string()),
-            Request::CounterGet { key } => store
-                .counter(&key)
-                .map(Response::Counter)
-                .map_err(|e| e.to_string()),
-            Request::SetAdd { key, member } => store
-                .set_add(&key, &member)
-                .map(|c| Response::Context(c.to_bytes()))
-                .map_err(|e| e.to_string()),
-            Request::SetRemove { key, member } => store
-                .set_remove(&key, &member)
-                .map(|c| Response::Context(c.to_bytes()))
-                .map_err(|e| e.to_string()),
-            Request::SetMembers { key } => store
-                .set_members(&key)
-                .map(Response::Members)
-                .map_err(|e| e.to_string()),
-            Request::Status => Ok(Response::Status(self.status(true))),
-            Request::Keys { prefix, limit } => {
-                let mut keys = Vec::new();
-                for row in store.scan_prefix(&prefix).map_err(|e| e.to_string())? {
-                    if keys.len() >= limit as usize {
-                        break;
-                    }
-                    let (key, record) = row.map_err(|e| e.to_string())?;
-                    keys.push((key, record.value.kind().name().to_string()));
-                }
-                Ok(Response::Keys(keys))
-            }
-            admin => Err(format!(
-                "{admin:?} is an admin request; it is served on the admin protocol"
-            )),
-        })();
-        result.unwrap_or_else(|e| {
-            self.metrics.client_errors.fetch_add(1, Relaxed);
-            Response::Error(e)
-        })
     }
 
     /// The node's status; `sizes` also counts the entries and bytes held,
@@ -1916,17 +1469,17 @@ async fn serve_client(
             let mut ticket = responses.admit().await;
             let started = Instant::now();
             let response = match frame::read_limited::<Call, _>(&mut recv, &read_limits).await {
-                Ok(Some((call, _))) if call.request.is_admin() && admin.is_none() => Response::Error(
-                    "admin requests are served on the admin protocol (kvctl), not the client one"
-                        .into(),
-                ),
+                Ok(Some((call, _))) if call.request.is_admin() && admin.is_none() => Response::Error(Failure::new(
+                    ErrorCode::Forbidden,
+                    "admin requests are served on the admin protocol (kvctl), not the client one",
+                )),
                 Ok(Some((call, _)))
                     if call.request.changes_cluster() && admin != Some(Admitted::Admin) =>
                 {
-                    Response::Error(
-                        "changing the cluster (join, leave) needs an admin certificate (`gossipkv certs issue --role admin`); this connection's certificate is a client one"
-                            .into(),
-                    )
+                    Response::Error(Failure::new(
+                        ErrorCode::Forbidden,
+                        "changing the cluster (join, leave) needs an admin certificate (`gossipkv certs issue --role admin`); this connection's certificate is a client one",
+                    ))
                 }
                 Ok(Some((call, _))) => {
                     let (reply, answer) = oneshot::channel();
@@ -1935,7 +1488,12 @@ async fn serve_client(
                     }
                     answer
                         .await
-                        .unwrap_or_else(|_| Response::Error("the node is shutting down".into()))
+                        .unwrap_or_else(|_| {
+                            Response::Error(Failure::new(
+                                ErrorCode::Internal,
+                                "the node is shutting down",
+                            ))
+                        })
                 }
                 Ok(None) => return,
                 Err(e) => {
@@ -1945,7 +1503,10 @@ async fn serve_client(
                     } else {
                         debug!(%remote, "refused a client request: {e}");
                     }
-                    Response::Error(format!("bad request: {e}"))
+                    Response::Error(Failure::new(
+                        ErrorCode::BadRequest,
+                        format!("bad request: {e}"),
+                    ))
                 }
             };
             metrics.request_latency.observe(started.elapsed());

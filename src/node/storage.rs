@@ -1,0 +1,223 @@
+//! The storage thread: every write of the node (client writes coordinated
+//! here, entries replicated from other coordinators, read repairs) is
+//! committed by one thread, in groups: each commit takes everything queued
+//! when the previous one finished, in one transaction and one durable
+//! commit (`Store::commit_group`). The event loop never waits for a disk
+//! flush; it keeps serving reads, gossip and acknowledgements while a group
+//! is flushed and the next one fills.
+//!
+//! Invariants: a job's completion is sent only after the commit holding it
+//! is durable (or failed), so whoever answers a client or acknowledges a
+//! replica from it never acknowledges a write a crash could lose; jobs are
+//! committed in the order they were queued; a job is never dropped, only
+//! refused when queued (`Overloaded`) or failed with a reason.
+
+use crate::store::{GroupOutcome, GroupWrite, Store};
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use tokio::sync::mpsc;
+
+/// Writes a client may have queued before new client writes are refused as
+/// overloaded. Writes from peers (replication, repair) are always taken:
+/// they are bounded by the peers' own queues.
+pub(super) const MAX_QUEUED_CLIENT_WRITES: usize = 8192;
+
+/// At most this many writes, or bytes, per transaction: bounds the memory
+/// and the latency of one commit.
+const MAX_GROUP_WRITES: usize = 4096;
+const MAX_GROUP_BYTES: usize = 16 << 20;
+
+/// Writes committed together, for one caller.
+pub(super) struct Job {
+    /// The caller's handle, given back with the outcome.
+    pub token: u64,
+    pub writes: Vec<GroupWrite>,
+}
+
+/// A job's outcome: one result per write, or the reason the whole commit
+/// failed (nothing of it was written).
+pub(super) struct Done {
+    pub token: u64,
+    pub outcome: Result<Vec<Result<GroupOutcome, crate::Error>>, String>,
+}
+
+/// Why a job was not queued.
+#[derive(Debug)]
+pub(super) struct Overloaded {
+    pub queued: usize,
+}
+
+#[derive(Default)]
+struct Queue {
+    /// With whether each came from a client.
+    jobs: VecDeque<(Job, bool)>,
+    client_writes: usize,
+    closed: bool,
+}
+
+struct Shared {
+    queue: Mutex<Queue>,
+    ready: Condvar,
+}
+
+/// Figures for metrics.
+#[derive(Default)]
+pub(super) struct StorageStats {
+    pub commits: AtomicU64,
+    pub writes: AtomicU64,
+    pub failed_commits: AtomicU64,
+    pub queued: AtomicU64,
+}
+
+/// The handle the event loop queues jobs through. Dropping it lets the
+/// thread finish what is queued and stop.
+pub(super) struct Storage {
+    shared: Arc<Shared>,
+    pub stats: Arc<StorageStats>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+fn lock(queue: &Mutex<Queue>) -> MutexGuard<'_, Queue> {
+    // The thread only moves whole jobs in and out under the lock.
+    queue.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl Storage {
+    /// Starts the thread; completions arrive on `done`, one batch per
+    /// commit.
+    pub(super) fn start(
+        store: Arc<Store>,
+        done: mpsc::UnboundedSender<Vec<Done>>,
+    ) -> std::io::Result<Storage> {
+        let shared = Arc::new(Shared {
+            queue: Mutex::new(Queue::default()),
+            ready: Condvar::new(),
+        });
+        let stats = Arc::new(StorageStats::default());
+        let thread = {
+            let shared = shared.clone();
+            let stats = stats.clone();
+            std::thread::Builder::new()
+                .name("gossipkv-storage".into())
+                .spawn(move || run(&store, &shared, &stats, &done))?
+        };
+        Ok(Storage {
+            shared,
+            stats,
+            thread: Some(thread),
+        })
+    }
+
+    /// Queues a client's writes, unless `MAX_QUEUED_CLIENT_WRITES` are
+    /// waiting already.
+    pub(super) fn submit_client(&self, job: Job) -> Result<(), Overloaded> {
+        let mut queue = lock(&self.shared.queue);
+        if queue.client_writes >= MAX_QUEUED_CLIENT_WRITES {
+            return Err(Overloaded {
+                queued: queue.client_writes,
+            });
+        }
+        queue.client_writes += job.writes.len();
+        self.push(queue, job, true);
+        Ok(())
+    }
+
+    /// Queues writes from a peer (always taken).
+    pub(super) fn submit_peer(&self, job: Job) {
+        let queue = lock(&self.shared.queue);
+        self.push(queue, job, false);
+    }
+
+    fn push(&self, mut queue: MutexGuard<'_, Queue>, job: Job, client: bool) {
+        self.stats
+            .queued
+            .fetch_add(job.writes.len() as u64, Relaxed);
+        queue.jobs.push_back((job, client));
+        drop(queue);
+        self.shared.ready.notify_one();
+    }
+}
+
+impl Drop for Storage {
+    fn drop(&mut self) {
+        lock(&self.shared.queue).closed = true;
+        self.shared.ready.notify_one();
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+fn run(
+    store: &Store,
+    shared: &Shared,
+    stats: &StorageStats,
+    done: &mpsc::UnboundedSender<Vec<Done>>,
+) {
+    loop {
+        // (token, writes) of each job taken, and the writes, in order.
+        let mut jobs: Vec<(u64, usize)> = Vec::new();
+        let mut writes: Vec<GroupWrite> = Vec::new();
+        {
+            let mut queue = lock(&shared.queue);
+            while queue.jobs.is_empty() && !queue.closed {
+                queue = shared
+                    .ready
+                    .wait(queue)
+                    .unwrap_or_else(PoisonError::into_inner);
+            }
+            if queue.jobs.is_empty() {
+                return;
+            }
+            let mut bytes = 0;
+            while let Some((job, _)) = queue.jobs.front() {
+                let size: usize = job.writes.iter().map(GroupWrite::payload_bytes).sum();
+                if !jobs.is_empty()
+                    && (writes.len() + job.writes.len() > MAX_GROUP_WRITES
+                        || bytes + size > MAX_GROUP_BYTES)
+                {
+                    break;
+                }
+                bytes += size;
+                let Some((job, client)) = queue.jobs.pop_front() else {
+                    break;
+                };
+                if client {
+                    queue.client_writes -= job.writes.len();
+                }
+                jobs.push((job.token, job.writes.len()));
+                writes.extend(job.writes);
+            }
+        }
+        let result = store.commit_group(&writes);
+        stats.commits.fetch_add(1, Relaxed);
+        stats.writes.fetch_add(writes.len() as u64, Relaxed);
+        stats.queued.fetch_sub(writes.len() as u64, Relaxed);
+        let completions = match result {
+            Ok(outcomes) => {
+                let mut outcomes = outcomes.into_iter();
+                jobs.into_iter()
+                    .map(|(token, len)| Done {
+                        token,
+                        outcome: Ok(outcomes.by_ref().take(len).collect()),
+                    })
+                    .collect()
+            }
+            Err(e) => {
+                stats.failed_commits.fetch_add(1, Relaxed);
+                tracing::error!("a storage commit of {} writes failed: {e}", writes.len());
+                let reason = format!("the node could not commit the write: {e}");
+                jobs.into_iter()
+                    .map(|(token, _)| Done {
+                        token,
+                        outcome: Err(reason.clone()),
+                    })
+                    .collect()
+            }
+        };
+        if done.send(completions).is_err() {
+            return;
+        }
+    }
+}
