@@ -350,10 +350,7 @@ impl SyncCounter {
         };
         // strace omits syscalls that were never made.
         let missing = if self.tool == "perf" { None } else { Some(0) };
-        Some((
-            count("fdatasync").or(missing)?,
-            count("fsync").or(missing)?,
-        ))
+        Some((count("fdatasync").or(missing)?, count("fsync").or(missing)?))
     }
 }
 
