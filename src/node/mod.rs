@@ -549,6 +549,7 @@ pub async fn run(
         name: name.clone(),
         twin_warned: None,
         named: Default::default(),
+        downs_seen: 0,
     };
     let mut seeds = config.seeds.clone();
     for peer in load_peers(&config.data_dir) {
@@ -662,6 +663,8 @@ struct Core {
     twin_warned: Option<SocketAddr>,
     /// Peers whose name has been logged.
     named: std::collections::HashSet<NodeId>,
+    /// Members this node has declared down, ever.
+    downs_seen: u64,
 }
 
 impl Core {
@@ -805,6 +808,7 @@ impl Core {
                         info!(node = %self.name, "{} is up", self.node_name(peer));
                     }
                     MembershipEventKind::Down(peer) => {
+                        self.downs_seen += 1;
                         info!(node = %self.name, "{} is down", self.node_name(peer))
                     }
                     MembershipEventKind::Left(peer) => {
@@ -1133,6 +1137,7 @@ impl Core {
             core.insert("bytes_held", status.bytes_held);
         }
         core.insert("members_known", status.members_total as u64);
+        core.insert("members_declared_down_total", self.downs_seen);
         core.insert("layout_version", status.layout_version);
         core.insert("layout_completed_version", status.layout_completed);
         core.insert("partitions_held", status.partitions_held as u64);
