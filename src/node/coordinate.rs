@@ -166,7 +166,7 @@ impl Core {
     /// Replicas of `partition` that are up, this node first if it is one
     /// that can write the partition (it holds all of its own earlier writes
     /// there; see `Store::writable`), else last.
-    fn live_replicas(&self, partition: u16) -> Vec<NodeId> {
+    pub(super) fn live_replicas(&self, partition: u16) -> Vec<NodeId> {
         let alive = self.replica.membership().alive();
         let mut nodes: Vec<NodeId> = self
             .replica

@@ -1,67 +1,69 @@
 //! The gossipkv node: a tokio runtime that owns the store, drives the
 //! replication core over QUIC, and serves clients.
 //!
-//! One task (the core loop) owns the [`Replica`]: it takes peer messages and
-//! client requests from a channel, fires due timers, and hands the core's
-//! outputs to the transport. Connection tasks only read frames and forward
-//! them. Each peer gets one outgoing connection with one ordered stream, fed
-//! by a bounded queue: when a peer is slow or away its queue fills and
-//! further messages to it are dropped, which the core tolerates (it retries
-//! rounds and migrations).
+//! One task (the core loop, here) owns the [`Replica`]: it takes peer
+//! messages, client requests and storage completions from channels, fires
+//! due timers, and hands the outputs to the transport. Where each job is:
 //!
-//! Client requests: any node takes any request; a replica of the key
-//! coordinates it (see "request coordination" below), with per-request
-//! write and read quorums (default 1 and 1). A write for a replica that is
-//! down reaches it later through anti-entropy from the replicas that took
-//! it, or, if no replica was reachable, through the hand-off of the node
-//! that took it (hinted hand-off).
+//! - `listen`: admits connections by certificate and limits, reads frames
+//!   and requests, forwards them to the core loop;
+//! - `coordinate`: the request path (which replica coordinates, quorums,
+//!   reads merged across replicas, read repair, replication of writes);
+//! - `storage`: the storage thread, which commits every write in groups;
+//! - `peers`: the peer wire format and the outgoing queues;
+//! - `admin`: admin and inspection requests, the node's status;
+//! - `files`: the small files beside the store; `reload`: TLS reloads;
+//!   `limits`: resource bounds; `metrics`: the Prometheus endpoint.
+//!
+//! The core loop never waits for a disk flush: writes go to the storage
+//! thread and their answers wait for its completion, while reads, gossip
+//! and acknowledgements go on.
 
+mod admin;
 pub mod config;
 mod coordinate;
+mod files;
 pub mod limits;
+mod listen;
 pub mod metrics;
+mod peers;
 mod reload;
 mod storage;
 
-use crate::client::{
-    Call, ErrorCode, Failure, LayoutInfo, MemberInfo, MigrationsInfo, NodeStatus, PartitionInfo,
-    ReplicaView, Request, Response, WireRecord,
+use files::{
+    file_err, load_layout, load_peers, next_incarnation, reset_key, save_layout, save_peers,
+    STORE_FILE,
 };
+use listen::accept_loop;
+pub use peers::{decode_peer_frame, replicate_frame};
+use peers::{Envelope, Payload, Peers, ReplicateItem};
+
+use crate::client::{Call, ErrorCode, Failure, Response};
 use crate::crdt::NodeId;
 use crate::replication::layout::NodeSpec;
 use crate::replication::layout_state::LayoutState;
 use crate::replication::membership::{LoadFigures, MemberState, MembershipConfig, NodeMeta};
-use crate::replication::message::Message;
 use crate::replication::replica::{
     MembershipEventKind, Output, Replica, ReplicaConfig, ReplicaEvent, Timer,
 };
 use crate::store::{Store, StoreOptions};
-use crate::transport::tls::{client_config, TlsIdentity, REFUSED};
-use crate::transport::{frame, ALPN_ADMIN, ALPN_CLIENT, ALPN_PEER};
+use crate::transport::tls::{client_config, TlsIdentity};
+use crate::transport::{frame, ALPN_PEER};
 use config::{NodeConfig, Security};
 use coordinate::Pending;
-use limits::{ConnResponses, Identity, Limits, Refusal};
+use limits::Limits;
 use metrics::Metrics;
 use reload::LiveTls;
-use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
-
-const LAYOUT_FILE: &str = "layout.bin";
-const INCARNATION_FILE: &str = "incarnation";
-const STORE_FILE: &str = "store.redb";
-const RESET_KEY_FILE: &str = "reset-key";
-const PEERS_FILE: &str = "peers";
-/// Frames queued per peer before further ones are dropped.
-const PEER_QUEUE: usize = 256;
 
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -97,104 +99,6 @@ pub enum NodeError {
     },
 }
 
-/// What a peer stream carries: the sender's id and one payload.
-#[derive(Debug, Serialize, Deserialize)]
-struct Envelope {
-    from: NodeId,
-    payload: Payload,
-}
-
-/// Peer payloads: the replication core's messages, and the request
-/// coordination between nodes (see `coordinate`).
-#[derive(Debug, Serialize, Deserialize)]
-enum Payload {
-    Core(Message),
-    /// Coordinate this client call (the sender holds no replica of its key).
-    Coordinate {
-        id: u64,
-        call: Call,
-    },
-    Coordinated {
-        id: u64,
-        response: Response,
-    },
-    /// Merge these entries (the coordinators' state of each key after a
-    /// write, or read repairs), in one transaction; acknowledge those that
-    /// ask, in one `Replicated`, once they are durable.
-    Replicate {
-        items: Vec<ReplicateItem>,
-    },
-    /// The writes of a `Replicate` that asked, and whether each was taken.
-    Replicated {
-        acks: Vec<(u64, bool)>,
-    },
-    /// Send your entry of this key (a read at R > 1).
-    Fetch {
-        id: u64,
-        key: Vec<u8>,
-    },
-    Fetched {
-        id: u64,
-        entry: Option<Vec<u8>>,
-    },
-}
-
-/// One entry of a `Replicate`.
-#[derive(Debug, Serialize, Deserialize)]
-struct ReplicateItem {
-    /// The write's call id at the coordinator (0 for a read repair).
-    id: u64,
-    partition: u16,
-    key: Vec<u8>,
-    entry: Vec<u8>,
-    ack: bool,
-}
-
-/// Decodes the frames of one peer stream held in memory, as `serve_peer`
-/// does; for fuzzing. The count of frames read, or why the stream ends.
-#[doc(hidden)]
-pub fn decode_peer_frame(mut bytes: &[u8]) -> Result<usize, frame::FrameError> {
-    let mut frames = 0;
-    while let Some((Envelope { payload, .. }, _)) = frame::read_from_slice(&mut bytes)? {
-        let _ = Metrics::kind_index(payload.kind());
-        frames += 1;
-    }
-    Ok(frames)
-}
-
-/// A peer frame asking the receiver to merge `entry` as key `key` of
-/// `partition`, claiming to come from `from`: what a coordinator sends its
-/// co-replicas after a write. For attack tests (a forged sender).
-#[doc(hidden)]
-pub fn replicate_frame(
-    from: NodeId,
-    partition: u16,
-    key: &[u8],
-    entry: Vec<u8>,
-) -> Result<Vec<u8>, frame::FrameError> {
-    frame::encode(&Envelope {
-        from,
-        payload: Payload::Replicate {
-            items: vec![ReplicateItem {
-                id: 1,
-                partition,
-                key: key.to_vec(),
-                entry,
-                ack: false,
-            }],
-        },
-    })
-}
-
-impl Payload {
-    fn kind(&self) -> &'static str {
-        match self {
-            Payload::Core(message) => message.kind(),
-            _ => "coordination",
-        }
-    }
-}
-
 enum CoreInput {
     Peer {
         from: NodeId,
@@ -219,131 +123,6 @@ const SIZES_INTERVAL: Duration = Duration::from_secs(30);
 
 /// How long a call may wait for other replicas.
 const QUORUM_TIMEOUT: Duration = Duration::from_secs(5);
-
-fn file_err<'a>(
-    action: &'static str,
-    path: &'a Path,
-) -> impl FnOnce(std::io::Error) -> NodeError + 'a {
-    move |source| NodeError::File {
-        action,
-        path: path.to_path_buf(),
-        source,
-    }
-}
-
-/// A restart must use a higher incarnation than the last run, or peers
-/// that saw this node go down would not take it back.
-fn next_incarnation(dir: &Path) -> Result<u32, NodeError> {
-    let path = dir.join(INCARNATION_FILE);
-    let last = match std::fs::read_to_string(&path) {
-        Ok(text) => text.trim().parse::<u32>().map_err(|e| NodeError::Damaged {
-            path: path.clone(),
-            reason: e.to_string(),
-        })?,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => 0,
-        Err(e) => return Err(file_err("read", &path)(e)),
-    };
-    let next = last.saturating_add(1);
-    std::fs::write(&path, next.to_string()).map_err(file_err("write", &path))?;
-    Ok(next)
-}
-
-/// The secret QUIC stateless resets are derived from, kept across restarts.
-/// With it a restarted node answers packets of its previous process's
-/// connections with a stateless reset, so peers drop those dead connections
-/// at once and dial afresh, instead of sending into them until the idle
-/// timeout (about 30 s) while the node looks isolated.
-fn reset_key(dir: &Path) -> Result<ring::hmac::Key, NodeError> {
-    let path = dir.join(RESET_KEY_FILE);
-    let secret = match std::fs::read(&path) {
-        Ok(bytes) if bytes.len() == 32 => bytes,
-        Ok(bytes) => {
-            return Err(NodeError::Damaged {
-                path,
-                reason: format!("{} bytes, expected 32", bytes.len()),
-            })
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            let secret: [u8; 32] = rand::random();
-            let tmp = dir.join("reset-key.tmp");
-            std::fs::write(&tmp, secret).map_err(file_err("write", &tmp))?;
-            #[cfg(unix)]
-            {
-                use std::os::unix::fs::PermissionsExt;
-                std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))
-                    .map_err(file_err("protect", &tmp))?;
-            }
-            std::fs::rename(&tmp, &path).map_err(file_err("write", &path))?;
-            secret.to_vec()
-        }
-        Err(e) => return Err(file_err("read", &path)(e)),
-    };
-    Ok(ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &secret))
-}
-
-/// Addresses of the peers this node last knew, one per line. A restarted
-/// node joins through them as well as through its seeds: the node that
-/// started the cluster has no seeds, and without them it would wait,
-/// cut off with stale data, until a peer happened to probe it.
-fn load_peers(dir: &Path) -> Vec<SocketAddr> {
-    let path = dir.join(PEERS_FILE);
-    match std::fs::read_to_string(&path) {
-        Ok(text) => text
-            .lines()
-            .filter_map(|line| match line.trim().parse() {
-                Ok(addr) => Some(addr),
-                Err(_) => {
-                    warn!("ignoring {line:?} in {}: not an address", path.display());
-                    None
-                }
-            })
-            .collect(),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
-        Err(e) => {
-            warn!("cannot read {}: {e}", path.display());
-            Vec::new()
-        }
-    }
-}
-
-fn save_peers(dir: &Path, peers: &[SocketAddr]) {
-    let path = dir.join(PEERS_FILE);
-    let tmp = dir.join("peers.tmp");
-    let text: String = peers.iter().map(|a| format!("{a}\n")).collect();
-    if let Err(e) = std::fs::write(&tmp, text).and_then(|()| std::fs::rename(&tmp, &path)) {
-        warn!("cannot save peers to {}: {e}", path.display());
-    }
-}
-
-fn load_layout(dir: &Path, partitions: u16) -> Result<Option<LayoutState>, NodeError> {
-    let path = dir.join(LAYOUT_FILE);
-    let bytes = match std::fs::read(&path) {
-        Ok(bytes) => bytes,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(file_err("read", &path)(e)),
-    };
-    let state: LayoutState = postcard::from_bytes(&bytes).map_err(|e| NodeError::Damaged {
-        path: path.clone(),
-        reason: e.to_string(),
-    })?;
-    state.validate(partitions).map_err(|e| NodeError::Damaged {
-        path,
-        reason: e.to_string(),
-    })?;
-    Ok(Some(state))
-}
-
-fn save_layout(dir: &Path, state: &LayoutState) {
-    let path = dir.join(LAYOUT_FILE);
-    let tmp = dir.join("layout.bin.tmp");
-    let Ok(bytes) = postcard::to_allocvec(state) else {
-        return;
-    };
-    // Write then rename, so a crash leaves the old layout or the new one.
-    if let Err(e) = std::fs::write(&tmp, bytes).and_then(|()| std::fs::rename(&tmp, &path)) {
-        warn!("cannot save layout to {}: {e}", path.display());
-    }
-}
 
 /// Runs a node until `shutdown` completes.
 pub async fn run(
@@ -567,69 +346,6 @@ pub async fn run(
     endpoint.wait_idle().await;
     info!(node = %id, "node stopped");
     Ok(())
-}
-
-struct Peers {
-    endpoint: quinn::Endpoint,
-    /// The peer client configuration (replaced by a TLS reload), and where
-    /// refusals are logged and connections tracked.
-    tls: Arc<LiveTls>,
-    queues: HashMap<SocketAddr, mpsc::Sender<Vec<u8>>>,
-}
-
-impl Peers {
-    fn send(&mut self, to: SocketAddr, frame: Vec<u8>) {
-        let Some(queue) = self.queues.get(&to) else {
-            self.spawn_writer(to, frame);
-            return;
-        };
-        match queue.try_send(frame) {
-            Ok(()) => {}
-            Err(mpsc::error::TrySendError::Full(_)) => {
-                debug!(peer = %to, "peer queue full: message dropped");
-            }
-            Err(mpsc::error::TrySendError::Closed(frame)) => {
-                self.queues.remove(&to);
-                self.spawn_writer(to, frame);
-            }
-        }
-    }
-
-    fn spawn_writer(&mut self, to: SocketAddr, first: Vec<u8>) {
-        let (tx, mut rx) = mpsc::channel::<Vec<u8>>(PEER_QUEUE);
-        let _ = tx.try_send(first);
-        self.queues.insert(to, tx);
-        let endpoint = self.endpoint.clone();
-        let tls = self.tls.clone();
-        tokio::spawn(async move {
-            let connecting =
-                match endpoint.connect_with(tls.peer_config(), to, crate::certs::SERVER_NAME) {
-                    Ok(connecting) => connecting,
-                    Err(e) => return debug!(peer = %to, "cannot dial the peer: {e}"),
-                };
-            let connection = match connecting.await {
-                Ok(connection) => connection,
-                // Our side refused the peer's certificate, or a timeout.
-                Err(e) => return tls.peer_failed(to, &e),
-            };
-            let _tracked = tls.track(&connection);
-            let result: Result<(), String> = async {
-                let mut stream = connection.open_uni().await.map_err(|e| e.to_string())?;
-                while let Some(frame) = rx.recv().await {
-                    stream.write_all(&frame).await.map_err(|e| e.to_string())?;
-                }
-                Ok(())
-            }
-            .await;
-            // The peer refuses our certificate after our side of the
-            // handshake completed: that shows as the connection's close.
-            match (connection.close_reason(), result) {
-                (Some(reason), _) => tls.peer_failed(to, &reason),
-                (None, Err(e)) => debug!(peer = %to, "peer stream ended: {e}"),
-                (None, Ok(())) => {}
-            }
-        });
-    }
 }
 
 struct Core {
@@ -901,200 +617,6 @@ impl Core {
             .unwrap_or_else(|| node.to_string())
     }
 
-    fn admin(&mut self, request: Request, reply: ReplyTo) {
-        let layout = self.replica.layout().clone();
-        let store = self.replica.store().clone();
-        let response = match request {
-            Request::ClusterMembers => {
-                let mut members = vec![MemberInfo {
-                    id: self.id.to_string(),
-                    name: self.name.clone(),
-                    addr: self.addr.to_string(),
-                    state: "self".into(),
-                    zone: self.replica.membership().meta().zone.clone(),
-                    capacity: Some(self.replica.membership().meta().capacity),
-                    partitions_held: layout.current().partitions_of(self.id).len(),
-                    load: Some(self.replica.membership().meta().load.clone()),
-                    last_heard_ms: Some(0),
-                }];
-                for m in self.replica.membership().members() {
-                    members.push(MemberInfo {
-                        id: m.id.to_string(),
-                        name: self.node_name(m.id),
-                        addr: m.addr.to_string(),
-                        state: format!("{:?}", m.state).to_lowercase(),
-                        zone: m.meta.as_ref().and_then(|meta| meta.zone.clone()),
-                        capacity: m.meta.as_ref().map(|meta| meta.capacity),
-                        partitions_held: layout.current().partitions_of(m.id).len(),
-                        load: m.meta.as_ref().map(|meta| meta.load.clone()),
-                        last_heard_ms: self
-                            .last_heard
-                            .get(&m.id)
-                            .map(|at| at.elapsed().as_millis() as u64),
-                    });
-                }
-                Response::ClusterMembers(members)
-            }
-            Request::Layout => {
-                let current = layout.current();
-                let replicas = (0..current.partitions())
-                    .map(|p| {
-                        current
-                            .replicas(p)
-                            .iter()
-                            .map(|&n| self.node_name(n))
-                            .collect()
-                    })
-                    .collect();
-                let pending = current
-                    .nodes()
-                    .into_iter()
-                    .flat_map(|n| {
-                        layout
-                            .pending_migrations(n)
-                            .into_iter()
-                            .map(move |p| (p, n))
-                    })
-                    .map(|(p, n)| (p, self.node_name(n)))
-                    .collect();
-                Response::Layout(LayoutInfo {
-                    version: current.version(),
-                    completed: layout.completed().version(),
-                    replicas,
-                    pending,
-                })
-            }
-            Request::Partitions => match store.partition_versions() {
-                Ok(versions) => {
-                    let mut rows = Vec::new();
-                    for (p, vv) in versions.iter().enumerate() {
-                        let p = p as u16;
-                        if !layout.holds(self.id, p) && vv.is_empty() {
-                            continue;
-                        }
-                        let stats = store.partition_stats(p).unwrap_or_default();
-                        let version = vv
-                            .nodes()
-                            .map(|n| (self.node_name(n), vv.base(n), vv.extra(n).collect()))
-                            .collect();
-                        rows.push(PartitionInfo {
-                            partition: p,
-                            entries: stats.entries,
-                            bytes: stats.bytes,
-                            digest: crate::replication::replica::vector_hash(vv),
-                            version,
-                        });
-                    }
-                    Response::Partitions(rows)
-                }
-                Err(e) => Response::Error(Failure::new(ErrorCode::of(&e), e.to_string())),
-            },
-            Request::Inspect { key } => {
-                let partition = store.partition_of(&key);
-                let holders = layout.holders(partition);
-                let mine = if holders.contains(&self.id) {
-                    Some(store.entry_bytes(&key).ok().flatten())
-                } else {
-                    None
-                };
-                let id = self.fresh_call_id();
-                let mut waiting = Vec::new();
-                let me = self.id;
-                for node in holders.into_iter().filter(|&n| n != me) {
-                    if self.send_to_node(
-                        node,
-                        Payload::Fetch {
-                            id,
-                            key: key.clone(),
-                        },
-                    ) {
-                        waiting.push(node);
-                    }
-                }
-                let answers: Vec<(NodeId, Option<Vec<u8>>)> =
-                    mine.map(|m| (self.id, m)).into_iter().collect();
-                if waiting.is_empty() {
-                    return self.finish_inspect(reply, &key, answers, Vec::new());
-                }
-                self.wait(
-                    id,
-                    Pending::Inspect {
-                        reply,
-                        key,
-                        answers,
-                        waiting,
-                    },
-                );
-                return;
-            }
-            Request::Migrations => {
-                let progress = self.replica.migration_progress();
-                Response::Migrations(MigrationsInfo {
-                    layout_version: progress.layout_version,
-                    in_flight: self
-                        .replica
-                        .migration_sources()
-                        .into_iter()
-                        .map(|(p, n)| (p, self.node_name(n)))
-                        .collect(),
-                    total: progress.total,
-                    done: progress.done,
-                    entries: progress.entries,
-                    bytes: progress.bytes,
-                    elapsed_ms: progress.elapsed.as_millis() as u64,
-                })
-            }
-            Request::Join { seed } => {
-                let outputs = self.replica.join(self.now(), seed);
-                self.carry_out(outputs);
-                Response::Done
-            }
-            Request::Leave => {
-                let outputs = self.replica.leave(self.now());
-                self.carry_out(outputs);
-                Response::Done
-            }
-            other => Response::Error(Failure::new(
-                ErrorCode::BadRequest,
-                format!("{other:?} is not an admin request"),
-            )),
-        };
-        self.answer(reply, response);
-    }
-
-    fn finish_inspect(
-        &mut self,
-        reply: ReplyTo,
-        key: &[u8],
-        answers: Vec<(NodeId, Option<Vec<u8>>)>,
-        silent: Vec<NodeId>,
-    ) {
-        let mut views: Vec<ReplicaView> = answers
-            .into_iter()
-            .map(|(node, entry)| {
-                let record = entry
-                    .and_then(|bytes| crate::store::decode_record(key, &bytes).ok().flatten())
-                    .map(|r| WireRecord {
-                        value: r.value,
-                        context: r.context.to_bytes(),
-                        other_kinds: r.other_kinds,
-                    });
-                ReplicaView {
-                    node: self.node_name(node),
-                    answered: true,
-                    record,
-                }
-            })
-            .collect();
-        views.extend(silent.into_iter().map(|n| ReplicaView {
-            node: self.node_name(n),
-            answered: false,
-            record: None,
-        }));
-        views.sort_by(|a, b| a.node.cmp(&b.node));
-        self.answer(reply, Response::Inspect(views));
-    }
-
     /// Gossips this node's load with its metadata (every 30 s, with sizes).
     fn publish_load(&mut self, keys: u64, bytes: u64) {
         let requests = self.metrics.client_requests.load(Relaxed);
@@ -1168,368 +690,5 @@ impl Core {
         if sizes {
             self.publish_load(status.entries_held, status.bytes_held);
         }
-    }
-
-    /// The node's status; `sizes` also counts the entries and bytes held,
-    /// which scans the held partitions (for status requests, not metrics).
-    fn status(&self, sizes: bool) -> NodeStatus {
-        let layout = self.replica.layout();
-        let members = self.replica.membership().members();
-        let (mut entries_held, mut bytes_held) = (0, 0);
-        for p in 0..layout.current().partitions() {
-            if sizes && layout.holds(self.id, p) {
-                if let Ok(stats) = self.replica.store().partition_stats(p) {
-                    entries_held += stats.entries;
-                    bytes_held += stats.bytes;
-                }
-            }
-        }
-        NodeStatus {
-            node_id: self.name.clone(),
-            version: env!("CARGO_PKG_VERSION").to_string(),
-            uptime_seconds: self.started.elapsed().as_secs(),
-            members_alive: self.replica.membership().alive().len() + 1,
-            members_total: members.len() + 1,
-            layout_version: layout.current().version(),
-            layout_completed: layout.completed().version(),
-            partitions_held: (0..layout.current().partitions())
-                .filter(|&p| layout.holds(self.id, p))
-                .count(),
-            migrations_in_flight: self.replica.migrating().len(),
-            anti_entropy_rounds: self.replica.stats().rounds_started,
-            repaired_entries: self.replica.stats().repair_entries_received,
-            decommissioned: self.replica.has_left(),
-            entries_held,
-            bytes_held,
-            cert_expires: self.peers.tls.not_after().map(crate::certs::rfc3339),
-            cert_expires_in_days: self.peers.tls.not_after().map(crate::certs::days_left),
-        }
-    }
-}
-
-async fn accept_loop(
-    endpoint: quinn::Endpoint,
-    core: mpsc::Sender<CoreInput>,
-    metrics: Arc<Metrics>,
-    me: NodeId,
-    secure: bool,
-    tls: Arc<LiveTls>,
-    limits: Arc<Limits>,
-) {
-    while let Some(incoming) = endpoint.accept().await {
-        let remote = incoming.remote_address();
-        // Counted from before the handshake, so handshakes in progress
-        // count too.
-        let mut slot = match limits.open() {
-            Ok(slot) => slot,
-            Err(refusal) => {
-                if let Refusal::First(reason) = refusal {
-                    warn!(%remote, "refusing connections: {reason}");
-                }
-                incoming.refuse();
-                continue;
-            }
-        };
-        let core = core.clone();
-        let metrics = metrics.clone();
-        let tls = tls.clone();
-        let limits = limits.clone();
-        tokio::spawn(async move {
-            let connection = match incoming.await {
-                Ok(connection) => connection,
-                Err(e) => {
-                    warn!(%remote, "refused a connection: {e}");
-                    return;
-                }
-            };
-            let identity = Identity::of(&connection);
-            if let Err(refusal) = limits.identify(&mut slot, identity) {
-                let reason = match refusal {
-                    Refusal::First(reason) => {
-                        warn!(%remote, %identity, "refusing connections: {reason}");
-                        reason
-                    }
-                    Refusal::Again(reason) => reason,
-                };
-                connection.close(REFUSED, reason.as_bytes());
-                return;
-            }
-            let alpn = connection
-                .handshake_data()
-                .and_then(|d| d.downcast::<quinn::crypto::rustls::HandshakeData>().ok())
-                .and_then(|d| d.protocol);
-            let alpn = match alpn.as_deref() {
-                Some(ALPN_PEER) => Alpn::Peer,
-                Some(ALPN_CLIENT) => Alpn::Client,
-                Some(ALPN_ADMIN) => Alpn::Admin,
-                _ => return connection.close(1u32.into(), b"unknown protocol"),
-            };
-            let role = match admit(&connection, alpn, me, secure) {
-                Ok(role) => role,
-                Err(reason) => {
-                    warn!(%remote, "refused a connection: {reason}");
-                    connection.close(REFUSED, reason.as_bytes());
-                    return;
-                }
-            };
-            // Tracked while served, so that revoking its certificate closes it.
-            let _tracked = tls.track(&connection);
-            match (alpn, role) {
-                (Alpn::Peer, Admitted::Node(sender)) => {
-                    serve_peer(connection, core, metrics, sender, &limits).await
-                }
-                (Alpn::Peer, _) => serve_peer(connection, core, metrics, None, &limits).await,
-                (Alpn::Client, _) => serve_client(connection, core, metrics, None, &limits).await,
-                (Alpn::Admin, role) => {
-                    serve_client(connection, core, metrics, Some(role), &limits).await
-                }
-            }
-            drop(slot);
-        });
-    }
-}
-
-#[derive(Copy, Clone, PartialEq, Eq)]
-enum Alpn {
-    Peer,
-    Client,
-    Admin,
-}
-
-/// What the verified certificate of an admitted connection allows.
-#[derive(Clone, Debug, PartialEq, Eq)]
-enum Admitted {
-    /// A node: every peer message on the connection is from this id
-    /// (`None` in the insecure mode, where nothing is verified).
-    Node(Option<NodeId>),
-    /// Reads, writes and read-only inspection.
-    Client,
-    /// Also join and leave.
-    Admin,
-}
-
-/// Decides by the verified certificate whether a connection on `alpn` is
-/// allowed: the peer protocol takes node certificates only (and never one
-/// naming this node), the client protocol client and admin certificates,
-/// the admin protocol client certificates (read-only) and admin ones.
-/// Without TLS (`secure` false) everything is allowed, as documented for
-/// the insecure mode.
-fn admit(
-    connection: &quinn::Connection,
-    alpn: Alpn,
-    me: NodeId,
-    secure: bool,
-) -> Result<Admitted, String> {
-    use crate::certs::Role;
-    if !secure {
-        return Ok(match alpn {
-            Alpn::Peer => Admitted::Node(None),
-            _ => Admitted::Admin,
-        });
-    }
-    let identity = match crate::transport::tls::peer_identity(connection) {
-        Some(Ok(identity)) => identity,
-        Some(Err(e)) => return Err(format!("unusable certificate: {e}")),
-        None => return Err("no certificate".into()),
-    };
-    match (alpn, identity.role) {
-        (Alpn::Peer, Role::Node) => {
-            let id = NodeId::from_name(&identity.name);
-            if id == me {
-                return Err(format!(
-                    "another node presents this node's own name {:?}: two nodes run with the same certificate or name",
-                    identity.name
-                ));
-            }
-            Ok(Admitted::Node(Some(id)))
-        }
-        (Alpn::Peer, _) => Err(format!(
-            "the peer protocol takes node certificates only; this is the {identity}"
-        )),
-        (_, Role::Node) => Err(format!(
-            "a node certificate ({:?}) cannot be used by a client or kvctl: use a client or admin certificate",
-            identity.name
-        )),
-        (_, Role::Admin) => Ok(Admitted::Admin),
-        (_, Role::Client) => Ok(Admitted::Client),
-    }
-}
-
-/// Logs a connection's first dropped frame or refused request at warn and
-/// the rest at debug: once per offender, not once per frame.
-#[derive(Default)]
-struct WarnOnce(std::sync::atomic::AtomicBool);
-
-impl WarnOnce {
-    fn first(&self) -> bool {
-        !self.0.swap(true, Relaxed)
-    }
-}
-
-fn dropped(metrics: &Metrics, e: &frame::FrameError) {
-    if matches!(
-        e,
-        frame::FrameError::Stalled(_)
-            | frame::FrameError::OverLimit { .. }
-            | frame::FrameError::TooLarge(_)
-    ) {
-        metrics.frames_dropped.fetch_add(1, Relaxed);
-    }
-}
-
-async fn serve_peer(
-    connection: quinn::Connection,
-    core: mpsc::Sender<CoreInput>,
-    metrics: Arc<Metrics>,
-    sender: Option<NodeId>,
-    limits: &Limits,
-) {
-    // Peers open unidirectional streams only.
-    connection.set_max_concurrent_bi_streams(0u32.into());
-    let remote = connection.remote_address();
-    let read_limits = frame::ReadLimits {
-        max_len: crate::transport::MAX_FRAME_BYTES,
-        timeout: Some(limits.config.frame_read_timeout()),
-        budget: Some(limits.inbound.clone()),
-    };
-    let warned = Arc::new(WarnOnce::default());
-    while let Ok(mut stream) = connection.accept_uni().await {
-        let core = core.clone();
-        let metrics = metrics.clone();
-        let connection = connection.clone();
-        let read_limits = read_limits.clone();
-        let warned = warned.clone();
-        tokio::spawn(async move {
-            loop {
-                match frame::read_limited::<Envelope, _>(&mut stream, &read_limits).await {
-                    Ok(Some((Envelope { from, payload }, size))) => {
-                        if let Some(certified) = sender.filter(|&c| c != from) {
-                            // The sender of a peer message is the node its
-                            // certificate names; a claim to be another is
-                            // an impersonation attempt (or a bug): close.
-                            warn!(%remote, certified = %certified, claimed = %from, "closed a peer connection: a message claims another sender than its certificate names");
-                            connection
-                                .close(REFUSED, b"message sender does not match the certificate");
-                            return;
-                        }
-                        let kind = Metrics::kind_index(payload.kind());
-                        metrics.peer_bytes_received[kind].fetch_add(size as u64, Relaxed);
-                        if core.send(CoreInput::Peer { from, payload }).await.is_err() {
-                            return;
-                        }
-                    }
-                    Ok(None) => return,
-                    Err(e) => {
-                        dropped(&metrics, &e);
-                        if matches!(e, frame::FrameError::Io(_)) {
-                            // The connection went away (restart, idle
-                            // timeout, network): not the peer's fault.
-                            debug!(%remote, "closed a peer stream: {e}");
-                        } else if warned.first() {
-                            warn!(%remote, "closed a peer stream: {e} (further ones from this connection logged at debug)");
-                        } else {
-                            debug!(%remote, "closed a peer stream: {e}");
-                        }
-                        let _ = stream.stop(2u32.into());
-                        return;
-                    }
-                }
-            }
-        });
-    }
-}
-
-/// Serves client requests on one connection, or, with `admin` (the admin
-/// protocol), inspection and, for an admin certificate, cluster changes.
-///
-/// Each stream waits for response budget before reading its request (see
-/// `limits`), and holds its response's bytes until the client has them.
-async fn serve_client(
-    connection: quinn::Connection,
-    core: mpsc::Sender<CoreInput>,
-    metrics: Arc<Metrics>,
-    admin: Option<Admitted>,
-    limits: &Limits,
-) {
-    // Clients open bidirectional streams only.
-    connection.set_max_concurrent_uni_streams(0u32.into());
-    let remote = connection.remote_address();
-    let read_limits = frame::ReadLimits {
-        max_len: limits::CLIENT_FRAME_BYTES,
-        timeout: Some(limits.config.frame_read_timeout()),
-        budget: Some(limits.inbound.clone()),
-    };
-    let responses: Arc<ConnResponses> = limits.responses();
-    let warned = Arc::new(WarnOnce::default());
-    while let Ok((mut send, mut recv)) = connection.accept_bi().await {
-        let core = core.clone();
-        let metrics = metrics.clone();
-        let admin = admin.clone();
-        let read_limits = read_limits.clone();
-        let responses = responses.clone();
-        let warned = warned.clone();
-        tokio::spawn(async move {
-            // Before reading the request: a connection whose answers are not
-            // read stops being read, and flow control stops its sender.
-            let mut ticket = responses.admit().await;
-            let started = Instant::now();
-            let response = match frame::read_limited::<Call, _>(&mut recv, &read_limits).await {
-                Ok(Some((call, _))) if call.request.is_admin() && admin.is_none() => Response::Error(Failure::new(
-                    ErrorCode::Forbidden,
-                    "admin requests are served on the admin protocol (kvctl), not the client one",
-                )),
-                Ok(Some((call, _)))
-                    if call.request.changes_cluster() && admin != Some(Admitted::Admin) =>
-                {
-                    Response::Error(Failure::new(
-                        ErrorCode::Forbidden,
-                        "changing the cluster (join, leave) needs an admin certificate (`gossipkv certs issue --role admin`); this connection's certificate is a client one",
-                    ))
-                }
-                Ok(Some((call, _))) => {
-                    let (reply, answer) = oneshot::channel();
-                    if core.send(CoreInput::Client { call, reply }).await.is_err() {
-                        return;
-                    }
-                    answer
-                        .await
-                        .unwrap_or_else(|_| {
-                            Response::Error(Failure::new(
-                                ErrorCode::Internal,
-                                "the node is shutting down",
-                            ))
-                        })
-                }
-                Ok(None) => return,
-                Err(e) => {
-                    dropped(&metrics, &e);
-                    if warned.first() {
-                        warn!(%remote, "refused a client request: {e} (further ones from this connection logged at debug)");
-                    } else {
-                        debug!(%remote, "refused a client request: {e}");
-                    }
-                    Response::Error(Failure::new(
-                        ErrorCode::BadRequest,
-                        format!("bad request: {e}"),
-                    ))
-                }
-            };
-            metrics.request_latency.observe(started.elapsed());
-            let Ok(bytes) = frame::encode(&response) else {
-                return;
-            };
-            // One copy only from here on.
-            drop(response);
-            ticket.hold(bytes.len() as u64);
-            if send.write_all(&bytes).await.is_ok() {
-                drop(bytes);
-                if send.finish().is_ok() {
-                    // Held until the client acknowledged every byte (QUIC's
-                    // send buffer is part of what a slow reader makes us hold).
-                    let _ = send.stopped().await;
-                }
-            }
-            drop(ticket);
-        });
     }
 }

@@ -1,0 +1,242 @@
+//! Admin and inspection requests (the admin protocol), and the node's
+//! status.
+
+use super::coordinate::Pending;
+use super::{Core, Payload, ReplyTo};
+use crate::client::{
+    ErrorCode, Failure, LayoutInfo, MemberInfo, MigrationsInfo, NodeStatus, PartitionInfo,
+    ReplicaView, Request, Response, WireRecord,
+};
+use crate::crdt::NodeId;
+
+impl Core {
+    pub(super) fn admin(&mut self, request: Request, reply: ReplyTo) {
+        let layout = self.replica.layout().clone();
+        let store = self.replica.store().clone();
+        let response = match request {
+            Request::ClusterMembers => {
+                let mut members = vec![MemberInfo {
+                    id: self.id.to_string(),
+                    name: self.name.clone(),
+                    addr: self.addr.to_string(),
+                    state: "self".into(),
+                    zone: self.replica.membership().meta().zone.clone(),
+                    capacity: Some(self.replica.membership().meta().capacity),
+                    partitions_held: layout.current().partitions_of(self.id).len(),
+                    load: Some(self.replica.membership().meta().load.clone()),
+                    last_heard_ms: Some(0),
+                }];
+                for m in self.replica.membership().members() {
+                    members.push(MemberInfo {
+                        id: m.id.to_string(),
+                        name: self.node_name(m.id),
+                        addr: m.addr.to_string(),
+                        state: format!("{:?}", m.state).to_lowercase(),
+                        zone: m.meta.as_ref().and_then(|meta| meta.zone.clone()),
+                        capacity: m.meta.as_ref().map(|meta| meta.capacity),
+                        partitions_held: layout.current().partitions_of(m.id).len(),
+                        load: m.meta.as_ref().map(|meta| meta.load.clone()),
+                        last_heard_ms: self
+                            .last_heard
+                            .get(&m.id)
+                            .map(|at| at.elapsed().as_millis() as u64),
+                    });
+                }
+                Response::ClusterMembers(members)
+            }
+            Request::Layout => {
+                let current = layout.current();
+                let replicas = (0..current.partitions())
+                    .map(|p| {
+                        current
+                            .replicas(p)
+                            .iter()
+                            .map(|&n| self.node_name(n))
+                            .collect()
+                    })
+                    .collect();
+                let pending = current
+                    .nodes()
+                    .into_iter()
+                    .flat_map(|n| {
+                        layout
+                            .pending_migrations(n)
+                            .into_iter()
+                            .map(move |p| (p, n))
+                    })
+                    .map(|(p, n)| (p, self.node_name(n)))
+                    .collect();
+                Response::Layout(LayoutInfo {
+                    version: current.version(),
+                    completed: layout.completed().version(),
+                    replicas,
+                    pending,
+                })
+            }
+            Request::Partitions => match store.partition_versions() {
+                Ok(versions) => {
+                    let mut rows = Vec::new();
+                    for (p, vv) in versions.iter().enumerate() {
+                        let p = p as u16;
+                        if !layout.holds(self.id, p) && vv.is_empty() {
+                            continue;
+                        }
+                        let stats = store.partition_stats(p).unwrap_or_default();
+                        let version = vv
+                            .nodes()
+                            .map(|n| (self.node_name(n), vv.base(n), vv.extra(n).collect()))
+                            .collect();
+                        rows.push(PartitionInfo {
+                            partition: p,
+                            entries: stats.entries,
+                            bytes: stats.bytes,
+                            digest: crate::replication::replica::vector_hash(vv),
+                            version,
+                        });
+                    }
+                    Response::Partitions(rows)
+                }
+                Err(e) => Response::Error(Failure::new(ErrorCode::of(&e), e.to_string())),
+            },
+            Request::Inspect { key } => {
+                let partition = store.partition_of(&key);
+                let holders = layout.holders(partition);
+                let mine = if holders.contains(&self.id) {
+                    Some(store.entry_bytes(&key).ok().flatten())
+                } else {
+                    None
+                };
+                let id = self.fresh_call_id();
+                let mut waiting = Vec::new();
+                let me = self.id;
+                for node in holders.into_iter().filter(|&n| n != me) {
+                    if self.send_to_node(
+                        node,
+                        Payload::Fetch {
+                            id,
+                            key: key.clone(),
+                        },
+                    ) {
+                        waiting.push(node);
+                    }
+                }
+                let answers: Vec<(NodeId, Option<Vec<u8>>)> =
+                    mine.map(|m| (self.id, m)).into_iter().collect();
+                if waiting.is_empty() {
+                    return self.finish_inspect(reply, &key, answers, Vec::new());
+                }
+                self.wait(
+                    id,
+                    Pending::Inspect {
+                        reply,
+                        key,
+                        answers,
+                        waiting,
+                    },
+                );
+                return;
+            }
+            Request::Migrations => {
+                let progress = self.replica.migration_progress();
+                Response::Migrations(MigrationsInfo {
+                    layout_version: progress.layout_version,
+                    in_flight: self
+                        .replica
+                        .migration_sources()
+                        .into_iter()
+                        .map(|(p, n)| (p, self.node_name(n)))
+                        .collect(),
+                    total: progress.total,
+                    done: progress.done,
+                    entries: progress.entries,
+                    bytes: progress.bytes,
+                    elapsed_ms: progress.elapsed.as_millis() as u64,
+                })
+            }
+            Request::Join { seed } => {
+                let outputs = self.replica.join(self.now(), seed);
+                self.carry_out(outputs);
+                Response::Done
+            }
+            Request::Leave => {
+                let outputs = self.replica.leave(self.now());
+                self.carry_out(outputs);
+                Response::Done
+            }
+            other => Response::Error(Failure::new(
+                ErrorCode::BadRequest,
+                format!("{other:?} is not an admin request"),
+            )),
+        };
+        self.answer(reply, response);
+    }
+
+    pub(super) fn finish_inspect(
+        &mut self,
+        reply: ReplyTo,
+        key: &[u8],
+        answers: Vec<(NodeId, Option<Vec<u8>>)>,
+        silent: Vec<NodeId>,
+    ) {
+        let mut views: Vec<ReplicaView> = answers
+            .into_iter()
+            .map(|(node, entry)| {
+                let record = entry
+                    .and_then(|bytes| crate::store::decode_record(key, &bytes).ok().flatten())
+                    .map(|r| WireRecord {
+                        value: r.value,
+                        context: r.context.to_bytes(),
+                        other_kinds: r.other_kinds,
+                    });
+                ReplicaView {
+                    node: self.node_name(node),
+                    answered: true,
+                    record,
+                }
+            })
+            .collect();
+        views.extend(silent.into_iter().map(|n| ReplicaView {
+            node: self.node_name(n),
+            answered: false,
+            record: None,
+        }));
+        views.sort_by(|a, b| a.node.cmp(&b.node));
+        self.answer(reply, Response::Inspect(views));
+    }
+
+    /// The node's status; `sizes` also counts the entries and bytes held,
+    /// which scans the held partitions (for status requests, not metrics).
+    pub(super) fn status(&self, sizes: bool) -> NodeStatus {
+        let layout = self.replica.layout();
+        let members = self.replica.membership().members();
+        let (mut entries_held, mut bytes_held) = (0, 0);
+        for p in 0..layout.current().partitions() {
+            if sizes && layout.holds(self.id, p) {
+                if let Ok(stats) = self.replica.store().partition_stats(p) {
+                    entries_held += stats.entries;
+                    bytes_held += stats.bytes;
+                }
+            }
+        }
+        NodeStatus {
+            node_id: self.name.clone(),
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            uptime_seconds: self.started.elapsed().as_secs(),
+            members_alive: self.replica.membership().alive().len() + 1,
+            members_total: members.len() + 1,
+            layout_version: layout.current().version(),
+            layout_completed: layout.completed().version(),
+            partitions_held: (0..layout.current().partitions())
+                .filter(|&p| layout.holds(self.id, p))
+                .count(),
+            migrations_in_flight: self.replica.migrating().len(),
+            anti_entropy_rounds: self.replica.stats().rounds_started,
+            repaired_entries: self.replica.stats().repair_entries_received,
+            decommissioned: self.replica.has_left(),
+            entries_held,
+            bytes_held,
+            cert_expires: self.peers.tls.not_after().map(crate::certs::rfc3339),
+            cert_expires_in_days: self.peers.tls.not_after().map(crate::certs::days_left),
+        }
+    }
+}

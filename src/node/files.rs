@@ -1,0 +1,141 @@
+//! The node's files beside the store: incarnation, stateless-reset key,
+//! known peers and the last layout. Each is small and rewritten whole
+//! (write to a temporary file, then rename), so a crash leaves the old or
+//! the new version, never a torn one.
+
+use super::NodeError;
+use crate::replication::layout_state::LayoutState;
+use std::net::SocketAddr;
+use std::path::Path;
+use tracing::warn;
+
+pub(super) const LAYOUT_FILE: &str = "layout.bin";
+pub(super) const INCARNATION_FILE: &str = "incarnation";
+pub(super) const STORE_FILE: &str = "store.redb";
+pub(super) const RESET_KEY_FILE: &str = "reset-key";
+pub(super) const PEERS_FILE: &str = "peers";
+
+pub(super) fn file_err<'a>(
+    action: &'static str,
+    path: &'a Path,
+) -> impl FnOnce(std::io::Error) -> NodeError + 'a {
+    move |source| NodeError::File {
+        action,
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// A restart must use a higher incarnation than the last run, or peers
+/// that saw this node go down would not take it back.
+pub(super) fn next_incarnation(dir: &Path) -> Result<u32, NodeError> {
+    let path = dir.join(INCARNATION_FILE);
+    let last = match std::fs::read_to_string(&path) {
+        Ok(text) => text.trim().parse::<u32>().map_err(|e| NodeError::Damaged {
+            path: path.clone(),
+            reason: e.to_string(),
+        })?,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => 0,
+        Err(e) => return Err(file_err("read", &path)(e)),
+    };
+    let next = last.saturating_add(1);
+    std::fs::write(&path, next.to_string()).map_err(file_err("write", &path))?;
+    Ok(next)
+}
+
+/// The secret QUIC stateless resets are derived from, kept across restarts.
+/// With it a restarted node answers packets of its previous process's
+/// connections with a stateless reset, so peers drop those dead connections
+/// at once and dial afresh, instead of sending into them until the idle
+/// timeout (about 30 s) while the node looks isolated.
+pub(super) fn reset_key(dir: &Path) -> Result<ring::hmac::Key, NodeError> {
+    let path = dir.join(RESET_KEY_FILE);
+    let secret = match std::fs::read(&path) {
+        Ok(bytes) if bytes.len() == 32 => bytes,
+        Ok(bytes) => {
+            return Err(NodeError::Damaged {
+                path,
+                reason: format!("{} bytes, expected 32", bytes.len()),
+            })
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let secret: [u8; 32] = rand::random();
+            let tmp = dir.join("reset-key.tmp");
+            std::fs::write(&tmp, secret).map_err(file_err("write", &tmp))?;
+            #[cfg(unix)]
+            {
+                use std::os::unix::fs::PermissionsExt;
+                std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))
+                    .map_err(file_err("protect", &tmp))?;
+            }
+            std::fs::rename(&tmp, &path).map_err(file_err("write", &path))?;
+            secret.to_vec()
+        }
+        Err(e) => return Err(file_err("read", &path)(e)),
+    };
+    Ok(ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &secret))
+}
+
+/// Addresses of the peers this node last knew, one per line. A restarted
+/// node joins through them as well as through its seeds: the node that
+/// started the cluster has no seeds, and without them it would wait,
+/// cut off with stale data, until a peer happened to probe it.
+pub(super) fn load_peers(dir: &Path) -> Vec<SocketAddr> {
+    let path = dir.join(PEERS_FILE);
+    match std::fs::read_to_string(&path) {
+        Ok(text) => text
+            .lines()
+            .filter_map(|line| match line.trim().parse() {
+                Ok(addr) => Some(addr),
+                Err(_) => {
+                    warn!("ignoring {line:?} in {}: not an address", path.display());
+                    None
+                }
+            })
+            .collect(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+        Err(e) => {
+            warn!("cannot read {}: {e}", path.display());
+            Vec::new()
+        }
+    }
+}
+
+pub(super) fn save_peers(dir: &Path, peers: &[SocketAddr]) {
+    let path = dir.join(PEERS_FILE);
+    let tmp = dir.join("peers.tmp");
+    let text: String = peers.iter().map(|a| format!("{a}\n")).collect();
+    if let Err(e) = std::fs::write(&tmp, text).and_then(|()| std::fs::rename(&tmp, &path)) {
+        warn!("cannot save peers to {}: {e}", path.display());
+    }
+}
+
+pub(super) fn load_layout(dir: &Path, partitions: u16) -> Result<Option<LayoutState>, NodeError> {
+    let path = dir.join(LAYOUT_FILE);
+    let bytes = match std::fs::read(&path) {
+        Ok(bytes) => bytes,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(file_err("read", &path)(e)),
+    };
+    let state: LayoutState = postcard::from_bytes(&bytes).map_err(|e| NodeError::Damaged {
+        path: path.clone(),
+        reason: e.to_string(),
+    })?;
+    state.validate(partitions).map_err(|e| NodeError::Damaged {
+        path,
+        reason: e.to_string(),
+    })?;
+    Ok(Some(state))
+}
+
+pub(super) fn save_layout(dir: &Path, state: &LayoutState) {
+    let path = dir.join(LAYOUT_FILE);
+    let tmp = dir.join("layout.bin.tmp");
+    let Ok(bytes) = postcard::to_allocvec(state) else {
+        return;
+    };
+    // Write then rename, so a crash leaves the old layout or the new one.
+    if let Err(e) = std::fs::write(&tmp, bytes).and_then(|()| std::fs::rename(&tmp, &path)) {
+        warn!("cannot save layout to {}: {e}", path.display());
+    }
+}

@@ -1,0 +1,181 @@
+//! The peer protocol: what one peer frame carries, and the outgoing side
+//! (one connection and one ordered stream per peer, fed by a bounded
+//! queue; when a peer is slow or away its queue fills and further frames to
+//! it are dropped, which the replication core tolerates).
+
+use super::metrics::Metrics;
+use super::reload::LiveTls;
+use crate::client::{Call, Response};
+use crate::crdt::NodeId;
+use crate::replication::message::Message;
+use crate::transport::frame;
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use tokio::sync::mpsc;
+use tracing::debug;
+
+/// Frames queued per peer before further ones are dropped.
+pub(super) const PEER_QUEUE: usize = 256;
+
+/// What a peer stream carries: the sender's id and one payload.
+#[derive(Debug, Serialize, Deserialize)]
+pub(super) struct Envelope {
+    pub(super) from: NodeId,
+    pub(super) payload: Payload,
+}
+
+/// Peer payloads: the replication core's messages, and the request
+/// coordination between nodes (see `coordinate`).
+#[derive(Debug, Serialize, Deserialize)]
+pub(super) enum Payload {
+    Core(Message),
+    /// Coordinate this client call (the sender holds no replica of its key).
+    Coordinate {
+        id: u64,
+        call: Call,
+    },
+    Coordinated {
+        id: u64,
+        response: Response,
+    },
+    /// Merge these entries (the coordinators' state of each key after a
+    /// write, or read repairs), in one transaction; acknowledge those that
+    /// ask, in one `Replicated`, once they are durable.
+    Replicate {
+        items: Vec<ReplicateItem>,
+    },
+    /// The writes of a `Replicate` that asked, and whether each was taken.
+    Replicated {
+        acks: Vec<(u64, bool)>,
+    },
+    /// Send your entry of this key (a read at R > 1).
+    Fetch {
+        id: u64,
+        key: Vec<u8>,
+    },
+    Fetched {
+        id: u64,
+        entry: Option<Vec<u8>>,
+    },
+}
+
+/// One entry of a `Replicate`.
+#[derive(Debug, Serialize, Deserialize)]
+pub(super) struct ReplicateItem {
+    /// The write's call id at the coordinator (0 for a read repair).
+    pub(super) id: u64,
+    pub(super) partition: u16,
+    pub(super) key: Vec<u8>,
+    pub(super) entry: Vec<u8>,
+    pub(super) ack: bool,
+}
+
+/// Decodes the frames of one peer stream held in memory, as `serve_peer`
+/// does; for fuzzing. The count of frames read, or why the stream ends.
+#[doc(hidden)]
+pub fn decode_peer_frame(mut bytes: &[u8]) -> Result<usize, frame::FrameError> {
+    let mut frames = 0;
+    while let Some((Envelope { payload, .. }, _)) = frame::read_from_slice(&mut bytes)? {
+        let _ = Metrics::kind_index(payload.kind());
+        frames += 1;
+    }
+    Ok(frames)
+}
+
+/// A peer frame asking the receiver to merge `entry` as key `key` of
+/// `partition`, claiming to come from `from`: what a coordinator sends its
+/// co-replicas after a write. For attack tests (a forged sender).
+#[doc(hidden)]
+pub fn replicate_frame(
+    from: NodeId,
+    partition: u16,
+    key: &[u8],
+    entry: Vec<u8>,
+) -> Result<Vec<u8>, frame::FrameError> {
+    frame::encode(&Envelope {
+        from,
+        payload: Payload::Replicate {
+            items: vec![ReplicateItem {
+                id: 1,
+                partition,
+                key: key.to_vec(),
+                entry,
+                ack: false,
+            }],
+        },
+    })
+}
+
+impl Payload {
+    pub(super) fn kind(&self) -> &'static str {
+        match self {
+            Payload::Core(message) => message.kind(),
+            _ => "coordination",
+        }
+    }
+}
+
+pub(super) struct Peers {
+    pub(super) endpoint: quinn::Endpoint,
+    /// The peer client configuration (replaced by a TLS reload), and where
+    /// refusals are logged and connections tracked.
+    pub(super) tls: Arc<LiveTls>,
+    pub(super) queues: HashMap<SocketAddr, mpsc::Sender<Vec<u8>>>,
+}
+
+impl Peers {
+    pub(super) fn send(&mut self, to: SocketAddr, frame: Vec<u8>) {
+        let Some(queue) = self.queues.get(&to) else {
+            self.spawn_writer(to, frame);
+            return;
+        };
+        match queue.try_send(frame) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                debug!(peer = %to, "peer queue full: message dropped");
+            }
+            Err(mpsc::error::TrySendError::Closed(frame)) => {
+                self.queues.remove(&to);
+                self.spawn_writer(to, frame);
+            }
+        }
+    }
+
+    fn spawn_writer(&mut self, to: SocketAddr, first: Vec<u8>) {
+        let (tx, mut rx) = mpsc::channel::<Vec<u8>>(PEER_QUEUE);
+        let _ = tx.try_send(first);
+        self.queues.insert(to, tx);
+        let endpoint = self.endpoint.clone();
+        let tls = self.tls.clone();
+        tokio::spawn(async move {
+            let connecting =
+                match endpoint.connect_with(tls.peer_config(), to, crate::certs::SERVER_NAME) {
+                    Ok(connecting) => connecting,
+                    Err(e) => return debug!(peer = %to, "cannot dial the peer: {e}"),
+                };
+            let connection = match connecting.await {
+                Ok(connection) => connection,
+                // Our side refused the peer's certificate, or a timeout.
+                Err(e) => return tls.peer_failed(to, &e),
+            };
+            let _tracked = tls.track(&connection);
+            let result: Result<(), String> = async {
+                let mut stream = connection.open_uni().await.map_err(|e| e.to_string())?;
+                while let Some(frame) = rx.recv().await {
+                    stream.write_all(&frame).await.map_err(|e| e.to_string())?;
+                }
+                Ok(())
+            }
+            .await;
+            // The peer refuses our certificate after our side of the
+            // handshake completed: that shows as the connection's close.
+            match (connection.close_reason(), result) {
+                (Some(reason), _) => tls.peer_failed(to, &reason),
+                (None, Err(e)) => debug!(peer = %to, "peer stream ended: {e}"),
+                (None, Ok(())) => {}
+            }
+        });
+    }
+}
