@@ -15,43 +15,59 @@ use std::net::SocketAddr;
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Request {
     Get {
+        #[serde(with = "serde_bytes")]
         key: Vec<u8>,
     },
     /// `context` is a causal context token's bytes.
     Put {
+        #[serde(with = "serde_bytes")]
         key: Vec<u8>,
+        #[serde(with = "serde_bytes")]
         value: Vec<u8>,
+        #[serde(with = "serde_bytes")]
         context: Option<Vec<u8>>,
     },
     PutLww {
+        #[serde(with = "serde_bytes")]
         key: Vec<u8>,
+        #[serde(with = "serde_bytes")]
         value: Vec<u8>,
     },
     Delete {
+        #[serde(with = "serde_bytes")]
         key: Vec<u8>,
+        #[serde(with = "serde_bytes")]
         context: Option<Vec<u8>>,
     },
     CounterAdd {
+        #[serde(with = "serde_bytes")]
         key: Vec<u8>,
         amount: i64,
     },
     CounterGet {
+        #[serde(with = "serde_bytes")]
         key: Vec<u8>,
     },
     SetAdd {
+        #[serde(with = "serde_bytes")]
         key: Vec<u8>,
+        #[serde(with = "serde_bytes")]
         member: Vec<u8>,
     },
     SetRemove {
+        #[serde(with = "serde_bytes")]
         key: Vec<u8>,
+        #[serde(with = "serde_bytes")]
         member: Vec<u8>,
     },
     SetMembers {
+        #[serde(with = "serde_bytes")]
         key: Vec<u8>,
     },
     Status,
     /// Live keys this node holds, in key order.
     Keys {
+        #[serde(with = "serde_bytes")]
         prefix: Vec<u8>,
         limit: u32,
     },
@@ -64,6 +80,7 @@ pub enum Request {
     Partitions,
     /// The key as each of its replicas holds it.
     Inspect {
+        #[serde(with = "serde_bytes")]
         key: Vec<u8>,
     },
     /// Partitions migrating into this node.
@@ -149,6 +166,7 @@ pub struct Call {
 pub struct WireRecord {
     pub value: Value,
     /// Causal context token bytes.
+    #[serde(with = "serde_bytes")]
     pub context: Vec<u8>,
     pub other_kinds: Vec<Value>,
 }
@@ -244,7 +262,7 @@ pub struct ReplicaView {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Response {
     Record(Option<WireRecord>),
-    Context(Vec<u8>),
+    Context(#[serde(with = "serde_bytes")] Vec<u8>),
     Counter(i64),
     Members(Vec<Vec<u8>>),
     Status(NodeStatus),

@@ -53,10 +53,12 @@ pub(super) enum Payload {
     /// Send your entry of this key (a read at R > 1).
     Fetch {
         id: u64,
+        #[serde(with = "serde_bytes")]
         key: Vec<u8>,
     },
     Fetched {
         id: u64,
+        #[serde(with = "serde_bytes")]
         entry: Option<Vec<u8>>,
     },
 }
@@ -67,7 +69,9 @@ pub(super) struct ReplicateItem {
     /// The write's call id at the coordinator (0 for a read repair).
     pub(super) id: u64,
     pub(super) partition: u16,
+    #[serde(with = "serde_bytes")]
     pub(super) key: Vec<u8>,
+    #[serde(with = "serde_bytes")]
     pub(super) entry: Vec<u8>,
     pub(super) ack: bool,
 }

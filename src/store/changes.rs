@@ -45,7 +45,9 @@ impl Default for ChunkLimits {
 /// One key's entry as it travels between stores: encoded, checked on arrival.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RemoteEntry {
+    #[serde(with = "serde_bytes")]
     pub key: Vec<u8>,
+    #[serde(with = "serde_bytes")]
     pub entry: Vec<u8>,
 }
 
