@@ -327,7 +327,7 @@ pub async fn run(
         next_call: 0,
         name: name.clone(),
         twin_warned: None,
-        named: Default::default(),
+        unnamed_up: Default::default(),
         downs_seen: 0,
     };
     let mut seeds = config.seeds.clone();
@@ -377,8 +377,8 @@ struct Core {
     name: String,
     /// The twin (see `Membership::twin`) last reported, so it is logged once.
     twin_warned: Option<SocketAddr>,
-    /// Peers whose name has been logged.
-    named: std::collections::HashSet<NodeId>,
+    /// Peers seen up before their metadata named them.
+    unnamed_up: std::collections::HashSet<NodeId>,
     /// Members this node has declared down, ever.
     downs_seen: u64,
 }
@@ -521,7 +521,14 @@ impl Core {
                         if let Some(addr) = self.replica.membership().addr_of(peer) {
                             self.peers.queues.remove(&addr);
                         }
-                        info!(node = %self.name, "{} is up", self.node_name(peer));
+                        let name = self.node_name(peer);
+                        if name == peer.to_string() {
+                            // Said with its name once its metadata arrives.
+                            self.unnamed_up.insert(peer);
+                            debug!(node = %self.name, "{peer} is up");
+                        } else {
+                            info!(node = %self.name, "{name} is up");
+                        }
                     }
                     MembershipEventKind::Down(peer) => {
                         self.downs_seen += 1;
@@ -534,8 +541,8 @@ impl Core {
                         // Up often comes before the metadata that names the
                         // peer: say the name once it is known.
                         let name = self.node_name(peer);
-                        if name != peer.to_string() && self.named.insert(peer) {
-                            info!(node = %self.name, "{peer} is {name}");
+                        if name != peer.to_string() && self.unnamed_up.remove(&peer) {
+                            info!(node = %self.name, id = %peer, "{name} is up");
                         } else {
                             debug!(node = %self.name, "{name} updated its metadata");
                         }
