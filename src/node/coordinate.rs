@@ -63,9 +63,10 @@ pub(super) enum Pending {
 
 /// A job queued on the storage thread, by its token.
 pub(super) enum Writing {
-    /// A client write coordinated here.
+    /// A client write coordinated here; `reply` is `None` once the caller
+    /// was told the write is taking too long (it is still replicated).
     Call {
-        reply: ReplyTo,
+        reply: Option<ReplyTo>,
         counter: bool,
         others: Vec<NodeId>,
         quorum: usize,
@@ -310,10 +311,14 @@ impl Core {
         };
         match self.storage.submit_client(job) {
             Ok(()) => {
+                // A write waits for the disk a bounded time (see
+                // `expire_pending`).
+                self.deadlines
+                    .insert((Instant::now() + QUORUM_TIMEOUT, token));
                 self.writing.insert(
                     token,
                     Writing::Call {
-                        reply,
+                        reply: Some(reply),
                         counter,
                         others,
                         quorum,
@@ -473,6 +478,25 @@ impl Core {
                     partition,
                     key,
                 } => {
+                    let Some(reply) = reply else {
+                        // The caller was answered `Timeout`: spread the write.
+                        if let Ok(Some(Ok(GroupOutcome::Local {
+                            entry: Some(entry), ..
+                        }))) = outcome.map(|mut r| r.pop())
+                        {
+                            for node in others {
+                                let item = ReplicateItem {
+                                    id: 0,
+                                    partition,
+                                    key: key.clone(),
+                                    entry: entry.clone(),
+                                    ack: false,
+                                };
+                                self.replicate_to(node, item);
+                            }
+                        }
+                        continue;
+                    };
                     let result = match outcome {
                         Err(reason) => Err(fail(ErrorCode::Internal, reason)),
                         Ok(mut results) => match results.pop() {
@@ -707,7 +731,19 @@ impl Core {
             }
             self.deadlines.remove(&(at, id));
             let (reply, response) = match self.pending.remove(&id) {
-                None => continue,
+                None => {
+                    // A client write still waiting for its local commit.
+                    if let Some(Writing::Call { reply, .. }) = self.writing.get_mut(&id) {
+                        if let Some(reply) = reply.take() {
+                            let response = fail(
+                                ErrorCode::Timeout,
+                                format!("the write was not on disk here within {QUORUM_TIMEOUT:?} (the node is overloaded); it is still queued and may be applied"),
+                            );
+                            self.answer(reply, response);
+                        }
+                    }
+                    continue;
+                }
                 Some(Pending::Forwarded { reply }) => (
                     reply,
                     fail(

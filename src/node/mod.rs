@@ -463,13 +463,14 @@ impl Core {
 
     fn send_to(&mut self, to: SocketAddr, payload: Payload) {
         let kind = Metrics::kind_index(payload.kind());
+        let lane = peers::Lane::of(&payload);
         match frame::encode(&Envelope {
             from: self.id,
             payload,
         }) {
             Ok(frame) => {
                 self.metrics.peer_bytes_sent[kind].fetch_add(frame.len() as u64, Relaxed);
-                self.peers.send(to, frame)
+                self.peers.send(to, lane, frame)
             }
             Err(e) => warn!("cannot encode a message to {to}: {e}"),
         }

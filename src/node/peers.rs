@@ -121,36 +121,93 @@ impl Payload {
     }
 }
 
+/// Which stream of a peer connection a frame goes on. Each lane has its
+/// own queue and its own QUIC stream, so membership probes never wait
+/// behind replicated writes, nor writes behind a migration's chunks, and a
+/// full queue drops only frames of its own lane.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub(super) enum Lane {
+    /// Membership (probes, acks, gossip): small, and late means "suspect".
+    Membership,
+    /// Request coordination: replicated writes, their acks, forwarded calls.
+    Requests,
+    /// Anti-entropy, migration and layout messages: background, bulky.
+    Sync,
+}
+
+impl Lane {
+    const ALL: [Lane; 3] = [Lane::Membership, Lane::Requests, Lane::Sync];
+
+    pub(super) fn of(payload: &Payload) -> Lane {
+        match payload {
+            Payload::Core(Message::Membership(_)) => Lane::Membership,
+            Payload::Core(_) => Lane::Sync,
+            _ => Lane::Requests,
+        }
+    }
+
+    fn index(self) -> usize {
+        self as usize
+    }
+
+    /// Frames queued before further ones are dropped.
+    fn queue(self) -> usize {
+        match self {
+            Lane::Membership | Lane::Sync => PEER_QUEUE,
+            // Each frame batches many writes; dropping one fails writes.
+            Lane::Requests => 4 * PEER_QUEUE,
+        }
+    }
+
+    /// QUIC send priority: higher goes first when the connection is busy.
+    fn priority(self) -> i32 {
+        match self {
+            Lane::Membership => 2,
+            Lane::Requests => 1,
+            Lane::Sync => 0,
+        }
+    }
+}
+
 pub(super) struct Peers {
     pub(super) endpoint: quinn::Endpoint,
     /// The peer client configuration (replaced by a TLS reload), and where
     /// refusals are logged and connections tracked.
     pub(super) tls: Arc<LiveTls>,
-    pub(super) queues: HashMap<SocketAddr, mpsc::Sender<Vec<u8>>>,
+    pub(super) queues: HashMap<SocketAddr, [mpsc::Sender<Vec<u8>>; 3]>,
 }
 
 impl Peers {
-    pub(super) fn send(&mut self, to: SocketAddr, frame: Vec<u8>) {
-        let Some(queue) = self.queues.get(&to) else {
-            self.spawn_writer(to, frame);
+    pub(super) fn send(&mut self, to: SocketAddr, lane: Lane, frame: Vec<u8>) {
+        let Some(queues) = self.queues.get(&to) else {
+            self.spawn_writer(to, lane, frame);
             return;
         };
-        match queue.try_send(frame) {
+        match queues[lane.index()].try_send(frame) {
             Ok(()) => {}
             Err(mpsc::error::TrySendError::Full(_)) => {
-                debug!(peer = %to, "peer queue full: message dropped");
+                debug!(peer = %to, ?lane, "peer queue full: message dropped");
             }
             Err(mpsc::error::TrySendError::Closed(frame)) => {
                 self.queues.remove(&to);
-                self.spawn_writer(to, frame);
+                self.spawn_writer(to, lane, frame);
             }
         }
     }
 
-    fn spawn_writer(&mut self, to: SocketAddr, first: Vec<u8>) {
-        let (tx, mut rx) = mpsc::channel::<Vec<u8>>(PEER_QUEUE);
-        let _ = tx.try_send(first);
-        self.queues.insert(to, tx);
+    fn spawn_writer(&mut self, to: SocketAddr, lane: Lane, first: Vec<u8>) {
+        let mut senders = Vec::new();
+        let mut receivers = Vec::new();
+        for l in Lane::ALL {
+            let (tx, rx) = mpsc::channel::<Vec<u8>>(l.queue());
+            senders.push(tx);
+            receivers.push(rx);
+        }
+        let _ = senders[lane.index()].try_send(first);
+        let Ok(senders) = <[mpsc::Sender<Vec<u8>>; 3]>::try_from(senders) else {
+            return;
+        };
+        self.queues.insert(to, senders);
         let endpoint = self.endpoint.clone();
         let tls = self.tls.clone();
         tokio::spawn(async move {
@@ -165,14 +222,26 @@ impl Peers {
                 Err(e) => return tls.peer_failed(to, &e),
             };
             let _tracked = tls.track(&connection);
-            let result: Result<(), String> = async {
-                let mut stream = connection.open_uni().await.map_err(|e| e.to_string())?;
-                while let Some(frame) = rx.recv().await {
-                    stream.write_all(&frame).await.map_err(|e| e.to_string())?;
-                }
-                Ok(())
+            let mut lanes = tokio::task::JoinSet::new();
+            for (lane, mut rx) in Lane::ALL.into_iter().zip(receivers) {
+                let connection = connection.clone();
+                lanes.spawn(async move {
+                    let mut stream = connection.open_uni().await.map_err(|e| e.to_string())?;
+                    let _ = stream.set_priority(lane.priority());
+                    while let Some(frame) = rx.recv().await {
+                        stream.write_all(&frame).await.map_err(|e| e.to_string())?;
+                    }
+                    Ok::<(), String>(())
+                });
             }
-            .await;
+            // The first lane to fail ends the connection's writers: the
+            // next frame to this peer dials afresh.
+            let result = match lanes.join_next().await {
+                Some(Ok(result)) => result,
+                Some(Err(e)) => Err(e.to_string()),
+                None => Ok(()),
+            };
+            lanes.abort_all();
             // The peer refuses our certificate after our side of the
             // handshake completed: that shows as the connection's close.
             match (connection.close_reason(), result) {
