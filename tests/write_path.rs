@@ -596,23 +596,104 @@ async fn kill9_under_concurrent_writers_loses_no_acknowledged_write_at_w2() {
 
 // ---------------------------------------------------------------------------
 // 2. A saturating write load
+//
+// One client identity may hold 32 connections to a node, each with at most
+// `client_streams_per_connection` requests at once (default 16): 512
+// writes in flight, far below the 8192 queued writes at which a node
+// refuses client writes. So node 1 (the one loaded) allows 1024 streams per
+// connection. On a 2-core machine 64 KiB values make the ingest, not the
+// disk, the bottleneck (queue peaks of 200-460 writes were measured with
+// 384 to 9600 streams); small values fill the queue: 256-byte values from
+// 24 000 streams reach the cap.
 
-fn knob(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(default)
+/// W=1 connections to node 1 and the requests each keeps in flight.
+const SAT_W1_CONNECTIONS: usize = 24;
+const SAT_W1_STREAMS: usize = 1000;
+/// W=2 connections, at the default stream count.
+const SAT_W2_CONNECTIONS: usize = 6;
+const SAT_W2_STREAMS: usize = 16;
+const SAT_VALUE_BYTES: usize = 256;
+const SAT_LOAD: Duration = Duration::from_secs(10);
+/// At most this many requests in all.
+const SAT_CAP: u64 = 150_000;
+const SAT_CONFIG: &str = "[limits]\nclient_streams_per_connection = 1024\n";
+
+fn sat_value(key: &str) -> Vec<u8> {
+    let mut value = key.as_bytes().to_vec();
+    value.resize(SAT_VALUE_BYTES, b'.');
+    value
 }
 
-fn sat_value(key: &str, size: usize) -> Vec<u8> {
-    let mut value = key.as_bytes().to_vec();
-    value.resize(size, b'.');
-    value
+/// Starts `n` nodes like `Cluster::start`, each reading `config`, logging
+/// at info (gossipkv::node at debug) to `node-N/node.log`: the membership
+/// events this test looks for, and dropped peer messages, are logged there.
+fn logged_cluster(n: usize, config: &str) -> Cluster {
+    use gossipkv::certs::{self, Role};
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("ca");
+    certs::init_ca(&ca, "test").unwrap();
+    for (name, role) in [("client", Role::Client), ("admin", Role::Admin)] {
+        certs::issue(&ca, name, role, 30, &dir.path().join(name)).unwrap();
+    }
+    let mut cluster = Cluster {
+        nodes: Vec::new(),
+        metrics: Vec::new(),
+        dir,
+    };
+    for i in 1..=n {
+        let node_dir = cluster.path().join(format!("node-{i}"));
+        certs::issue(
+            &ca,
+            &format!("node-{i}"),
+            Role::Node,
+            30,
+            &node_dir.join("tls"),
+        )
+        .unwrap();
+        let config_path = node_dir.join("config.toml");
+        std::fs::write(&config_path, config).unwrap();
+        let log = std::fs::File::create(node_dir.join("node.log")).unwrap();
+        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let metrics: SocketAddr = format!("127.0.0.1:{}", free_tcp_port()).parse().unwrap();
+        let seed = cluster.nodes.first().map(|(_, a)| *a);
+        let expect = if i == 1 { n } else { 1 };
+        let mut command = serve_command(&node_dir, i, addr, metrics, seed);
+        command
+            .args(["--expect-nodes", &expect.to_string()])
+            .arg("--config")
+            .arg(&config_path)
+            .env("RUST_LOG", "info,gossipkv::node=debug")
+            .stderr(log);
+        cluster.metrics.push(metrics);
+        cluster.nodes.push((command.spawn().unwrap(), addr));
+    }
+    cluster
+}
+
+/// A node's log without terminal colours.
+fn node_log(cluster: &Cluster, i: usize) -> String {
+    let raw = std::fs::read_to_string(cluster.path().join(format!("node-{}/node.log", i + 1)))
+        .unwrap_or_default();
+    let mut out = String::with_capacity(raw.len());
+    let mut chars = raw.chars();
+    while let Some(c) = chars.next() {
+        if c == '\x1b' {
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 #[derive(Default)]
 struct SatTally {
     acked: Vec<String>,
+    ok: u64,
     overloaded: u64,
     quorum: u64,
     node_timeout: u64,
@@ -620,6 +701,19 @@ struct SatTally {
     max_latency: Duration,
 }
 
+impl SatTally {
+    fn merge(&mut self, other: SatTally) {
+        self.acked.extend(other.acked);
+        self.ok += other.ok;
+        self.overloaded += other.overloaded;
+        self.quorum += other.quorum;
+        self.node_timeout += other.node_timeout;
+        self.unexpected.extend(other.unexpected);
+        self.max_latency = self.max_latency.max(other.max_latency);
+    }
+}
+
+/// What the samplers saw during the load.
 #[derive(Default)]
 struct Watch {
     samples_ok: [u64; 3],
@@ -629,22 +723,170 @@ struct Watch {
     declared_down: [f64; 3],
 }
 
+/// One writer stream: fresh keys until the load's end or the cap.
+async fn sat_stream(
+    c: Arc<Client>,
+    name: String,
+    issued: Arc<AtomicU64>,
+    deadline: Instant,
+) -> SatTally {
+    let mut t = SatTally::default();
+    for i in 0..SAT_CAP {
+        if Instant::now() >= deadline || issued.fetch_add(1, Relaxed) >= SAT_CAP {
+            break;
+        }
+        let key = format!("sat-{name}-{i:05}");
+        let start = Instant::now();
+        let result = c.put(key.as_bytes(), &sat_value(&key), None).await;
+        t.max_latency = t.max_latency.max(start.elapsed());
+        match result {
+            Ok(_) => {
+                t.ok += 1;
+                t.acked.push(key);
+            }
+            Err(ClientError::Node(Failure {
+                code: ErrorCode::Overloaded,
+                message,
+            })) => {
+                t.overloaded += 1;
+                if !message.contains("writes waiting for the disk") {
+                    t.unexpected.push(format!("{key}: Overloaded: {message}"));
+                }
+                // The pause the error asks for.
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(ClientError::Node(Failure {
+                code: ErrorCode::QuorumNotMet { .. },
+                ..
+            })) => t.quorum += 1,
+            Err(ClientError::Node(Failure {
+                code: ErrorCode::Timeout,
+                ..
+            })) => t.node_timeout += 1,
+            Err(e) => t.unexpected.push(format!(
+                "{key}: {e} (after {:.1} s)",
+                start.elapsed().as_secs_f64()
+            )),
+        }
+    }
+    t
+}
+
+/// Samples `Request::ClusterMembers` on one node until `stop`.
+async fn watch_members(
+    node: usize,
+    addr: SocketAddr,
+    tls: TlsIdentity,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    watch: Arc<Mutex<Watch>>,
+    began: Instant,
+) {
+    let mut admin = Client::connect_admin(addr, Some(&tls)).await.unwrap();
+    admin.set_timeout(Duration::from_secs(3));
+    while !stop.load(Relaxed) {
+        let sample = admin.request(&Request::ClusterMembers).await;
+        {
+            let mut w = watch.lock().unwrap();
+            match sample {
+                Ok(Response::ClusterMembers(members)) => {
+                    w.samples_ok[node] += 1;
+                    for m in members {
+                        if m.state == "suspect" || m.state == "down" {
+                            let seen = format!(
+                                "{:.1} s: node-{} sees {} {} (last heard {:?} ms ago)",
+                                began.elapsed().as_secs_f64(),
+                                node + 1,
+                                m.name,
+                                m.state,
+                                m.last_heard_ms
+                            );
+                            w.suspicions.push(seen);
+                        }
+                    }
+                }
+                _ => w.samples_failed[node] += 1,
+            }
+        }
+        // The sampling period.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Waits (at most 60 s) until every node lists every acknowledged key,
+/// then reads every 16th from every node; what is missing or wrong.
+async fn sat_check_readable(cluster: &Cluster, tls: &TlsIdentity, acked: &[String]) -> Vec<String> {
+    let mut problems = Vec::new();
+    let wanted: BTreeSet<&str> = acked.iter().map(String::as_str).collect();
+    for node in 0..cluster.nodes.len() {
+        let c = client(cluster.addr(node), tls).await;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let missing = loop {
+            let listed: BTreeSet<String> = match c
+                .request(&Request::Keys {
+                    prefix: b"sat-".to_vec(),
+                    limit: u32::MAX,
+                })
+                .await
+            {
+                Ok(Response::Keys(keys)) => keys
+                    .into_iter()
+                    .map(|(k, _)| String::from_utf8_lossy(&k).into_owned())
+                    .collect(),
+                _ => BTreeSet::new(),
+            };
+            let missing: Vec<&str> = wanted
+                .iter()
+                .filter(|k| !listed.contains(**k))
+                .copied()
+                .collect();
+            if missing.is_empty() || Instant::now() > deadline {
+                break missing;
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        };
+        if !missing.is_empty() {
+            problems.push(format!(
+                "node-{} lacks {} of {} acknowledged keys after 60 s, e.g. {:?}",
+                node + 1,
+                missing.len(),
+                acked.len(),
+                &missing[..missing.len().min(10)]
+            ));
+        }
+        let mut wrong = Vec::new();
+        for key in acked.iter().step_by(16) {
+            match c.get(key.as_bytes()).await {
+                Ok(Some(r)) if r.value == Value::Register(vec![sat_value(key)]) => {}
+                other => wrong.push(format!("{key}: {:?}", other.map(|r| r.map(|r| r.value)))),
+            }
+        }
+        if !wrong.is_empty() {
+            problems.push(format!(
+                "node-{}: {} sampled acknowledged keys unreadable or wrong, e.g. {:?}",
+                node + 1,
+                wrong.len(),
+                &wrong[..wrong.len().min(5)]
+            ));
+        }
+    }
+    problems
+}
+
+// KNOWN FAILING (found by this test; not weakened): under this load the
+// nodes suspect each other and declare members down. Every peer message to
+// a node (SWIM probes and acks, replication frames, acknowledgements) goes
+// through one FIFO queue of 256 frames and one QUIC stream (src/node/mod.rs
+// `Peers::send`, `PEER_QUEUE`); once it is full, messages are dropped
+// ("peer queue full: message dropped"), and probes wait behind replication
+// frames. Nodes then log "the cluster had declared this node down; rejoined
+// under a new incarnation", often with gossipkv_members_declared_down_total
+// still 0 on every node.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_saturating_write_load_is_refused_or_waits_and_no_member_is_suspected() {
     // Alone on the machine: another cluster's load would starve this one's
     // gossip for reasons of its own.
     let _slots = SLOTS.acquire_many(2).await.unwrap();
-    let connections = knob("WP_CONNS", 24) as usize;
-    let streams = knob("WP_STREAMS", 16) as usize;
-    let limit = knob("WP_LIMIT", 16);
-    let all_nodes = knob("WP_ALL", 0) == 1;
-    let value_size = knob("WP_VALUE_KIB", 64) as usize * 1024;
-    let load_time = Duration::from_secs(knob("WP_SECS", 10));
-    let cap = knob("WP_CAP", 40_000);
-    let config = format!("[limits]\nclient_streams_per_connection = {limit}\n");
-    let mut cluster = Cluster::forming_with_config(3, Some(&config));
-    cluster.add_node();
-    cluster.add_node();
+    let cluster = logged_cluster(3, SAT_CONFIG);
     let tls = cluster.client_tls();
     let mut clients = Vec::new();
     for i in 0..3 {
@@ -652,49 +894,52 @@ async fn a_saturating_write_load_is_refused_or_waits_and_no_member_is_suspected(
     }
     settled(&clients, 3).await;
 
+    // Every connection first, then every stream at once.
+    let mut connections = Vec::new();
+    let plan = [
+        (1u8, SAT_W1_CONNECTIONS, SAT_W1_STREAMS),
+        (2u8, SAT_W2_CONNECTIONS, SAT_W2_STREAMS),
+    ];
+    for (w, count, streams) in plan {
+        for conn in 0..count {
+            let mut c = client(cluster.addr(0), &tls).await;
+            c.set_quorum(w, 1);
+            connections.push((w, conn, streams, Arc::new(c)));
+        }
+    }
+    // A fresh connection takes one request at first, one more per answer
+    // (node/limits.rs): warm each one up to its full stream count with
+    // reads of a missing key, as a long-lived client's would be, so that the load
+    // measures the write path and not that ramp.
+    let warm_up = Instant::now();
+    let mut warming = Vec::new();
+    for (_, _, streams, c) in &connections {
+        for _ in 0..*streams {
+            let c = c.clone();
+            warming.push(tokio::spawn(async move { c.get(b"warm-up").await.is_ok() }));
+        }
+    }
+    let mut warm = 0;
+    for task in warming {
+        warm += usize::from(task.await.unwrap());
+    }
+    println!(
+        "saturation: {warm} reads warmed the connections up in {:.1} s",
+        warm_up.elapsed().as_secs_f64()
+    );
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let watch = Arc::new(Mutex::new(Watch::default()));
     let began = Instant::now();
     let mut watchers = Vec::new();
-    let admin_tls = cluster.admin_tls();
     for node in 0..3 {
-        let (stop, watch, addr, tls) = (
+        watchers.push(tokio::spawn(watch_members(
+            node,
+            cluster.addr(node),
+            cluster.admin_tls(),
             stop.clone(),
             watch.clone(),
-            cluster.addr(node),
-            admin_tls.clone(),
-        );
-        watchers.push(tokio::spawn(async move {
-            let mut admin = Client::connect_admin(addr, Some(&tls)).await.unwrap();
-            admin.set_timeout(Duration::from_secs(3));
-            while !stop.load(Relaxed) {
-                let sample = admin.request(&Request::ClusterMembers).await;
-                {
-                    let mut w = watch.lock().unwrap();
-                    match sample {
-                        Ok(Response::ClusterMembers(members)) => {
-                            w.samples_ok[node] += 1;
-                            for m in members {
-                                if m.state == "suspect" || m.state == "down" {
-                                    let seen = format!(
-                                        "node {} saw {} {} at {:.1} s (last heard {:?} ms ago)",
-                                        node + 1,
-                                        m.name,
-                                        m.state,
-                                        began.elapsed().as_secs_f64(),
-                                        m.last_heard_ms
-                                    );
-                                    w.suspicions.push(seen);
-                                }
-                            }
-                        }
-                        _ => w.samples_failed[node] += 1,
-                    }
-                }
-                // A sampling period.
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        }));
+            began,
+        )));
     }
     {
         let (stop, watch, metrics) = (stop.clone(), watch.clone(), cluster.metrics.clone());
@@ -708,101 +953,132 @@ async fn a_saturating_write_load_is_refused_or_waits_and_no_member_is_suspected(
                     w.peak_queued[node] = w.peak_queued[node].max(queued);
                     w.declared_down[node] = w.declared_down[node].max(down);
                 }
+                // The sampling period.
                 std::thread::sleep(Duration::from_millis(50));
             }
         }));
     }
 
     let issued = Arc::new(AtomicU64::new(0));
-    let deadline = Instant::now() + load_time;
-    let mut tasks = Vec::new();
-    for conn in 0..connections {
-        let node = if all_nodes { conn % 3 } else { 0 };
-        let mut c = client(cluster.addr(node), &tls).await;
-        c.set_quorum(if conn % 2 == 0 { 1 } else { 2 }, 1);
-        let c = Arc::new(c);
-        for stream in 0..streams {
-            let (c, issued) = (c.clone(), issued.clone());
-            tasks.push(tokio::spawn(async move {
-                let mut t = SatTally::default();
-                for i in 0.. {
-                    if Instant::now() >= deadline || issued.fetch_add(1, Relaxed) >= cap {
-                        break;
-                    }
-                    let key = format!("sat-{conn:02}-{stream:04}-{i:05}");
-                    let value = sat_value(&key, value_size);
-                    let start = Instant::now();
-                    let result = c.put(key.as_bytes(), &value, None).await;
-                    t.max_latency = t.max_latency.max(start.elapsed());
-                    match result {
-                        Ok(_) => t.acked.push(key),
-                        Err(ClientError::Node(Failure {
-                            code: ErrorCode::Overloaded,
-                            ..
-                        })) => {
-                            t.overloaded += 1;
-                            // What the error asks for.
-                            tokio::time::sleep(Duration::from_millis(50)).await;
-                        }
-                        Err(ClientError::Node(Failure {
-                            code: ErrorCode::QuorumNotMet { .. },
-                            ..
-                        })) => t.quorum += 1,
-                        Err(ClientError::Node(Failure {
-                            code: ErrorCode::Timeout,
-                            ..
-                        })) => t.node_timeout += 1,
-                        Err(e) => t.unexpected.push(format!("{key}: {e}")),
-                    }
-                }
-                t
-            }));
+    let deadline = began + SAT_LOAD;
+    let mut tasks: Vec<(u8, tokio::task::JoinHandle<SatTally>)> = Vec::new();
+    for (w, conn, streams, c) in &connections {
+        for stream in 0..*streams {
+            let name = format!("w{w}-{conn:02}-{stream:04}");
+            let task = sat_stream(c.clone(), name, issued.clone(), deadline);
+            tasks.push((*w, tokio::spawn(task)));
         }
     }
-    let mut t = SatTally::default();
-    for task in tasks {
-        let part = task.await.unwrap();
-        t.acked.extend(part.acked);
-        t.overloaded += part.overloaded;
-        t.quorum += part.quorum;
-        t.node_timeout += part.node_timeout;
-        t.unexpected.extend(part.unexpected);
-        t.max_latency = t.max_latency.max(part.max_latency);
+    let mut by_w = [SatTally::default(), SatTally::default()];
+    for (w, task) in tasks {
+        // Each request is bounded by the client's timeout (10 s).
+        let part = tokio::time::timeout(Duration::from_secs(60), task)
+            .await
+            .expect("a writer stream hung past its bounds")
+            .unwrap();
+        by_w[usize::from(w - 1)].merge(part);
     }
     let load_secs = began.elapsed().as_secs_f64();
     stop.store(true, Relaxed);
     for w in watchers {
         w.await.unwrap();
     }
-    let w = watch.lock().unwrap();
+    let w = std::mem::take(&mut *watch.lock().unwrap());
+
+    let streams = SAT_W1_CONNECTIONS * SAT_W1_STREAMS + SAT_W2_CONNECTIONS * SAT_W2_STREAMS;
     println!(
-        "saturation: {} streams ({connections} connections x {streams}) of {} KiB puts for {load_secs:.1} s: ok {}, overloaded {}, quorum not met {}, node timeout {}, other errors {}; max latency {:.2} s",
-        connections * streams,
-        value_size / 1024,
-        t.acked.len(),
-        t.overloaded,
-        t.quorum,
-        t.node_timeout,
-        t.unexpected.len(),
-        t.max_latency.as_secs_f64()
+        "saturation: {streams} streams of {SAT_VALUE_BYTES}-byte puts to node-1 for {load_secs:.1} s"
+    );
+    for (i, t) in by_w.iter().enumerate() {
+        println!(
+            "saturation: w={}: ok {}, overloaded {}, quorum not met {}, node timeout {}, other errors {}; max latency {:.2} s",
+            i + 1,
+            t.ok,
+            t.overloaded,
+            t.quorum,
+            t.node_timeout,
+            t.unexpected.len(),
+            t.max_latency.as_secs_f64()
+        );
+    }
+    let text = scrape(cluster.metrics[0]);
+    let latency = |what: &str| {
+        metric(
+            &text,
+            &format!("gossipkv_client_request_duration_seconds{what}"),
+        )
+        .unwrap_or(0.0)
+    };
+    println!(
+        "saturation: node-1 request latency (admitted to answered): {} requests, mean {:.3} s, {} over 1 s",
+        latency("_count"),
+        latency("_sum") / latency("_count").max(1.0),
+        latency("_count") - latency("_bucket{le=\"1\"}")
     );
     for node in 0..3 {
         let (commits, writes) = storage_figures(cluster.metrics[node]);
         println!(
-            "saturation: node {}: peak gossipkv_storage_queued_writes {}, {commits} commits, {writes} writes, {:.1} writes per commit; member samples {} ok, {} failed",
+            "saturation: node-{}: peak gossipkv_storage_queued_writes {}, {commits} commits, {writes} writes, {:.1} writes per commit; gossipkv_members_declared_down_total {}; member samples {} ok, {} failed",
             node + 1,
             w.peak_queued[node],
             writes / commits.max(1.0),
+            w.declared_down[node],
             w.samples_ok[node],
             w.samples_failed[node]
         );
     }
-    println!(
-        "suspicions: {:?}",
-        &w.suspicions[..w.suspicions.len().min(20)]
-    );
-    println!(
-        "unexpected: {:?}",
-        &t.unexpected[..t.unexpected.len().min(10)]
+
+    let mut failures = Vec::new();
+    for t in &by_w {
+        if !t.unexpected.is_empty() {
+            failures.push(format!(
+                "{} requests failed without a clear code, e.g. {:?}",
+                t.unexpected.len(),
+                &t.unexpected[..t.unexpected.len().min(5)]
+            ));
+        }
+    }
+    let acked: Vec<String> = by_w.iter().flat_map(|t| t.acked.iter().cloned()).collect();
+    failures.extend(sat_check_readable(&cluster, &tls, &acked).await);
+    for node in 0..3 {
+        let down = metric(
+            &scrape(cluster.metrics[node]),
+            "gossipkv_members_declared_down_total",
+        )
+        .unwrap_or(0.0)
+        .max(w.declared_down[node]);
+        if down != 0.0 {
+            failures.push(format!(
+                "node-{} declared {down} members down during the load",
+                node + 1
+            ));
+        }
+    }
+    if !w.suspicions.is_empty() {
+        failures.push(format!(
+            "{} member samples showed a peer suspect or down: {:?}",
+            w.suspicions.len(),
+            &w.suspicions[..w.suspicions.len().min(12)]
+        ));
+    }
+    for node in 0..3 {
+        let log = node_log(&cluster, node);
+        let events: Vec<&str> = log
+            .lines()
+            .filter(|l| l.contains(" is down") || l.contains("declared this node down"))
+            .collect();
+        let drops = log.matches("peer queue full").count();
+        println!(
+            "saturation: node-{}: {drops} peer messages dropped (peer queue full); membership events {events:?}",
+            node + 1
+        );
+        if !events.is_empty() {
+            failures.push(format!("node-{} logged {events:?}", node + 1));
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "under the saturating load:\n{}",
+        failures.join("\n")
     );
 }
