@@ -8,9 +8,10 @@
 //! 1. kill -9 under concurrent writers (W=1 and W=2): no acknowledged write
 //!    is lost, counters stay within [acknowledged, attempted], every node
 //!    agrees.
-//! 2. A saturating write load: every request succeeds or fails with a clear
-//!    code within the client's timeout, nothing acknowledged is lost, and
-//!    the load never makes a member suspect another.
+//! 2. Write loads (one that fills the storage queue to its cap, one at the
+//!    default limits with 64 KiB values): every request succeeds or fails
+//!    with a clear code within the client's timeout, nothing acknowledged
+//!    is lost, and the load never makes a member suspect another.
 //!
 //! A run's seed is printed; `WRITE_PATH_SEED=<n>` repeats it.
 
@@ -452,8 +453,8 @@ async fn check_converged(cluster: &Cluster, tls: &TlsIdentity, t: &Tally, seed: 
         phantom.is_empty(),
         "seed {seed}: the set holds members never added: {phantom:?}"
     );
-    for k in 0..COUNTERS {
-        let value = counters[0][k].unwrap_or_default();
+    for (k, value) in counters[0].iter().enumerate() {
+        let value = value.unwrap_or_default();
         assert!(
             value <= t.attempted_adds[k],
             "seed {seed}: counter {k} is {value}, above the {} attempted (acknowledged {})",
@@ -606,21 +607,26 @@ async fn kill9_under_concurrent_writers_loses_no_acknowledged_write_at_w2() {
 // 384 to 9600 streams); small values fill the queue: 256-byte values from
 // 24 000 streams reach the cap.
 
-/// W=1 connections to node 1 and the requests each keeps in flight.
-const SAT_W1_CONNECTIONS: usize = 24;
-const SAT_W1_STREAMS: usize = 1000;
-/// W=2 connections, at the default stream count.
-const SAT_W2_CONNECTIONS: usize = 6;
-const SAT_W2_STREAMS: usize = 16;
-const SAT_VALUE_BYTES: usize = 256;
-const SAT_LOAD: Duration = Duration::from_secs(10);
-/// At most this many requests in all.
-const SAT_CAP: u64 = 150_000;
-const SAT_CONFIG: &str = "[limits]\nclient_streams_per_connection = 1024\n";
+/// A write load against node 1.
+struct Plan {
+    /// In the figures and failures.
+    name: &'static str,
+    /// Node 1's config file.
+    config: &'static str,
+    /// W=1 connections and the requests each keeps in flight.
+    w1: (usize, usize),
+    /// W=2 connections and the requests each keeps in flight.
+    w2: (usize, usize),
+    value_bytes: usize,
+}
 
-fn sat_value(key: &str) -> Vec<u8> {
+/// How long the writers keep writing, and at most how many requests.
+const SAT_LOAD: Duration = Duration::from_secs(10);
+const SAT_CAP: u64 = 150_000;
+
+fn sat_value(key: &str, bytes: usize) -> Vec<u8> {
     let mut value = key.as_bytes().to_vec();
-    value.resize(SAT_VALUE_BYTES, b'.');
+    value.resize(bytes, b'.');
     value
 }
 
@@ -727,6 +733,7 @@ struct Watch {
 async fn sat_stream(
     c: Arc<Client>,
     name: String,
+    value_bytes: usize,
     issued: Arc<AtomicU64>,
     deadline: Instant,
 ) -> SatTally {
@@ -737,7 +744,9 @@ async fn sat_stream(
         }
         let key = format!("sat-{name}-{i:05}");
         let start = Instant::now();
-        let result = c.put(key.as_bytes(), &sat_value(&key), None).await;
+        let result = c
+            .put(key.as_bytes(), &sat_value(&key, value_bytes), None)
+            .await;
         t.max_latency = t.max_latency.max(start.elapsed());
         match result {
             Ok(_) => {
@@ -814,7 +823,12 @@ async fn watch_members(
 
 /// Waits (at most 60 s) until every node lists every acknowledged key,
 /// then reads every 16th from every node; what is missing or wrong.
-async fn sat_check_readable(cluster: &Cluster, tls: &TlsIdentity, acked: &[String]) -> Vec<String> {
+async fn sat_check_readable(
+    cluster: &Cluster,
+    tls: &TlsIdentity,
+    acked: &[String],
+    value_bytes: usize,
+) -> Vec<String> {
     let mut problems = Vec::new();
     let wanted: BTreeSet<&str> = acked.iter().map(String::as_str).collect();
     for node in 0..cluster.nodes.len() {
@@ -856,7 +870,7 @@ async fn sat_check_readable(cluster: &Cluster, tls: &TlsIdentity, acked: &[Strin
         let mut wrong = Vec::new();
         for key in acked.iter().step_by(16) {
             match c.get(key.as_bytes()).await {
-                Ok(Some(r)) if r.value == Value::Register(vec![sat_value(key)]) => {}
+                Ok(Some(r)) if r.value == Value::Register(vec![sat_value(key, value_bytes)]) => {}
                 other => wrong.push(format!("{key}: {:?}", other.map(|r| r.map(|r| r.value)))),
             }
         }
@@ -872,21 +886,18 @@ async fn sat_check_readable(cluster: &Cluster, tls: &TlsIdentity, acked: &[Strin
     problems
 }
 
-// KNOWN FAILING (found by this test; not weakened): under this load the
-// nodes suspect each other and declare members down. Every peer message to
-// a node (SWIM probes and acks, replication frames, acknowledgements) goes
-// through one FIFO queue of 256 frames and one QUIC stream (src/node/mod.rs
-// `Peers::send`, `PEER_QUEUE`); once it is full, messages are dropped
-// ("peer queue full: message dropped"), and probes wait behind replication
-// frames. Nodes then log "the cluster had declared this node down; rejoined
-// under a new incarnation", often with gossipkv_members_declared_down_total
-// still 0 on every node.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_saturating_write_load_is_refused_or_waits_and_no_member_is_suspected() {
+/// Drives `plan` against node 1 of a fresh 3-node cluster for SAT_LOAD
+/// and checks: every request succeeds or fails with a clear code
+/// (Overloaded, QuorumNotMet, Timeout) within the client's timeout, every
+/// acknowledged write is readable on every node afterwards, no node
+/// declares a member down (metric and log) and no member sample shows a
+/// peer suspect or down. Prints the figures; panics with every failure.
+async fn write_load(plan: Plan) {
     // Alone on the machine: another cluster's load would starve this one's
     // gossip for reasons of its own.
     let _slots = SLOTS.acquire_many(2).await.unwrap();
-    let cluster = logged_cluster(3, SAT_CONFIG);
+    let name = plan.name;
+    let cluster = logged_cluster(3, plan.config);
     let tls = cluster.client_tls();
     let mut clients = Vec::new();
     for i in 0..3 {
@@ -896,11 +907,8 @@ async fn a_saturating_write_load_is_refused_or_waits_and_no_member_is_suspected(
 
     // Every connection first, then every stream at once.
     let mut connections = Vec::new();
-    let plan = [
-        (1u8, SAT_W1_CONNECTIONS, SAT_W1_STREAMS),
-        (2u8, SAT_W2_CONNECTIONS, SAT_W2_STREAMS),
-    ];
-    for (w, count, streams) in plan {
+    let groups = [(1u8, plan.w1.0, plan.w1.1), (2u8, plan.w2.0, plan.w2.1)];
+    for (w, count, streams) in groups {
         for conn in 0..count {
             let mut c = client(cluster.addr(0), &tls).await;
             c.set_quorum(w, 1);
@@ -924,7 +932,7 @@ async fn a_saturating_write_load_is_refused_or_waits_and_no_member_is_suspected(
         warm += usize::from(task.await.unwrap());
     }
     println!(
-        "saturation: {warm} reads warmed the connections up in {:.1} s",
+        "{name}: {warm} reads warmed the connections up in {:.1} s",
         warm_up.elapsed().as_secs_f64()
     );
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -964,8 +972,8 @@ async fn a_saturating_write_load_is_refused_or_waits_and_no_member_is_suspected(
     let mut tasks: Vec<(u8, tokio::task::JoinHandle<SatTally>)> = Vec::new();
     for (w, conn, streams, c) in &connections {
         for stream in 0..*streams {
-            let name = format!("w{w}-{conn:02}-{stream:04}");
-            let task = sat_stream(c.clone(), name, issued.clone(), deadline);
+            let name = format!("{name}-w{w}-{conn:02}-{stream:04}");
+            let task = sat_stream(c.clone(), name, plan.value_bytes, issued.clone(), deadline);
             tasks.push((*w, tokio::spawn(task)));
         }
     }
@@ -985,13 +993,14 @@ async fn a_saturating_write_load_is_refused_or_waits_and_no_member_is_suspected(
     }
     let w = std::mem::take(&mut *watch.lock().unwrap());
 
-    let streams = SAT_W1_CONNECTIONS * SAT_W1_STREAMS + SAT_W2_CONNECTIONS * SAT_W2_STREAMS;
+    let streams = plan.w1.0 * plan.w1.1 + plan.w2.0 * plan.w2.1;
     println!(
-        "saturation: {streams} streams of {SAT_VALUE_BYTES}-byte puts to node-1 for {load_secs:.1} s"
+        "{name}: {streams} streams of {}-byte puts to node-1 for {load_secs:.1} s",
+        plan.value_bytes
     );
     for (i, t) in by_w.iter().enumerate() {
         println!(
-            "saturation: w={}: ok {}, overloaded {}, quorum not met {}, node timeout {}, other errors {}; max latency {:.2} s",
+            "{name}: w={}: ok {}, overloaded {}, quorum not met {}, node timeout {}, other errors {}; max latency {:.2} s",
             i + 1,
             t.ok,
             t.overloaded,
@@ -1010,7 +1019,7 @@ async fn a_saturating_write_load_is_refused_or_waits_and_no_member_is_suspected(
         .unwrap_or(0.0)
     };
     println!(
-        "saturation: node-1 request latency (admitted to answered): {} requests, mean {:.3} s, {} over 1 s",
+        "{name}: node-1 request latency (admitted to answered): {} requests, mean {:.3} s, {} over 1 s",
         latency("_count"),
         latency("_sum") / latency("_count").max(1.0),
         latency("_count") - latency("_bucket{le=\"1\"}")
@@ -1018,7 +1027,7 @@ async fn a_saturating_write_load_is_refused_or_waits_and_no_member_is_suspected(
     for node in 0..3 {
         let (commits, writes) = storage_figures(cluster.metrics[node]);
         println!(
-            "saturation: node-{}: peak gossipkv_storage_queued_writes {}, {commits} commits, {writes} writes, {:.1} writes per commit; gossipkv_members_declared_down_total {}; member samples {} ok, {} failed",
+            "{name}: node-{}: peak gossipkv_storage_queued_writes {}, {commits} commits, {writes} writes, {:.1} writes per commit; gossipkv_members_declared_down_total {}; member samples {} ok, {} failed",
             node + 1,
             w.peak_queued[node],
             writes / commits.max(1.0),
@@ -1039,7 +1048,7 @@ async fn a_saturating_write_load_is_refused_or_waits_and_no_member_is_suspected(
         }
     }
     let acked: Vec<String> = by_w.iter().flat_map(|t| t.acked.iter().cloned()).collect();
-    failures.extend(sat_check_readable(&cluster, &tls, &acked).await);
+    failures.extend(sat_check_readable(&cluster, &tls, &acked, plan.value_bytes).await);
     for node in 0..3 {
         let down = metric(
             &scrape(cluster.metrics[node]),
@@ -1069,7 +1078,7 @@ async fn a_saturating_write_load_is_refused_or_waits_and_no_member_is_suspected(
             .collect();
         let drops = log.matches("peer queue full").count();
         println!(
-            "saturation: node-{}: {drops} peer messages dropped (peer queue full); membership events {events:?}",
+            "{name}: node-{}: {drops} peer messages dropped (peer queue full); membership events {events:?}",
             node + 1
         );
         if !events.is_empty() {
@@ -1078,7 +1087,58 @@ async fn a_saturating_write_load_is_refused_or_waits_and_no_member_is_suspected(
     }
     assert!(
         failures.is_empty(),
-        "under the saturating load:\n{}",
+        "{name}: under the write load:\n{}",
         failures.join("\n")
     );
+}
+
+// KNOWN FAILING, both write-load tests (found by them; not weakened):
+//
+// - Under either load the nodes suspect each other, and nodes are declared
+//   down and rejoin: every node's log has "the cluster had declared this
+//   node down; rejoined under a new incarnation", some have "node-N is
+//   down". Every peer message to a node (SWIM probes and acks, replication
+//   frames, replication acknowledgements) goes through one FIFO queue of
+//   256 frames and one QUIC stream (src/node/mod.rs `Peers::send`,
+//   `PEER_QUEUE`): probes wait behind replication frames, and once the
+//   queue is full messages are dropped ("peer queue full: message
+//   dropped", counted from node-1's log). Samples show a peer suspect
+//   while its last message arrived 0-300 ms before.
+// - A node can be told it was declared down while no node logs "is down"
+//   and gossipkv_members_declared_down_total stays 0 on every node (seen in
+//   most default-limits runs): the metric misses these declarations.
+// - With 24 000 writes in flight (saturation), hundreds to ~1700 W=1
+//   writes per run get no answer within the client's 10 s timeout while
+//   others are refused as Overloaded. Likely cause: the refusal is decided
+//   in the core loop (`start_write`), behind everything queued for it, so
+//   the queue's cap does not bound the wait.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_saturating_write_load_is_refused_or_waits_and_no_member_is_suspected() {
+    // See the note above `Plan`: 24 000 requests in flight on node 1 (1024
+    // streams per connection allowed), small values, so the storage queue
+    // reaches its cap; a few W=2 connections at the default stream count.
+    write_load(Plan {
+        name: "saturation",
+        config: "[limits]\nclient_streams_per_connection = 1024\n",
+        w1: (24, 1000),
+        w2: (6, 16),
+        value_bytes: 256,
+    })
+    .await;
+}
+
+/// The same checks at the default limits, with 64 KiB values: 480 writes
+/// in flight (30 connections x 16 streams; a client certificate may hold
+/// 32 connections to a node, and the test holds one more), far from the
+/// queue's cap.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_heavy_write_load_at_the_default_limits_makes_no_member_suspect() {
+    write_load(Plan {
+        name: "default-limits",
+        config: "",
+        w1: (24, 16),
+        w2: (6, 16),
+        value_bytes: 64 * 1024,
+    })
+    .await;
 }
