@@ -1107,9 +1107,10 @@ async fn write_load(plan: Plan) {
 // - A node can be told it was declared down while no node logs "is down"
 //   and gossipkv_members_declared_down_total stays 0 on every node (seen in
 //   most default-limits runs): the metric misses these declarations.
-// - With 24 000 writes in flight (saturation), hundreds to ~1700 W=1
-//   writes per run get no answer within the client's 10 s timeout while
-//   others are refused as Overloaded. Likely cause: the refusal is decided
+// - With 24 000 writes in flight (saturation), in most runs hundreds to
+//   ~1700 W=1 writes get no answer within the client's 10 s timeout while
+//   others are refused as Overloaded (at the default limits, now and then
+//   a W=2 write). Likely cause: the refusal is decided
 //   in the core loop (`start_write`), behind everything queued for it, so
 //   the queue's cap does not bound the wait.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
