@@ -1099,8 +1099,8 @@ async fn write_load(plan: Plan) {
 //   node down; rejoined under a new incarnation", some have "node-N is
 //   down". Every peer message to a node (SWIM probes and acks, replication
 //   frames, replication acknowledgements) goes through one FIFO queue of
-//   256 frames and one QUIC stream (src/node/mod.rs `Peers::send`,
-//   `PEER_QUEUE`): probes wait behind replication frames, and once the
+//   256 frames and one QUIC stream (`Peers::send`, `PEER_QUEUE`: in
+//   src/node/mod.rs here, src/node/peers.rs on main): probes wait behind replication frames, and once the
 //   queue is full messages are dropped ("peer queue full: message
 //   dropped", counted from node-1's log). Samples show a peer suspect
 //   while its last message arrived 0-300 ms before.
