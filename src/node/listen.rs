@@ -6,20 +6,20 @@ use super::limits::{ConnResponses, Identity, Limits, Refusal};
 use super::metrics::Metrics;
 use super::peers::Envelope;
 use super::reload::LiveTls;
-use super::{limits, CoreInput};
+use super::{limits, peers, CoreInput, Inbox};
 use crate::client::{Call, ErrorCode, Failure, Response};
 use crate::crdt::NodeId;
 use crate::transport::tls::REFUSED;
 use crate::transport::{frame, ALPN_ADMIN, ALPN_CLIENT, ALPN_PEER};
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 use tokio::time::Instant;
 use tracing::{debug, warn};
 
 pub(super) async fn accept_loop(
     endpoint: quinn::Endpoint,
-    core: mpsc::Sender<CoreInput>,
+    core: Inbox,
     metrics: Arc<Metrics>,
     me: NodeId,
     secure: bool,
@@ -189,7 +189,7 @@ fn dropped(metrics: &Metrics, e: &frame::FrameError) {
 
 async fn serve_peer(
     connection: quinn::Connection,
-    core: mpsc::Sender<CoreInput>,
+    core: Inbox,
     metrics: Arc<Metrics>,
     sender: Option<NodeId>,
     limits: &Limits,
@@ -224,7 +224,12 @@ async fn serve_peer(
                         }
                         let kind = Metrics::kind_index(payload.kind());
                         metrics.peer_bytes_received[kind].fetch_add(size as u64, Relaxed);
-                        if core.send(CoreInput::Peer { from, payload }).await.is_err() {
+                        // Membership has its own way in (see `Inbox`).
+                        let inbox = match peers::Lane::of(&payload) {
+                            peers::Lane::Membership => &core.membership,
+                            _ => &core.main,
+                        };
+                        if inbox.send(CoreInput::Peer { from, payload }).await.is_err() {
                             return;
                         }
                     }
@@ -256,7 +261,7 @@ async fn serve_peer(
 /// `limits`), and holds its response's bytes until the client has them.
 async fn serve_client(
     connection: quinn::Connection,
-    core: mpsc::Sender<CoreInput>,
+    core: Inbox,
     metrics: Arc<Metrics>,
     admin: Option<Admitted>,
     limits: &Limits,
@@ -298,7 +303,7 @@ async fn serve_client(
                 }
                 Ok(Some((call, _))) => {
                     let (reply, answer) = oneshot::channel();
-                    if core.send(CoreInput::Client { call, reply }).await.is_err() {
+                    if core.main.send(CoreInput::Client { call, reply }).await.is_err() {
                         return;
                     }
                     answer

@@ -99,6 +99,15 @@ pub enum NodeError {
     },
 }
 
+/// The ways into the core loop: membership messages have their own
+/// channel, which the loop serves first, so that a backlog of client calls
+/// and replicated writes never delays a probe's answer.
+#[derive(Clone)]
+struct Inbox {
+    main: mpsc::Sender<CoreInput>,
+    membership: mpsc::Sender<CoreInput>,
+}
+
 enum CoreInput {
     Peer {
         from: NodeId,
@@ -289,10 +298,15 @@ pub async fn run(
         );
     }
     let (core_tx, core_rx) = mpsc::channel(4096);
+    let (membership_tx, membership_rx) = mpsc::channel(1024);
+    let inbox = Inbox {
+        main: core_tx,
+        membership: membership_tx,
+    };
     let limits = Limits::new(config.limits.clone(), metrics.clone());
     let accept = tokio::spawn(accept_loop(
         endpoint.clone(),
-        core_tx.clone(),
+        inbox,
         metrics.clone(),
         id,
         identity.is_some(),
@@ -336,7 +350,8 @@ pub async fn run(
             seeds.push(peer);
         }
     }
-    core.run(core_rx, stored_rx, &seeds, shutdown).await;
+    core.run(core_rx, membership_rx, stored_rx, &seeds, shutdown)
+        .await;
     accept.abort();
     #[cfg(unix)]
     if let Some(reloader) = reloader {
@@ -391,6 +406,7 @@ impl Core {
     async fn run(
         mut self,
         mut rx: mpsc::Receiver<CoreInput>,
+        mut membership: mpsc::Receiver<CoreInput>,
         mut stored: mpsc::UnboundedReceiver<Vec<storage::Done>>,
         seeds: &[SocketAddr],
         shutdown: impl Future<Output = ()>,
@@ -413,19 +429,11 @@ impl Core {
                 next.unwrap_or_else(|| Instant::now() + Duration::from_secs(3600)),
             );
             tokio::select! {
+                // In this order: a probe answered late makes its node
+                // suspect, whatever else is waiting.
+                biased;
                 () = &mut shutdown => break,
-                done = stored.recv() => match done {
-                    Some(done) => self.on_stored(done),
-                    None => {
-                        tracing::error!(node = %self.name, "the storage thread stopped: this node cannot write any more; stopping");
-                        break;
-                    }
-                },
-                input = rx.recv() => match input {
-                    Some(CoreInput::Peer { from, payload }) => self.on_peer(from, payload),
-                    Some(CoreInput::Client { call, reply }) => self.on_call(call, ReplyTo::Client(reply)),
-                    None => break,
-                },
+                Some(CoreInput::Peer { from, payload }) = membership.recv() => self.on_peer(from, payload),
                 () = sleep => {
                     let now = Instant::now();
                     while let Some(entry) = self.timers.first_entry() {
@@ -439,6 +447,18 @@ impl Core {
                     self.expire_pending(now);
                     self.refresh_metrics();
                 }
+                done = stored.recv() => match done {
+                    Some(done) => self.on_stored(done),
+                    None => {
+                        tracing::error!(node = %self.name, "the storage thread stopped: this node cannot write any more; stopping");
+                        break;
+                    }
+                },
+                input = rx.recv() => match input {
+                    Some(CoreInput::Peer { from, payload }) => self.on_peer(from, payload),
+                    Some(CoreInput::Client { call, reply }) => self.on_call(call, ReplyTo::Client(reply)),
+                    None => break,
+                },
             }
             self.flush_outbox();
         }
