@@ -67,6 +67,8 @@ pub(super) enum Writing {
     /// was told the write is taking too long (it is still replicated).
     Call {
         reply: Option<ReplyTo>,
+        /// When the call arrived: its whole wait is bounded from here.
+        arrived: Instant,
         counter: bool,
         others: Vec<NodeId>,
         quorum: usize,
@@ -319,6 +321,7 @@ impl Core {
                     token,
                     Writing::Call {
                         reply: Some(reply),
+                        arrived: Instant::now(),
                         counter,
                         others,
                         quorum,
@@ -471,6 +474,7 @@ impl Core {
             match writing {
                 Writing::Call {
                     reply,
+                    arrived,
                     counter,
                     others,
                     quorum,
@@ -517,7 +521,7 @@ impl Core {
                                 Response::Context(context.to_bytes())
                             };
                             self.replicate_write(
-                                reply, response, entry, others, quorum, w, partition, key,
+                                reply, arrived, response, entry, others, quorum, w, partition, key,
                             );
                         }
                         Ok(GroupOutcome::Merged { .. }) => {
@@ -567,6 +571,7 @@ impl Core {
     fn replicate_write(
         &mut self,
         reply: ReplyTo,
+        arrived: Instant,
         response: Response,
         entry: Option<Vec<u8>>,
         others: Vec<NodeId>,
@@ -606,7 +611,9 @@ impl Core {
             );
             return self.answer(reply, response);
         }
-        self.wait(
+        // Counted from the call's arrival, not from the local commit: the
+        // client hears within QUORUM_TIMEOUT plus one turn of the loop.
+        self.pending.insert(
             id,
             Pending::Write {
                 reply,
@@ -616,6 +623,7 @@ impl Core {
                 w,
             },
         );
+        self.deadlines.insert((arrived + QUORUM_TIMEOUT, id));
     }
 
     pub(super) fn on_fetched(&mut self, from: NodeId, id: u64, entry: Option<Vec<u8>>) {
