@@ -140,8 +140,10 @@ pub(crate) struct Entry {
     register: Option<Siblings>,
     #[serde(with = "slot_bytes::lww")]
     lww: Option<LWWReg<Slot, LwwMarker>>,
-    counter: Option<PNCounter<NodeId>>,
-    set: Option<Orswot<Vec<u8>, NodeId>>,
+    // Boxed: they are rare and large, and an entry moves several times on
+    // every read.
+    counter: Option<Box<PNCounter<NodeId>>>,
+    set: Option<Box<Orswot<Vec<u8>, NodeId>>>,
 }
 
 impl Entry {
@@ -208,7 +210,7 @@ impl Entry {
     /// Adds `amount` to the counter. Refused if this node's tally would
     /// overflow or the value would leave the `i64` range.
     pub(crate) fn counter_add(&mut self, amount: i64, dot: Dot) -> Result<i64, CounterOverflow> {
-        let counter = self.counter.get_or_insert_with(PNCounter::new);
+        let counter = self.counter.get_or_insert_with(Default::default);
         let current = i64::try_from(counter.read()).map_err(|_| CounterOverflow)?;
         let new_value = current.checked_add(amount).ok_or(CounterOverflow)?;
         let steps = amount.unsigned_abs();
@@ -228,7 +230,7 @@ impl Entry {
     }
 
     pub(crate) fn set_add(&mut self, member: Vec<u8>, dot: Dot) {
-        let set = self.set.get_or_insert_with(Orswot::new);
+        let set = self.set.get_or_insert_with(Default::default);
         let crdt_dot = crdts::Dot::new(dot.node, dot.seq);
         let op = set.add(
             member,
@@ -244,7 +246,7 @@ impl Entry {
     /// Removes the additions of `member` this entry has observed. The remove
     /// gets its own dot in the context so that it replicates like any write.
     pub(crate) fn set_remove(&mut self, member: Vec<u8>, dot: Dot) {
-        let set = self.set.get_or_insert_with(Orswot::new);
+        let set = self.set.get_or_insert_with(Default::default);
         let rm_ctx = set.contains(&member).derive_rm_ctx();
         let op = set.rm(member, rm_ctx);
         set.apply(op);
@@ -270,8 +272,8 @@ impl Entry {
         }
         self.context.join(&other.context);
         merge_option(&mut self.lww, other.lww);
-        merge_option(&mut self.counter, other.counter);
-        merge_option(&mut self.set, other.set);
+        merge_boxed(&mut self.counter, other.counter);
+        merge_boxed(&mut self.set, other.set);
     }
 
     /// The read view, or `None` for a tombstone.
@@ -563,6 +565,14 @@ fn merge_option<T: CvRDT>(mine: &mut Option<T>, theirs: Option<T>) {
     }
 }
 
+fn merge_boxed<T: CvRDT>(mine: &mut Option<Box<T>>, theirs: Option<Box<T>>) {
+    match (mine.as_mut(), theirs) {
+        (Some(m), Some(t)) => m.merge(*t),
+        (None, Some(t)) => *mine = Some(t),
+        (_, None) => {}
+    }
+}
+
 #[cfg(test)]
 mod laws {
     //! The CRDT laws for whole entries, on states reached by random
@@ -691,8 +701,8 @@ mod laws {
                 context: e.context,
                 register: e.register.map(|r| r.0),
                 lww: e.lww,
-                counter: e.counter,
-                set: e.set,
+                counter: e.counter.map(|c| *c),
+                set: e.set.map(|s| *s),
             }
         }
     }
@@ -703,8 +713,8 @@ mod laws {
                 context: self.context,
                 register: self.register.map(Siblings),
                 lww: self.lww,
-                counter: self.counter,
-                set: self.set,
+                counter: self.counter.map(Box::new),
+                set: self.set.map(Box::new),
             }
         }
     }
