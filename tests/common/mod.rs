@@ -220,11 +220,22 @@ impl Cluster {
 pub async fn client(addr: SocketAddr, tls: &TlsIdentity) -> Client {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        match Client::connect(addr, Some(tls)).await {
-            Ok(c) if c.status().await.is_ok() => return c,
-            _ if Instant::now() > deadline => panic!("node {addr} did not come up"),
-            _ => tokio::time::sleep(Duration::from_millis(100)).await,
+        let last = match Client::connect(addr, Some(tls)).await {
+            Ok(c) => match c.status().await {
+                Ok(_) => return c,
+                Err(e) => {
+                    // Closed at once: a connection left open counts against
+                    // the node's per-certificate cap until its idle timeout.
+                    c.close().await;
+                    e.to_string()
+                }
+            },
+            Err(e) => e.to_string(),
+        };
+        if Instant::now() > deadline {
+            panic!("node {addr} did not come up: {last}");
         }
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 
