@@ -394,13 +394,33 @@ impl Core {
         );
     }
 
-    /// Queues an entry for a co-replica; false if its address is unknown.
-    fn replicate_to(&mut self, node: NodeId, item: ReplicateItem) -> bool {
-        if self.replica.membership().addr_of(node).is_none() {
-            return false;
+    /// Queues `key`'s entry for each of `nodes` (sent at the end of the
+    /// turn); returns to how many, leaving out those whose address is
+    /// unknown.
+    fn replicate_to_all(
+        &mut self,
+        nodes: &[NodeId],
+        id: u64,
+        partition: u16,
+        key: &[u8],
+        entry: &[u8],
+        ack: bool,
+    ) -> usize {
+        let mut sent = 0;
+        for &node in nodes {
+            if self.replica.membership().addr_of(node).is_none() {
+                continue;
+            }
+            self.outbox.entry(node).or_default().push(ReplicateItem {
+                id,
+                partition,
+                key: key.to_vec(),
+                entry: entry.to_vec(),
+                ack,
+            });
+            sent += 1;
         }
-        self.outbox.entry(node).or_default().push(item);
-        true
+        sent
     }
 
     /// Sends the entries queued for each co-replica: one frame per replica
@@ -488,16 +508,7 @@ impl Core {
                             entry: Some(entry), ..
                         }))) = outcome.map(|mut r| r.pop())
                         {
-                            for node in others {
-                                let item = ReplicateItem {
-                                    id: 0,
-                                    partition,
-                                    key: key.clone(),
-                                    entry: entry.clone(),
-                                    ack: false,
-                                };
-                                self.replicate_to(node, item);
-                            }
+                            self.replicate_to_all(&others, 0, partition, &key, &entry, false);
                         }
                         continue;
                     };
@@ -584,19 +595,7 @@ impl Core {
             return self.answer(reply, response); // a no-op delete
         };
         let id = self.fresh_call_id();
-        let mut sent = 0;
-        for node in others {
-            let item = ReplicateItem {
-                id,
-                partition,
-                key: key.clone(),
-                entry: entry.clone(),
-                ack: true,
-            };
-            if self.replicate_to(node, item) {
-                sent += 1;
-            }
-        }
+        let sent = self.replicate_to_all(&others, id, partition, &key, &entry, true);
         let needed = quorum - 1;
         if needed == 0 {
             return self.answer(reply, response);
@@ -716,18 +715,12 @@ impl Core {
             self.writing.insert(token, Writing::Repair);
         }
         if let Some(merged) = merged {
-            for (node, entry) in answers {
-                if entry.as_deref() != Some(merged.as_slice()) {
-                    let item = ReplicateItem {
-                        id: 0,
-                        partition,
-                        key: key.clone(),
-                        entry: merged.clone(),
-                        ack: false,
-                    };
-                    self.replicate_to(node, item);
-                }
-            }
+            let behind: Vec<NodeId> = answers
+                .into_iter()
+                .filter(|(_, entry)| entry.as_deref() != Some(merged.as_slice()))
+                .map(|(node, _)| node)
+                .collect();
+            self.replicate_to_all(&behind, 0, partition, &key, &merged, false);
         }
         self.answer(reply, response);
     }

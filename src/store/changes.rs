@@ -16,7 +16,6 @@
 //! it did receive, so the next exchange resumes from there.
 
 use super::tables::*;
-use super::write::check_key;
 use super::{read_version, Store};
 use crate::crdt::entry::Entry;
 use crate::crdt::{Dot, NodeId, VersionVector};
@@ -146,19 +145,7 @@ impl Store {
         let mut decoded = Vec::with_capacity(chunk.entries.len());
         for remote in &chunk.entries {
             let key = remote.key.as_slice();
-            check_key(key)?;
-            let actual = self.partition_of(key);
-            if actual != partition {
-                return Err(Error::MisroutedEntry {
-                    key: show_key(key),
-                    claimed: partition,
-                    actual,
-                });
-            }
-            let entry = Entry::decode(&remote.entry).map_err(|e| Error::InvalidEntry {
-                key: show_key(key),
-                reason: e.to_string(),
-            })?;
+            let entry = self.check_remote(partition, key, &remote.entry)?;
             decoded.push((key, entry));
         }
         let mut complete = chunk.complete.clone();

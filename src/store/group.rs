@@ -92,8 +92,9 @@ impl Store {
         })
     }
 
-    /// Decodes and checks a remote entry as `apply` does for a chunk.
-    fn check_remote(&self, partition: u16, key: &[u8], entry: &[u8]) -> Result<Entry> {
+    /// Decodes and checks a remote entry: its partition is in range, its
+    /// key valid and hashing to that partition.
+    pub(super) fn check_remote(&self, partition: u16, key: &[u8], entry: &[u8]) -> Result<Entry> {
         self.check_partition(partition)?;
         super::write::check_key(key)?;
         let actual = self.partition_of(key);
