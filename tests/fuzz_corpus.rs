@@ -10,6 +10,7 @@
 use gossipkv::client::{Call, NodeStatus, Request, Response, WireRecord};
 use gossipkv::crdt::Dot;
 use gossipkv::fuzzing::{self, TARGETS};
+use gossipkv::replication::coordinator::{CoordMessage, ReplicateItem};
 use gossipkv::replication::layout::NodeSpec;
 use gossipkv::replication::layout_state::LayoutState;
 use gossipkv::replication::membership::{Membership, MembershipConfig, MembershipOutput, NodeMeta};
@@ -61,24 +62,9 @@ struct Envelope {
 }
 
 #[derive(Serialize)]
-struct ReplicateItem {
-    id: u64,
-    partition: u16,
-    key: Vec<u8>,
-    entry: Vec<u8>,
-    ack: bool,
-}
-
-#[derive(Serialize)]
-#[allow(dead_code)]
 enum Payload {
     Core(Message),
-    Coordinate { id: u64, call: Call },
-    Coordinated { id: u64, response: Response },
-    Replicate { items: Vec<ReplicateItem> },
-    Replicated { acks: Vec<(u64, bool)> },
-    Fetch { id: u64, key: Vec<u8> },
-    Fetched { id: u64, entry: Option<Vec<u8>> },
+    Coord(CoordMessage),
 }
 
 fn populated_store(path: Option<&Path>) -> Store {
@@ -351,34 +337,37 @@ fn write_seed_corpora() {
     );
     let entry = entries(&s).remove(0);
     let mut payloads: Vec<Payload> = core.into_iter().map(Payload::Core).collect();
-    payloads.push(Payload::Coordinate {
-        id: 1,
-        call: calls().remove(1),
-    });
-    payloads.push(Payload::Coordinated {
-        id: 1,
-        response: responses(&s).remove(0),
-    });
-    payloads.push(Payload::Replicate {
-        items: vec![ReplicateItem {
-            id: 2,
-            partition: s.partition_of(&entry.key),
-            key: entry.key.clone(),
-            entry: entry.entry.clone(),
-            ack: true,
-        }],
-    });
-    payloads.push(Payload::Replicated {
-        acks: vec![(2, true), (3, false)],
-    });
-    payloads.push(Payload::Fetch {
-        id: 3,
-        key: entry.key,
-    });
-    payloads.push(Payload::Fetched {
-        id: 3,
-        entry: Some(entry.entry),
-    });
+    let coord = vec![
+        CoordMessage::Coordinate {
+            id: 1,
+            call: calls().remove(1),
+        },
+        CoordMessage::Coordinated {
+            id: 1,
+            response: responses(&s).remove(0),
+        },
+        CoordMessage::Replicate {
+            items: vec![ReplicateItem {
+                id: 2,
+                partition: s.partition_of(&entry.key),
+                key: entry.key.clone(),
+                entry: entry.entry.clone(),
+                ack: true,
+            }],
+        },
+        CoordMessage::Replicated {
+            acks: vec![(2, true), (3, false)],
+        },
+        CoordMessage::Fetch {
+            id: 3,
+            key: entry.key,
+        },
+        CoordMessage::Fetched {
+            id: 3,
+            entry: Some(entry.entry),
+        },
+    ];
+    payloads.extend(coord.into_iter().map(Payload::Coord));
     let mut peer: Vec<Vec<u8>> = payloads
         .into_iter()
         .map(|payload| {

@@ -1,8 +1,8 @@
 //! Admin and inspection requests (the admin protocol), and the node's
 //! status.
 
-use super::coordinate::Pending;
-use super::{Core, Payload, ReplyTo};
+use super::coordinate::ClientReply;
+use super::Core;
 use crate::client::{
     ErrorCode, Failure, LayoutInfo, MemberInfo, MigrationsInfo, NodeStatus, PartitionInfo,
     ReplicaView, Request, Response, WireRecord,
@@ -10,7 +10,7 @@ use crate::client::{
 use crate::crdt::NodeId;
 
 impl Core {
-    pub(super) fn admin(&mut self, request: Request, reply: ReplyTo) {
+    pub(super) fn admin(&mut self, request: Request, reply: ClientReply) {
         let layout = self.replica.layout().clone();
         let store = self.replica.store().clone();
         let response = match request {
@@ -99,42 +99,10 @@ impl Core {
                 Err(e) => Response::Error(Failure::new(ErrorCode::of(&e), e.to_string())),
             },
             Request::Inspect { key } => {
-                let partition = store.partition_of(&key);
-                let holders = layout.holders(partition);
-                let mine = if holders.contains(&self.id) {
-                    Some(store.entry_bytes(&key).ok().flatten())
-                } else {
-                    None
-                };
-                let id = self.fresh_call_id();
-                let mut waiting = Vec::new();
-                let me = self.id;
-                for node in holders.into_iter().filter(|&n| n != me) {
-                    if self.send_to_node(
-                        node,
-                        Payload::Fetch {
-                            id,
-                            key: key.clone(),
-                        },
-                    ) {
-                        waiting.push(node);
-                    }
-                }
-                let answers: Vec<(NodeId, Option<Vec<u8>>)> =
-                    mine.map(|m| (self.id, m)).into_iter().collect();
-                if waiting.is_empty() {
-                    return self.finish_inspect(reply, &key, answers, Vec::new());
-                }
-                self.wait(
-                    id,
-                    Pending::Inspect {
-                        reply,
-                        key,
-                        answers,
-                        waiting,
-                    },
-                );
-                return;
+                let outputs = self
+                    .coordinator
+                    .inspect(&self.replica, self.now(), key, reply);
+                return self.carry_coord(outputs);
             }
             Request::Migrations => {
                 let progress = self.replica.migration_progress();
@@ -173,7 +141,7 @@ impl Core {
 
     pub(super) fn finish_inspect(
         &mut self,
-        reply: ReplyTo,
+        reply: ClientReply,
         key: &[u8],
         answers: Vec<(NodeId, Option<Vec<u8>>)>,
         silent: Vec<NodeId>,

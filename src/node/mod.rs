@@ -7,8 +7,9 @@
 //!
 //! - `listen`: admits connections by certificate and limits, reads frames
 //!   and requests, forwards them to the core loop;
-//! - `coordinate`: the request path (which replica coordinates, quorums,
-//!   reads merged across replicas, read repair, replication of writes);
+//! - `coordinate`: hands client calls and coordination messages to the
+//!   sans-IO [`Coordinator`] (quorums, forwarding, read repair, replication
+//!   of writes) and carries out its outputs;
 //! - `storage`: the storage thread, which commits every write in groups;
 //! - `peers`: the peer wire format and the outgoing queues;
 //! - `admin`: admin and inspection requests, the node's status;
@@ -36,10 +37,11 @@ use files::{
 };
 use listen::accept_loop;
 pub use peers::{decode_peer_frame, replicate_frame};
-use peers::{Envelope, Payload, Peers, ReplicateItem};
+use peers::{Envelope, Payload, Peers};
 
-use crate::client::{Call, ErrorCode, Failure, Response};
+use crate::client::{Call, Response};
 use crate::crdt::NodeId;
+use crate::replication::coordinator::{Coordinator, CoordinatorConfig};
 use crate::replication::layout::NodeSpec;
 use crate::replication::layout_state::LayoutState;
 use crate::replication::membership::{LoadFigures, MemberState, MembershipConfig, NodeMeta};
@@ -50,7 +52,7 @@ use crate::store::{Store, StoreOptions};
 use crate::transport::tls::{client_config, TlsIdentity};
 use crate::transport::{frame, ALPN_PEER};
 use config::{NodeConfig, Security};
-use coordinate::Pending;
+use coordinate::ClientReply;
 use limits::Limits;
 use metrics::Metrics;
 use reload::LiveTls;
@@ -119,19 +121,9 @@ enum CoreInput {
     },
 }
 
-/// Where an answer goes: a client waiting on this node, or the node that
-/// forwarded the call here.
-enum ReplyTo {
-    Client(oneshot::Sender<Response>),
-    Peer { node: NodeId, id: u64 },
-}
-
 /// How often the sizes held are counted (it scans the held partitions) and
 /// the load figures gossiped.
 const SIZES_INTERVAL: Duration = Duration::from_secs(30);
-
-/// How long a call may wait for other replicas.
-const QUORUM_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Runs a node until `shutdown` completes.
 pub async fn run(
@@ -316,10 +308,16 @@ pub async fn run(
     let (stored_tx, stored_rx) = mpsc::unbounded_channel();
     let storage =
         storage::Storage::start(store.clone(), stored_tx).map_err(NodeError::StorageThread)?;
+    // Call ids must differ from those of this node's previous runs (peers
+    // drop a duplicated forwarded call by its id): start from the clock.
+    let first_id = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
     let core = Core {
         storage,
-        writing: HashMap::new(),
-        outbox: HashMap::new(),
+        coordinator: Coordinator::new(CoordinatorConfig::default(), first_id),
+        local_requests: 0,
+        local_errors: 0,
         replica,
         id,
         addr: config.advertise,
@@ -333,12 +331,9 @@ pub async fn run(
         },
         data_dir: config.data_dir.clone(),
         metrics,
-        pending: HashMap::new(),
         last_heard: HashMap::new(),
         requests_at_publish: 0,
         sizes_refreshed: None,
-        deadlines: Default::default(),
-        next_call: 0,
         name: name.clone(),
         twin_warned: None,
         unnamed_up: Default::default(),
@@ -367,10 +362,11 @@ struct Core {
     replica: Replica,
     /// Commits the node's writes (see `storage`).
     storage: storage::Storage,
-    /// Jobs on the storage thread, by token.
-    writing: HashMap<u64, coordinate::Writing>,
-    /// Entries to send each co-replica at the end of this turn.
-    outbox: HashMap<NodeId, Vec<ReplicateItem>>,
+    coordinator: Coordinator<ClientReply>,
+    /// Requests served and errors answered by this node itself (admin,
+    /// status, listings), beside the coordinator's.
+    local_requests: u64,
+    local_errors: u64,
     id: NodeId,
     /// The address peers reach this node at.
     addr: SocketAddr,
@@ -380,14 +376,11 @@ struct Core {
     peers: Peers,
     data_dir: PathBuf,
     metrics: Arc<Metrics>,
-    pending: HashMap<u64, Pending>,
     /// When a message from each peer last arrived.
     last_heard: HashMap<NodeId, Instant>,
     /// Client requests served when the load figures were last published.
     requests_at_publish: u64,
     sizes_refreshed: Option<Instant>,
-    deadlines: std::collections::BTreeSet<(Instant, u64)>,
-    next_call: u64,
     /// This node's name (its certificate's).
     name: String,
     /// The twin (see `Membership::twin`) last reported, so it is logged once.
@@ -407,7 +400,7 @@ impl Core {
         mut self,
         mut rx: mpsc::Receiver<CoreInput>,
         mut membership: mpsc::Receiver<CoreInput>,
-        mut stored: mpsc::UnboundedReceiver<Vec<storage::Done>>,
+        mut stored: mpsc::UnboundedReceiver<Vec<crate::replication::coordinator::StoreDone>>,
         seeds: &[SocketAddr],
         shutdown: impl Future<Output = ()>,
     ) {
@@ -420,7 +413,7 @@ impl Core {
         tokio::pin!(shutdown);
         loop {
             let next_timer = self.timers.keys().next().map(|(at, _)| *at);
-            let next_deadline = self.deadlines.iter().next().map(|(at, _)| *at);
+            let next_deadline = self.coordinator.next_deadline().map(|at| self.started + at);
             let next = match (next_timer, next_deadline) {
                 (Some(a), Some(b)) => Some(a.min(b)),
                 (a, b) => a.or(b),
@@ -444,7 +437,7 @@ impl Core {
                         let outputs = self.replica.handle_timer(self.now(), timer);
                         self.carry_out(outputs);
                     }
-                    self.expire_pending(now);
+                    self.expire_calls();
                     self.refresh_metrics();
                 }
                 done = stored.recv() => match done {
@@ -456,11 +449,10 @@ impl Core {
                 },
                 input = rx.recv() => match input {
                     Some(CoreInput::Peer { from, payload }) => self.on_peer(from, payload),
-                    Some(CoreInput::Client { call, reply }) => self.on_call(call, ReplyTo::Client(reply)),
+                    Some(CoreInput::Client { call, reply }) => self.on_call(call, reply),
                     None => break,
                 },
             }
-            self.flush_outbox();
         }
         // A stop is not a decommission (that is the admin `Leave`): the node
         // keeps its place in the layout, peers see it down, and it catches up
@@ -603,32 +595,7 @@ impl Core {
                     Err(e) => warn!(peer = %from, "refused a peer message: {e}"),
                 }
             }
-            // Peers forward the calls of clients that reached them; admin
-            // requests are never forwarded, so a peer sending one is not
-            // relaying a client: refuse it.
-            Payload::Coordinate { id, call } if call.request.is_admin() => {
-                warn!(peer = %from, "refused an admin request sent by a peer");
-                let response = Response::Error(Failure::new(
-                    ErrorCode::Forbidden,
-                    "admin requests are not taken from peers",
-                ));
-                self.answer(ReplyTo::Peer { node: from, id }, response);
-            }
-            Payload::Coordinate { id, call } => {
-                self.on_call(call, ReplyTo::Peer { node: from, id })
-            }
-            Payload::Coordinated { id, response } => {
-                if let Some(Pending::Forwarded { reply }) = self.pending.remove(&id) {
-                    self.answer(reply, response);
-                }
-            }
-            Payload::Replicate { items } => self.on_replicate(from, items),
-            Payload::Replicated { acks } => self.on_replicated(acks),
-            Payload::Fetch { id, key } => {
-                let entry = self.replica.store().entry_bytes(&key).ok().flatten();
-                self.send_to_node(from, Payload::Fetched { id, entry });
-            }
-            Payload::Fetched { id, entry } => self.on_fetched(from, id, entry),
+            Payload::Coord(message) => self.on_coord_message(from, message),
         }
     }
 

@@ -5,8 +5,8 @@
 
 use super::metrics::Metrics;
 use super::reload::LiveTls;
-use crate::client::{Call, Response};
 use crate::crdt::NodeId;
+use crate::replication::coordinator::{CoordMessage, ReplicateItem};
 use crate::replication::message::Message;
 use crate::transport::frame;
 use serde::{Deserialize, Serialize};
@@ -27,53 +27,11 @@ pub(super) struct Envelope {
 }
 
 /// Peer payloads: the replication core's messages, and the request
-/// coordination between nodes (see `coordinate`).
+/// coordination between nodes.
 #[derive(Debug, Serialize, Deserialize)]
 pub(super) enum Payload {
     Core(Message),
-    /// Coordinate this client call (the sender holds no replica of its key).
-    Coordinate {
-        id: u64,
-        call: Call,
-    },
-    Coordinated {
-        id: u64,
-        response: Response,
-    },
-    /// Merge these entries (the coordinators' state of each key after a
-    /// write, or read repairs), in one transaction; acknowledge those that
-    /// ask, in one `Replicated`, once they are durable.
-    Replicate {
-        items: Vec<ReplicateItem>,
-    },
-    /// The writes of a `Replicate` that asked, and whether each was taken.
-    Replicated {
-        acks: Vec<(u64, bool)>,
-    },
-    /// Send your entry of this key (a read at R > 1).
-    Fetch {
-        id: u64,
-        #[serde(with = "serde_bytes")]
-        key: Vec<u8>,
-    },
-    Fetched {
-        id: u64,
-        #[serde(with = "serde_bytes")]
-        entry: Option<Vec<u8>>,
-    },
-}
-
-/// One entry of a `Replicate`.
-#[derive(Debug, Serialize, Deserialize)]
-pub(super) struct ReplicateItem {
-    /// The write's call id at the coordinator (0 for a read repair).
-    pub(super) id: u64,
-    pub(super) partition: u16,
-    #[serde(with = "serde_bytes")]
-    pub(super) key: Vec<u8>,
-    #[serde(with = "serde_bytes")]
-    pub(super) entry: Vec<u8>,
-    pub(super) ack: bool,
+    Coord(CoordMessage),
 }
 
 /// Decodes the frames of one peer stream held in memory, as `serve_peer`
@@ -100,7 +58,7 @@ pub fn replicate_frame(
 ) -> Result<Vec<u8>, frame::FrameError> {
     frame::encode(&Envelope {
         from,
-        payload: Payload::Replicate {
+        payload: Payload::Coord(CoordMessage::Replicate {
             items: vec![ReplicateItem {
                 id: 1,
                 partition,
@@ -108,7 +66,7 @@ pub fn replicate_frame(
                 entry,
                 ack: false,
             }],
-        },
+        }),
     })
 }
 
@@ -116,7 +74,7 @@ impl Payload {
     pub(super) fn kind(&self) -> &'static str {
         match self {
             Payload::Core(message) => message.kind(),
-            _ => "coordination",
+            Payload::Coord(_) => "coordination",
         }
     }
 }
@@ -142,7 +100,7 @@ impl Lane {
         match payload {
             Payload::Core(Message::Membership(_)) => Lane::Membership,
             Payload::Core(_) => Lane::Sync,
-            _ => Lane::Requests,
+            Payload::Coord(_) => Lane::Requests,
         }
     }
 

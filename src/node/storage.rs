@@ -10,18 +10,15 @@
 //! is durable (or failed), so whoever answers a client or acknowledges a
 //! replica from it never acknowledges a write a crash could lose; jobs are
 //! committed in the order they were queued; a job is never dropped, only
-//! refused when queued (`Overloaded`) or failed with a reason.
+//! failed with a reason. How many client writes may wait is the
+//! coordinator's to bound (`CoordinatorConfig::max_queued_client_writes`).
 
-use crate::store::{GroupOutcome, GroupWrite, Store};
+use crate::replication::coordinator::{StoreDone, StoreJob};
+use crate::store::{GroupWrite, Store};
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use tokio::sync::mpsc;
-
-/// Writes a client may have queued before new client writes are refused as
-/// overloaded. Writes from peers (replication, repair) are always taken:
-/// they are bounded by the peers' own queues.
-pub(super) const MAX_QUEUED_CLIENT_WRITES: usize = 8192;
 
 /// At most this many writes, or bytes, per transaction: bounds the memory
 /// and the latency of one commit, which is also how long the core loop's
@@ -30,31 +27,9 @@ pub(super) const MAX_QUEUED_CLIENT_WRITES: usize = 8192;
 const MAX_GROUP_WRITES: usize = 1024;
 const MAX_GROUP_BYTES: usize = 16 << 20;
 
-/// Writes committed together, for one caller.
-pub(super) struct Job {
-    /// The caller's handle, given back with the outcome.
-    pub token: u64,
-    pub writes: Vec<GroupWrite>,
-}
-
-/// A job's outcome: one result per write, or the reason the whole commit
-/// failed (nothing of it was written).
-pub(super) struct Done {
-    pub token: u64,
-    pub outcome: Result<Vec<Result<GroupOutcome, crate::Error>>, String>,
-}
-
-/// Why a job was not queued.
-#[derive(Debug)]
-pub(super) struct Overloaded {
-    pub queued: usize,
-}
-
 #[derive(Default)]
 struct Queue {
-    /// With whether each came from a client.
-    jobs: VecDeque<(Job, bool)>,
-    client_writes: usize,
+    jobs: VecDeque<StoreJob>,
     closed: bool,
 }
 
@@ -90,7 +65,7 @@ impl Storage {
     /// commit.
     pub(super) fn start(
         store: Arc<Store>,
-        done: mpsc::UnboundedSender<Vec<Done>>,
+        done: mpsc::UnboundedSender<Vec<StoreDone>>,
     ) -> std::io::Result<Storage> {
         let shared = Arc::new(Shared {
             queue: Mutex::new(Queue::default()),
@@ -111,31 +86,13 @@ impl Storage {
         })
     }
 
-    /// Queues a client's writes, unless `MAX_QUEUED_CLIENT_WRITES` are
-    /// waiting already.
-    pub(super) fn submit_client(&self, job: Job) -> Result<(), Overloaded> {
+    /// Queues a job (committed in the order queued).
+    pub(super) fn submit(&self, job: StoreJob) {
         let mut queue = lock(&self.shared.queue);
-        if queue.client_writes >= MAX_QUEUED_CLIENT_WRITES {
-            return Err(Overloaded {
-                queued: queue.client_writes,
-            });
-        }
-        queue.client_writes += job.writes.len();
-        self.push(queue, job, true);
-        Ok(())
-    }
-
-    /// Queues writes from a peer (always taken).
-    pub(super) fn submit_peer(&self, job: Job) {
-        let queue = lock(&self.shared.queue);
-        self.push(queue, job, false);
-    }
-
-    fn push(&self, mut queue: MutexGuard<'_, Queue>, job: Job, client: bool) {
         self.stats
             .queued
             .fetch_add(job.writes.len() as u64, Relaxed);
-        queue.jobs.push_back((job, client));
+        queue.jobs.push_back(job);
         drop(queue);
         self.shared.ready.notify_one();
     }
@@ -155,7 +112,7 @@ fn run(
     store: &Store,
     shared: &Shared,
     stats: &StorageStats,
-    done: &mpsc::UnboundedSender<Vec<Done>>,
+    done: &mpsc::UnboundedSender<Vec<StoreDone>>,
 ) {
     loop {
         // (token, writes) of each job taken, and the writes, in order.
@@ -173,7 +130,7 @@ fn run(
                 return;
             }
             let mut bytes = 0;
-            while let Some((job, _)) = queue.jobs.front() {
+            while let Some(job) = queue.jobs.front() {
                 let size: usize = job.writes.iter().map(GroupWrite::payload_bytes).sum();
                 if !jobs.is_empty()
                     && (writes.len() + job.writes.len() > MAX_GROUP_WRITES
@@ -182,12 +139,9 @@ fn run(
                     break;
                 }
                 bytes += size;
-                let Some((job, client)) = queue.jobs.pop_front() else {
+                let Some(job) = queue.jobs.pop_front() else {
                     break;
                 };
-                if client {
-                    queue.client_writes -= job.writes.len();
-                }
                 jobs.push((job.token, job.writes.len()));
                 writes.extend(job.writes);
             }
@@ -200,7 +154,7 @@ fn run(
             Ok(outcomes) => {
                 let mut outcomes = outcomes.into_iter();
                 jobs.into_iter()
-                    .map(|(token, len)| Done {
+                    .map(|(token, len)| StoreDone {
                         token,
                         outcome: Ok(outcomes.by_ref().take(len).collect()),
                     })
@@ -211,7 +165,7 @@ fn run(
                 tracing::error!("a storage commit of {} writes failed: {e}", writes.len());
                 let reason = format!("the node could not commit the write: {e}");
                 jobs.into_iter()
-                    .map(|(token, _)| Done {
+                    .map(|(token, _)| StoreDone {
                         token,
                         outcome: Err(reason.clone()),
                     })

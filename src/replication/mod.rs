@@ -4,6 +4,7 @@
 //! The core reads and writes its node's [`Store`](crate::Store) directly;
 //! that is local, synchronous and deterministic.
 
+pub mod coordinator;
 pub mod layout;
 pub mod layout_state;
 pub mod membership;
