@@ -7,5 +7,6 @@
 //! exact counters) and report figures. Same seed, same output.
 
 pub mod ledger;
+pub mod quorum;
 pub mod scenarios;
 pub mod sim;

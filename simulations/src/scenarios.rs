@@ -17,6 +17,7 @@ pub const SCENARIOS: &[&str] = &[
     "rejoin",
     "rebalance",
     "isolated-restart",
+    "quorum",
 ];
 
 /// What a scenario is run with.
@@ -56,7 +57,7 @@ pub struct Report {
 }
 
 impl Report {
-    fn metric(&mut self, name: impl Into<String>, value: f64, unit: &'static str) {
+    pub(crate) fn metric(&mut self, name: impl Into<String>, value: f64, unit: &'static str) {
         self.metrics.push(Metric {
             name: name.into(),
             value,
@@ -76,11 +77,11 @@ impl Report {
 #[derive(Clone, Debug, PartialEq)]
 pub struct Violation(pub String);
 
-type Outcome = Result<Report, Violation>;
+pub(crate) type Outcome = Result<Report, Violation>;
 
-const ROUND: Duration = Duration::from_secs(1);
+pub(crate) const ROUND: Duration = Duration::from_secs(1);
 
-fn fail(reason: impl Into<String>) -> Violation {
+pub(crate) fn fail(reason: impl Into<String>) -> Violation {
     Violation(reason.into())
 }
 
@@ -94,6 +95,7 @@ pub fn run(name: &str, params: &Params) -> Outcome {
         "rejoin" => rejoin(params),
         "rebalance" => rebalance(params),
         "isolated-restart" => isolated_restart(params),
+        "quorum" => crate::quorum::quorum(params),
         other => Err(fail(format!(
             "unknown scenario {other:?}; scenarios: {}",
             SCENARIOS.join(", ")
@@ -102,7 +104,7 @@ pub fn run(name: &str, params: &Params) -> Outcome {
 }
 
 /// A cluster of `n` nodes whose membership has settled.
-fn cluster(params: &Params, n: usize) -> Result<Sim, Violation> {
+pub(crate) fn cluster(params: &Params, n: usize) -> Result<Sim, Violation> {
     let mut sim = Sim::new(params.seed, n, params.partitions, params.replicas);
     sim.bootstrap(n);
     let limit = Duration::from_secs(60 + 2 * n as u64);
@@ -120,7 +122,7 @@ fn cluster(params: &Params, n: usize) -> Result<Sim, Violation> {
     Ok(sim)
 }
 
-fn settle(sim: &mut Sim, limit: Duration, what: &str) -> Result<Duration, Violation> {
+pub(crate) fn settle(sim: &mut Sim, limit: Duration, what: &str) -> Result<Duration, Violation> {
     sim.run_until_condition(ROUND, limit, Sim::converged)
         .ok_or_else(|| {
             fail(format!(
@@ -268,6 +270,7 @@ fn churn(params: &Params) -> Outcome {
         loss: 0.05,
         duplicate: 0.05,
         delay_ms: (1, 80),
+        ..NetConfig::default()
     };
     let mut ledger = Ledger::default();
     let keys = params.keys.unwrap_or(300);

@@ -4,7 +4,17 @@
 //!
 //! Every message crosses the "wire" as postcard bytes (so decoding runs and
 //! sizes are real) and is counted by kind. Same seed, same run.
+//!
+//! Each node also runs the request [`Coordinator`], fed by client calls
+//! ([`Sim::call`]) and a virtual disk: storage jobs wait a drawn latency
+//! and are then committed together (group commit), as the node's storage
+//! thread does; a crash loses the jobs not yet committed and the calls in
+//! flight, never what was committed.
 
+use gossipkv::client::{Call, Response};
+use gossipkv::replication::coordinator::{
+    Caller, CoordMessage, CoordOutput, Coordinator, CoordinatorConfig, StoreDone, StoreJob,
+};
 use gossipkv::replication::layout::NodeSpec;
 use gossipkv::replication::layout_state::LayoutState;
 use gossipkv::replication::membership::{Addr, MembershipConfig, NodeMeta};
@@ -26,6 +36,8 @@ pub struct NetConfig {
     /// Each message takes a delay drawn uniformly from this range, which
     /// also reorders messages.
     pub delay_ms: (u64, u64),
+    /// A storage commit takes a time drawn from this range.
+    pub disk_ms: (u64, u64),
 }
 
 impl Default for NetConfig {
@@ -34,6 +46,7 @@ impl Default for NetConfig {
             loss: 0.0,
             duplicate: 0.0,
             delay_ms: (1, 10),
+            disk_ms: (1, 4),
         }
     }
 }
@@ -50,10 +63,33 @@ enum Event {
         epoch: u64,
         timer: Timer,
     },
+    /// The node's virtual disk commits what is queued.
+    Commit { node: NodeId, epoch: u64 },
+    /// The node's coordinator has calls whose time may be up.
+    Deadline { node: NodeId, epoch: u64 },
+}
+
+/// Message bytes on the simulated wire: a tag, then the postcard encoding.
+const TAG_CORE: u8 = 0;
+const TAG_COORD: u8 = 1;
+
+/// A client call's answer, and when it came.
+#[derive(Clone, Debug)]
+pub struct Reply {
+    pub at: Duration,
+    pub response: Response,
 }
 
 struct SimNode {
     replica: Option<Replica>,
+    coordinator: Coordinator<u64>,
+    /// Storage jobs waiting for the next commit.
+    disk: Vec<StoreJob>,
+    commit_scheduled: bool,
+    /// The earliest coordinator deadline an event is scheduled for.
+    deadline_scheduled: Option<Duration>,
+    /// This node's commit latency, when not the network config's.
+    disk_ms: Option<(u64, u64)>,
     store: Arc<Store>,
     addr: Addr,
     incarnation: u32,
@@ -86,6 +122,17 @@ pub struct Sim {
     pub partitions: u16,
     pub replicas: u8,
     pub errors: u64,
+    pub coordinator: CoordinatorConfig,
+    next_ticket: u64,
+    replies: HashMap<u64, Reply>,
+    /// Tickets answered more than once (must stay empty).
+    pub answered_twice: Vec<u64>,
+}
+
+fn encode<T: serde::Serialize>(tag: u8, message: &T) -> postcard::Result<Vec<u8>> {
+    let mut bytes = vec![tag];
+    bytes.extend(postcard::to_allocvec(message)?);
+    Ok(bytes)
 }
 
 /// A synthetic address: never used for real traffic, only as a name.
@@ -130,6 +177,10 @@ impl Sim {
             partitions,
             replicas,
             errors: 0,
+            coordinator: CoordinatorConfig::default(),
+            next_ticket: 0,
+            replies: HashMap::new(),
+            answered_twice: Vec::new(),
         }
     }
 
@@ -164,6 +215,11 @@ impl Sim {
             id,
             SimNode {
                 replica: None,
+                coordinator: Coordinator::new(self.coordinator.clone(), 0),
+                disk: Vec::new(),
+                commit_scheduled: false,
+                deadline_scheduled: None,
+                disk_ms: None,
                 store,
                 addr,
                 incarnation: 1,
@@ -183,6 +239,12 @@ impl Sim {
             return;
         };
         node.epoch += 1;
+        // A fresh run: nothing in flight, call ids unlike the last run's.
+        let first_id = node.epoch << 40;
+        node.coordinator = Coordinator::new(self.coordinator.clone(), first_id);
+        node.disk.clear();
+        node.commit_scheduled = false;
+        node.deadline_scheduled = None;
         let layout = node
             .saved_layout
             .take()
@@ -247,6 +309,12 @@ impl Sim {
             if let Some(replica) = node.replica.take() {
                 node.saved_layout = Some(replica.layout().clone());
             }
+            // Jobs not committed are lost with the process; their calls
+            // were never answered.
+            node.disk.clear();
+            node.commit_scheduled = false;
+            node.deadline_scheduled = None;
+            node.coordinator = Coordinator::new(self.coordinator.clone(), 0);
             node.epoch += 1;
         }
     }
@@ -270,6 +338,18 @@ impl Sim {
         if let Some(seed) = seed {
             self.join(id, seed);
         }
+    }
+
+    /// Gives `node` its own commit latency (`None`: the network config's).
+    pub fn set_disk_ms(&mut self, node: NodeId, disk_ms: Option<(u64, u64)>) {
+        if let Some(n) = self.nodes.get_mut(&node) {
+            n.disk_ms = disk_ms;
+        }
+    }
+
+    /// Changes at each crash and each start of the node.
+    pub fn epoch(&self, id: NodeId) -> u64 {
+        self.nodes.get(&id).map_or(0, |n| n.epoch)
     }
 
     pub fn is_up(&self, id: NodeId) -> bool {
@@ -330,7 +410,11 @@ impl Sim {
     fn carry_out(&mut self, from: NodeId, outputs: Vec<Output>) {
         for output in outputs {
             match output {
-                Output::Send { to, message } => self.send(from, to, &message),
+                Output::Send { to, message } => {
+                    if let Ok(bytes) = encode(TAG_CORE, &message) {
+                        self.send(from, to, bytes, message.kind());
+                    }
+                }
                 Output::Schedule { after, timer } => {
                     let epoch = self.nodes.get(&from).map_or(0, |n| n.epoch);
                     self.push(
@@ -347,10 +431,7 @@ impl Sim {
         }
     }
 
-    fn send(&mut self, from: NodeId, to: Addr, message: &Message) {
-        let Ok(bytes) = postcard::to_allocvec(message) else {
-            return;
-        };
+    fn send(&mut self, from: NodeId, to: Addr, bytes: Vec<u8>, kind: &'static str) {
         if self.rng.random_bool(self.net.loss) {
             return;
         }
@@ -362,7 +443,6 @@ impl Sim {
         for _ in 0..copies {
             let (lo, hi) = self.net.delay_ms;
             let delay = Duration::from_millis(self.rng.random_range(lo..=hi.max(lo)));
-            let kind = message.kind();
             self.push(
                 self.now + delay,
                 Event::Deliver {
@@ -411,26 +491,173 @@ impl Sim {
                     if self.cut.contains(&(from, dest)) || !self.is_up(from) {
                         continue;
                     }
-                    let Ok(message) = postcard::from_bytes::<Message>(&bytes) else {
-                        self.errors += 1;
-                        continue;
-                    };
-                    let now = self.now;
-                    let Some(replica) = self.replica_mut(dest) else {
-                        continue;
-                    };
-                    let result = replica.handle_message(now, from, message);
                     *self.traffic.by_kind.entry(kind).or_default() += bytes.len() as u64;
                     *self.traffic.received.entry((dest, kind)).or_default() += bytes.len() as u64;
                     self.traffic.messages += 1;
-                    match result {
-                        Ok(outputs) => self.carry_out(dest, outputs),
-                        Err(_) => self.errors += 1,
+                    self.deliver(from, dest, &bytes);
+                }
+                Event::Commit { node, epoch } => self.commit(node, epoch),
+                Event::Deadline { node, epoch } => {
+                    let now = self.now;
+                    let Some(n) = self.nodes.get_mut(&node) else {
+                        continue;
+                    };
+                    if n.epoch != epoch {
+                        continue;
                     }
+                    n.deadline_scheduled = None;
+                    let Some(replica) = n.replica.as_ref() else {
+                        continue;
+                    };
+                    let outputs = n.coordinator.expire(replica, now);
+                    self.carry_coord(node, outputs);
                 }
             }
         }
         self.now = until;
+    }
+
+    fn deliver(&mut self, from: NodeId, dest: NodeId, bytes: &[u8]) {
+        let now = self.now;
+        let Some(node) = self.nodes.get_mut(&dest) else {
+            return;
+        };
+        let Some(replica) = node.replica.as_mut() else {
+            return;
+        };
+        match bytes.split_first() {
+            Some((&TAG_CORE, body)) => {
+                let Ok(message) = postcard::from_bytes::<Message>(body) else {
+                    self.errors += 1;
+                    return;
+                };
+                match replica.handle_message(now, from, message) {
+                    Ok(outputs) => self.carry_out(dest, outputs),
+                    Err(_) => self.errors += 1,
+                }
+            }
+            Some((&TAG_COORD, body)) => {
+                let Ok(message) = postcard::from_bytes::<CoordMessage>(body) else {
+                    self.errors += 1;
+                    return;
+                };
+                let outputs = node.coordinator.message(replica, now, from, message);
+                self.carry_coord(dest, outputs);
+            }
+            _ => self.errors += 1,
+        }
+    }
+
+    /// A client call on `node`; its answer is read with [`Sim::reply`].
+    /// `None` if the node is down.
+    pub fn call(&mut self, node: NodeId, call: Call) -> Option<u64> {
+        let now = self.now;
+        self.next_ticket += 1;
+        let ticket = self.next_ticket;
+        let n = self.nodes.get_mut(&node)?;
+        let replica = n.replica.as_ref()?;
+        let outputs = n
+            .coordinator
+            .call(replica, now, call, Caller::Client(ticket));
+        self.carry_coord(node, outputs);
+        Some(ticket)
+    }
+
+    pub fn reply(&self, ticket: u64) -> Option<&Reply> {
+        self.replies.get(&ticket)
+    }
+
+    /// Runs until `ticket` is answered, for at most `limit`.
+    pub fn wait_reply(&mut self, ticket: u64, limit: Duration) -> Option<Reply> {
+        let step = Duration::from_millis(5);
+        self.run_until_condition(step, limit, |s| s.replies.contains_key(&ticket))?;
+        self.replies.get(&ticket).cloned()
+    }
+
+    fn carry_coord(&mut self, from: NodeId, outputs: Vec<CoordOutput<u64>>) {
+        for output in outputs {
+            match output {
+                CoordOutput::Send { to, message } => {
+                    if let Ok(bytes) = encode(TAG_COORD, &message) {
+                        self.send(from, addr_of(to), bytes, message.kind());
+                    }
+                }
+                CoordOutput::Store(job) => {
+                    let Some(node) = self.nodes.get(&from) else {
+                        continue;
+                    };
+                    let (lo, hi) = node.disk_ms.unwrap_or(self.net.disk_ms);
+                    let latency = Duration::from_millis(self.rng.random_range(lo..=hi.max(lo)));
+                    let now = self.now;
+                    let Some(node) = self.nodes.get_mut(&from) else {
+                        continue;
+                    };
+                    node.disk.push(job);
+                    if !node.commit_scheduled {
+                        node.commit_scheduled = true;
+                        let epoch = node.epoch;
+                        self.push(now + latency, Event::Commit { node: from, epoch });
+                    }
+                }
+                CoordOutput::Reply { to, response } => {
+                    let reply = Reply {
+                        at: self.now,
+                        response,
+                    };
+                    if self.replies.insert(to, reply).is_some() {
+                        self.answered_twice.push(to);
+                    }
+                }
+                CoordOutput::Inspected { .. } | CoordOutput::Refused { .. } => {}
+            }
+        }
+        let Some(node) = self.nodes.get_mut(&from) else {
+            return;
+        };
+        if let Some(at) = node.coordinator.next_deadline() {
+            if node.deadline_scheduled.is_none_or(|s| at < s) {
+                node.deadline_scheduled = Some(at);
+                let epoch = node.epoch;
+                self.push(at.max(self.now), Event::Deadline { node: from, epoch });
+            }
+        }
+    }
+
+    /// The virtual disk commits every queued job in one group, as the
+    /// storage thread does.
+    fn commit(&mut self, id: NodeId, epoch: u64) {
+        let Some(node) = self.nodes.get_mut(&id) else {
+            return;
+        };
+        if node.epoch != epoch {
+            return;
+        }
+        node.commit_scheduled = false;
+        let jobs = std::mem::take(&mut node.disk);
+        let writes: Vec<_> = jobs.iter().flat_map(|j| j.writes.iter().cloned()).collect();
+        let done: Vec<StoreDone> = match node.store.commit_group(&writes) {
+            Ok(outcomes) => {
+                let mut outcomes = outcomes.into_iter();
+                jobs.iter()
+                    .map(|job| StoreDone {
+                        token: job.token,
+                        outcome: Ok(outcomes.by_ref().take(job.writes.len()).collect()),
+                    })
+                    .collect()
+            }
+            Err(e) => jobs
+                .iter()
+                .map(|job| StoreDone {
+                    token: job.token,
+                    outcome: Err(e.to_string()),
+                })
+                .collect(),
+        };
+        let Some(replica) = node.replica.as_ref() else {
+            return;
+        };
+        let outputs = node.coordinator.stored(replica, done);
+        self.carry_coord(id, outputs);
     }
 
     pub fn run_for(&mut self, d: Duration) {

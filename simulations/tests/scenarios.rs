@@ -98,3 +98,12 @@ fn isolated_restart_loses_nothing_and_keeps_the_layout() {
         assert!(report.get("writes_refused_on_dropped_partitions").unwrap() > 0.0);
     }
 }
+
+#[test]
+fn quorum_calls_keep_every_acknowledged_write_and_reads_see_quorum_writes() {
+    for seed in 1..=3 {
+        let report = check("quorum", &small(seed, Some(5), 40));
+        assert!(report.get("reads_after_quorum_writes_checked").unwrap() >= 60.0);
+        assert!(report.get("writes_kept").unwrap() > 0.0);
+    }
+}
