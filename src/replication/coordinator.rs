@@ -364,22 +364,8 @@ impl<C> Coordinator<C> {
         }
     }
 
-    pub fn config(&self) -> &CoordinatorConfig {
-        &self.config
-    }
-
     pub fn stats(&self) -> &CoordinatorStats {
         &self.stats
-    }
-
-    /// Client writes queued for storage and not yet durable.
-    pub fn queued_client_writes(&self) -> usize {
-        self.queued_client_writes
-    }
-
-    /// Calls and storage jobs in flight.
-    pub fn in_flight(&self) -> usize {
-        self.pending.len() + self.writing.len()
     }
 
     /// When [`Coordinator::expire`] has something to do next.
