@@ -18,6 +18,7 @@
 //!   `QuorumNotMet` with 0 reached, ...) appears nowhere, and nothing
 //!   appears that was never written.
 
+use crate::ledger::Ledger;
 use crate::scenarios::{cluster, fail, settle, Outcome, Params, Report, ROUND};
 use crate::sim::{NetConfig, Sim};
 use gossipkv::client::{Call, ErrorCode, Request, Response};
@@ -68,10 +69,20 @@ fn call(request: Request, w: u8, r: u8) -> Call {
     Call { request, w, r }
 }
 
+/// Calls `node` and waits for the answer; `what` names the call in errors.
+fn ask(sim: &mut Sim, node: NodeId, call: Call, what: &str) -> Result<Response, String> {
+    let limit = sim.coordinator.quorum_timeout * 2;
+    let ticket = sim
+        .call(node, call)
+        .ok_or_else(|| format!("node {node} is down for {what}"))?;
+    sim.wait_reply(ticket, limit)
+        .map(|reply| reply.response)
+        .ok_or_else(|| format!("{what} on node {node} was not answered"))
+}
+
 /// Phase 1: reads at R after writes at W with R + W > N see the write.
 fn read_your_writes(sim: &mut Sim, pairs: u64, report: &mut Report) -> Result<(), String> {
     const COMBOS: [(u8, u8); 6] = [(1, 3), (2, 2), (3, 1), (2, 3), (3, 2), (3, 3)];
-    let limit = sim.coordinator.quorum_timeout * 2;
     let mut sums: BTreeMap<Vec<u8>, i64> = BTreeMap::new();
     let mut checked = 0u64;
     for i in 0..pairs {
@@ -81,7 +92,7 @@ fn read_your_writes(sim: &mut Sim, pairs: u64, report: &mut Report) -> Result<()
         // own call, so the read's quorum must meet the write's on other
         // nodes; sometimes any nodes (forwarding).
         let up = sim.up_nodes();
-        let mut holders = crate::ledger::Ledger::holders(sim, &key, &up);
+        let mut holders = Ledger::holders(sim, &key, &up);
         let (writer, reader) = if i % 4 != 3 && holders.len() >= 2 {
             let a = holders.remove(sim.rng().random_range(0..holders.len()));
             let b = holders[sim.rng().random_range(0..holders.len())];
@@ -99,22 +110,15 @@ fn read_your_writes(sim: &mut Sim, pairs: u64, report: &mut Report) -> Result<()
             value: value.clone(),
             context: None,
         };
-        let ticket = sim.call(writer, call(put, w, 1)).ok_or("writer is down")?;
-        let reply = sim
-            .wait_reply(ticket, limit)
-            .ok_or_else(|| format!("a put at w={w} on node {writer} was not answered"))?;
-        if !matches!(reply.response, Response::Context(_)) {
+        let response = ask(sim, writer, call(put, w, 1), &format!("a put at w={w}"))?;
+        if !matches!(response, Response::Context(_)) {
             return Err(format!(
-                "a put at w={w} on node {writer} failed with no fault: {:?}",
-                reply.response
+                "a put at w={w} on node {writer} failed with no fault: {response:?}"
             ));
         }
         let get = Request::Get { key: key.clone() };
-        let ticket = sim.call(reader, call(get, 1, r)).ok_or("reader is down")?;
-        let reply = sim
-            .wait_reply(ticket, limit)
-            .ok_or_else(|| format!("a get at r={r} on node {reader} was not answered"))?;
-        let seen = match &reply.response {
+        let response = ask(sim, reader, call(get, 1, r), &format!("a get at r={r}"))?;
+        let seen = match &response {
             Response::Record(Some(record)) => match &record.value {
                 Value::Register(values) => values.contains(&value),
                 _ => false,
@@ -123,8 +127,7 @@ fn read_your_writes(sim: &mut Sim, pairs: u64, report: &mut Report) -> Result<()
         };
         if !seen {
             return Err(format!(
-                "a get at r={r} on node {reader} after a put at w={w} on node {writer} did not see it: {:?}",
-                reply.response
+                "a get at r={r} on node {reader} after a put at w={w} on node {writer} did not see it: {response:?}"
             ));
         }
         // A counter written at W and read at R counts every add so far.
@@ -134,28 +137,24 @@ fn read_your_writes(sim: &mut Sim, pairs: u64, report: &mut Report) -> Result<()
             key: counter.clone(),
             amount,
         };
-        let ticket = sim.call(writer, call(add, w, 1)).ok_or("writer is down")?;
-        let reply = sim
-            .wait_reply(ticket, limit)
-            .ok_or_else(|| format!("a counter add at w={w} on node {writer} was not answered"))?;
-        if !matches!(reply.response, Response::Counter(_)) {
+        let response = ask(
+            sim,
+            writer,
+            call(add, w, 1),
+            &format!("a counter add at w={w}"),
+        )?;
+        if !matches!(response, Response::Counter(_)) {
             return Err(format!(
-                "a counter add at w={w} failed with no fault: {:?}",
-                reply.response
+                "a counter add at w={w} failed with no fault: {response:?}"
             ));
         }
         let sum = sums.entry(counter.clone()).or_default();
         *sum += amount;
-        let ticket = sim
-            .call(reader, call(Request::CounterGet { key: counter }, 1, r))
-            .ok_or("reader is down")?;
-        let reply = sim
-            .wait_reply(ticket, limit)
-            .ok_or_else(|| format!("a counter get at r={r} was not answered"))?;
-        if !matches!(reply.response, Response::Counter(n) if n == *sum) {
+        let get = call(Request::CounterGet { key: counter }, 1, r);
+        let response = ask(sim, reader, get, &format!("a counter get at r={r}"))?;
+        if !matches!(response, Response::Counter(n) if n == *sum) {
             return Err(format!(
-                "a counter get at r={r} after adds at w={w} read {:?}, the adds sum to {sum}",
-                reply.response
+                "a counter get at r={r} after adds at w={w} read {response:?}, the adds sum to {sum}"
             ));
         }
         checked += 2;
@@ -355,17 +354,7 @@ fn check_ledger(sim: &Sim, issued: &[Issued]) -> Result<(), crate::scenarios::Vi
     let fate_of = |i: &Issued| fate(sim.reply(i.ticket).map(|r| &r.response));
     let answered_at = |i: &Issued| sim.reply(i.ticket).map(|r| r.at);
     let up = sim.up_nodes();
-    let holders = |key: &[u8]| -> Vec<NodeId> {
-        up.iter()
-            .copied()
-            .filter(|&n| {
-                sim.replica(n).is_some_and(|r| {
-                    let p = r.store().partition_of(key);
-                    r.layout().holds(n, p)
-                })
-            })
-            .collect()
-    };
+    let holders = |key: &[u8]| Ledger::holders(sim, key, &up);
     // Registers: by key, the writes in the order issued.
     let mut puts: BTreeMap<&[u8], Vec<&Issued>> = BTreeMap::new();
     // Counters: what must be counted, and what may be.

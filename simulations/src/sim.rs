@@ -583,10 +583,11 @@ impl Sim {
                     }
                 }
                 CoordOutput::Store(job) => {
-                    let Some(node) = self.nodes.get(&from) else {
-                        continue;
-                    };
-                    let (lo, hi) = node.disk_ms.unwrap_or(self.net.disk_ms);
+                    let (lo, hi) = self
+                        .nodes
+                        .get(&from)
+                        .and_then(|n| n.disk_ms)
+                        .unwrap_or(self.net.disk_ms);
                     let latency = Duration::from_millis(self.rng.random_range(lo..=hi.max(lo)));
                     let now = self.now;
                     let Some(node) = self.nodes.get_mut(&from) else {
