@@ -644,6 +644,7 @@ fn logged_cluster(n: usize, config: &str) -> Cluster {
     let mut cluster = Cluster {
         nodes: Vec::new(),
         metrics: Vec::new(),
+        http: Vec::new(),
         dir,
     };
     for i in 1..=n {

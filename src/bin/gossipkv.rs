@@ -75,6 +75,14 @@ struct ServeArgs {
     expect_nodes: Option<usize>,
     #[arg(long)]
     metrics_listen: Option<String>,
+    /// Serve the HTTP/JSON API here (HTTPS with the node's certificate;
+    /// clients present a client certificate). See docs/http-api.md.
+    #[arg(long, value_name = "ADDR")]
+    http_listen: Option<String>,
+    /// Serve the HTTP API as plain HTTP, with no authentication at all:
+    /// anyone who reaches the address can read and write. Experiments only.
+    #[arg(long)]
+    http_plain: bool,
 }
 
 #[derive(Subcommand)]
@@ -161,6 +169,8 @@ fn serve_config(args: ServeArgs) -> Result<NodeConfig> {
     file.replicas = args.replicas.or(file.replicas);
     file.expect_nodes = args.expect_nodes.or(file.expect_nodes);
     file.metrics_listen = args.metrics_listen.or(file.metrics_listen);
+    file.http_listen = args.http_listen.or(file.http_listen);
+    file.http_plain |= args.http_plain;
     Ok(NodeConfig::from_file(file)?)
 }
 
@@ -187,6 +197,11 @@ async fn shutdown_signal() {
 
 fn free_port() -> Result<u16> {
     let socket = std::net::UdpSocket::bind("127.0.0.1:0").context("finding a free port")?;
+    Ok(socket.local_addr()?.port())
+}
+
+fn free_tcp_port() -> Result<u16> {
+    let socket = std::net::TcpListener::bind("127.0.0.1:0").context("finding a free port")?;
     Ok(socket.local_addr()?.port())
 }
 
@@ -223,6 +238,7 @@ async fn dev(args: DevArgs) -> Result<()> {
     let exe = std::env::current_exe().context("locating the gossipkv binary")?;
     let mut children = Vec::new();
     let mut addrs: Vec<SocketAddr> = Vec::new();
+    let mut https: Vec<SocketAddr> = Vec::new();
     for i in 1..=args.nodes {
         let node_dir = dir.join(format!("node-{i}"));
         let tls = node_dir.join("tls");
@@ -236,6 +252,7 @@ async fn dev(args: DevArgs) -> Result<()> {
             )?;
         }
         let addr: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
+        let http: SocketAddr = format!("127.0.0.1:{}", free_tcp_port()?).parse()?;
         let mut command = tokio::process::Command::new(&exe);
         command
             .arg("serve")
@@ -247,6 +264,8 @@ async fn dev(args: DevArgs) -> Result<()> {
             .arg(addr.to_string())
             .arg("--tls-dir")
             .arg(&tls)
+            .arg("--http-listen")
+            .arg(http.to_string())
             .kill_on_drop(true);
         match addrs.first() {
             Some(first) => command.arg("--seeds").arg(first.to_string()),
@@ -255,15 +274,26 @@ async fn dev(args: DevArgs) -> Result<()> {
         };
         children.push(command.spawn().context("starting a node")?);
         addrs.push(addr);
+        https.push(http);
     }
     println!(
         "gossipkv dev cluster: {} nodes, certificates and data in {}",
         args.nodes,
         dir.display()
     );
-    for (i, addr) in addrs.iter().enumerate() {
-        println!("  node-{} {addr}", i + 1);
+    for (i, (addr, http)) in addrs.iter().zip(&https).enumerate() {
+        println!("  node-{} {addr} (HTTP API https://{http}/v1/)", i + 1);
     }
+    let curl = format!(
+        "curl --cacert {0}/ca.pem --cert {0}/cert.pem --key {0}/key.pem",
+        client.display()
+    );
+    println!("write and read a key over HTTP:");
+    println!(
+        "  {curl} -X PUT --data world https://{}/v1/kv/hello",
+        https[0]
+    );
+    println!("  {curl} https://{}/v1/kv/hello", https[https.len() - 1]);
     println!(
         "reach it with: kvctl --node {} --tls-dir {}",
         addrs[0],

@@ -15,6 +15,9 @@
 //! expect_nodes = 3               # a node starting a new cluster (no seeds):
 //!                                # make the first layout once 3 are up
 //! metrics_listen = "127.0.0.1:9100"
+//! http_listen = "127.0.0.1:8443"  # the HTTP/JSON API (docs/http-api.md):
+//!                                # HTTPS with the node's certificate
+//! http_plain = false             # true: plain HTTP, no authentication
 //!
 //! [limits]                       # resource bounds (src/node/limits.rs);
 //!                                # every field optional, defaults shown
@@ -73,6 +76,9 @@ pub struct FileConfig {
     pub replicas: Option<u8>,
     pub expect_nodes: Option<usize>,
     pub metrics_listen: Option<String>,
+    pub http_listen: Option<String>,
+    #[serde(default)]
+    pub http_plain: bool,
     #[serde(default)]
     pub limits: LimitsConfig,
 }
@@ -129,6 +135,11 @@ pub struct NodeConfig {
     /// will have. Ignored by a node that joins through seeds.
     pub expect_nodes: usize,
     pub metrics_listen: Option<SocketAddr>,
+    /// Where the HTTP/JSON API listens, if anywhere.
+    pub http_listen: Option<SocketAddr>,
+    /// Serve the HTTP API as plain HTTP with no authentication (asked for
+    /// by name; the default is HTTPS with client certificates).
+    pub http_plain: bool,
     /// Resource bounds, validated.
     pub limits: LimitsConfig,
 }
@@ -236,6 +247,26 @@ impl NodeConfig {
             .as_deref()
             .map(|s| addr("metrics_listen", s))
             .transpose()?;
+        let http_listen = file
+            .http_listen
+            .as_deref()
+            .map(|s| addr("http_listen", s))
+            .transpose()?;
+        match (&http_listen, file.http_plain, &security) {
+            (None, true, _) => {
+                return Err(ConfigError::Invalid {
+                    field: "http_plain",
+                    reason: "there is no HTTP API to make plain: give http_listen too".into(),
+                })
+            }
+            (Some(_), false, Security::Insecure) => {
+                return Err(ConfigError::Invalid {
+                    field: "http_listen",
+                    reason: "an insecure node has no certificate to serve HTTPS with: give http_plain = true (--http-plain) for plain HTTP, or a tls_dir".into(),
+                })
+            }
+            _ => {}
+        }
         file.limits
             .validate()
             .map_err(|(field, reason)| ConfigError::Invalid { field, reason })?;
@@ -251,6 +282,8 @@ impl NodeConfig {
             replicas,
             expect_nodes,
             metrics_listen,
+            http_listen,
+            http_plain: file.http_plain,
             limits: file.limits,
         })
     }

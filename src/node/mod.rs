@@ -24,6 +24,7 @@ mod admin;
 pub mod config;
 mod coordinate;
 mod files;
+pub mod http;
 pub mod limits;
 mod listen;
 pub mod metrics;
@@ -295,6 +296,27 @@ pub async fn run(
         main: core_tx,
         membership: membership_tx,
     };
+    let http = match config.http_listen {
+        Some(addr) => {
+            let security = match (&identity, config.http_plain) {
+                (Some(identity), false) => {
+                    http::HttpSecurity::tls(identity).map_err(NodeError::Tls)?
+                }
+                _ => http::HttpSecurity::Plain,
+            };
+            let plain = matches!(security, http::HttpSecurity::Plain);
+            let (bound, task) = http::start(addr, security, inbox.clone())
+                .await
+                .map_err(|source| NodeError::Listen { addr, source })?;
+            if plain {
+                warn!(%bound, "the HTTP API is PLAIN HTTP WITH NO AUTHENTICATION: anyone who reaches {bound} can read and write every key (--http-plain)");
+            } else {
+                info!(%bound, "HTTP API at https://{bound}/v1/ (client certificates of the cluster CA)");
+            }
+            Some(task)
+        }
+        None => None,
+    };
     let limits = Limits::new(config.limits.clone(), metrics.clone());
     let accept = tokio::spawn(accept_loop(
         endpoint.clone(),
@@ -348,6 +370,9 @@ pub async fn run(
     core.run(core_rx, membership_rx, stored_rx, &seeds, shutdown)
         .await;
     accept.abort();
+    if let Some(http) = http {
+        http.abort();
+    }
     #[cfg(unix)]
     if let Some(reloader) = reloader {
         reloader.abort();

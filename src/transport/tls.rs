@@ -305,28 +305,34 @@ fn transport() -> Arc<quinn::TransportConfig> {
     Arc::new(base_transport())
 }
 
+/// A TLS 1.3 server with `identity`'s certificate that requires a client
+/// certificate from the cluster CA (and checks the CRL): the QUIC listener
+/// and the HTTPS API both use it. No ALPN set.
+pub fn https_server_config(identity: &TlsIdentity) -> Result<rustls::ServerConfig, TlsError> {
+    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+        identity.roots.clone(),
+        provider(),
+    )
+    .with_crls(identity.crls.iter().cloned())
+    .build()
+    .map_err(|e| TlsError::Verifier(e.to_string()))?;
+    Ok(rustls::ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(identity.chain.clone(), identity.key.clone_key())?)
+}
+
 /// Server side of every ALPN in `alpns`, requiring a client certificate
 /// from the cluster CA (or, with `None`, the insecure mode).
 pub fn server_config(
     identity: Option<&TlsIdentity>,
     alpns: &[&[u8]],
 ) -> Result<quinn::ServerConfig, TlsError> {
-    let builder = rustls::ServerConfig::builder_with_provider(provider())
-        .with_protocol_versions(&[&rustls::version::TLS13])?;
     let mut tls = match identity {
-        Some(id) => {
-            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
-                id.roots.clone(),
-                provider(),
-            )
-            .with_crls(id.crls.iter().cloned())
-            .build()
-            .map_err(|e| TlsError::Verifier(e.to_string()))?;
-            builder
-                .with_client_cert_verifier(verifier)
-                .with_single_cert(id.chain.clone(), id.key.clone_key())?
-        }
+        Some(id) => https_server_config(id)?,
         None => {
+            let builder = rustls::ServerConfig::builder_with_provider(provider())
+                .with_protocol_versions(&[&rustls::version::TLS13])?;
             let cert = rcgen::generate_simple_self_signed(vec![SERVER_NAME.to_string()])?;
             let key = PrivateKeyDer::try_from(cert.signing_key.serialize_der())
                 .map_err(|e| TlsError::Quic(e.to_string()))?;

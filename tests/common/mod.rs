@@ -19,6 +19,8 @@ pub static SLOTS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(2);
 pub struct Cluster {
     pub nodes: Vec<(Child, SocketAddr)>,
     pub metrics: Vec<SocketAddr>,
+    /// Where each node serves the HTTP API (HTTPS, client certificates).
+    pub http: Vec<SocketAddr>,
     pub dir: tempfile::TempDir,
 }
 
@@ -136,6 +138,7 @@ impl Cluster {
         let mut cluster = Cluster {
             nodes: Vec::new(),
             metrics: Vec::new(),
+            http: Vec::new(),
             dir,
         };
         cluster.spawn_node(None, expect_nodes, config);
@@ -168,8 +171,11 @@ impl Cluster {
         let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let metrics: SocketAddr = format!("127.0.0.1:{}", free_tcp_port()).parse().unwrap();
         self.metrics.push(metrics);
+        let http: SocketAddr = format!("127.0.0.1:{}", free_tcp_port()).parse().unwrap();
+        self.http.push(http);
         let mut command = serve_command(&node_dir, i, addr, metrics, seed);
         command.args(["--expect-nodes", &expect_nodes.to_string()]);
+        command.args(["--http-listen", &http.to_string()]);
         if let Some(config) = config {
             let path = node_dir.join("config.toml");
             std::fs::write(&path, config).unwrap();
@@ -194,9 +200,11 @@ impl Cluster {
             .find(|(j, _)| *j != i)
             .map(|(_, (_, a))| *a);
         let addr = self.nodes[i].1;
-        self.nodes[i].0 = serve_command(&node_dir, i + 1, addr, self.metrics[i], seed)
-            .spawn()
-            .unwrap();
+        let mut command = serve_command(&node_dir, i + 1, addr, self.metrics[i], seed);
+        if let Some(http) = self.http.get(i) {
+            command.args(["--http-listen", &http.to_string()]);
+        }
+        self.nodes[i].0 = command.spawn().unwrap();
     }
 
     pub fn client_tls(&self) -> TlsIdentity {

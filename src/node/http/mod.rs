@@ -1,0 +1,181 @@
+//! The HTTP/JSON API (`--http-listen`): HTTPS with the node's certificate,
+//! clients authenticated by a certificate of the cluster CA (client or
+//! admin role, as on the QUIC client protocol), or plain HTTP with no
+//! authentication when asked for by name (`--http-plain`).
+//!
+//! This module only accepts and serves connections; `routes` turns each
+//! request into a client call that the core loop coordinates exactly like
+//! a QUIC client request. Bounds: at most [`MAX_CONNECTIONS`] connections,
+//! a TLS handshake and a request's headers within [`HANDSHAKE_TIMEOUT`], a
+//! request answered within the client request timeout.
+
+pub mod json;
+mod routes;
+
+use super::{CoreInput, Inbox};
+use crate::client::{Call, ErrorCode, Failure, Request, Response};
+use crate::transport::tls::TlsIdentity;
+use json::ApiError;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio::sync::{oneshot, Semaphore};
+use tracing::{debug, warn};
+
+pub use routes::MAX_BATCH_OPS;
+
+/// Connections served at once; more wait in the listen backlog.
+pub const MAX_CONNECTIONS: usize = 1024;
+/// How long a TLS handshake, or a request's headers, may take.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Concurrent requests (HTTP/2 streams) per connection.
+const STREAMS_PER_CONNECTION: u32 = 128;
+
+/// What the routes call the node through.
+pub(super) struct Api {
+    core: Inbox,
+}
+
+impl Api {
+    /// Coordinates `request` at quorums `w` / `r`, as a QUIC client call.
+    async fn call(&self, request: Request, w: u8, r: u8) -> Result<Response, ApiError> {
+        let (reply, answer) = oneshot::channel();
+        let call = Call { request, w, r };
+        if self
+            .core
+            .main
+            .send(CoreInput::Client { call, reply })
+            .await
+            .is_err()
+        {
+            return Err(ApiError::of(shutting_down()));
+        }
+        // The coordinator answers every call by its quorum timeout; the
+        // bound only guards against a bug leaving a request hanging.
+        match tokio::time::timeout(crate::client::DEFAULT_REQUEST_TIMEOUT, answer).await {
+            Ok(Ok(Response::Error(failure))) => Err(ApiError::of(failure)),
+            Ok(Ok(response)) => Ok(response),
+            Ok(Err(_)) => Err(ApiError::of(shutting_down())),
+            Err(_) => Err(ApiError::of(Failure::new(
+                ErrorCode::Timeout,
+                "the node did not answer in time; the outcome is unknown",
+            ))),
+        }
+    }
+}
+
+fn shutting_down() -> Failure {
+    Failure::new(ErrorCode::Internal, "the node is shutting down")
+}
+
+/// How the HTTP listener secures its connections.
+pub(super) enum HttpSecurity {
+    /// HTTPS; clients present a client or admin certificate of the CA.
+    Tls(Arc<rustls::ServerConfig>),
+    /// Plain HTTP, no authentication (`--http-plain`).
+    Plain,
+}
+
+impl HttpSecurity {
+    /// HTTPS with `identity`'s certificate, requiring client certificates.
+    pub(super) fn tls(
+        identity: &TlsIdentity,
+    ) -> Result<HttpSecurity, crate::transport::tls::TlsError> {
+        let mut config = crate::transport::tls::https_server_config(identity)?;
+        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        Ok(HttpSecurity::Tls(Arc::new(config)))
+    }
+}
+
+/// Binds `addr` (before the node reports itself up, so a bad address fails
+/// the start) and returns the task serving it.
+pub(super) async fn start(
+    addr: SocketAddr,
+    security: HttpSecurity,
+    core: Inbox,
+) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
+    let listener = TcpListener::bind(addr).await?;
+    let bound = listener.local_addr()?;
+    let router = routes::router(Arc::new(Api { core }));
+    let security = Arc::new(security);
+    let task = tokio::spawn(async move {
+        let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+        loop {
+            let Ok(slot) = slots.clone().acquire_owned().await else {
+                return;
+            };
+            let (stream, remote) = match listener.accept().await {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    // Out of file descriptors and the like: pause, go on.
+                    warn!("HTTP accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            let _ = stream.set_nodelay(true);
+            let router = router.clone();
+            let security = security.clone();
+            tokio::spawn(async move {
+                serve_connection(stream, remote, &security, router).await;
+                drop(slot);
+            });
+        }
+    });
+    Ok((bound, task))
+}
+
+async fn serve_connection(
+    stream: tokio::net::TcpStream,
+    remote: SocketAddr,
+    security: &HttpSecurity,
+    router: axum::Router,
+) {
+    match security {
+        HttpSecurity::Plain => serve_http(stream, remote, router).await,
+        HttpSecurity::Tls(config) => {
+            let acceptor = tokio_rustls::TlsAcceptor::from(config.clone());
+            let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+                Ok(Ok(tls)) => tls,
+                Ok(Err(e)) => return debug!(%remote, "HTTPS handshake refused: {e}"),
+                Err(_) => return debug!(%remote, "HTTPS handshake timed out"),
+            };
+            // The verifier checked the chain against the cluster CA; the
+            // role decides: node certificates are for peers, not clients.
+            let leaf = tls.get_ref().1.peer_certificates().and_then(|c| c.first());
+            match leaf.map(|der| crate::certs::identity_of(der)) {
+                Some(Ok(identity)) if identity.role != crate::certs::Role::Node => {}
+                Some(Ok(identity)) => {
+                    return debug!(%remote, %identity, "HTTPS refused: a node certificate is not a client one")
+                }
+                Some(Err(e)) => return debug!(%remote, "HTTPS refused: unusable certificate: {e}"),
+                None => return debug!(%remote, "HTTPS refused: no client certificate"),
+            }
+            serve_http(tls, remote, router).await
+        }
+    }
+}
+
+async fn serve_http<S>(stream: S, remote: SocketAddr, router: axum::Router)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+    let service = hyper_util::service::TowerToHyperService::new(router);
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HANDSHAKE_TIMEOUT);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(STREAMS_PER_CONNECTION);
+    if let Err(e) = builder
+        .serve_connection(TokioIo::new(stream), service)
+        .await
+    {
+        debug!(%remote, "HTTP connection ended: {e}");
+    }
+}

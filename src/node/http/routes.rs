@@ -1,0 +1,719 @@
+//! The routes: each HTTP request becomes one client [`Call`] coordinated
+//! exactly like a QUIC client request (any node, W and R per request), and
+//! its [`Response`] becomes JSON (or raw bytes when asked for).
+//!
+//! Everything a client sends is checked here before a call is made: the
+//! key's percent-encoding, every query parameter (unknown ones are refused,
+//! so a typo is not silently ignored), the context header, the JSON body;
+//! bodies are capped before they are read.
+
+use super::json::{context_text, json_body, ApiError, JsonBytes, JsonRecord, CONTEXT_HEADER};
+use super::Api;
+use crate::client::{Request, Response};
+use crate::crdt::{CausalContext, Value};
+use crate::store::{MAX_KEY_BYTES, MAX_VALUE_BYTES};
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode, Uri};
+use axum::response::{IntoResponse, Response as HttpResponse};
+use axum::routing::{get, post};
+use axum::Router;
+use serde::Deserialize;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+/// The most operations one batch may carry.
+pub const MAX_BATCH_OPS: usize = 128;
+/// The largest JSON body (a batch of values, a set member).
+const MAX_JSON_BYTES: usize = MAX_VALUE_BYTES + (1 << 20);
+
+const KV: &str = "/v1/kv/";
+const COUNTERS: &str = "/v1/counters/";
+const SETS: &str = "/v1/sets/";
+
+pub(super) fn router(api: Arc<Api>) -> Router {
+    Router::new()
+        .route(
+            "/v1/kv/{*key}",
+            get(get_item).put(put_item).delete(delete_item),
+        )
+        .route("/v1/counters/{*key}", get(counter_get).post(counter_add))
+        .route("/v1/sets/{*key}", get(set_members).post(set_change))
+        .route("/v1/batch", post(batch))
+        .route("/v1/status", get(status))
+        .fallback(no_route)
+        .method_not_allowed_fallback(method_not_allowed)
+        .with_state(api)
+}
+
+async fn no_route(uri: Uri) -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "no_route",
+        format!(
+            "no route {}: see docs/http-api.md for the routes",
+            uri.path()
+        ),
+    )
+}
+
+async fn method_not_allowed(method: axum::http::Method, uri: Uri) -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        format!("{method} is not allowed on {}", uri.path()),
+    )
+}
+
+/// Decodes a percent-encoded string strictly: every `%` must start two hex
+/// digits (lenient decoders pass broken escapes through as text, which
+/// would silently address another key).
+pub(super) fn percent_decode(what: &str, text: &str) -> Result<Vec<u8>, ApiError> {
+    let bytes = text.as_bytes();
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = bytes
+                .get(i + 1..i + 3)
+                .filter(|h| h.iter().all(u8::is_ascii_hexdigit));
+            if hex.is_none() {
+                return Err(ApiError::bad_request(
+                    "bad_encoding",
+                    format!("{what}: '%' at byte {i} is not followed by two hex digits"),
+                ));
+            }
+            i += 3;
+        } else {
+            i += 1;
+        }
+    }
+    Ok(percent_encoding::percent_decode(bytes).collect())
+}
+
+/// The key in the path after `prefix`: percent-decoded, so any bytes
+/// (including `/`) can be a key.
+fn key_of(uri: &Uri, prefix: &str) -> Result<Vec<u8>, ApiError> {
+    let raw = uri.path().strip_prefix(prefix).unwrap_or_default();
+    let key = percent_decode("key", raw)?;
+    if key.is_empty() {
+        return Err(ApiError::bad_request("bad_key", "the key is empty"));
+    }
+    if key.len() > MAX_KEY_BYTES {
+        return Err(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too_large",
+            format!(
+                "the key is {} bytes; at most {MAX_KEY_BYTES} are allowed",
+                key.len()
+            ),
+        ));
+    }
+    Ok(key)
+}
+
+/// Query parameters, each allowed name at most once.
+#[derive(Debug)]
+struct Query(HashMap<String, String>);
+
+impl Query {
+    fn parse(uri: &Uri, allowed: &[&str]) -> Result<Query, ApiError> {
+        let mut params = HashMap::new();
+        for pair in uri.query().unwrap_or_default().split('&') {
+            if pair.is_empty() {
+                continue;
+            }
+            let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+            let name =
+                String::from_utf8(percent_decode("query parameter name", name)?).map_err(|_| {
+                    ApiError::bad_request("bad_query", "a query parameter name is not UTF-8")
+                })?;
+            if !allowed.contains(&name.as_str()) {
+                return Err(ApiError::bad_request(
+                    "bad_query",
+                    format!(
+                        "unknown query parameter {name:?}; this route takes: {}",
+                        if allowed.is_empty() {
+                            "none".to_string()
+                        } else {
+                            allowed.join(", ")
+                        }
+                    ),
+                ));
+            }
+            let value = value.replace('+', " ");
+            let value = String::from_utf8(percent_decode(&name, &value)?).map_err(|_| {
+                ApiError::bad_request(
+                    "bad_query",
+                    format!("query parameter {name:?} is not UTF-8"),
+                )
+            })?;
+            if params.insert(name.clone(), value).is_some() {
+                return Err(ApiError::bad_request(
+                    "bad_query",
+                    format!("query parameter {name:?} is given twice"),
+                ));
+            }
+        }
+        Ok(Query(params))
+    }
+
+    fn quorum(&self, name: &str) -> Result<u8, ApiError> {
+        match self.0.get(name) {
+            None => Ok(1),
+            Some(text) => match text.parse::<u8>() {
+                Ok(n) if n >= 1 => Ok(n),
+                _ => Err(ApiError::bad_request(
+                    "bad_query",
+                    format!("{name}={text:?}: expected a replica count of at least 1"),
+                )),
+            },
+        }
+    }
+
+    fn flag(&self, name: &str) -> Result<bool, ApiError> {
+        match self.0.get(name).map(String::as_str) {
+            None | Some("false") | Some("0") => Ok(false),
+            Some("true") | Some("1") | Some("") => Ok(true),
+            Some(other) => Err(ApiError::bad_request(
+                "bad_query",
+                format!("{name}={other:?}: expected true or false"),
+            )),
+        }
+    }
+}
+
+/// The context header, checked, as token bytes.
+fn context_of(headers: &HeaderMap) -> Result<Option<Vec<u8>>, ApiError> {
+    let Some(value) = headers.get(CONTEXT_HEADER) else {
+        return Ok(None);
+    };
+    let text = value.to_str().map_err(|_| {
+        ApiError::bad_request(
+            "bad_context",
+            format!("the {CONTEXT_HEADER} header is not text"),
+        )
+    })?;
+    parse_context(text).map(Some)
+}
+
+fn parse_context(text: &str) -> Result<Vec<u8>, ApiError> {
+    text.parse::<CausalContext>()
+        .map(|c| c.to_bytes())
+        .map_err(|e| ApiError::bad_request("bad_context", format!("bad causal context: {e}")))
+}
+
+/// Reads a body of at most `max` bytes: refused by its declared length
+/// before a byte is read, or as soon as it grows past `max`.
+async fn read_body(headers: &HeaderMap, body: Body, max: usize) -> Result<Vec<u8>, ApiError> {
+    let too_large = |len: String| {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too_large",
+            format!("the body is {len} bytes; at most {max} are allowed here"),
+        )
+    };
+    if let Some(len) = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+    {
+        if len > max as u64 {
+            return Err(too_large(len.to_string()));
+        }
+    }
+    match axum::body::to_bytes(body, max).await {
+        Ok(bytes) => Ok(bytes.to_vec()),
+        Err(e) => {
+            let length_limit = std::error::Error::source(&e)
+                .is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
+            if length_limit {
+                Err(too_large(format!("more than {max}")))
+            } else {
+                Err(ApiError::bad_request(
+                    "bad_body",
+                    format!("reading the body failed: {e}"),
+                ))
+            }
+        }
+    }
+}
+
+fn parse_json<T: for<'de> Deserialize<'de>>(bytes: &[u8]) -> Result<T, ApiError> {
+    serde_json::from_slice(bytes)
+        .map_err(|e| ApiError::bad_request("bad_json", format!("the JSON body is invalid: {e}")))
+}
+
+fn with_context(mut response: HttpResponse, context: &[u8]) -> HttpResponse {
+    if let Ok(value) = HeaderValue::from_str(&context_text(context)) {
+        response.headers_mut().insert(CONTEXT_HEADER, value);
+    }
+    response
+}
+
+fn unexpected(response: Response) -> ApiError {
+    ApiError::new(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "internal",
+        format!("the node gave an unexpected answer: {response:?}"),
+    )
+}
+
+fn not_found(key: &[u8]) -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "not_found",
+        format!("key {} has no value", crate::error::show_key(key)),
+    )
+}
+
+fn wants_raw(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|accept| {
+            let first = accept.split(',').next().unwrap_or_default();
+            first.trim().starts_with("application/octet-stream")
+        })
+}
+
+async fn get_item(
+    State(api): State<Arc<Api>>,
+    uri: Uri,
+    headers: HeaderMap,
+) -> Result<HttpResponse, ApiError> {
+    let key = key_of(&uri, KV)?;
+    let query = Query::parse(&uri, &["r"])?;
+    let r = query.quorum("r")?;
+    let response = api.call(Request::Get { key: key.clone() }, 1, r).await?;
+    let Response::Record(record) = response else {
+        return Err(unexpected(response));
+    };
+    let record = record.ok_or_else(|| not_found(&key))?;
+    let json = || json_body(&JsonRecord::new(&key, &record));
+    let response = if !wants_raw(&headers) {
+        json()
+    } else {
+        match &record.value {
+            Value::Register(values) if values.len() == 1 => raw(values[0].clone()),
+            // Siblings: the client must choose (or merge) and write back.
+            Value::Register(_) => (StatusCode::MULTIPLE_CHOICES, json()).into_response(),
+            Value::Lww(value) => raw(value.clone()),
+            other => {
+                return Err(ApiError::new(
+                    StatusCode::NOT_ACCEPTABLE,
+                    "not_acceptable",
+                    format!(
+                        "the key holds a {}, which has no raw form: ask for application/json",
+                        other.kind().name()
+                    ),
+                ))
+            }
+        }
+    };
+    Ok(with_context(response, &record.context))
+}
+
+fn raw(value: Vec<u8>) -> HttpResponse {
+    (
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/octet-stream"),
+        )],
+        value,
+    )
+        .into_response()
+}
+
+fn context_answer(response: Response) -> Result<HttpResponse, ApiError> {
+    match response {
+        Response::Context(context) => Ok(with_context(
+            json_body(&serde_json::json!({ "context": context_text(&context) })),
+            &context,
+        )),
+        other => Err(unexpected(other)),
+    }
+}
+
+async fn put_item(
+    State(api): State<Arc<Api>>,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<HttpResponse, ApiError> {
+    let key = key_of(&uri, KV)?;
+    let query = Query::parse(&uri, &["w", "lww"])?;
+    let w = query.quorum("w")?;
+    let lww = query.flag("lww")?;
+    let context = context_of(&headers)?;
+    let value = read_body(&headers, body, MAX_VALUE_BYTES).await?;
+    let request = if lww {
+        if context.is_some() {
+            return Err(ApiError::bad_request(
+                "bad_context",
+                "an LWW write takes no causal context: the latest write wins",
+            ));
+        }
+        Request::PutLww { key, value }
+    } else {
+        Request::Put {
+            key,
+            value,
+            context,
+        }
+    };
+    context_answer(api.call(request, w, 1).await?)
+}
+
+async fn delete_item(
+    State(api): State<Arc<Api>>,
+    uri: Uri,
+    headers: HeaderMap,
+) -> Result<HttpResponse, ApiError> {
+    let key = key_of(&uri, KV)?;
+    let w = Query::parse(&uri, &["w"])?.quorum("w")?;
+    let context = context_of(&headers)?;
+    context_answer(api.call(Request::Delete { key, context }, w, 1).await?)
+}
+
+async fn counter_get(State(api): State<Arc<Api>>, uri: Uri) -> Result<HttpResponse, ApiError> {
+    let key = key_of(&uri, COUNTERS)?;
+    let r = Query::parse(&uri, &["r"])?.quorum("r")?;
+    match api
+        .call(Request::CounterGet { key: key.clone() }, 1, r)
+        .await?
+    {
+        Response::Counter(value) => Ok(json_body(
+            &serde_json::json!({ "key": JsonBytes(key), "value": value }),
+        )),
+        other => Err(unexpected(other)),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CounterAdd {
+    add: i64,
+}
+
+async fn counter_add(
+    State(api): State<Arc<Api>>,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<HttpResponse, ApiError> {
+    let key = key_of(&uri, COUNTERS)?;
+    let w = Query::parse(&uri, &["w"])?.quorum("w")?;
+    let CounterAdd { add } = parse_json(&read_body(&headers, body, 4096).await?)?;
+    match api
+        .call(
+            Request::CounterAdd {
+                key: key.clone(),
+                amount: add,
+            },
+            w,
+            1,
+        )
+        .await?
+    {
+        Response::Counter(value) => Ok(json_body(
+            &serde_json::json!({ "key": JsonBytes(key), "value": value }),
+        )),
+        other => Err(unexpected(other)),
+    }
+}
+
+async fn set_members(State(api): State<Arc<Api>>, uri: Uri) -> Result<HttpResponse, ApiError> {
+    let key = key_of(&uri, SETS)?;
+    let r = Query::parse(&uri, &["r"])?.quorum("r")?;
+    match api
+        .call(Request::SetMembers { key: key.clone() }, 1, r)
+        .await?
+    {
+        Response::Members(members) => Ok(json_body(&serde_json::json!({
+            "key": JsonBytes(key),
+            "members": members.into_iter().map(JsonBytes).collect::<Vec<_>>(),
+        }))),
+        other => Err(unexpected(other)),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "lowercase")]
+enum SetChange {
+    Add(JsonBytes),
+    Remove(JsonBytes),
+}
+
+async fn set_change(
+    State(api): State<Arc<Api>>,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<HttpResponse, ApiError> {
+    let key = key_of(&uri, SETS)?;
+    let w = Query::parse(&uri, &["w"])?.quorum("w")?;
+    let change: SetChange = parse_json(&read_body(&headers, body, MAX_JSON_BYTES).await?)?;
+    let request = match change {
+        SetChange::Add(JsonBytes(member)) => Request::SetAdd { key, member },
+        SetChange::Remove(JsonBytes(member)) => Request::SetRemove { key, member },
+    };
+    context_answer(api.call(request, w, 1).await?)
+}
+
+async fn status(State(api): State<Arc<Api>>, uri: Uri) -> Result<HttpResponse, ApiError> {
+    Query::parse(&uri, &[])?;
+    match api.call(Request::Status, 1, 1).await? {
+        Response::Status(status) => Ok(json_body(&status)),
+        other => Err(unexpected(other)),
+    }
+}
+
+/// One operation of a batch.
+#[derive(Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
+enum BatchOp {
+    Get {
+        key: JsonBytes,
+        r: Option<u8>,
+    },
+    Put {
+        key: JsonBytes,
+        value: JsonBytes,
+        context: Option<String>,
+        w: Option<u8>,
+    },
+    PutLww {
+        key: JsonBytes,
+        value: JsonBytes,
+        w: Option<u8>,
+    },
+    Delete {
+        key: JsonBytes,
+        context: Option<String>,
+        w: Option<u8>,
+    },
+    CounterAdd {
+        key: JsonBytes,
+        amount: i64,
+        w: Option<u8>,
+    },
+    CounterGet {
+        key: JsonBytes,
+        r: Option<u8>,
+    },
+    SetAdd {
+        key: JsonBytes,
+        member: JsonBytes,
+        w: Option<u8>,
+    },
+    SetRemove {
+        key: JsonBytes,
+        member: JsonBytes,
+        w: Option<u8>,
+    },
+    SetMembers {
+        key: JsonBytes,
+        r: Option<u8>,
+    },
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Batch {
+    ops: Vec<BatchOp>,
+}
+
+/// A batch operation's request, W and R.
+type BatchCall = (Request, u8, u8);
+/// An operation's place in the batch, and its call or why it is invalid.
+type IndexedCall = (usize, Result<BatchCall, ApiError>);
+
+impl BatchOp {
+    fn call(self) -> Result<BatchCall, ApiError> {
+        let context = |c: Option<String>| c.as_deref().map(parse_context).transpose();
+        let q = |n: Option<u8>| match n {
+            Some(0) => Err(ApiError::bad_request(
+                "bad_request",
+                "w and r must be at least 1",
+            )),
+            n => Ok(n.unwrap_or(1)),
+        };
+        Ok(match self {
+            BatchOp::Get { key, r } => (Request::Get { key: key.0 }, 1, q(r)?),
+            BatchOp::Put {
+                key,
+                value,
+                context: c,
+                w,
+            } => (
+                Request::Put {
+                    key: key.0,
+                    value: value.0,
+                    context: context(c)?,
+                },
+                q(w)?,
+                1,
+            ),
+            BatchOp::PutLww { key, value, w } => (
+                Request::PutLww {
+                    key: key.0,
+                    value: value.0,
+                },
+                q(w)?,
+                1,
+            ),
+            BatchOp::Delete { key, context: c, w } => (
+                Request::Delete {
+                    key: key.0,
+                    context: context(c)?,
+                },
+                q(w)?,
+                1,
+            ),
+            BatchOp::CounterAdd { key, amount, w } => {
+                (Request::CounterAdd { key: key.0, amount }, q(w)?, 1)
+            }
+            BatchOp::CounterGet { key, r } => (Request::CounterGet { key: key.0 }, 1, q(r)?),
+            BatchOp::SetAdd { key, member, w } => (
+                Request::SetAdd {
+                    key: key.0,
+                    member: member.0,
+                },
+                q(w)?,
+                1,
+            ),
+            BatchOp::SetRemove { key, member, w } => (
+                Request::SetRemove {
+                    key: key.0,
+                    member: member.0,
+                },
+                q(w)?,
+                1,
+            ),
+            BatchOp::SetMembers { key, r } => (Request::SetMembers { key: key.0 }, 1, q(r)?),
+        })
+    }
+}
+
+/// One result of a batch, as JSON: what the single-operation route would
+/// answer, with its status.
+fn batch_result(key: &[u8], result: Result<Response, ApiError>) -> serde_json::Value {
+    let ok = |body: serde_json::Value| serde_json::json!({ "status": 200, "result": body });
+    match result {
+        Ok(Response::Record(Some(record))) => {
+            ok(serde_json::to_value(JsonRecord::new(key, &record)).unwrap_or_default())
+        }
+        Ok(Response::Record(None)) => {
+            let error = not_found(key);
+            serde_json::json!({ "status": error.status.as_u16(), "error": error.body()["error"] })
+        }
+        Ok(Response::Context(context)) => {
+            ok(serde_json::json!({ "context": context_text(&context) }))
+        }
+        Ok(Response::Counter(value)) => {
+            ok(serde_json::json!({ "key": JsonBytes(key.to_vec()), "value": value }))
+        }
+        Ok(Response::Members(members)) => ok(serde_json::json!({
+            "key": JsonBytes(key.to_vec()),
+            "members": members.into_iter().map(JsonBytes).collect::<Vec<_>>(),
+        })),
+        Ok(other) => batch_result(key, Err(unexpected(other))),
+        Err(error) => {
+            serde_json::json!({ "status": error.status.as_u16(), "error": error.body()["error"] })
+        }
+    }
+}
+
+/// Runs a batch: operations on the same key in the order given, operations
+/// on different keys concurrently; one result per operation, in order.
+async fn batch(
+    State(api): State<Arc<Api>>,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<HttpResponse, ApiError> {
+    Query::parse(&uri, &[])?;
+    let Batch { ops } = parse_json(&read_body(&headers, body, MAX_JSON_BYTES).await?)?;
+    if ops.len() > MAX_BATCH_OPS {
+        return Err(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too_large",
+            format!(
+                "the batch has {} operations; at most {MAX_BATCH_OPS} are allowed",
+                ops.len()
+            ),
+        ));
+    }
+    let count = ops.len();
+    // Per key, its operations in order: (index, call or why it is invalid).
+    let mut by_key: BTreeMap<Vec<u8>, Vec<IndexedCall>> = BTreeMap::new();
+    for (i, op) in ops.into_iter().enumerate() {
+        let call = op.call();
+        let key = match &call {
+            Ok((request, _, _)) => request.key().unwrap_or_default().to_vec(),
+            Err(_) => Vec::new(),
+        };
+        by_key.entry(key).or_default().push((i, call));
+    }
+    let mut tasks = tokio::task::JoinSet::new();
+    for (key, calls) in by_key {
+        let api = api.clone();
+        tasks.spawn(async move {
+            let mut results = Vec::new();
+            for (i, call) in calls {
+                let result = match call {
+                    Ok((request, w, r)) => api.call(request, w, r).await,
+                    Err(e) => Err(e),
+                };
+                results.push((i, batch_result(&key, result)));
+            }
+            results
+        });
+    }
+    let mut results = vec![serde_json::Value::Null; count];
+    while let Some(done) = tasks.join_next().await {
+        let done = done.map_err(|e| {
+            ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                format!("a batch task failed: {e}"),
+            )
+        })?;
+        for (i, result) in done {
+            results[i] = result;
+        }
+    }
+    Ok(json_body(&serde_json::json!({ "results": results })))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_decode_strictly_and_may_hold_any_byte() {
+        assert_eq!(percent_decode("key", "a%2Fb%00").unwrap(), b"a/b\0");
+        assert_eq!(percent_decode("key", "user/42/x").unwrap(), b"user/42/x");
+        for bad in ["%", "%4", "%zz", "a%g1"] {
+            let e = percent_decode("key", bad).unwrap_err();
+            assert_eq!(e.code, "bad_encoding", "{bad}");
+        }
+    }
+
+    #[test]
+    fn unknown_and_repeated_query_parameters_are_refused() {
+        let uri: Uri = "/v1/kv/a?w=2&lww=true".parse().unwrap();
+        let q = Query::parse(&uri, &["w", "lww"]).unwrap();
+        assert_eq!(q.quorum("w").unwrap(), 2);
+        assert!(q.flag("lww").unwrap());
+        let uri: Uri = "/v1/kv/a?W=2".parse().unwrap();
+        assert!(Query::parse(&uri, &["w"])
+            .unwrap_err()
+            .message
+            .contains("\"W\""));
+        let uri: Uri = "/v1/kv/a?w=1&w=2".parse().unwrap();
+        assert!(Query::parse(&uri, &["w"]).is_err());
+        let uri: Uri = "/v1/kv/a?w=0".parse().unwrap();
+        assert!(Query::parse(&uri, &["w"]).unwrap().quorum("w").is_err());
+    }
+}

@@ -1,0 +1,509 @@
+//! The HTTP/JSON API through a real HTTPS client (reqwest) against real
+//! `gossipkv serve` processes on loopback: every route, causal contexts and
+//! siblings, exact counters, sets, batches, the documented errors for bad
+//! input, and who may connect at all.
+
+mod common;
+
+use common::{started, Cluster, SLOTS};
+use reqwest::{Client, StatusCode};
+use serde_json::{json, Value};
+use std::path::Path;
+
+const CONTEXT: &str = "gossipkv-context";
+
+/// An HTTPS client presenting the certificate in `dir` (any of the test
+/// cluster's: client, admin, a node's) and trusting the cluster CA.
+fn https(cluster: &Cluster, dir: &Path) -> Client {
+    let ca = std::fs::read(cluster.path().join("client/ca.pem")).unwrap();
+    let mut pem = std::fs::read(dir.join("cert.pem")).unwrap();
+    pem.extend(std::fs::read(dir.join("key.pem")).unwrap());
+    Client::builder()
+        .use_rustls_tls()
+        .add_root_certificate(reqwest::Certificate::from_pem(&ca).unwrap())
+        .identity(reqwest::Identity::from_pem(&pem).unwrap())
+        .build()
+        .unwrap()
+}
+
+fn url(cluster: &Cluster, node: usize, path: &str) -> String {
+    format!("https://{}{path}", cluster.http[node])
+}
+
+/// Status and JSON body.
+async fn json_of(response: reqwest::Response) -> (StatusCode, Value) {
+    let status = response.status();
+    let body = response.bytes().await.unwrap();
+    let value = serde_json::from_slice(&body)
+        .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&body)));
+    (status, value)
+}
+
+async fn put(http: &Client, at: String, value: &str, context: Option<&str>) -> String {
+    let mut request = http.put(at).body(value.to_string());
+    if let Some(context) = context {
+        request = request.header(CONTEXT, context);
+    }
+    let (status, body) = json_of(request.send().await.unwrap()).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    body["context"].as_str().unwrap().to_string()
+}
+
+fn sorted_values(record: &Value) -> Vec<String> {
+    let mut values: Vec<String> = record["values"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no values in {record}"))
+        .iter()
+        .map(|v| v.as_str().unwrap().to_string())
+        .collect();
+    values.sort();
+    values
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn items_counters_sets_and_batches_over_https_through_any_node() {
+    let _slot = SLOTS.acquire().await.unwrap();
+    let (cluster, _clients) = started(3).await;
+    let http = https(&cluster, &cluster.path().join("client"));
+
+    // A put through one node (all three replicas before the answer) is
+    // read through another; the context comes in the body and a header.
+    let context = put(
+        &http,
+        url(&cluster, 0, "/v1/kv/greeting?w=3"),
+        "hello",
+        None,
+    )
+    .await;
+    let response = http
+        .get(url(&cluster, 2, "/v1/kv/greeting"))
+        .send()
+        .await
+        .unwrap();
+    let header = response.headers()[CONTEXT].to_str().unwrap().to_string();
+    let (status, record) = json_of(response).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(record["kind"], "register");
+    assert_eq!(sorted_values(&record), ["hello"]);
+    assert_eq!(record["context"], header.as_str());
+    assert_eq!(header, context);
+
+    // The raw form.
+    let raw = http
+        .get(url(&cluster, 1, "/v1/kv/greeting"))
+        .header("accept", "application/octet-stream")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(raw.status(), StatusCode::OK);
+    assert_eq!(raw.bytes().await.unwrap().as_ref(), b"hello");
+
+    // Two writes made with the same (now stale) context are concurrent:
+    // both survive as siblings, through whichever node they went.
+    put(
+        &http,
+        url(&cluster, 0, "/v1/kv/greeting?w=3"),
+        "bonjour",
+        Some(&context),
+    )
+    .await;
+    put(
+        &http,
+        url(&cluster, 1, "/v1/kv/greeting?w=3"),
+        "hola",
+        Some(&context),
+    )
+    .await;
+    let (status, record) = json_of(
+        http.get(url(&cluster, 2, "/v1/kv/greeting"))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(sorted_values(&record), ["bonjour", "hola"]);
+    // Raw, siblings are 300 Multiple Choices with the JSON record.
+    let (status, siblings) = json_of(
+        http.get(url(&cluster, 0, "/v1/kv/greeting"))
+            .header("accept", "application/octet-stream")
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(status, StatusCode::MULTIPLE_CHOICES);
+    assert_eq!(sorted_values(&siblings), ["bonjour", "hola"]);
+    // A write with the context of that read replaces exactly both.
+    let read_context = record["context"].as_str().unwrap();
+    put(
+        &http,
+        url(&cluster, 2, "/v1/kv/greeting?w=3"),
+        "hi",
+        Some(read_context),
+    )
+    .await;
+    let (_, record) = json_of(
+        http.get(url(&cluster, 0, "/v1/kv/greeting"))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(sorted_values(&record), ["hi"]);
+
+    // Keys are any bytes: '/' inside a key, percent-encoded bytes that are
+    // not UTF-8 (shown back as base64).
+    put(
+        &http,
+        url(&cluster, 0, "/v1/kv/user/42/name?w=3"),
+        "ada",
+        None,
+    )
+    .await;
+    let (_, record) = json_of(
+        http.get(url(&cluster, 1, "/v1/kv/user%2F42%2Fname"))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(record["key"], "user/42/name");
+    put(&http, url(&cluster, 0, "/v1/kv/%FF%00bin?w=3"), "x", None).await;
+    let (_, record) = json_of(
+        http.get(url(&cluster, 2, "/v1/kv/%ff%00bin"))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(record["key"], json!({ "base64": "/wBiaW4=" }));
+
+    // Delete: the key is gone everywhere; 404 with a code.
+    let response = http
+        .delete(url(&cluster, 1, "/v1/kv/user/42/name?w=3"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let (status, body) = json_of(
+        http.get(url(&cluster, 2, "/v1/kv/user/42/name"))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert_eq!(body["error"]["code"], "not_found");
+
+    // LWW: the latest write wins, no siblings, no context.
+    for value in ["one", "two"] {
+        let response = http
+            .put(url(&cluster, 0, "/v1/kv/lww-key?lww=true&w=3"))
+            .body(value)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+    }
+    let (_, record) = json_of(
+        http.get(url(&cluster, 1, "/v1/kv/lww-key"))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(record["kind"], "lww");
+    assert_eq!(record["value"], "two");
+
+    // Counters: concurrent adds through all three nodes sum exactly.
+    let mut adds = tokio::task::JoinSet::new();
+    let mut expected = 0i64;
+    for i in 0..30i64 {
+        let amount = if i % 4 == 0 { -i } else { i + 1 };
+        expected += amount;
+        let http = http.clone();
+        let at = url(&cluster, i as usize % 3, "/v1/counters/hits?w=2");
+        adds.spawn(async move {
+            let response = http
+                .post(at)
+                .json(&json!({ "add": amount }))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(response.status(), StatusCode::OK);
+        });
+    }
+    while let Some(done) = adds.join_next().await {
+        done.unwrap();
+    }
+    let (status, counter) = json_of(
+        http.get(url(&cluster, 2, "/v1/counters/hits?r=3"))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(counter["value"], expected);
+    // The generic read shows the counter too.
+    let (_, record) = json_of(
+        http.get(url(&cluster, 0, "/v1/kv/hits?r=3"))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(record["kind"], "counter");
+    assert_eq!(record["value"], expected);
+
+    // Sets: add through two nodes, remove through a third.
+    for (node, change) in [
+        (0, json!({ "add": "red" })),
+        (1, json!({ "add": { "base64": "/wE=" } })),
+        (0, json!({ "add": "blue" })),
+        (2, json!({ "remove": "red" })),
+    ] {
+        let response = http
+            .post(url(&cluster, node, "/v1/sets/colours?w=3"))
+            .json(&change)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::OK, "{change}");
+    }
+    let (_, set) = json_of(
+        http.get(url(&cluster, 1, "/v1/sets/colours"))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(set["members"], json!(["blue", { "base64": "/wE=" }]));
+
+    // A batch: one result per operation, in order; operations on one key
+    // run in the order given.
+    let (status, batch) = json_of(
+        http.post(url(&cluster, 2, "/v1/batch"))
+            .json(&json!({ "ops": [
+                { "op": "put", "key": "b/1", "value": "first", "w": 3 },
+                { "op": "get", "key": "b/1" },
+                { "op": "counter_add", "key": "b/n", "amount": 7 },
+                { "op": "get", "key": "b/missing" },
+                { "op": "counter_add", "key": "greeting", "amount": 1 },
+                { "op": "set_add", "key": "b/s", "member": "m" },
+                { "op": "set_members", "key": "b/s" },
+            ]}))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    let results = batch["results"].as_array().unwrap();
+    assert_eq!(results.len(), 7);
+    assert_eq!(results[0]["status"], 200);
+    assert!(results[0]["result"]["context"].is_string());
+    assert_eq!(results[1]["result"]["values"], json!(["first"]));
+    assert_eq!(results[2]["result"]["value"], 7);
+    assert_eq!(results[3]["status"], 404);
+    assert_eq!(results[3]["error"]["code"], "not_found");
+    assert_eq!(results[4]["status"], 409);
+    assert_eq!(results[4]["error"]["code"], "wrong_type");
+    assert_eq!(results[6]["result"]["members"], json!(["m"]));
+
+    // Node status, for health checks.
+    let (status, body) = json_of(
+        http.get(url(&cluster, 0, "/v1/status"))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body["members_alive"], 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_gets_the_documented_status_and_code_and_strangers_are_refused() {
+    let _slot = SLOTS.acquire().await.unwrap();
+    let (cluster, _clients) = started(1).await;
+    let http = https(&cluster, &cluster.path().join("client"));
+    put(&http, url(&cluster, 0, "/v1/kv/text"), "v", None).await;
+    let long_key = format!("/v1/kv/{}", "k".repeat(8 * 1024 + 1));
+    let cases: Vec<(reqwest::RequestBuilder, StatusCode, &str)> = vec![
+        (
+            http.post(url(&cluster, 0, "/v1/batch"))
+                .body("{\"ops\": [ nope"),
+            StatusCode::BAD_REQUEST,
+            "bad_json",
+        ),
+        (
+            http.post(url(&cluster, 0, "/v1/counters/c"))
+                .json(&json!({ "add": "one" })),
+            StatusCode::BAD_REQUEST,
+            "bad_json",
+        ),
+        (
+            http.put(url(&cluster, 0, "/v1/kv/k"))
+                .header(CONTEXT, "not a token!")
+                .body("v"),
+            StatusCode::BAD_REQUEST,
+            "bad_context",
+        ),
+        (
+            http.put(url(&cluster, 0, "/v1/kv/k"))
+                .header(CONTEXT, "AQ")
+                .body("v"),
+            StatusCode::BAD_REQUEST,
+            "bad_context",
+        ),
+        (
+            http.put(url(&cluster, 0, "/v1/kv/big"))
+                .body(vec![b'x'; 4 * 1024 * 1024 + 1]),
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too_large",
+        ),
+        (
+            http.get(url(&cluster, 0, &long_key)),
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too_large",
+        ),
+        (
+            http.get(url(&cluster, 0, "/v1/kv/a%2")),
+            StatusCode::BAD_REQUEST,
+            "bad_encoding",
+        ),
+        (
+            http.get(url(&cluster, 0, "/v1/kv/a%zz")),
+            StatusCode::BAD_REQUEST,
+            "bad_encoding",
+        ),
+        (
+            http.get(url(&cluster, 0, "/v1/kv/text?R=2")),
+            StatusCode::BAD_REQUEST,
+            "bad_query",
+        ),
+        (
+            http.put(url(&cluster, 0, "/v1/kv/text?w=0")).body("v"),
+            StatusCode::BAD_REQUEST,
+            "bad_query",
+        ),
+        (
+            http.put(url(&cluster, 0, "/v1/kv/text?w=9")).body("v"),
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+        ),
+        (
+            http.get(url(&cluster, 0, "/v2/kv/x")),
+            StatusCode::NOT_FOUND,
+            "no_route",
+        ),
+        (
+            http.patch(url(&cluster, 0, "/v1/kv/x")),
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method_not_allowed",
+        ),
+        (
+            http.post(url(&cluster, 0, "/v1/counters/text"))
+                .json(&json!({ "add": 1 })),
+            StatusCode::CONFLICT,
+            "wrong_type",
+        ),
+        (
+            http.get(url(&cluster, 0, "/v1/kv/absent")),
+            StatusCode::NOT_FOUND,
+            "not_found",
+        ),
+        (
+            http.get(url(&cluster, 0, "/v1/counters/text")),
+            StatusCode::CONFLICT,
+            "wrong_type",
+        ),
+    ];
+    for (request, status, code) in cases {
+        let request = request.build().unwrap();
+        let what = format!("{} {}", request.method(), request.url().path());
+        let (got, body) = json_of(http.execute(request).await.unwrap()).await;
+        assert_eq!(got, status, "{what}: {body}");
+        assert_eq!(body["error"]["code"], code, "{what}: {body}");
+        assert!(
+            !body["error"]["message"]
+                .as_str()
+                .unwrap_or_default()
+                .is_empty(),
+            "{what}: {body}"
+        );
+    }
+    // A batch over the limit.
+    let ops: Vec<Value> = (0..129)
+        .map(|i| json!({ "op": "get", "key": format!("k{i}") }))
+        .collect();
+    let (status, body) = json_of(
+        http.post(url(&cluster, 0, "/v1/batch"))
+            .json(&json!({ "ops": ops }))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE, "{body}");
+
+    // Who may connect: no certificate, a node's certificate, a certificate
+    // of another CA, and plain HTTP are all refused; an admin one works.
+    let ca = std::fs::read(cluster.path().join("client/ca.pem")).unwrap();
+    let anonymous = Client::builder()
+        .use_rustls_tls()
+        .add_root_certificate(reqwest::Certificate::from_pem(&ca).unwrap())
+        .build()
+        .unwrap();
+    assert!(anonymous
+        .get(url(&cluster, 0, "/v1/kv/text"))
+        .send()
+        .await
+        .is_err());
+    let node = https(&cluster, &cluster.path().join("node-1/tls"));
+    assert!(node
+        .get(url(&cluster, 0, "/v1/kv/text"))
+        .send()
+        .await
+        .is_err());
+    let other = tempfile::tempdir().unwrap();
+    gossipkv::certs::init_ca(&other.path().join("ca"), "other").unwrap();
+    gossipkv::certs::issue(
+        &other.path().join("ca"),
+        "client",
+        gossipkv::certs::Role::Client,
+        30,
+        &other.path().join("client"),
+    )
+    .unwrap();
+    let stranger = https(&cluster, &other.path().join("client"));
+    assert!(stranger
+        .get(url(&cluster, 0, "/v1/kv/text"))
+        .send()
+        .await
+        .is_err());
+    let plain = Client::new();
+    assert!(plain
+        .get(format!("http://{}/v1/kv/text", cluster.http[0]))
+        .send()
+        .await
+        .map_or(true, |r| !r.status().is_success()));
+    let admin = https(&cluster, &cluster.path().join("admin"));
+    let response = admin
+        .get(url(&cluster, 0, "/v1/kv/text"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    // The node served everything above and still does.
+    let (status, _) = json_of(
+        http.get(url(&cluster, 0, "/v1/kv/text"))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+}
