@@ -91,6 +91,22 @@ pub enum Request {
     },
     /// Decommission: hand every partition off, then leave.
     Leave,
+    /// Make an API token for the HTTP API (admin certificates only); the
+    /// answer carries its secret, which is shown once and stored nowhere.
+    TokenCreate {
+        name: String,
+        prefixes: Vec<Vec<u8>>,
+        read: bool,
+        write: bool,
+        /// Seconds from now until it expires; `None`: never.
+        expires_in_seconds: Option<u64>,
+    },
+    /// Every API token (without secrets), revoked ones included.
+    TokenList,
+    /// Revoke the tokens with this name or id, on every node.
+    TokenRevoke {
+        name_or_id: String,
+    },
 }
 
 impl Request {
@@ -114,7 +130,10 @@ impl Request {
             | Request::Partitions
             | Request::Migrations
             | Request::Join { .. }
-            | Request::Leave => None,
+            | Request::Leave
+            | Request::TokenCreate { .. }
+            | Request::TokenList
+            | Request::TokenRevoke { .. } => None,
         }
     }
 
@@ -131,9 +150,17 @@ impl Request {
         )
     }
 
-    /// Requests that change the cluster: admin certificates only.
+    /// Requests that change the cluster or its credentials (listing the
+    /// tokens included): admin certificates only.
     pub fn changes_cluster(&self) -> bool {
-        matches!(self, Request::Join { .. } | Request::Leave)
+        matches!(
+            self,
+            Request::Join { .. }
+                | Request::Leave
+                | Request::TokenCreate { .. }
+                | Request::TokenList
+                | Request::TokenRevoke { .. }
+        )
     }
 
     /// Admin and inspection requests, served on the admin ALPN only.
@@ -147,6 +174,9 @@ impl Request {
                 | Request::Migrations
                 | Request::Join { .. }
                 | Request::Leave
+                | Request::TokenCreate { .. }
+                | Request::TokenList
+                | Request::TokenRevoke { .. }
         )
     }
 }
@@ -276,6 +306,30 @@ pub enum Response {
     Keys(Vec<(Vec<u8>, String)>),
     /// The request failed: its kind, and a message saying why.
     Error(Failure),
+    /// A token made: its id and the secret (shown once).
+    TokenCreated {
+        id: String,
+        secret: String,
+    },
+    Tokens(Vec<TokenInfo>),
+    /// How many tokens a revoke took out of force.
+    Revoked(u32),
+}
+
+/// An API token as `kvctl token list` shows it (never its secret).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenInfo {
+    pub id: String,
+    pub name: String,
+    /// The prefixes, lossily as text.
+    pub prefixes: Vec<String>,
+    pub read: bool,
+    pub write: bool,
+    /// RFC 3339, UTC.
+    pub created: String,
+    pub expires: Option<String>,
+    /// active, expired or revoked.
+    pub state: String,
 }
 
 /// A failed request: what kind of failure (for programs to act on) and a

@@ -207,6 +207,17 @@ fn calls() -> Vec<Call> {
             seed: "127.0.0.1:7000".parse().unwrap(),
         },
         Request::Leave,
+        Request::TokenCreate {
+            name: "app".into(),
+            prefixes: vec![b"app/".to_vec()],
+            read: true,
+            write: true,
+            expires_in_seconds: Some(60),
+        },
+        Request::TokenList,
+        Request::TokenRevoke {
+            name_or_id: "app".into(),
+        },
     ];
     requests
         .into_iter()
@@ -298,6 +309,7 @@ fn write_seed_corpora() {
                 hash: 9,
             },
             hash: 3,
+            tokens: 5,
         },
         Message::InSync { round: 1 },
         Message::PartitionHashes {
@@ -316,6 +328,20 @@ fn write_seed_corpora() {
             since: vv,
         },
         Message::Layout(layout),
+        Message::Tokens({
+            let mut registry = gossipkv::replication::tokens::TokenRegistry::new();
+            let (record, _) = gossipkv::replication::tokens::mint(
+                &[7; 48],
+                "app".into(),
+                vec![b"app/".to_vec()],
+                true,
+                false,
+                1,
+                Some(2),
+            );
+            registry.insert(record).unwrap();
+            registry
+        }),
     ];
     for (i, chunk) in chunks(&s).into_iter().enumerate().take(3) {
         core.push(Message::Chunk {

@@ -5,10 +5,12 @@
 
 mod common;
 
-use common::{started, Cluster, SLOTS};
+use common::{eventually, started, Cluster, SLOTS};
+use gossipkv::client::{Request, Response as NodeResponse};
 use reqwest::{Client, StatusCode};
 use serde_json::{json, Value};
 use std::path::Path;
+use std::time::{Duration, Instant};
 
 const CONTEXT: &str = "gossipkv-context";
 
@@ -449,19 +451,22 @@ async fn bad_input_gets_the_documented_status_and_code_and_strangers_are_refused
     .await;
     assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE, "{body}");
 
-    // Who may connect: no certificate, a node's certificate, a certificate
-    // of another CA, and plain HTTP are all refused; an admin one works.
+    // Who may connect: a node's certificate, a certificate of another CA
+    // and plain HTTP are refused; an admin one works.
     let ca = std::fs::read(cluster.path().join("client/ca.pem")).unwrap();
     let anonymous = Client::builder()
         .use_rustls_tls()
         .add_root_certificate(reqwest::Certificate::from_pem(&ca).unwrap())
         .build()
         .unwrap();
-    assert!(anonymous
-        .get(url(&cluster, 0, "/v1/kv/text"))
-        .send()
-        .await
-        .is_err());
+    // Without a certificate TLS works, but every request needs a token,
+    // and the refusal does not depend on whether the key exists.
+    for path in ["/v1/kv/text", "/v1/kv/absent", "/v1/status"] {
+        let (status, body) =
+            json_of(anonymous.get(url(&cluster, 0, path)).send().await.unwrap()).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED, "{path}: {body}");
+        assert_eq!(body["error"]["code"], "unauthorized");
+    }
     let node = https(&cluster, &cluster.path().join("node-1/tls"));
     assert!(node
         .get(url(&cluster, 0, "/v1/kv/text"))
@@ -506,4 +511,256 @@ async fn bad_input_gets_the_documented_status_and_code_and_strangers_are_refused
     )
     .await;
     assert_eq!(status, StatusCode::OK);
+}
+
+/// An HTTPS client with no certificate (it trusts the cluster CA): what an
+/// app holding only a token uses.
+fn tokened(cluster: &Cluster) -> Client {
+    let ca = std::fs::read(cluster.path().join("client/ca.pem")).unwrap();
+    Client::builder()
+        .use_rustls_tls()
+        .add_root_certificate(reqwest::Certificate::from_pem(&ca).unwrap())
+        .build()
+        .unwrap()
+}
+
+async fn create_token(
+    admin: &gossipkv::client::Client,
+    name: &str,
+    prefixes: &[&str],
+    read: bool,
+    write: bool,
+    expires_in_seconds: Option<u64>,
+) -> String {
+    let response = admin
+        .request(&Request::TokenCreate {
+            name: name.into(),
+            prefixes: prefixes.iter().map(|p| p.as_bytes().to_vec()).collect(),
+            read,
+            write,
+            expires_in_seconds,
+        })
+        .await
+        .unwrap();
+    let NodeResponse::TokenCreated { secret, .. } = response else {
+        panic!("unexpected answer {response:?}");
+    };
+    secret
+}
+
+/// The status of a GET (or a PUT, with `put`) of `path` at `node`.
+async fn status_with(
+    http: &Client,
+    cluster: &Cluster,
+    node: usize,
+    token: &str,
+    put: bool,
+    path: &str,
+) -> StatusCode {
+    let request = if put {
+        http.put(url(cluster, node, path)).body("v")
+    } else {
+        http.get(url(cluster, node, path))
+    };
+    request.bearer_auth(token).send().await.unwrap().status()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_are_scoped_to_prefixes_and_rights_and_revocation_reaches_every_node() {
+    let _slot = SLOTS.acquire().await.unwrap();
+    let (mut cluster, _clients) = started(3).await;
+    let admin =
+        gossipkv::client::Client::connect_admin(cluster.addr(0), Some(&cluster.admin_tls()))
+            .await
+            .unwrap();
+    let certified = https(&cluster, &cluster.path().join("client"));
+    put(
+        &certified,
+        url(&cluster, 0, "/v1/kv/app2/secret?w=3"),
+        "s",
+        None,
+    )
+    .await;
+    let writer = create_token(&admin, "app1", &["app1/"], true, true, None).await;
+    let reader = create_token(&admin, "app1-ro", &["app1/"], true, false, None).await;
+    let http = tokened(&cluster);
+
+    // Made at node 0, every node enforces it (a broadcast, not a round).
+    for node in 0..3 {
+        let path = format!("/v1/kv/app1/from-{node}?w=3");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let status = status_with(&http, &cluster, node, &writer, true, &path).await;
+            if status == StatusCode::OK {
+                break;
+            }
+            assert_eq!(status, StatusCode::UNAUTHORIZED, "node {node}");
+            assert!(
+                Instant::now() < deadline,
+                "node {node} never took the token"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let path = format!("/v1/kv/app1/from-{node}");
+        assert_eq!(
+            status_with(&http, &cluster, node, &reader, false, &path).await,
+            StatusCode::OK
+        );
+    }
+    // Read-only cannot write; app1 cannot touch app2, whether or not the
+    // key exists (the same 403 either way); counters and batches are
+    // checked the same way, each batch operation on its own.
+    assert_eq!(
+        status_with(&http, &cluster, 1, &reader, true, "/v1/kv/app1/x").await,
+        StatusCode::FORBIDDEN
+    );
+    let mut bodies = Vec::new();
+    for key in ["/v1/kv/app2/secret", "/v1/kv/app2/absent"] {
+        let response = http
+            .get(url(&cluster, 2, key))
+            .bearer_auth(&writer)
+            .send()
+            .await
+            .unwrap();
+        let (status, body) = json_of(response).await;
+        assert_eq!(status, StatusCode::FORBIDDEN, "{key}");
+        assert_eq!(body["error"]["code"], "forbidden");
+        bodies.push(body);
+    }
+    assert_eq!(
+        bodies[0], bodies[1],
+        "a refusal must not tell whether the key exists"
+    );
+    let response = http
+        .post(url(&cluster, 0, "/v1/counters/app2/n"))
+        .bearer_auth(&writer)
+        .json(&json!({ "add": 1 }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::FORBIDDEN);
+    let (_, batch) = json_of(
+        http.post(url(&cluster, 1, "/v1/batch"))
+            .bearer_auth(&writer)
+            .json(&json!({ "ops": [
+                { "op": "put", "key": "app1/b", "value": "ok" },
+                { "op": "get", "key": "app2/secret" },
+            ]}))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(batch["results"][0]["status"], 200);
+    assert_eq!(batch["results"][1]["status"], 403);
+    assert!(batch["results"][1].get("result").is_none());
+    // A certificate connection that also sends a token gets the token's
+    // rights (how to give a certificate holder narrower rights).
+    let response = certified
+        .get(url(&cluster, 0, "/v1/kv/app2/secret"))
+        .bearer_auth(&reader)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::FORBIDDEN);
+    // Bad tokens: 401.
+    let tampered = format!("{}x", &writer[..writer.len() - 1]);
+    for bad in ["", "gkv_00", tampered.as_str()] {
+        assert_eq!(
+            status_with(&http, &cluster, 0, bad, false, "/v1/kv/app1/from-0").await,
+            StatusCode::UNAUTHORIZED,
+            "{bad:?}"
+        );
+    }
+
+    // A node joining later learns the tokens from its peers.
+    cluster.add_node();
+    let joined = common::client(cluster.addr(3), &cluster.client_tls()).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while status_with(&http, &cluster, 3, &reader, false, "/v1/status").await != StatusCode::OK {
+        assert!(
+            Instant::now() < deadline,
+            "the new node never learnt the tokens"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    drop(joined);
+
+    // Revoked at node 1: refused on every node, and how long that took.
+    let revoked_at = Instant::now();
+    let response =
+        gossipkv::client::Client::connect_admin(cluster.addr(1), Some(&cluster.admin_tls()))
+            .await
+            .unwrap()
+            .request(&Request::TokenRevoke {
+                name_or_id: "app1-ro".into(),
+            })
+            .await
+            .unwrap();
+    assert_eq!(response, NodeResponse::Revoked(1));
+    let mut refused = [false; 4];
+    while refused.iter().any(|r| !r) {
+        for (node, done) in refused.iter_mut().enumerate() {
+            if !*done {
+                *done = status_with(&http, &cluster, node, &reader, false, "/v1/status").await
+                    == StatusCode::UNAUTHORIZED;
+            }
+        }
+        assert!(
+            revoked_at.elapsed() < Duration::from_secs(30),
+            "revocation did not reach every node: {refused:?}"
+        );
+    }
+    eprintln!(
+        "revocation refused on all 4 nodes after {:?}",
+        revoked_at.elapsed()
+    );
+    // The other token still works; the revocation survives a restart.
+    assert_eq!(
+        status_with(&http, &cluster, 2, &writer, false, "/v1/kv/app1/from-0").await,
+        StatusCode::OK
+    );
+    cluster.kill(2);
+    cluster.restart(2);
+    eventually("node 2 serves HTTP again", || async {
+        match http
+            .get(url(&cluster, 2, "/v1/status"))
+            .bearer_auth(&writer)
+            .send()
+            .await
+        {
+            Ok(response) => response.status() == StatusCode::OK,
+            Err(_) => false,
+        }
+    })
+    .await;
+    assert_eq!(
+        status_with(&http, &cluster, 2, &reader, false, "/v1/status").await,
+        StatusCode::UNAUTHORIZED
+    );
+
+    // An expired token is refused everywhere (1 s lifetime).
+    let brief = create_token(&admin, "brief", &[""], true, true, Some(1)).await;
+    eventually("the short-lived token expires on every node", || async {
+        for node in 0..4 {
+            if status_with(&http, &cluster, node, &brief, false, "/v1/status").await
+                != StatusCode::UNAUTHORIZED
+            {
+                return false;
+            }
+        }
+        true
+    })
+    .await;
+    // A duplicate name is refused with a reason.
+    let response = admin
+        .request(&Request::TokenCreate {
+            name: "app1".into(),
+            prefixes: vec![b"x".to_vec()],
+            read: true,
+            write: false,
+            expires_in_seconds: None,
+        })
+        .await;
+    assert!(response.is_err_and(|e| e.to_string().contains("exists")));
 }

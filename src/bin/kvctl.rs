@@ -160,6 +160,65 @@ enum Command {
         #[arg(long)]
         no_wait: bool,
     },
+    /// API tokens for the HTTP API (admin certificate): `token create`,
+    /// `token list`, `token revoke NAME_OR_ID`.
+    ///
+    /// Example: kvctl token create --name app1 --prefix app1/ --read --write --expires 30d
+    #[command(subcommand)]
+    Token(TokenCommand),
+}
+
+#[derive(Subcommand)]
+enum TokenCommand {
+    /// Make a token and print its secret (shown once; the cluster keeps
+    /// only its hash). Every node enforces it within a second or so.
+    Create {
+        /// A name to list and revoke it by (unique).
+        #[arg(long)]
+        name: String,
+        /// Keys it may touch start with this (repeatable; "" for all).
+        #[arg(long = "prefix", required = true)]
+        prefixes: Vec<String>,
+        #[arg(long)]
+        read: bool,
+        #[arg(long)]
+        write: bool,
+        /// Lifetime, e.g. 3600s, 90m, 12h, 30d (default: until revoked).
+        #[arg(long, value_parser = parse_duration)]
+        expires: Option<u64>,
+    },
+    /// Every token: id, name, prefixes, rights, expiry, state.
+    List,
+    /// Revoke the token with this name or id on every node.
+    Revoke { name_or_id: String },
+}
+
+/// A duration like 3600s, 90m, 12h or 30d, in seconds.
+fn parse_duration(text: &str) -> Result<u64, String> {
+    let (number, unit) = text.split_at(
+        text.find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(text.len()),
+    );
+    let n: u64 = number
+        .parse()
+        .map_err(|_| format!("{text:?}: expected a number and a unit, like 30d"))?;
+    let scale = match unit {
+        "s" | "" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        other => {
+            return Err(format!(
+                "{text:?}: unknown unit {other:?} (use s, m, h or d)"
+            ))
+        }
+    };
+    match n.checked_mul(scale) {
+        Some(0) | None => Err(format!(
+            "{text:?}: expected a positive duration of at most a few centuries"
+        )),
+        Some(seconds) => Ok(seconds),
+    }
 }
 
 #[derive(Subcommand)]
@@ -907,6 +966,85 @@ impl Ctl {
                 }
                 tokio::time::sleep(Duration::from_secs(1)).await;
             },
+            Command::Token(TokenCommand::Create {
+                name,
+                prefixes,
+                read,
+                write,
+                expires,
+            }) => {
+                if !read && !write {
+                    anyhow::bail!("a token must allow --read, --write or both");
+                }
+                let request = Request::TokenCreate {
+                    name: name.clone(),
+                    prefixes: prefixes.into_iter().map(String::into_bytes).collect(),
+                    read,
+                    write,
+                    expires_in_seconds: expires,
+                };
+                let Response::TokenCreated { id, secret } = self.call(request, 1).await? else {
+                    anyhow::bail!("unexpected answer")
+                };
+                self.emit(json!({"id": id, "name": name, "secret": secret}), || {
+                    say!("{secret}");
+                    eprintln!("token {name:?} (id {id}): the secret above is shown once; send it as `Authorization: Bearer <secret>`");
+                });
+            }
+            Command::Token(TokenCommand::List) => {
+                let Response::Tokens(tokens) = self.call(Request::TokenList, 1).await? else {
+                    anyhow::bail!("unexpected answer")
+                };
+                let value = serde_json::to_value(&tokens)?;
+                self.emit(value, || {
+                    let rows = tokens
+                        .iter()
+                        .map(|t| {
+                            let rights = match (t.read, t.write) {
+                                (true, true) => "read, write",
+                                (true, false) => "read",
+                                _ => "write",
+                            };
+                            vec![
+                                t.name.clone(),
+                                t.id.clone(),
+                                t.prefixes
+                                    .iter()
+                                    .map(|p| format!("{p:?}"))
+                                    .collect::<Vec<_>>()
+                                    .join(" "),
+                                rights.into(),
+                                t.expires.clone().unwrap_or_else(|| "never".into()),
+                                t.state.clone(),
+                            ]
+                        })
+                        .collect();
+                    table(
+                        &["name", "id", "prefixes", "rights", "expires", "state"],
+                        rows,
+                    );
+                });
+            }
+            Command::Token(TokenCommand::Revoke { name_or_id }) => {
+                let Response::Revoked(n) = self
+                    .call(
+                        Request::TokenRevoke {
+                            name_or_id: name_or_id.clone(),
+                        },
+                        1,
+                    )
+                    .await?
+                else {
+                    anyhow::bail!("unexpected answer")
+                };
+                self.emit(json!({"revoked": n}), || {
+                    if n == 0 {
+                        say!("{name_or_id:?} was already revoked")
+                    } else {
+                        say!("revoked {n} token(s) named {name_or_id:?}; every node refuses it within a second or so")
+                    }
+                });
+            }
             Command::Join { seed } => {
                 self.call(Request::Join { seed }, 1).await?;
                 self.emit(json!({"joining": seed.to_string()}), || {

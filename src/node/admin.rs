@@ -5,9 +5,17 @@ use super::coordinate::ClientReply;
 use super::Core;
 use crate::client::{
     ErrorCode, Failure, LayoutInfo, MemberInfo, MigrationsInfo, NodeStatus, PartitionInfo,
-    ReplicaView, Request, Response, WireRecord,
+    ReplicaView, Request, Response, TokenInfo, WireRecord,
 };
 use crate::crdt::NodeId;
+use crate::replication::tokens;
+
+/// Milliseconds since the Unix epoch (0 if the clock is before it).
+pub(super) fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
 
 impl Core {
     pub(super) fn admin(&mut self, request: Request, reply: ClientReply) {
@@ -131,12 +139,110 @@ impl Core {
                 self.carry_out(outputs);
                 Response::Done
             }
+            Request::TokenCreate {
+                name,
+                prefixes,
+                read,
+                write,
+                expires_in_seconds,
+            } => self.create_token(name, prefixes, read, write, expires_in_seconds),
+            Request::TokenList => {
+                let now = unix_ms();
+                let ms = |ms: u64| crate::certs::rfc3339((ms / 1000) as i64);
+                Response::Tokens(
+                    self.replica
+                        .tokens()
+                        .tokens()
+                        .map(|t| TokenInfo {
+                            id: tokens::hex(&t.id),
+                            name: t.name.clone(),
+                            prefixes: t
+                                .prefixes
+                                .iter()
+                                .map(|p| String::from_utf8_lossy(p).into_owned())
+                                .collect(),
+                            read: t.read,
+                            write: t.write,
+                            created: ms(t.created_ms),
+                            expires: t.expires_ms.map(ms),
+                            state: if t.revoked {
+                                "revoked"
+                            } else if t.active(now) {
+                                "active"
+                            } else {
+                                "expired"
+                            }
+                            .into(),
+                        })
+                        .collect(),
+                )
+            }
+            Request::TokenRevoke { name_or_id } => {
+                let (revoked, outputs) = self.replica.revoke_token(self.now(), &name_or_id);
+                self.carry_out(outputs);
+                if revoked == 0
+                    && !self
+                        .replica
+                        .tokens()
+                        .tokens()
+                        .any(|t| t.name == name_or_id || tokens::hex(&t.id) == name_or_id)
+                {
+                    Response::Error(Failure::new(
+                        ErrorCode::BadRequest,
+                        format!("no token is named {name_or_id:?} or has that id"),
+                    ))
+                } else {
+                    Response::Revoked(revoked as u32)
+                }
+            }
             other => Response::Error(Failure::new(
                 ErrorCode::BadRequest,
                 format!("{other:?} is not an admin request"),
             )),
         };
         self.answer(reply, response);
+    }
+
+    fn create_token(
+        &mut self,
+        name: String,
+        prefixes: Vec<Vec<u8>>,
+        read: bool,
+        write: bool,
+        expires_in_seconds: Option<u64>,
+    ) -> Response {
+        use rand::RngCore;
+        if self.replica.tokens().tokens().any(|t| t.name == name) {
+            return Response::Error(Failure::new(
+                ErrorCode::BadRequest,
+                format!("a token named {name:?} exists: revoke it first, or choose another name"),
+            ));
+        }
+        let now = unix_ms();
+        let expires_ms = match expires_in_seconds
+            .map(|s| s.checked_mul(1000).and_then(|ms| ms.checked_add(now)))
+        {
+            Some(None) => {
+                return Response::Error(Failure::new(
+                    ErrorCode::BadRequest,
+                    "the expiry is too far away",
+                ))
+            }
+            Some(Some(at)) => Some(at),
+            None => None,
+        };
+        let mut randomness = [0u8; 48];
+        rand::rng().fill_bytes(&mut randomness);
+        let (record, secret) =
+            tokens::mint(&randomness, name, prefixes, read, write, now, expires_ms);
+        let id = tokens::hex(&record.id);
+        match self.replica.create_token(self.now(), record) {
+            Ok(outputs) => {
+                self.carry_out(outputs);
+                Response::TokenCreated { id, secret }
+            }
+            Err(e) => Response::Error(Failure::new(ErrorCode::BadRequest, e.to_string())),
+        }
     }
 
     pub(super) fn finish_inspect(

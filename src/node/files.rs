@@ -5,6 +5,7 @@
 
 use super::NodeError;
 use crate::replication::layout_state::LayoutState;
+use crate::replication::tokens::TokenRegistry;
 use std::net::SocketAddr;
 use std::path::Path;
 use tracing::warn;
@@ -137,5 +138,46 @@ pub(super) fn save_layout(dir: &Path, state: &LayoutState) {
     // Write then rename, so a crash leaves the old layout or the new one.
     if let Err(e) = std::fs::write(&tmp, bytes).and_then(|()| std::fs::rename(&tmp, &path)) {
         warn!("cannot save layout to {}: {e}", path.display());
+    }
+}
+
+const TOKENS_FILE: &str = "tokens.bin";
+
+/// The API token registry this node persisted (empty if none).
+pub(super) fn load_tokens(dir: &Path) -> Result<TokenRegistry, NodeError> {
+    let path = dir.join(TOKENS_FILE);
+    let bytes = match std::fs::read(&path) {
+        Ok(bytes) => bytes,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(TokenRegistry::new()),
+        Err(e) => return Err(file_err("read", &path)(e)),
+    };
+    let registry: TokenRegistry = postcard::from_bytes(&bytes).map_err(|e| NodeError::Damaged {
+        path: path.clone(),
+        reason: e.to_string(),
+    })?;
+    registry.validate().map_err(|e| NodeError::Damaged {
+        path,
+        reason: e.to_string(),
+    })?;
+    Ok(registry)
+}
+
+/// Saves the registry durably (written, synced, renamed): a node that
+/// restarts must not accept a token it had seen revoked.
+pub(super) fn save_tokens(dir: &Path, registry: &TokenRegistry) {
+    let path = dir.join(TOKENS_FILE);
+    let tmp = dir.join("tokens.bin.tmp");
+    let Ok(bytes) = postcard::to_allocvec(registry) else {
+        return;
+    };
+    let write = || -> std::io::Result<()> {
+        let mut file = std::fs::File::create(&tmp)?;
+        std::io::Write::write_all(&mut file, &bytes)?;
+        file.sync_all()?;
+        std::fs::rename(&tmp, &path)?;
+        std::fs::File::open(dir)?.sync_all()
+    };
+    if let Err(e) = write() {
+        warn!("cannot save the API tokens to {}: {e}", path.display());
     }
 }

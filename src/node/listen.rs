@@ -298,7 +298,7 @@ async fn serve_client(
                 {
                     Response::Error(Failure::new(
                         ErrorCode::Forbidden,
-                        "changing the cluster (join, leave) needs an admin certificate (`gossipkv certs issue --role admin`); this connection's certificate is a client one",
+                        "changing the cluster (join, leave) or its API tokens needs an admin certificate (`gossipkv certs issue --role admin`); this connection's certificate is a client one",
                     ))
                 }
                 Ok(Some((call, _))) => {

@@ -33,8 +33,8 @@ mod reload;
 mod storage;
 
 use files::{
-    file_err, load_layout, load_peers, next_incarnation, reset_key, save_layout, save_peers,
-    STORE_FILE,
+    file_err, load_layout, load_peers, load_tokens, next_incarnation, reset_key, save_layout,
+    save_peers, save_tokens, STORE_FILE,
 };
 use listen::accept_loop;
 pub use peers::{decode_peer_frame, replicate_frame};
@@ -262,7 +262,9 @@ pub async fn run(
         ..ReplicaConfig::default()
     };
     let seed = u64::from(incarnation) ^ id.0 ^ u64::from(std::process::id());
-    let replica = Replica::new(
+    let tokens = load_tokens(&config.data_dir)?;
+    let (tokens_tx, tokens_rx) = tokio::sync::watch::channel(Arc::new(tokens.clone()));
+    let mut replica = Replica::new(
         store.clone(),
         config.advertise,
         incarnation,
@@ -271,6 +273,7 @@ pub async fn run(
         replica_config,
         seed,
     );
+    replica.load_tokens(tokens);
 
     #[cfg(unix)]
     let reloader = hangup.map(|signal| {
@@ -305,7 +308,7 @@ pub async fn run(
                 _ => http::HttpSecurity::Plain,
             };
             let plain = matches!(security, http::HttpSecurity::Plain);
-            let (bound, task) = http::start(addr, security, inbox.clone())
+            let (bound, task) = http::start(addr, security, inbox.clone(), tokens_rx)
                 .await
                 .map_err(|source| NodeError::Listen { addr, source })?;
             if plain {
@@ -360,6 +363,7 @@ pub async fn run(
         twin_warned: None,
         unnamed_up: Default::default(),
         downs_seen: 0,
+        tokens: tokens_tx,
     };
     let mut seeds = config.seeds.clone();
     for peer in load_peers(&config.data_dir) {
@@ -414,6 +418,8 @@ struct Core {
     unnamed_up: std::collections::HashSet<NodeId>,
     /// Members this node has declared down, ever.
     downs_seen: u64,
+    /// The API token registry as the HTTP API enforces it.
+    tokens: tokio::sync::watch::Sender<Arc<crate::replication::tokens::TokenRegistry>>,
 }
 
 impl Core {
@@ -541,6 +547,12 @@ impl Core {
     /// membership and layout milestones at info, routine ones at debug.
     fn on_event(&mut self, event: ReplicaEvent) {
         match event {
+            ReplicaEvent::TokensChanged { tokens } => {
+                let registry = self.replica.tokens().clone();
+                save_tokens(&self.data_dir, &registry);
+                self.tokens.send_replace(Arc::new(registry));
+                info!(node = %self.name, "API tokens changed ({tokens} known, revoked ones included)");
+            }
             ReplicaEvent::LayoutChanged { version, completed } => {
                 save_layout(&self.data_dir, self.replica.layout());
                 if version == completed {

@@ -2,6 +2,7 @@
 //! every field that came from a peer is checked before use.
 
 use super::layout_state::LayoutState;
+use super::tokens::TokenRegistry;
 use crate::crdt::VersionVector;
 use crate::store::ChangeChunk;
 use serde::{Deserialize, Serialize};
@@ -26,6 +27,8 @@ pub enum Message {
         round: u64,
         layout: LayoutSummary,
         hash: u64,
+        /// The sender's API token registry hash (`TokenRegistry::hash`).
+        tokens: u64,
     },
     /// The receiver of a digest computed the same hash: nothing to do.
     InSync { round: u64 },
@@ -56,6 +59,8 @@ pub enum Message {
     },
     /// The sender's layout state, newer than the receiver's.
     Layout(LayoutState),
+    /// The sender's API token registry, which differs from the receiver's.
+    Tokens(TokenRegistry),
 }
 
 /// Enough of a layout state to tell whether two differ: the versions for
@@ -80,7 +85,7 @@ impl Message {
                 ..
             } => "repair",
             Message::Chunk { .. } | Message::MigrateRequest { .. } => "migration",
-            Message::Layout(_) => "layout",
+            Message::Layout(_) | Message::Tokens(_) => "layout",
         }
     }
 }

@@ -10,3 +10,4 @@ pub mod layout_state;
 pub mod membership;
 pub mod message;
 pub mod replica;
+pub mod tokens;

@@ -34,10 +34,11 @@ use super::membership::{
     MembershipOutput, MembershipTimer, NodeMeta,
 };
 use super::message::{LayoutSummary, Message, StreamPurpose};
+use super::tokens::{TokenError, TokenRecord, TokenRegistry};
 use crate::crdt::{NodeId, VersionVector};
 use crate::store::{ChangeChunk, ChunkLimits, Store};
 use rand::rngs::StdRng;
-use rand::seq::IndexedRandom;
+use rand::seq::{IndexedRandom, SliceRandom};
 use rand::{Rng, SeedableRng};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -104,6 +105,10 @@ pub enum Output {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ReplicaEvent {
     Membership(MembershipEventKind),
+    /// The API token registry changed (to be persisted and enforced).
+    TokensChanged {
+        tokens: usize,
+    },
     LayoutChanged {
         version: u64,
         completed: u64,
@@ -152,6 +157,8 @@ pub enum ReplicaError {
     },
     #[error("peer {peer} sent a layout that is invalid: {reason}")]
     BadLayout { peer: NodeId, reason: String },
+    #[error("peer {peer} sent an API token registry that is invalid: {reason}")]
+    BadTokens { peer: NodeId, reason: String },
 }
 
 /// Counters for metrics and simulations.
@@ -195,11 +202,16 @@ struct Migration {
     last_progress: Duration,
 }
 
+/// Peers a node passes a token registry change on to.
+const TOKEN_FANOUT: usize = 3;
+
 pub struct Replica {
     id: NodeId,
     store: Arc<Store>,
     membership: Membership,
     layout: LayoutState,
+    /// The cluster's API tokens (see `tokens`).
+    tokens: TokenRegistry,
     config: ReplicaConfig,
     rng: StdRng,
     now: Duration,
@@ -248,6 +260,7 @@ impl Replica {
             store,
             membership,
             layout,
+            tokens: TokenRegistry::new(),
             config,
             rng: StdRng::seed_from_u64(seed ^ 0x5eed_1e55),
             now: Duration::ZERO,
@@ -413,7 +426,14 @@ impl Replica {
                 round,
                 layout,
                 hash,
-            } => self.on_digest(from, round, layout, hash)?,
+                tokens,
+            } => {
+                if tokens != self.tokens.hash() {
+                    self.send(from, Message::Tokens(self.tokens.clone()));
+                }
+                self.on_digest(from, round, layout, hash)?
+            }
+            Message::Tokens(registry) => self.on_tokens(from, registry)?,
             Message::InSync { round } => self.on_in_sync(from, round)?,
             Message::PartitionHashes { round, hashes } => self.on_hashes(from, round, hashes)?,
             Message::Versions {
@@ -487,12 +507,14 @@ impl Replica {
         self.rounds.insert(round, (peer, self.now));
         self.stats.rounds_started += 1;
         let layout = self.layout.summary();
+        let tokens = self.tokens.hash();
         self.send(
             peer,
             Message::Digest {
                 round,
                 layout,
                 hash,
+                tokens,
             },
         );
     }
@@ -734,6 +756,80 @@ impl Replica {
                     self.migration_phase_done(partition, phase)?;
                 }
             }
+        }
+        Ok(())
+    }
+
+    // ---- API tokens ----
+
+    /// Starts from the registry this node persisted.
+    pub fn load_tokens(&mut self, registry: TokenRegistry) {
+        self.tokens = registry;
+    }
+
+    pub fn tokens(&self) -> &TokenRegistry {
+        &self.tokens
+    }
+
+    /// Adds a token made here and tells every member at once (digests
+    /// catch up any that miss it).
+    pub fn create_token(
+        &mut self,
+        now: Duration,
+        record: TokenRecord,
+    ) -> Result<Vec<Output>, TokenError> {
+        self.now = now;
+        self.tokens.insert(record)?;
+        self.tokens_changed(None);
+        Ok(self.drain())
+    }
+
+    /// Revokes the tokens named `name_or_id` everywhere; how many were in
+    /// force.
+    pub fn revoke_token(&mut self, now: Duration, name_or_id: &str) -> (usize, Vec<Output>) {
+        self.now = now;
+        let revoked = self.tokens.revoke(name_or_id);
+        if revoked > 0 {
+            self.tokens_changed(None);
+        }
+        (revoked, self.drain())
+    }
+
+    /// Sends the registry to every alive member (`fanout` None: a change
+    /// made here) or to that many of them picked at random (passing on a
+    /// change learnt from a peer: each node passes a change on once, so
+    /// it floods in a few hops at `fanout` messages per node).
+    fn tokens_changed(&mut self, fanout: Option<usize>) {
+        let mut peers: Vec<NodeId> = self
+            .membership
+            .alive()
+            .into_iter()
+            .filter(|&p| p != self.id)
+            .collect();
+        if let Some(fanout) = fanout {
+            peers.shuffle(&mut self.rng);
+            peers.truncate(fanout);
+        }
+        for peer in peers {
+            self.send(peer, Message::Tokens(self.tokens.clone()));
+        }
+        self.out.push(Output::Event(ReplicaEvent::TokensChanged {
+            tokens: self.tokens.tokens().count(),
+        }));
+    }
+
+    fn on_tokens(&mut self, from: NodeId, registry: TokenRegistry) -> Result<(), ReplicaError> {
+        registry.validate().map_err(|e| ReplicaError::BadTokens {
+            peer: from,
+            reason: e.to_string(),
+        })?;
+        let changed = self.tokens.merge(&registry);
+        if self.tokens != registry {
+            // We knew something the peer did not: tell it back.
+            self.send(from, Message::Tokens(self.tokens.clone()));
+        }
+        if changed {
+            self.tokens_changed(Some(TOKEN_FANOUT));
         }
         Ok(())
     }

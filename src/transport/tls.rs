@@ -305,17 +305,27 @@ fn transport() -> Arc<quinn::TransportConfig> {
     Arc::new(base_transport())
 }
 
-/// A TLS 1.3 server with `identity`'s certificate that requires a client
-/// certificate from the cluster CA (and checks the CRL): the QUIC listener
-/// and the HTTPS API both use it. No ALPN set.
-pub fn https_server_config(identity: &TlsIdentity) -> Result<rustls::ServerConfig, TlsError> {
-    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+/// A TLS 1.3 server with `identity`'s certificate that verifies client
+/// certificates against the cluster CA (and the CRL): the QUIC listener
+/// and the HTTPS API both use it. No ALPN set. Without `anonymous_clients`
+/// a client certificate is required; with it a client may present none
+/// (the HTTP API then asks for a bearer token), and one it presents is
+/// verified all the same.
+pub fn https_server_config(
+    identity: &TlsIdentity,
+    anonymous_clients: bool,
+) -> Result<rustls::ServerConfig, TlsError> {
+    let mut verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
         identity.roots.clone(),
         provider(),
     )
-    .with_crls(identity.crls.iter().cloned())
-    .build()
-    .map_err(|e| TlsError::Verifier(e.to_string()))?;
+    .with_crls(identity.crls.iter().cloned());
+    if anonymous_clients {
+        verifier = verifier.allow_unauthenticated();
+    }
+    let verifier = verifier
+        .build()
+        .map_err(|e| TlsError::Verifier(e.to_string()))?;
     Ok(rustls::ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(verifier)
@@ -329,7 +339,7 @@ pub fn server_config(
     alpns: &[&[u8]],
 ) -> Result<quinn::ServerConfig, TlsError> {
     let mut tls = match identity {
-        Some(id) => https_server_config(id)?,
+        Some(id) => https_server_config(id, false)?,
         None => {
             let builder = rustls::ServerConfig::builder_with_provider(provider())
                 .with_protocol_versions(&[&rustls::version::TLS13])?;

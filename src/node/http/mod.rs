@@ -1,7 +1,9 @@
-//! The HTTP/JSON API (`--http-listen`): HTTPS with the node's certificate,
-//! clients authenticated by a certificate of the cluster CA (client or
-//! admin role, as on the QUIC client protocol), or plain HTTP with no
-//! authentication when asked for by name (`--http-plain`).
+//! The HTTP/JSON API (`--http-listen`): HTTPS with the node's certificate;
+//! a client is authenticated by a certificate of the cluster CA (client or
+//! admin role, as on the QUIC client protocol: full access) or by a bearer
+//! token scoped to key prefixes (`replication::tokens`, checked on every
+//! request against the registry the core keeps current). Plain HTTP with
+//! no authentication only when asked for by name (`--http-plain`).
 //!
 //! This module only accepts and serves connections; `routes` turns each
 //! request into a client call that the core loop coordinates exactly like
@@ -14,7 +16,9 @@ mod routes;
 
 use super::{CoreInput, Inbox};
 use crate::client::{Call, ErrorCode, Failure, Request, Response};
+use crate::replication::tokens::{Access, Denied, TokenRegistry};
 use crate::transport::tls::TlsIdentity;
+use axum::http::{HeaderMap, StatusCode};
 use json::ApiError;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -35,9 +39,85 @@ const STREAMS_PER_CONNECTION: u32 = 128;
 /// What the routes call the node through.
 pub(super) struct Api {
     core: Inbox,
+    tokens: tokio::sync::watch::Receiver<Arc<TokenRegistry>>,
+}
+
+/// How a connection authenticated, put in each request's extensions.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Connection {
+    /// A client or admin certificate of the cluster CA.
+    Certificate,
+    /// TLS without a client certificate: each request needs a token.
+    Anonymous,
+    /// `--http-plain`: nothing is checked.
+    Plain,
+}
+
+fn unauthorized(message: impl Into<String>) -> ApiError {
+    ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", message)
+}
+
+/// The bearer token of a request, if it carries one.
+fn bearer(headers: &HeaderMap) -> Result<Option<&str>, ApiError> {
+    let Some(value) = headers.get(axum::http::header::AUTHORIZATION) else {
+        return Ok(None);
+    };
+    let text = value
+        .to_str()
+        .map_err(|_| unauthorized("the Authorization header is not text"))?;
+    match text.split_once(' ') {
+        Some((scheme, token)) if scheme.eq_ignore_ascii_case("bearer") => Ok(Some(token.trim())),
+        _ => Err(unauthorized(
+            "the Authorization header must be `Bearer <token>`",
+        )),
+    }
 }
 
 impl Api {
+    /// Whether the request may do `access` to `key`: a certificate or the
+    /// plain mode allow everything unless the request also carries a
+    /// token, which then limits it; without a certificate a token is
+    /// required. Checked before the key is looked at, so a refusal never
+    /// tells whether the key exists.
+    fn authorize(
+        &self,
+        connection: Connection,
+        headers: &HeaderMap,
+        key: &[u8],
+        access: Access,
+    ) -> Result<(), ApiError> {
+        let Some(secret) = bearer(headers)? else {
+            return match connection {
+                Connection::Certificate | Connection::Plain => Ok(()),
+                Connection::Anonymous => Err(unauthorized(
+                    "this request needs `Authorization: Bearer <token>` (kvctl token create) or a client certificate",
+                )),
+            };
+        };
+        let registry = self.tokens.borrow().clone();
+        registry
+            .authorize(secret, key, access, super::admin::unix_ms())
+            .map(|_| ())
+            .map_err(denied)
+    }
+
+    /// For node-level routes (status): any valid token, or a certificate.
+    fn authenticate(&self, connection: Connection, headers: &HeaderMap) -> Result<(), ApiError> {
+        match (bearer(headers)?, connection) {
+            (None, Connection::Certificate | Connection::Plain) => Ok(()),
+            (None, Connection::Anonymous) => Err(unauthorized(
+                "this request needs `Authorization: Bearer <token>` or a client certificate",
+            )),
+            (Some(secret), _) => {
+                let registry = self.tokens.borrow().clone();
+                registry
+                    .authenticate(secret, super::admin::unix_ms())
+                    .map(|_| ())
+                    .map_err(denied)
+            }
+        }
+    }
+
     /// Coordinates `request` at quorums `w` / `r`, as a QUIC client call.
     async fn call(&self, request: Request, w: u8, r: u8) -> Result<Response, ApiError> {
         let (reply, answer) = oneshot::channel();
@@ -65,24 +145,33 @@ impl Api {
     }
 }
 
+fn denied(denied: Denied) -> ApiError {
+    match denied {
+        Denied::Unauthenticated(message) => unauthorized(message),
+        Denied::Forbidden(message) => ApiError::new(StatusCode::FORBIDDEN, "forbidden", message),
+    }
+}
+
 fn shutting_down() -> Failure {
     Failure::new(ErrorCode::Internal, "the node is shutting down")
 }
 
 /// How the HTTP listener secures its connections.
 pub(super) enum HttpSecurity {
-    /// HTTPS; clients present a client or admin certificate of the CA.
+    /// HTTPS; a client presents a client or admin certificate of the CA,
+    /// or none and a bearer token with each request.
     Tls(Arc<rustls::ServerConfig>),
     /// Plain HTTP, no authentication (`--http-plain`).
     Plain,
 }
 
 impl HttpSecurity {
-    /// HTTPS with `identity`'s certificate, requiring client certificates.
+    /// HTTPS with `identity`'s certificate; client certificates are
+    /// verified when presented, tokens asked for when not.
     pub(super) fn tls(
         identity: &TlsIdentity,
     ) -> Result<HttpSecurity, crate::transport::tls::TlsError> {
-        let mut config = crate::transport::tls::https_server_config(identity)?;
+        let mut config = crate::transport::tls::https_server_config(identity, true)?;
         config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
         Ok(HttpSecurity::Tls(Arc::new(config)))
     }
@@ -94,10 +183,11 @@ pub(super) async fn start(
     addr: SocketAddr,
     security: HttpSecurity,
     core: Inbox,
+    tokens: tokio::sync::watch::Receiver<Arc<TokenRegistry>>,
 ) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
     let listener = TcpListener::bind(addr).await?;
     let bound = listener.local_addr()?;
-    let router = routes::router(Arc::new(Api { core }));
+    let router = routes::router(Arc::new(Api { core, tokens }));
     let security = Arc::new(security);
     let task = tokio::spawn(async move {
         let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
@@ -133,7 +223,7 @@ async fn serve_connection(
     router: axum::Router,
 ) {
     match security {
-        HttpSecurity::Plain => serve_http(stream, remote, router).await,
+        HttpSecurity::Plain => serve_http(stream, remote, router, Connection::Plain).await,
         HttpSecurity::Tls(config) => {
             let acceptor = tokio_rustls::TlsAcceptor::from(config.clone());
             let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
@@ -141,28 +231,35 @@ async fn serve_connection(
                 Ok(Err(e)) => return debug!(%remote, "HTTPS handshake refused: {e}"),
                 Err(_) => return debug!(%remote, "HTTPS handshake timed out"),
             };
-            // The verifier checked the chain against the cluster CA; the
-            // role decides: node certificates are for peers, not clients.
+            // The verifier checked a presented chain against the cluster
+            // CA; the role decides: node certificates are for peers.
             let leaf = tls.get_ref().1.peer_certificates().and_then(|c| c.first());
-            match leaf.map(|der| crate::certs::identity_of(der)) {
-                Some(Ok(identity)) if identity.role != crate::certs::Role::Node => {}
+            let connection = match leaf.map(|der| crate::certs::identity_of(der)) {
+                Some(Ok(identity)) if identity.role != crate::certs::Role::Node => {
+                    Connection::Certificate
+                }
                 Some(Ok(identity)) => {
                     return debug!(%remote, %identity, "HTTPS refused: a node certificate is not a client one")
                 }
                 Some(Err(e)) => return debug!(%remote, "HTTPS refused: unusable certificate: {e}"),
-                None => return debug!(%remote, "HTTPS refused: no client certificate"),
-            }
-            serve_http(tls, remote, router).await
+                None => Connection::Anonymous,
+            };
+            serve_http(tls, remote, router, connection).await
         }
     }
 }
 
-async fn serve_http<S>(stream: S, remote: SocketAddr, router: axum::Router)
+async fn serve_http<S>(stream: S, remote: SocketAddr, router: axum::Router, connection: Connection)
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-    let service = hyper_util::service::TowerToHyperService::new(router);
+    use tower_service::Service;
+    let service =
+        hyper::service::service_fn(move |mut request: hyper::Request<hyper::body::Incoming>| {
+            request.extensions_mut().insert(connection);
+            router.clone().call(request)
+        });
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
     builder
         .http1()

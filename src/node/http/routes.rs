@@ -8,12 +8,13 @@
 //! bodies are capped before they are read.
 
 use super::json::{context_text, json_body, ApiError, JsonBytes, JsonRecord, CONTEXT_HEADER};
-use super::Api;
+use super::{Api, Connection};
 use crate::client::{Request, Response};
 use crate::crdt::{CausalContext, Value};
+use crate::replication::tokens::Access;
 use crate::store::{MAX_KEY_BYTES, MAX_VALUE_BYTES};
 use axum::body::Body;
-use axum::extract::State;
+use axum::extract::{Extension, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode, Uri};
 use axum::response::{IntoResponse, Response as HttpResponse};
 use axum::routing::{get, post};
@@ -278,10 +279,13 @@ fn wants_raw(headers: &HeaderMap) -> bool {
 
 async fn get_item(
     State(api): State<Arc<Api>>,
+    Extension(connection): Extension<Connection>,
     uri: Uri,
     headers: HeaderMap,
 ) -> Result<HttpResponse, ApiError> {
+    api.authenticate(connection, &headers)?;
     let key = key_of(&uri, KV)?;
+    api.authorize(connection, &headers, &key, Access::Read)?;
     let query = Query::parse(&uri, &["r"])?;
     let r = query.quorum("r")?;
     let response = api.call(Request::Get { key: key.clone() }, 1, r).await?;
@@ -336,11 +340,14 @@ fn context_answer(response: Response) -> Result<HttpResponse, ApiError> {
 
 async fn put_item(
     State(api): State<Arc<Api>>,
+    Extension(connection): Extension<Connection>,
     uri: Uri,
     headers: HeaderMap,
     body: Body,
 ) -> Result<HttpResponse, ApiError> {
+    api.authenticate(connection, &headers)?;
     let key = key_of(&uri, KV)?;
+    api.authorize(connection, &headers, &key, Access::Write)?;
     let query = Query::parse(&uri, &["w", "lww"])?;
     let w = query.quorum("w")?;
     let lww = query.flag("lww")?;
@@ -366,17 +373,27 @@ async fn put_item(
 
 async fn delete_item(
     State(api): State<Arc<Api>>,
+    Extension(connection): Extension<Connection>,
     uri: Uri,
     headers: HeaderMap,
 ) -> Result<HttpResponse, ApiError> {
+    api.authenticate(connection, &headers)?;
     let key = key_of(&uri, KV)?;
+    api.authorize(connection, &headers, &key, Access::Write)?;
     let w = Query::parse(&uri, &["w"])?.quorum("w")?;
     let context = context_of(&headers)?;
     context_answer(api.call(Request::Delete { key, context }, w, 1).await?)
 }
 
-async fn counter_get(State(api): State<Arc<Api>>, uri: Uri) -> Result<HttpResponse, ApiError> {
+async fn counter_get(
+    State(api): State<Arc<Api>>,
+    Extension(connection): Extension<Connection>,
+    uri: Uri,
+    headers: HeaderMap,
+) -> Result<HttpResponse, ApiError> {
+    api.authenticate(connection, &headers)?;
     let key = key_of(&uri, COUNTERS)?;
+    api.authorize(connection, &headers, &key, Access::Read)?;
     let r = Query::parse(&uri, &["r"])?.quorum("r")?;
     match api
         .call(Request::CounterGet { key: key.clone() }, 1, r)
@@ -397,11 +414,14 @@ struct CounterAdd {
 
 async fn counter_add(
     State(api): State<Arc<Api>>,
+    Extension(connection): Extension<Connection>,
     uri: Uri,
     headers: HeaderMap,
     body: Body,
 ) -> Result<HttpResponse, ApiError> {
+    api.authenticate(connection, &headers)?;
     let key = key_of(&uri, COUNTERS)?;
+    api.authorize(connection, &headers, &key, Access::Write)?;
     let w = Query::parse(&uri, &["w"])?.quorum("w")?;
     let CounterAdd { add } = parse_json(&read_body(&headers, body, 4096).await?)?;
     match api
@@ -422,8 +442,15 @@ async fn counter_add(
     }
 }
 
-async fn set_members(State(api): State<Arc<Api>>, uri: Uri) -> Result<HttpResponse, ApiError> {
+async fn set_members(
+    State(api): State<Arc<Api>>,
+    Extension(connection): Extension<Connection>,
+    uri: Uri,
+    headers: HeaderMap,
+) -> Result<HttpResponse, ApiError> {
+    api.authenticate(connection, &headers)?;
     let key = key_of(&uri, SETS)?;
+    api.authorize(connection, &headers, &key, Access::Read)?;
     let r = Query::parse(&uri, &["r"])?.quorum("r")?;
     match api
         .call(Request::SetMembers { key: key.clone() }, 1, r)
@@ -446,11 +473,14 @@ enum SetChange {
 
 async fn set_change(
     State(api): State<Arc<Api>>,
+    Extension(connection): Extension<Connection>,
     uri: Uri,
     headers: HeaderMap,
     body: Body,
 ) -> Result<HttpResponse, ApiError> {
+    api.authenticate(connection, &headers)?;
     let key = key_of(&uri, SETS)?;
+    api.authorize(connection, &headers, &key, Access::Write)?;
     let w = Query::parse(&uri, &["w"])?.quorum("w")?;
     let change: SetChange = parse_json(&read_body(&headers, body, MAX_JSON_BYTES).await?)?;
     let request = match change {
@@ -460,7 +490,13 @@ async fn set_change(
     context_answer(api.call(request, w, 1).await?)
 }
 
-async fn status(State(api): State<Arc<Api>>, uri: Uri) -> Result<HttpResponse, ApiError> {
+async fn status(
+    State(api): State<Arc<Api>>,
+    Extension(connection): Extension<Connection>,
+    uri: Uri,
+    headers: HeaderMap,
+) -> Result<HttpResponse, ApiError> {
+    api.authenticate(connection, &headers)?;
     Query::parse(&uri, &[])?;
     match api.call(Request::Status, 1, 1).await? {
         Response::Status(status) => Ok(json_body(&status)),
@@ -628,10 +664,12 @@ fn batch_result(key: &[u8], result: Result<Response, ApiError>) -> serde_json::V
 /// on different keys concurrently; one result per operation, in order.
 async fn batch(
     State(api): State<Arc<Api>>,
+    Extension(connection): Extension<Connection>,
     uri: Uri,
     headers: HeaderMap,
     body: Body,
 ) -> Result<HttpResponse, ApiError> {
+    api.authenticate(connection, &headers)?;
     Query::parse(&uri, &[])?;
     let Batch { ops } = parse_json(&read_body(&headers, body, MAX_JSON_BYTES).await?)?;
     if ops.len() > MAX_BATCH_OPS {
@@ -648,7 +686,17 @@ async fn batch(
     // Per key, its operations in order: (index, call or why it is invalid).
     let mut by_key: BTreeMap<Vec<u8>, Vec<IndexedCall>> = BTreeMap::new();
     for (i, op) in ops.into_iter().enumerate() {
-        let call = op.call();
+        // Each operation is checked against the token on its own.
+        let call = op.call().and_then(|(request, w, r)| {
+            let access = if request.is_write() {
+                Access::Write
+            } else {
+                Access::Read
+            };
+            let key = request.key().unwrap_or_default();
+            api.authorize(connection, &headers, key, access)?;
+            Ok((request, w, r))
+        });
         let key = match &call {
             Ok((request, _, _)) => request.key().unwrap_or_default().to_vec(),
             Err(_) => Vec::new(),
