@@ -314,6 +314,71 @@ async fn items_counters_sets_and_batches_over_https_through_any_node() {
     assert_eq!(results[4]["error"]["code"], "wrong_type");
     assert_eq!(results[6]["result"]["members"], json!(["m"]));
 
+    // Watches: held until the key moves past the given context (here by a
+    // write through another node), or 304 at the timeout.
+    let (_, record) = json_of(
+        http.get(url(&cluster, 0, "/v1/kv/greeting"))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    let seen = record["context"].as_str().unwrap().to_string();
+    let watcher = {
+        let http = http.clone();
+        let at = url(
+            &cluster,
+            0,
+            &format!("/v1/kv/greeting?watch={seen}&timeout=60"),
+        );
+        tokio::spawn(async move { json_of(http.get(at).send().await.unwrap()).await })
+    };
+    let created = {
+        let http = http.clone();
+        let at = url(&cluster, 1, "/v1/kv/later?watch=&timeout=60");
+        tokio::spawn(async move { json_of(http.get(at).send().await.unwrap()).await })
+    };
+    // Nothing moved yet: a short watch of the same context times out.
+    let response = http
+        .get(url(
+            &cluster,
+            0,
+            &format!("/v1/kv/greeting?watch={seen}&timeout=0.5"),
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::NOT_MODIFIED);
+    assert!(!watcher.is_finished());
+    put(
+        &http,
+        url(&cluster, 2, "/v1/kv/greeting?w=3"),
+        "watched",
+        Some(&seen),
+    )
+    .await;
+    put(&http, url(&cluster, 2, "/v1/kv/later?w=3"), "now", None).await;
+    let (status, record) = watcher.await.unwrap();
+    assert_eq!(status, StatusCode::OK, "{record}");
+    assert_eq!(sorted_values(&record), ["watched"]);
+    let (status, record) = created.await.unwrap();
+    assert_eq!(status, StatusCode::OK, "{record}");
+    assert_eq!(sorted_values(&record), ["now"]);
+    // A watch of a context the key has already moved past answers at once.
+    let (status, record) = json_of(
+        http.get(url(
+            &cluster,
+            1,
+            &format!("/v1/kv/greeting?watch={seen}&timeout=60"),
+        ))
+        .send()
+        .await
+        .unwrap(),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(sorted_values(&record), ["watched"]);
+
     // Node status, for health checks.
     let (status, body) = json_of(
         http.get(url(&cluster, 0, "/v1/status"))
@@ -395,6 +460,16 @@ async fn bad_input_gets_the_documented_status_and_code_and_strangers_are_refused
             http.put(url(&cluster, 0, "/v1/kv/text?w=9")).body("v"),
             StatusCode::BAD_REQUEST,
             "bad_request",
+        ),
+        (
+            http.get(url(&cluster, 0, "/v1/kv/text?watch=&timeout=301")),
+            StatusCode::BAD_REQUEST,
+            "bad_query",
+        ),
+        (
+            http.get(url(&cluster, 0, "/v1/kv/text?watch=zz")),
+            StatusCode::BAD_REQUEST,
+            "bad_context",
         ),
         (
             http.get(url(&cluster, 0, "/v2/kv/x")),

@@ -308,7 +308,7 @@ pub async fn run(
                 _ => http::HttpSecurity::Plain,
             };
             let plain = matches!(security, http::HttpSecurity::Plain);
-            let (bound, task) = http::start(addr, security, inbox.clone(), tokens_rx)
+            let (bound, task) = http::start(addr, security, inbox.clone(), tokens_rx, &store)
                 .await
                 .map_err(|source| NodeError::Listen { addr, source })?;
             if plain {

@@ -147,7 +147,14 @@ pub struct Store {
     /// kept beside the writer state so that asking never waits for a
     /// commit in progress.
     writable: Box<[AtomicBool]>,
+    /// Told the keys of every committed write transaction (see
+    /// [`Store::set_observer`]).
+    observer: std::sync::OnceLock<KeyObserver>,
 }
+
+/// Called with the keys a committed transaction wrote or removed, after
+/// the commit, on the thread that committed it: it must be quick.
+pub type KeyObserver = Arc<dyn Fn(&[Vec<u8>]) + Send + Sync>;
 
 impl std::fmt::Debug for Store {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -159,6 +166,14 @@ impl std::fmt::Debug for Store {
 }
 
 impl Store {
+    /// Sets the observer told the keys of every committed write (local
+    /// writes, merges, anti-entropy and migration chunks, purges): what
+    /// lets a node answer a watch without polling. Once per store; false
+    /// if one was set already.
+    pub fn set_observer(&self, observer: KeyObserver) -> bool {
+        self.observer.set(observer).is_ok()
+    }
+
     /// Opens the store at `path`, creating it if the file does not exist.
     pub fn open(path: impl AsRef<Path>, options: StoreOptions) -> Result<Store> {
         let path = path.as_ref();
@@ -338,6 +353,7 @@ impl Store {
             partitions,
             durability: options.durability,
             clock: options.clock,
+            observer: std::sync::OnceLock::new(),
             writable: versions
                 .iter()
                 .zip(&issued_floor)

@@ -245,11 +245,17 @@ impl Store {
             Durability::Immediate => redb::Durability::Immediate,
             Durability::Buffered => redb::Durability::None,
         })?;
-        let (result, touched, dropped, hlc) = {
+        let (result, touched, dropped, hlc, written) = {
             let mut writer = Writer::new(self, &txn, &state)?;
             let result = f(&mut writer)?;
             writer.flush()?;
-            (result, writer.touched, writer.dropped, writer.hlc)
+            (
+                result,
+                writer.touched,
+                writer.dropped,
+                writer.hlc,
+                writer.written,
+            )
         };
         txn.commit()?;
         for (p, issued) in dropped {
@@ -262,6 +268,12 @@ impl Store {
             self.refresh_writable(&state, p);
         }
         state.hlc = hlc;
+        drop(state);
+        if let (Some(observer), Some(keys)) = (self.observer.get(), written) {
+            if !keys.is_empty() {
+                observer(&keys);
+            }
+        }
         Ok(result)
     }
 }
@@ -283,6 +295,8 @@ pub(super) struct Writer<'t> {
     issued_floor: &'t [u64],
     hlc: HybridClock,
     hlc_start: HybridClock,
+    /// Keys written or removed, when the store has an observer.
+    written: Option<Vec<Vec<u8>>>,
 }
 
 impl<'t> Writer<'t> {
@@ -297,6 +311,7 @@ impl<'t> Writer<'t> {
             committed: &state.versions,
             touched: BTreeMap::new(),
             dropped: Vec::new(),
+            written: store.observer.get().map(|_| Vec::new()),
             issued_table: txn.open_table(ISSUED_FLOOR)?,
             issued_floor: &state.issued_floor,
             hlc: state.hlc,
@@ -540,6 +555,9 @@ impl<'t> Writer<'t> {
         }
         let encoded = entry.encode();
         self.entries.insert(key, encoded.as_slice())?;
+        if let Some(written) = &mut self.written {
+            written.push(key.to_vec());
+        }
         let is_tombstone = entry.is_tombstone();
         if was_tombstone != Some(is_tombstone) {
             if is_tombstone {
@@ -558,6 +576,9 @@ impl<'t> Writer<'t> {
         }
         self.entries.remove(key)?;
         self.tombstones.remove((partition, key))?;
+        if let Some(written) = &mut self.written {
+            written.push(key.to_vec());
+        }
         Ok(())
     }
 

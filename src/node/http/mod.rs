@@ -13,6 +13,7 @@
 
 pub mod json;
 mod routes;
+mod watch;
 
 use super::{CoreInput, Inbox};
 use crate::client::{Call, ErrorCode, Failure, Request, Response};
@@ -27,7 +28,8 @@ use tokio::net::TcpListener;
 use tokio::sync::{oneshot, Semaphore};
 use tracing::{debug, warn};
 
-pub use routes::MAX_BATCH_OPS;
+pub use routes::{MAX_BATCH_OPS, MAX_WATCH_SECONDS, WATCH_SECONDS};
+pub use watch::MAX_WATCHES;
 
 /// Connections served at once; more wait in the listen backlog.
 pub const MAX_CONNECTIONS: usize = 1024;
@@ -40,6 +42,7 @@ const STREAMS_PER_CONNECTION: u32 = 128;
 pub(super) struct Api {
     core: Inbox,
     tokens: tokio::sync::watch::Receiver<Arc<TokenRegistry>>,
+    watches: Arc<watch::Watches>,
 }
 
 /// How a connection authenticated, put in each request's extensions.
@@ -184,10 +187,18 @@ pub(super) async fn start(
     security: HttpSecurity,
     core: Inbox,
     tokens: tokio::sync::watch::Receiver<Arc<TokenRegistry>>,
+    store: &crate::Store,
 ) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
     let listener = TcpListener::bind(addr).await?;
     let bound = listener.local_addr()?;
-    let router = routes::router(Arc::new(Api { core, tokens }));
+    let watches = Arc::new(watch::Watches::default());
+    let observer = watches.clone();
+    store.set_observer(Arc::new(move |keys: &[Vec<u8>]| observer.changed(keys)));
+    let router = routes::router(Arc::new(Api {
+        core,
+        tokens,
+        watches,
+    }));
     let security = Arc::new(security);
     let task = tokio::spawn(async move {
         let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));

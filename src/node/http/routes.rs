@@ -9,7 +9,7 @@
 
 use super::json::{context_text, json_body, ApiError, JsonBytes, JsonRecord, CONTEXT_HEADER};
 use super::{Api, Connection};
-use crate::client::{Request, Response};
+use crate::client::{Request, Response, WireRecord};
 use crate::crdt::{CausalContext, Value};
 use crate::replication::tokens::Access;
 use crate::store::{MAX_KEY_BYTES, MAX_VALUE_BYTES};
@@ -22,6 +22,13 @@ use axum::Router;
 use serde::Deserialize;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
+use std::time::Duration;
+
+/// How long a watch waits by default, and at most (seconds).
+pub const WATCH_SECONDS: u64 = 30;
+pub const MAX_WATCH_SECONDS: u64 = 300;
+/// How often a watch reads again although nothing woke it (see `watch`).
+const WATCH_RECHECK: Duration = Duration::from_secs(5);
 
 /// The most operations one batch may carry.
 pub const MAX_BATCH_OPS: usize = 128;
@@ -171,6 +178,22 @@ impl Query {
         }
     }
 
+    /// A number of seconds, `default` when absent, at most `max`.
+    fn seconds(&self, name: &str, default: u64, max: u64) -> Result<Duration, ApiError> {
+        match self.0.get(name) {
+            None => Ok(Duration::from_secs(default)),
+            Some(text) => match text.parse::<f64>() {
+                Ok(s) if s.is_finite() && (0.0..=max as f64).contains(&s) => {
+                    Ok(Duration::from_secs_f64(s))
+                }
+                _ => Err(ApiError::bad_request(
+                    "bad_query",
+                    format!("{name}={text:?}: expected seconds from 0 to {max}"),
+                )),
+            },
+        }
+    }
+
     fn flag(&self, name: &str) -> Result<bool, ApiError> {
         match self.0.get(name).map(String::as_str) {
             None | Some("false") | Some("0") => Ok(false),
@@ -286,11 +309,24 @@ async fn get_item(
     api.authenticate(connection, &headers)?;
     let key = key_of(&uri, KV)?;
     api.authorize(connection, &headers, &key, Access::Read)?;
-    let query = Query::parse(&uri, &["r"])?;
+    let query = Query::parse(&uri, &["r", "watch", "timeout"])?;
     let r = query.quorum("r")?;
-    let response = api.call(Request::Get { key: key.clone() }, 1, r).await?;
-    let Response::Record(record) = response else {
-        return Err(unexpected(response));
+    let record = match query.0.get("watch") {
+        None => read(&api, &key, r).await?,
+        Some(since) => {
+            let since = if since.is_empty() {
+                CausalContext::new()
+            } else {
+                since.parse::<CausalContext>().map_err(|e| {
+                    ApiError::bad_request("bad_context", format!("watch: bad causal context: {e}"))
+                })?
+            };
+            let timeout = query.seconds("timeout", WATCH_SECONDS, MAX_WATCH_SECONDS)?;
+            match watch(&api, &key, r, &since, timeout).await? {
+                Some(record) => record,
+                None => return Ok(StatusCode::NOT_MODIFIED.into_response()),
+            }
+        }
     };
     let record = record.ok_or_else(|| not_found(&key))?;
     let json = || json_body(&JsonRecord::new(&key, &record));
@@ -315,6 +351,63 @@ async fn get_item(
         }
     };
     Ok(with_context(response, &record.context))
+}
+
+/// A read of `key` at `r`.
+async fn read(api: &Api, key: &[u8], r: u8) -> Result<Option<WireRecord>, ApiError> {
+    match api.call(Request::Get { key: key.to_vec() }, 1, r).await? {
+        Response::Record(record) => Ok(record),
+        other => Err(unexpected(other)),
+    }
+}
+
+/// Whether the key has moved past `since`: it holds a write `since` has
+/// not seen, or it is gone though `since` saw something.
+fn moved(record: &Option<WireRecord>, since: &CausalContext) -> bool {
+    match record {
+        None => !since.is_empty(),
+        Some(record) => match CausalContext::from_bytes(&record.context) {
+            Ok(context) => context.dots().any(|dot| !since.covers(dot)),
+            Err(_) => true,
+        },
+    }
+}
+
+/// Waits until `key` moves past `since` (its read, `Some`) or `timeout`
+/// passes (`None`). Woken by this node's commits of the key; a node that
+/// holds no replica of the key sees no such commit, so it also reads
+/// again every [`WATCH_RECHECK`].
+async fn watch(
+    api: &Api,
+    key: &[u8],
+    r: u8,
+    since: &CausalContext,
+    timeout: Duration,
+) -> Result<Option<Option<WireRecord>>, ApiError> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        // Registered before the read: a write between the two wakes it.
+        let mut watch = api.watches.watch(key).ok_or_else(|| {
+            ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "overloaded",
+                format!("this node holds {} watches, its most", super::MAX_WATCHES),
+            )
+        })?;
+        let record = read(api, key, r).await?;
+        if moved(&record, since) {
+            return Ok(Some(record));
+        }
+        let now = tokio::time::Instant::now();
+        if now >= deadline {
+            return Ok(None);
+        }
+        let wake = deadline.min(now + WATCH_RECHECK);
+        tokio::select! {
+            _ = &mut watch.woken => {}
+            () = tokio::time::sleep_until(wake) => {}
+        }
+    }
 }
 
 fn raw(value: Vec<u8>) -> HttpResponse {

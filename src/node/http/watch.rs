@@ -1,0 +1,110 @@
+//! Held watches: which requests wait for which key, woken by the store's
+//! observer (every committed write of this node, whatever brought it:
+//! a client write, a replicated one, anti-entropy, migration). A held
+//! watch costs a map entry, not a poll.
+//!
+//! Invariant: a watch is registered before the read it compares against,
+//! so a write committed between that read and the wait still wakes it.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use tokio::sync::oneshot;
+
+/// Watches held at once by one node; more are refused as overloaded.
+pub const MAX_WATCHES: usize = 65_536;
+
+#[derive(Default)]
+pub(super) struct Watches {
+    waiting: Mutex<HashMap<Vec<u8>, Vec<(u64, oneshot::Sender<()>)>>>,
+    /// Watches registered: lets the observer skip the lock when none are.
+    held: AtomicUsize,
+    next: AtomicUsize,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Only whole entries are inserted and removed under the lock.
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// A registered watch: removed from the map when dropped.
+pub(super) struct Watch {
+    watches: Arc<Watches>,
+    key: Vec<u8>,
+    id: u64,
+    pub(super) woken: oneshot::Receiver<()>,
+}
+
+impl Drop for Watch {
+    fn drop(&mut self) {
+        let mut waiting = lock(&self.watches.waiting);
+        if let Some(list) = waiting.get_mut(&self.key) {
+            let before = list.len();
+            list.retain(|(id, _)| *id != self.id);
+            if list.len() < before {
+                self.watches.held.fetch_sub(1, Relaxed);
+            }
+            if list.is_empty() {
+                waiting.remove(&self.key);
+            }
+        }
+    }
+}
+
+impl Watches {
+    /// Wakes every watch of the keys (called by the store after a commit).
+    pub(super) fn changed(&self, keys: &[Vec<u8>]) {
+        if self.held.load(Relaxed) == 0 {
+            return;
+        }
+        let mut waiting = lock(&self.waiting);
+        for key in keys {
+            if let Some(list) = waiting.remove(key) {
+                self.held.fetch_sub(list.len(), Relaxed);
+                for (_, waker) in list {
+                    let _ = waker.send(());
+                }
+            }
+        }
+    }
+
+    /// Registers a watch of `key`; `None` when [`MAX_WATCHES`] are held.
+    pub(super) fn watch(self: &Arc<Self>, key: &[u8]) -> Option<Watch> {
+        let mut waiting = lock(&self.waiting);
+        if self.held.load(Relaxed) >= MAX_WATCHES {
+            return None;
+        }
+        let id = self.next.fetch_add(1, Relaxed) as u64;
+        let (waker, woken) = oneshot::channel();
+        waiting.entry(key.to_vec()).or_default().push((id, waker));
+        self.held.fetch_add(1, Relaxed);
+        Some(Watch {
+            watches: self.clone(),
+            key: key.to_vec(),
+            id,
+            woken,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_change_wakes_the_watches_of_its_key_only_and_dropped_ones_leave_no_trace() {
+        let watches = Arc::new(Watches::default());
+        let mut a = watches.watch(b"a").unwrap();
+        let mut b = watches.watch(b"b").unwrap();
+        let dropped = watches.watch(b"a").unwrap();
+        drop(dropped);
+        assert_eq!(watches.held.load(Relaxed), 2);
+        watches.changed(&[b"a".to_vec(), b"c".to_vec()]);
+        assert!(a.woken.try_recv().is_ok());
+        assert!(b.woken.try_recv().is_err());
+        drop(a);
+        drop(b);
+        assert_eq!(watches.held.load(Relaxed), 0);
+        assert!(lock(&watches.waiting).is_empty());
+    }
+}
