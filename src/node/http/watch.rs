@@ -14,9 +14,12 @@ use tokio::sync::oneshot;
 /// Watches held at once by one node; more are refused as overloaded.
 pub const MAX_WATCHES: usize = 65_536;
 
+/// A held watch's id and how to wake it.
+type Waker = (u64, oneshot::Sender<()>);
+
 #[derive(Default)]
 pub(super) struct Watches {
-    waiting: Mutex<HashMap<Vec<u8>, Vec<(u64, oneshot::Sender<()>)>>>,
+    waiting: Mutex<HashMap<Vec<u8>, Vec<Waker>>>,
     /// Watches registered: lets the observer skip the lock when none are.
     held: AtomicUsize,
     next: AtomicUsize,
