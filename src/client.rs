@@ -65,6 +65,16 @@ pub enum Request {
         key: Vec<u8>,
     },
     Status,
+    /// One page of the live keys starting with `prefix` across the whole
+    /// cluster, in key order, after `start_after`: each partition is
+    /// listed by one of its replicas.
+    List {
+        #[serde(with = "serde_bytes")]
+        prefix: Vec<u8>,
+        #[serde(with = "serde_bytes")]
+        start_after: Option<Vec<u8>>,
+        limit: u32,
+    },
     /// Live keys this node holds, in key order.
     Keys {
         #[serde(with = "serde_bytes")]
@@ -124,6 +134,7 @@ impl Request {
             | Request::SetMembers { key } => Some(key),
             Request::Inspect { key } => Some(key),
             Request::Status
+            | Request::List { .. }
             | Request::Keys { .. }
             | Request::ClusterMembers
             | Request::Layout

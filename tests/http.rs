@@ -839,3 +839,100 @@ async fn tokens_are_scoped_to_prefixes_and_rights_and_revocation_reaches_every_n
         .await;
     assert!(response.is_err_and(|e| e.to_string().contains("exists")));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_listing_pages_through_every_key_of_the_cluster_not_just_the_nodes() {
+    let _slot = SLOTS.acquire().await.unwrap();
+    // One replica per partition: each node holds a third of the keys, so
+    // a listing through any node must ask the others.
+    let mut cluster = Cluster::forming_with_config(3, Some("replicas = 1\n"));
+    cluster.add_node();
+    cluster.add_node();
+    let tls = cluster.client_tls();
+    let mut clients = Vec::new();
+    for i in 0..3 {
+        clients.push(common::client(cluster.addr(i), &tls).await);
+    }
+    eventually("three members and a complete layout", || async {
+        for c in &clients {
+            match c.status().await {
+                Ok(s)
+                    if s.members_alive == 3
+                        && s.layout_version > 0
+                        && s.layout_version == s.layout_completed => {}
+                _ => return false,
+            }
+        }
+        true
+    })
+    .await;
+    let mut expected: Vec<String> = (0..250).map(|i| format!("list/{i:04}")).collect();
+    for (i, key) in expected.iter().enumerate() {
+        clients[i % 3]
+            .put(key.as_bytes(), b"v", None)
+            .await
+            .unwrap();
+    }
+    for i in 0..20 {
+        clients[0]
+            .put(format!("other/{i}").as_bytes(), b"v", None)
+            .await
+            .unwrap();
+    }
+    // Deleted keys are not listed.
+    clients[1].delete(b"list/0100", None).await.unwrap();
+    expected.retain(|k| k != "list/0100");
+    for c in &clients {
+        let held = c.status().await.unwrap().entries_held;
+        assert!(
+            held < 250,
+            "a node holds {held} entries: the test needs spread keys"
+        );
+    }
+
+    let http = https(&cluster, &cluster.path().join("client"));
+    for node in 0..3 {
+        let mut listed = Vec::new();
+        let mut next: Option<String> = None;
+        let mut pages = 0;
+        loop {
+            let mut at = format!("/v1/kv?prefix=list%2F&limit=100");
+            if let Some(after) = &next {
+                at.push_str(&format!("&start_after={}", after.replace('/', "%2F")));
+            }
+            let (status, page) =
+                json_of(http.get(url(&cluster, node, &at)).send().await.unwrap()).await;
+            assert_eq!(status, StatusCode::OK, "{page}");
+            pages += 1;
+            for entry in page["keys"].as_array().unwrap() {
+                assert_eq!(entry["kind"], "register");
+                listed.push(entry["key"].as_str().unwrap().to_string());
+            }
+            match page["next"].as_str() {
+                Some(after) => next = Some(after.to_string()),
+                None => break,
+            }
+            assert!(pages < 10, "the listing does not end");
+        }
+        assert_eq!(listed, expected, "through node {node}");
+        assert_eq!(pages, 3);
+    }
+    let (status, body) = json_of(
+        http.get(url(&cluster, 0, "/v1/kv?limit=0"))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert_eq!(body["error"]["code"], "bad_query");
+    let (_, page) = json_of(
+        http.get(url(&cluster, 2, "/v1/kv?prefix=other"))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(page["keys"].as_array().unwrap().len(), 20);
+    assert!(page["next"].is_null());
+}

@@ -92,7 +92,27 @@ pub enum CoordMessage {
         #[serde(with = "serde_bytes")]
         entry: Option<Vec<u8>>,
     },
+    /// List up to `limit` live keys of these partitions (one page of a
+    /// cluster-wide listing).
+    List {
+        id: u64,
+        partitions: Vec<u16>,
+        #[serde(with = "serde_bytes")]
+        prefix: Vec<u8>,
+        #[serde(with = "serde_bytes")]
+        start_after: Option<Vec<u8>>,
+        limit: u32,
+    },
+    /// The keys a `List` asked for, with their kinds (`None`: the sender
+    /// could not read its store).
+    Listed {
+        id: u64,
+        keys: Option<Vec<(Vec<u8>, String)>>,
+    },
 }
+
+/// The most keys one page of a listing may ask for.
+pub const MAX_LIST_LIMIT: u32 = 1000;
 
 impl CoordMessage {
     pub fn kind(&self) -> &'static str {
@@ -103,6 +123,8 @@ impl CoordMessage {
             CoordMessage::Replicated { .. } => "replicated",
             CoordMessage::Fetch { .. } => "fetch",
             CoordMessage::Fetched { .. } => "fetched",
+            CoordMessage::List { .. } => "list",
+            CoordMessage::Listed { .. } => "listed",
         }
     }
 }
@@ -203,6 +225,13 @@ enum Pending<C> {
         partition: u16,
         needed: usize,
         answers: Vec<(NodeId, Option<Vec<u8>>)>,
+    },
+    /// A listing; waiting for `waiting` to send their keys.
+    List {
+        caller: Caller<C>,
+        waiting: BTreeSet<NodeId>,
+        keys: BTreeMap<Vec<u8>, String>,
+        limit: usize,
     },
     /// Showing a key on each holder; waiting for `waiting` to answer.
     Inspect {
@@ -427,6 +456,35 @@ impl<C> Coordinator<C> {
                 });
             }
             CoordMessage::Fetched { id, entry } => self.on_fetched(replica, from, id, entry),
+            CoordMessage::List {
+                id,
+                partitions,
+                prefix,
+                start_after,
+                limit,
+            } => {
+                let store = replica.store();
+                let mut wanted = vec![false; usize::from(store.partitions())];
+                for p in partitions {
+                    if let Some(w) = wanted.get_mut(usize::from(p)) {
+                        *w = true;
+                    }
+                }
+                let limit = limit.min(MAX_LIST_LIMIT) as usize;
+                let keys = store
+                    .list_keys(&wanted, &prefix, start_after.as_deref(), limit)
+                    .ok()
+                    .map(|keys| {
+                        keys.into_iter()
+                            .map(|(k, kind)| (k, kind.name().to_string()))
+                            .collect()
+                    });
+                self.out.push(CoordOutput::Send {
+                    to: from,
+                    message: CoordMessage::Listed { id, keys },
+                });
+            }
+            CoordMessage::Listed { id, keys } => self.on_listed(from, id, keys),
         }
         self.finish(replica)
     }
@@ -566,6 +624,14 @@ impl<C> Coordinator<C> {
                 "admin requests are not taken from peers or coordinated",
             );
             return self.answer(caller, response);
+        }
+        if let Request::List {
+            prefix,
+            start_after,
+            limit,
+        } = call.request
+        {
+            return self.list(replica, now, prefix, start_after, limit, caller);
         }
         let Some(key) = call.request.key().map(<[u8]>::to_vec) else {
             let response = fail(
@@ -964,6 +1030,141 @@ impl<C> Coordinator<C> {
         }
     }
 
+    /// Starts a listing: each partition is listed by one live replica
+    /// (this node for those it holds complete), one `List` per node; the
+    /// answer is the first `limit` keys of the union.
+    fn list(
+        &mut self,
+        replica: &Replica,
+        now: Duration,
+        prefix: Vec<u8>,
+        start_after: Option<Vec<u8>>,
+        limit: u32,
+        caller: Caller<C>,
+    ) {
+        if limit == 0 || limit > MAX_LIST_LIMIT {
+            let response = fail(
+                ErrorCode::BadRequest,
+                format!("limit={limit}: a page lists 1 to {MAX_LIST_LIMIT} keys"),
+            );
+            return self.answer(caller, response);
+        }
+        let me = replica.id();
+        let layout = replica.layout();
+        if layout.current().version() == 0 {
+            let response = fail(
+                ErrorCode::Unavailable,
+                "the cluster has no layout yet; retry shortly",
+            );
+            return self.answer(caller, response);
+        }
+        let partitions = replica.store().partitions();
+        let mut by_node: BTreeMap<NodeId, Vec<u16>> = BTreeMap::new();
+        let mut unlisted = 0;
+        for p in 0..partitions {
+            let source = if layout.is_complete_replica(me, p) {
+                Some(me)
+            } else {
+                live_replicas(replica, p)
+                    .into_iter()
+                    .find(|&n| n != me && layout.is_complete_replica(n, p))
+            };
+            match source {
+                Some(node) => by_node.entry(node).or_default().push(p),
+                None => unlisted += 1,
+            }
+        }
+        if unlisted > 0 {
+            let response = fail(
+                ErrorCode::Unavailable,
+                format!("{unlisted} of {partitions} partitions have no reachable complete replica now, so a listing would miss keys; retry shortly"),
+            );
+            return self.answer(caller, response);
+        }
+        let mut keys = BTreeMap::new();
+        let limit = limit as usize;
+        if let Some(mine) = by_node.remove(&me) {
+            let mut wanted = vec![false; usize::from(partitions)];
+            for p in mine {
+                wanted[usize::from(p)] = true;
+            }
+            match replica
+                .store()
+                .list_keys(&wanted, &prefix, start_after.as_deref(), limit)
+            {
+                Ok(found) => keys.extend(
+                    found
+                        .into_iter()
+                        .map(|(k, kind)| (k, kind.name().to_string())),
+                ),
+                Err(e) => return self.answer(caller, fail(ErrorCode::of(&e), e.to_string())),
+            }
+        }
+        if by_node.is_empty() {
+            let keys = keys.into_iter().take(limit).collect();
+            return self.answer(caller, Response::Keys(keys));
+        }
+        let id = self.fresh_id();
+        let waiting = by_node.keys().copied().collect();
+        for (node, partitions) in by_node {
+            self.out.push(CoordOutput::Send {
+                to: node,
+                message: CoordMessage::List {
+                    id,
+                    partitions,
+                    prefix: prefix.clone(),
+                    start_after: start_after.clone(),
+                    limit: limit as u32,
+                },
+            });
+        }
+        self.wait(
+            now,
+            id,
+            Pending::List {
+                caller,
+                waiting,
+                keys,
+                limit,
+            },
+        );
+    }
+
+    fn on_listed(&mut self, from: NodeId, id: u64, found: Option<Vec<(Vec<u8>, String)>>) {
+        let Some(Pending::List {
+            waiting,
+            keys,
+            limit,
+            ..
+        }) = self.pending.get_mut(&id)
+        else {
+            return;
+        };
+        if !waiting.remove(&from) {
+            return; // a duplicate, or not asked
+        }
+        let Some(found) = found else {
+            if let Some(Pending::List { caller, .. }) = self.pending.remove(&id) {
+                let response = fail(
+                    ErrorCode::Unavailable,
+                    "a replica could not read its store for the listing; retry",
+                );
+                self.answer(caller, response);
+            }
+            return;
+        };
+        // At most `limit` per answer: more would only be cut.
+        keys.extend(found.into_iter().take(*limit));
+        while keys.len() > *limit {
+            keys.pop_last();
+        }
+        if waiting.is_empty() {
+            if let Some(Pending::List { caller, keys, .. }) = self.pending.remove(&id) {
+                self.answer(caller, Response::Keys(keys.into_iter().collect()));
+            }
+        }
+    }
+
     fn on_fetched(&mut self, replica: &Replica, from: NodeId, id: u64, entry: Option<Vec<u8>>) {
         let done = match self.pending.get_mut(&id) {
             Some(Pending::Inspect {
@@ -1110,6 +1311,18 @@ impl<C> Coordinator<C> {
                     format!(
                         "only {} of w={w} replicas acknowledged in time; the write is kept on those and will spread",
                         acked.len() + 1
+                    ),
+                ),
+            ),
+            Some(Pending::List {
+                caller, waiting, ..
+            }) => (
+                caller,
+                fail(
+                    ErrorCode::Unavailable,
+                    format!(
+                        "{} node(s) did not send their keys in time, so the listing would miss keys; retry",
+                        waiting.len()
                     ),
                 ),
             ),

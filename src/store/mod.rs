@@ -425,6 +425,46 @@ impl Store {
         })
     }
 
+    /// Up to `limit` live keys of the partitions `wanted` says (indexed by
+    /// partition) that start with `prefix` and sort after `start_after`,
+    /// in key order, with their kinds: one page of a listing.
+    pub fn list_keys(
+        &self,
+        wanted: &[bool],
+        prefix: &[u8],
+        start_after: Option<&[u8]>,
+        limit: usize,
+    ) -> Result<Vec<(Vec<u8>, ValueKind)>> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(ENTRIES)?;
+        let from = match start_after {
+            Some(after) if after >= prefix => std::ops::Bound::Excluded(after),
+            _ => std::ops::Bound::Included(prefix),
+        };
+        let mut keys = Vec::new();
+        for row in table.range::<&[u8]>((from, std::ops::Bound::Unbounded))? {
+            if keys.len() >= limit {
+                break;
+            }
+            let (key, bytes) = row?;
+            let key = key.value();
+            if !key.starts_with(prefix) {
+                break;
+            }
+            if !wanted
+                .get(usize::from(self.partition_of(key)))
+                .copied()
+                .unwrap_or(false)
+            {
+                continue;
+            }
+            if let Some(record) = decode_entry(key, bytes.value())?.into_record() {
+                keys.push((key.to_vec(), record.value.kind()));
+            }
+        }
+        Ok(keys)
+    }
+
     /// Whether local writes to `partition` are accepted: this store holds
     /// every write it ever issued there. False after the partition was
     /// dropped, until a sync from a replica brings those writes back (see

@@ -11,6 +11,7 @@ use super::json::{context_text, json_body, ApiError, JsonBytes, JsonRecord, CONT
 use super::{Api, Connection};
 use crate::client::{Request, Response, WireRecord};
 use crate::crdt::{CausalContext, Value};
+use crate::replication::coordinator::MAX_LIST_LIMIT;
 use crate::replication::tokens::Access;
 use crate::store::{MAX_KEY_BYTES, MAX_VALUE_BYTES};
 use axum::body::Body;
@@ -47,6 +48,7 @@ pub(super) fn router(api: Arc<Api>) -> Router {
         )
         .route("/v1/counters/{*key}", get(counter_get).post(counter_add))
         .route("/v1/sets/{*key}", get(set_members).post(set_change))
+        .route("/v1/kv", get(list))
         .route("/v1/batch", post(batch))
         .route("/v1/status", get(status))
         .fallback(no_route)
@@ -119,13 +121,18 @@ fn key_of(uri: &Uri, prefix: &str) -> Result<Vec<u8>, ApiError> {
     Ok(key)
 }
 
-/// Query parameters, each allowed name at most once.
+/// Query parameters, each allowed name at most once: percent-decoded
+/// bytes (`raw`), and as text those that are UTF-8.
 #[derive(Debug)]
-struct Query(HashMap<String, String>);
+struct Query {
+    text: HashMap<String, String>,
+    raw: HashMap<String, Vec<u8>>,
+}
 
 impl Query {
     fn parse(uri: &Uri, allowed: &[&str]) -> Result<Query, ApiError> {
         let mut params = HashMap::new();
+        let mut raw = HashMap::new();
         for pair in uri.query().unwrap_or_default().split('&') {
             if pair.is_empty() {
                 continue;
@@ -148,25 +155,34 @@ impl Query {
                     ),
                 ));
             }
-            let value = value.replace('+', " ");
-            let value = String::from_utf8(percent_decode(&name, &value)?).map_err(|_| {
-                ApiError::bad_request(
-                    "bad_query",
-                    format!("query parameter {name:?} is not UTF-8"),
-                )
-            })?;
-            if params.insert(name.clone(), value).is_some() {
+            let value = percent_decode(&name, &value.replace('+', " "))?;
+            if let Ok(text) = std::str::from_utf8(&value) {
+                params.insert(name.clone(), text.to_string());
+            }
+            if raw.insert(name.clone(), value).is_some() {
                 return Err(ApiError::bad_request(
                     "bad_query",
                     format!("query parameter {name:?} is given twice"),
                 ));
             }
         }
-        Ok(Query(params))
+        Ok(Query { text: params, raw })
+    }
+
+    /// A parameter as text; refused if it is not UTF-8.
+    fn get(&self, name: &str) -> Result<Option<&String>, ApiError> {
+        match self.text.get(name) {
+            Some(text) => Ok(Some(text)),
+            None if self.raw.contains_key(name) => Err(ApiError::bad_request(
+                "bad_query",
+                format!("query parameter {name:?} is not UTF-8"),
+            )),
+            None => Ok(None),
+        }
     }
 
     fn quorum(&self, name: &str) -> Result<u8, ApiError> {
-        match self.0.get(name) {
+        match self.get(name)? {
             None => Ok(1),
             Some(text) => match text.parse::<u8>() {
                 Ok(n) if n >= 1 => Ok(n),
@@ -180,7 +196,7 @@ impl Query {
 
     /// A number of seconds, `default` when absent, at most `max`.
     fn seconds(&self, name: &str, default: u64, max: u64) -> Result<Duration, ApiError> {
-        match self.0.get(name) {
+        match self.get(name)? {
             None => Ok(Duration::from_secs(default)),
             Some(text) => match text.parse::<f64>() {
                 Ok(s) if s.is_finite() && (0.0..=max as f64).contains(&s) => {
@@ -195,7 +211,7 @@ impl Query {
     }
 
     fn flag(&self, name: &str) -> Result<bool, ApiError> {
-        match self.0.get(name).map(String::as_str) {
+        match self.get(name)?.map(String::as_str) {
             None | Some("false") | Some("0") => Ok(false),
             Some("true") | Some("1") | Some("") => Ok(true),
             Some(other) => Err(ApiError::bad_request(
@@ -311,7 +327,7 @@ async fn get_item(
     api.authorize(connection, &headers, &key, Access::Read)?;
     let query = Query::parse(&uri, &["r", "watch", "timeout"])?;
     let r = query.quorum("r")?;
-    let record = match query.0.get("watch") {
+    let record = match query.get("watch")? {
         None => read(&api, &key, r).await?,
         Some(since) => {
             let since = if since.is_empty() {
@@ -581,6 +597,58 @@ async fn set_change(
         SetChange::Remove(JsonBytes(member)) => Request::SetRemove { key, member },
     };
     context_answer(api.call(request, w, 1).await?)
+}
+
+/// Keys a page lists when the request does not say.
+const LIST_LIMIT: u32 = 100;
+
+/// `GET /v1/kv?prefix=&start_after=&limit=`: one page of the live keys
+/// across the cluster, and the `next` cursor (the last key) when the page
+/// is full. A token lists only within its prefixes: the listing's prefix
+/// must lie inside one of them.
+async fn list(
+    State(api): State<Arc<Api>>,
+    Extension(connection): Extension<Connection>,
+    uri: Uri,
+    headers: HeaderMap,
+) -> Result<HttpResponse, ApiError> {
+    api.authenticate(connection, &headers)?;
+    let query = Query::parse(&uri, &["prefix", "start_after", "limit"])?;
+    let prefix = query.raw.get("prefix").cloned().unwrap_or_default();
+    api.authorize(connection, &headers, &prefix, Access::Read)?;
+    let start_after = query.raw.get("start_after").cloned();
+    let limit = match query.get("limit")? {
+        None => LIST_LIMIT,
+        Some(text) => match text.parse::<u32>() {
+            Ok(n) if (1..=MAX_LIST_LIMIT).contains(&n) => n,
+            _ => {
+                return Err(ApiError::bad_request(
+                    "bad_query",
+                    format!("limit={text:?}: expected 1 to {MAX_LIST_LIMIT}"),
+                ))
+            }
+        },
+    };
+    let request = Request::List {
+        prefix,
+        start_after,
+        limit,
+    };
+    match api.call(request, 1, 1).await? {
+        Response::Keys(keys) => {
+            let next = (keys.len() == limit as usize)
+                .then(|| keys.last().map(|(k, _)| JsonBytes(k.clone())))
+                .flatten();
+            let keys: Vec<_> = keys
+                .into_iter()
+                .map(|(key, kind)| serde_json::json!({ "key": JsonBytes(key), "kind": kind }))
+                .collect();
+            Ok(json_body(
+                &serde_json::json!({ "keys": keys, "next": next }),
+            ))
+        }
+        other => Err(unexpected(other)),
+    }
 }
 
 async fn status(
