@@ -215,6 +215,11 @@ fn calls() -> Vec<Call> {
             expires_in_seconds: Some(60),
         },
         Request::TokenList,
+        Request::List {
+            prefix: b"user/".to_vec(),
+            start_after: None,
+            limit: 10,
+        },
         Request::TokenRevoke {
             name_or_id: "app".into(),
         },
@@ -391,6 +396,17 @@ fn write_seed_corpora() {
         CoordMessage::Fetched {
             id: 3,
             entry: Some(entry.entry),
+        },
+        CoordMessage::List {
+            id: 4,
+            partitions: vec![0, 7],
+            prefix: b"user/".to_vec(),
+            start_after: Some(b"user/1".to_vec()),
+            limit: 100,
+        },
+        CoordMessage::Listed {
+            id: 4,
+            keys: Some(vec![(b"user/2".to_vec(), "register".into())]),
         },
     ];
     payloads.extend(coord.into_iter().map(Payload::Coord));

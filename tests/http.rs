@@ -896,7 +896,7 @@ async fn a_listing_pages_through_every_key_of_the_cluster_not_just_the_nodes() {
         let mut next: Option<String> = None;
         let mut pages = 0;
         loop {
-            let mut at = format!("/v1/kv?prefix=list%2F&limit=100");
+            let mut at = "/v1/kv?prefix=list%2F&limit=100".to_string();
             if let Some(after) = &next {
                 at.push_str(&format!("&start_after={}", after.replace('/', "%2F")));
             }
