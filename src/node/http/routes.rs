@@ -25,6 +25,10 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
+/// How long a request body may take to arrive (a slow sender holds a
+/// connection slot and memory no longer than this).
+const BODY_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// How long a watch waits by default, and at most (seconds).
 pub const WATCH_SECONDS: u64 = 30;
 pub const MAX_WATCH_SECONDS: u64 = 300;
@@ -261,7 +265,15 @@ async fn read_body(headers: &HeaderMap, body: Body, max: usize) -> Result<Vec<u8
             return Err(too_large(len.to_string()));
         }
     }
-    match axum::body::to_bytes(body, max).await {
+    let read = tokio::time::timeout(BODY_TIMEOUT, axum::body::to_bytes(body, max));
+    let Ok(read) = read.await else {
+        return Err(ApiError::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "request_timeout",
+            format!("the body did not arrive within {BODY_TIMEOUT:?}"),
+        ));
+    };
+    match read {
         Ok(bytes) => Ok(bytes.to_vec()),
         Err(e) => {
             let length_limit = std::error::Error::source(&e)
