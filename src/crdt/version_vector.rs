@@ -111,6 +111,14 @@ impl VersionVector {
         }
     }
 
+    /// Adds the dots of `node` that `other` covers, up to `upto`.
+    pub fn join_node_upto(&mut self, other: &VersionVector, node: NodeId, upto: u64) {
+        self.raise_base(node, other.base(node).min(upto));
+        for seq in other.extra(node).take_while(|&s| s <= upto) {
+            self.add(Dot::new(node, seq));
+        }
+    }
+
     /// Pointwise intersection of contiguous parts: the dots both cover for
     /// sure. Used to find causally stable dots.
     pub fn meet(&self, other: &VersionVector) -> VersionVector {

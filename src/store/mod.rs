@@ -8,6 +8,7 @@
 //! vectors only after the commit succeeds.
 
 mod changes;
+mod feed;
 mod group;
 mod partition;
 mod tables;
@@ -16,6 +17,7 @@ mod write;
 pub use changes::{
     ApplyReport, ChangeChunk, ChangeStream, ChunkLimits, PartitionStats, RemoteEntry,
 };
+pub use feed::{feed_index_prefix, FeedPage, MAX_FEED_DEPTH};
 pub use group::{GroupOutcome, GroupWrite, MergedView};
 pub use partition::{partition_of, DEFAULT_PARTITIONS, HASH_SCHEME};
 pub use write::{Batch, Op};
@@ -324,6 +326,15 @@ impl Store {
         txn.open_table(ENTRIES)?;
         txn.open_table(CHANGES)?;
         txn.open_table(TOMBSTONES)?;
+        let has_feed_index = txn.open_table(META)?.get(META_FEED_INDEX)?.is_some();
+        if !has_feed_index {
+            let rows = feed::build_index(&txn)?;
+            if rows > 0 {
+                tracing::info!("{path}: built the change feed index ({rows} rows)");
+            }
+            txn.open_table(META)?
+                .insert(META_FEED_INDEX, [1u8].as_slice())?;
+        }
         let mut versions = vec![VersionVector::new(); usize::from(partitions)];
         {
             let table = txn.open_table(VERSIONS)?;

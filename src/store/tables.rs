@@ -6,17 +6,25 @@
 //! - `changes`: (partition, origin node, seq) -> user key. One row per
 //!   entry and node in its causal context, at that node's highest dot. A
 //!   node's writes append at the end of its range.
+//! - `prefix_changes`: (prefix, partition, origin node, seq) -> user key.
+//!   The rows of `changes` again, once per `/`-terminated prefix of the key
+//!   (its first few): what lets a change feed for a prefix read only the
+//!   changes under it (see `feed.rs`).
 //! - `partition_versions`: partition -> encoded version vector.
 //! - `tombstones`: (partition, user key) for deleted keys awaiting purge.
 //!
 //! Invariant: every write commits the entry, its `changes` rows, its
-//! `tombstones` row and its partition's version vector in one transaction.
+//! `tombstones` row and its partition's version vector in one transaction;
+//! `prefix_changes` holds exactly the rows of `changes` under each indexed
+//! prefix of their key.
 
 use redb::TableDefinition;
 
 pub(crate) const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 pub(crate) const ENTRIES: TableDefinition<&[u8], &[u8]> = TableDefinition::new("entries");
 pub(crate) const CHANGES: TableDefinition<(u16, u64, u64), &[u8]> = TableDefinition::new("changes");
+pub(crate) const PREFIX_CHANGES: TableDefinition<(&[u8], u16, u64, u64), &[u8]> =
+    TableDefinition::new("prefix_changes");
 pub(crate) const VERSIONS: TableDefinition<u16, &[u8]> = TableDefinition::new("partition_versions");
 /// partition -> the highest sequence this node issued there before it
 /// dropped the partition: new writes continue above it, so a dot is never
@@ -29,6 +37,9 @@ pub(crate) const META_NODE_ID: &str = "node_id";
 pub(crate) const META_PARTITIONS: &str = "partitions";
 pub(crate) const META_HASH: &str = "hash";
 pub(crate) const META_HLC: &str = "hlc";
+/// Present once `prefix_changes` holds every row (stores made before it
+/// existed get it built on open).
+pub(crate) const META_FEED_INDEX: &str = "feed_index";
 
 /// Version of the store's file layout.
 pub(crate) const FORMAT_VERSION: u32 = 1;

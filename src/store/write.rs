@@ -8,6 +8,7 @@
 //! store never holds an entry its version vector does not account for, nor
 //! the reverse.
 
+use super::feed::feed_prefixes;
 use super::tables::*;
 use super::{
     decode_entry, encode_version, Durability, Store, WriterState, MAX_KEY_BYTES, MAX_VALUE_BYTES,
@@ -283,6 +284,7 @@ pub(super) struct Writer<'t> {
     store: &'t Store,
     entries: Table<'t, &'static [u8], &'static [u8]>,
     changes: Table<'t, (u16, u64, u64), &'static [u8]>,
+    prefix_changes: Table<'t, (&'static [u8], u16, u64, u64), &'static [u8]>,
     tombstones: Table<'t, (u16, &'static [u8]), ()>,
     versions_table: Table<'t, u16, &'static [u8]>,
     meta: Table<'t, &'static str, &'static [u8]>,
@@ -305,6 +307,7 @@ impl<'t> Writer<'t> {
             store,
             entries: txn.open_table(ENTRIES)?,
             changes: txn.open_table(CHANGES)?,
+            prefix_changes: txn.open_table(PREFIX_CHANGES)?,
             tombstones: txn.open_table(TOMBSTONES)?,
             versions_table: txn.open_table(VERSIONS)?,
             meta: txn.open_table(META)?,
@@ -548,10 +551,14 @@ impl<'t> Writer<'t> {
     ) -> Result<Vec<u8>> {
         let after = entry.index_dots();
         for dot in before.iter().filter(|d| !after.contains(d)) {
-            self.changes.remove((partition, dot.node.0, dot.seq))?;
+            self.remove_row(partition, key, *dot)?;
         }
         for dot in after.iter().filter(|d| !before.contains(d)) {
             self.changes.insert((partition, dot.node.0, dot.seq), key)?;
+            for p in feed_prefixes(key) {
+                self.prefix_changes
+                    .insert((p, partition, dot.node.0, dot.seq), key)?;
+            }
         }
         let encoded = entry.encode();
         self.entries.insert(key, encoded.as_slice())?;
@@ -572,7 +579,7 @@ impl<'t> Writer<'t> {
     /// Removes an entry and its rows (tombstone purge).
     pub(super) fn remove_entry(&mut self, partition: u16, key: &[u8], entry: &Entry) -> Result<()> {
         for dot in entry.index_dots() {
-            self.changes.remove((partition, dot.node.0, dot.seq))?;
+            self.remove_row(partition, key, dot)?;
         }
         self.entries.remove(key)?;
         self.tombstones.remove((partition, key))?;
@@ -590,8 +597,8 @@ impl<'t> Writer<'t> {
             rows.push((position.value(), key.value().to_vec()));
         }
         let mut removed = 0;
-        for (position, key) in rows {
-            self.changes.remove(position)?;
+        for ((p, node, seq), key) in rows {
+            self.remove_row(p, &key, Dot::new(NodeId(node), seq))?;
             if self.entries.remove(key.as_slice())?.is_some() {
                 removed += 1;
             }
@@ -605,6 +612,16 @@ impl<'t> Writer<'t> {
         self.touched.remove(&partition);
         self.dropped.push((partition, issued));
         Ok(removed)
+    }
+
+    /// Removes a change index row of `key` and its prefix rows.
+    fn remove_row(&mut self, partition: u16, key: &[u8], dot: Dot) -> Result<()> {
+        self.changes.remove((partition, dot.node.0, dot.seq))?;
+        for p in feed_prefixes(key) {
+            self.prefix_changes
+                .remove((p, partition, dot.node.0, dot.seq))?;
+        }
+        Ok(())
     }
 
     /// Keys with tombstones in a partition, in key order.

@@ -1,0 +1,390 @@
+//! The change feed's read: the entries of one partition under a key prefix
+//! that a reader's frontier does not cover, and the frontier after them.
+//!
+//! A frontier is a version vector per partition, relative to one prefix: a
+//! reader whose frontier covers every dot of an entry under the prefix has
+//! seen that entry's state (or a newer one). It names writes, not positions
+//! in one node's log, so it stays valid on any replica, across restarts and
+//! layout changes: a page read from a replica that lacks some writes claims
+//! only the dots that replica holds, and the next page, wherever it is
+//! read, sends what is still missing.
+//!
+//! A page walks the change index origin by origin, from the frontier's base
+//! of each, like `changes_since`, and stops at a bound. What it claims:
+//! - every dot of every entry it sends (so a later page does not send the
+//!   same state again through another of its dots);
+//! - for each origin walked to the end, every dot the source holds of it;
+//! - for the origin where the bound stopped it, the source's dots below the
+//!   row it stopped at; later origins keep the reader's old frontier.
+//!
+//! Index: `prefix_changes` holds (prefix, partition, origin, seq) -> key, a
+//! row for each row of `changes` and each of the key's first
+//! [`MAX_FEED_DEPTH`] prefixes that end in `/`. A feed for a prefix walks
+//! the rows of its longest such prefix (the partition's `changes` rows when
+//! it has none) and skips keys outside the exact prefix: its reads are
+//! proportional to the changes under that indexed prefix the frontier does
+//! not cover, plus one seek per origin, never to the store.
+
+use super::changes::{ChunkLimits, RemoteEntry};
+use super::tables::*;
+use super::{decode_entry, read_version, Store};
+use crate::crdt::entry::Entry;
+use crate::crdt::{Dot, NodeId, VersionVector};
+use crate::error::{show_key, Error, Result};
+use redb::{ReadOnlyTable, ReadableDatabase, ReadableTable};
+use serde::{Deserialize, Serialize};
+
+/// How many `/`-terminated prefixes of a key the feed index holds rows for:
+/// `a/b/c/d/e` is indexed under `a/`, `a/b/`, `a/b/c/` and `a/b/c/d/`.
+pub const MAX_FEED_DEPTH: usize = 4;
+
+/// The prefixes of `key` the feed index holds rows for, shortest first.
+pub(crate) fn feed_prefixes(key: &[u8]) -> impl Iterator<Item = &[u8]> {
+    key.iter()
+        .enumerate()
+        .filter(|(_, &b)| b == b'/')
+        .take(MAX_FEED_DEPTH)
+        .map(move |(i, _)| &key[..=i])
+}
+
+/// The indexed prefix a feed for `prefix` walks: its longest indexed
+/// ancestor (itself when it ends in `/` within the depth); `None`: the
+/// whole partition's index.
+pub fn feed_index_prefix(prefix: &[u8]) -> Option<&[u8]> {
+    feed_prefixes(prefix).last()
+}
+
+/// One partition's part of a feed page.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FeedPage {
+    /// Entries under the prefix, each once, in index order.
+    pub entries: Vec<RemoteEntry>,
+    /// The reader's frontier after these entries (see the module docs).
+    pub frontier: VersionVector,
+    /// The walk reached the end: `frontier` covers every write the source
+    /// held in the partition when the page was read.
+    pub complete: bool,
+}
+
+enum FeedIndex {
+    Partition(ReadOnlyTable<(u16, u64, u64), &'static [u8]>),
+    Prefix(
+        ReadOnlyTable<(&'static [u8], u16, u64, u64), &'static [u8]>,
+        Vec<u8>,
+    ),
+}
+
+impl FeedIndex {
+    /// The smallest origin at or after `from` with rows in the partition.
+    fn first_origin_from(&self, partition: u16, from: u64) -> Result<Option<NodeId>> {
+        let row = match self {
+            FeedIndex::Partition(t) => t
+                .range((partition, from, 0u64)..=(partition, u64::MAX, u64::MAX))?
+                .next()
+                .map(|r| r.map(|(k, _)| k.value().1)),
+            FeedIndex::Prefix(t, p) => t
+                .range(
+                    (p.as_slice(), partition, from, 0u64)
+                        ..=(p.as_slice(), partition, u64::MAX, u64::MAX),
+                )?
+                .next()
+                .map(|r| r.map(|(k, _)| k.value().2)),
+        };
+        Ok(row.transpose()?.map(NodeId))
+    }
+
+    /// Calls `visit(seq, key)` for the rows of `origin` from `from_seq` on,
+    /// in order, until it answers false.
+    fn walk(
+        &self,
+        partition: u16,
+        origin: NodeId,
+        from_seq: u64,
+        mut visit: impl FnMut(u64, &[u8]) -> Result<bool>,
+    ) -> Result<()> {
+        match self {
+            FeedIndex::Partition(t) => {
+                for row in
+                    t.range((partition, origin.0, from_seq)..=(partition, origin.0, u64::MAX))?
+                {
+                    let (position, key) = row?;
+                    if !visit(position.value().2, key.value())? {
+                        break;
+                    }
+                }
+            }
+            FeedIndex::Prefix(t, p) => {
+                let p = p.as_slice();
+                for row in t.range(
+                    (p, partition, origin.0, from_seq)..=(p, partition, origin.0, u64::MAX),
+                )? {
+                    let (position, key) = row?;
+                    if !visit(position.value().3, key.value())? {
+                        break;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Whether `entry`, reached through `via`, goes out there: at the first of
+/// its dots `since` lacks, so that an entry with several goes out once.
+fn first_uncovered_is(entry: &Entry, since: &VersionVector, via: NodeId) -> bool {
+    entry
+        .index_dots()
+        .into_iter()
+        .find(|&d| !since.covers(d))
+        .is_some_and(|d| d.node == via)
+}
+
+impl Store {
+    /// One partition's part of a change feed page: the entries under
+    /// `prefix` with a dot `since` does not cover, up to `limits`, and the
+    /// frontier after them. See the module docs.
+    pub fn feed_page(
+        &self,
+        partition: u16,
+        prefix: &[u8],
+        since: &VersionVector,
+        limits: ChunkLimits,
+    ) -> Result<FeedPage> {
+        self.check_partition(partition)?;
+        let mut since = since.clone();
+        since.normalize();
+        let txn = self.db.begin_read()?;
+        let source = read_version(&txn.open_table(VERSIONS)?, partition)?;
+        let stored = txn.open_table(ENTRIES)?;
+        let index = match feed_index_prefix(prefix) {
+            Some(p) => FeedIndex::Prefix(txn.open_table(PREFIX_CHANGES)?, p.to_vec()),
+            None => FeedIndex::Partition(txn.open_table(CHANGES)?),
+        };
+        let max_entries = limits.max_entries.max(1);
+        let max_bytes = limits.max_bytes.max(1);
+        let mut page = FeedPage {
+            frontier: since.clone(),
+            ..FeedPage::default()
+        };
+        let mut bytes = 0usize;
+        let mut next_origin = index.first_origin_from(partition, 0)?;
+        while let Some(origin) = next_origin {
+            let mut stopped_at = None;
+            let from = since.base(origin).saturating_add(1);
+            index.walk(partition, origin, from, |seq, key| {
+                if page.entries.len() >= max_entries || bytes >= max_bytes {
+                    stopped_at = Some(seq);
+                    return Ok(false);
+                }
+                if since.covers(Dot::new(origin, seq)) || !key.starts_with(prefix) {
+                    return Ok(true);
+                }
+                let encoded = stored.get(key)?.ok_or_else(|| Error::Corrupt {
+                    what: "change index".into(),
+                    reason: format!(
+                        "row ({partition}, {origin}, {seq}) names missing key {}",
+                        show_key(key)
+                    ),
+                })?;
+                let encoded = encoded.value();
+                let entry = decode_entry(key, encoded)?;
+                if first_uncovered_is(&entry, &since, origin) {
+                    for dot in entry.index_dots() {
+                        page.frontier.add(dot);
+                    }
+                    bytes += key.len() + encoded.len();
+                    page.entries.push(RemoteEntry {
+                        key: key.to_vec(),
+                        entry: encoded.to_vec(),
+                    });
+                }
+                Ok(true)
+            })?;
+            if let Some(seq) = stopped_at {
+                page.frontier.join_node_upto(&source, origin, seq - 1);
+                return Ok(page);
+            }
+            page.frontier.join_node_upto(&source, origin, u64::MAX);
+            next_origin = match origin.0.checked_add(1) {
+                Some(next) => index.first_origin_from(partition, next)?,
+                None => None,
+            };
+        }
+        // Origins without rows here hold nothing under the prefix.
+        page.frontier.join(&source);
+        page.complete = true;
+        Ok(page)
+    }
+}
+
+/// Fills `prefix_changes` from `changes`: stores written before the feed
+/// index existed get it on their first open by this version.
+pub(super) fn build_index(txn: &redb::WriteTransaction) -> Result<u64> {
+    let changes = txn.open_table(CHANGES)?;
+    let mut prefixed = txn.open_table(PREFIX_CHANGES)?;
+    let mut rows = 0;
+    for row in changes.iter()? {
+        let (position, key) = row?;
+        let (partition, node, seq) = position.value();
+        let key = key.value();
+        for p in feed_prefixes(key) {
+            prefixed.insert((p, partition, node, seq), key)?;
+            rows += 1;
+        }
+    }
+    Ok(rows)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::StoreOptions;
+
+    #[test]
+    fn a_key_is_indexed_under_its_first_slash_prefixes() {
+        let all: Vec<&[u8]> = feed_prefixes(b"a/b/c/d/e/f").collect();
+        assert_eq!(all, vec![&b"a/"[..], b"a/b/", b"a/b/c/", b"a/b/c/d/"]);
+        assert_eq!(feed_prefixes(b"plain").count(), 0);
+        assert_eq!(feed_index_prefix(b"user/42/no"), Some(&b"user/42/"[..]));
+        assert_eq!(feed_index_prefix(b"user"), None);
+    }
+
+    fn store() -> Store {
+        Store::open_in_memory(StoreOptions::default().partitions(1).node_id(NodeId(1))).unwrap()
+    }
+
+    /// Follows the feed to its end in pages of `max` entries; every state
+    /// seen, in order.
+    fn follow(
+        store: &Store,
+        prefix: &[u8],
+        since: &mut VersionVector,
+        max: usize,
+    ) -> Vec<(Vec<u8>, Vec<u8>)> {
+        let mut seen = Vec::new();
+        loop {
+            let limits = ChunkLimits {
+                max_entries: max,
+                max_bytes: 1 << 20,
+            };
+            let page = store.feed_page(0, prefix, since, limits).unwrap();
+            assert!(page.frontier.dominates(since), "a frontier only grows");
+            seen.extend(page.entries.into_iter().map(|e| (e.key, e.entry)));
+            *since = page.frontier;
+            if page.complete {
+                return seen;
+            }
+        }
+    }
+
+    #[test]
+    fn a_reader_sees_each_state_once_and_only_under_its_prefix() {
+        let a = store();
+        for i in 0..30u32 {
+            a.put(format!("user/1/{i}").as_bytes(), b"v1", None)
+                .unwrap();
+            a.put(format!("user/2/{i}").as_bytes(), b"v1", None)
+                .unwrap();
+            a.put(format!("other{i}").as_bytes(), b"v1", None).unwrap();
+        }
+        for prefix in [&b"user/1/"[..], b"user/1", b"user/", b""] {
+            let mut since = VersionVector::new();
+            let seen = follow(&a, prefix, &mut since, 7);
+            let want = (0..30u32 * 3)
+                .filter(|i| {
+                    let key = [
+                        format!("user/1/{i}"),
+                        format!("user/2/{i}"),
+                        format!("other{i}"),
+                    ];
+                    key.iter().any(|k| k.as_bytes().starts_with(prefix))
+                })
+                .count();
+            let keys: std::collections::BTreeSet<_> = seen.iter().map(|(k, _)| k.clone()).collect();
+            assert_eq!(keys.len(), seen.len(), "{prefix:?}: a state was sent twice");
+            assert!(keys.iter().all(|k| k.starts_with(prefix)));
+            let expected = match prefix {
+                b"user/1/" | b"user/1" => 30,
+                b"user/" => 60,
+                _ => 90,
+            };
+            assert_eq!(keys.len(), expected, "{prefix:?} ({want})");
+            // Caught up: nothing more, until a write under the prefix.
+            assert!(follow(&a, prefix, &mut since, 7).is_empty());
+            a.put(b"user/1/0", b"v2", None).unwrap();
+            let again = follow(&a, prefix, &mut since, 7);
+            assert_eq!(again.len(), 1, "{prefix:?}");
+            assert_eq!(again[0].0, b"user/1/0");
+        }
+    }
+
+    #[test]
+    fn a_state_reached_through_two_origins_goes_out_once_across_pages() {
+        // Keys written on node 1, then overwritten on node 2 with the
+        // context read: each entry then has rows under both origins.
+        let one = store();
+        let two = Store::open_in_memory(StoreOptions::default().partitions(1).node_id(NodeId(2)))
+            .unwrap();
+        for i in 0..20u32 {
+            one.put(format!("k/{i}").as_bytes(), b"from one", None)
+                .unwrap();
+        }
+        crate::sync::sync(&one, &two).unwrap();
+        for i in 0..20u32 {
+            let key = format!("k/{i}");
+            let context = two.causal_context(key.as_bytes()).unwrap();
+            two.put(key.as_bytes(), b"from two", context.as_ref())
+                .unwrap();
+        }
+        for max in [1, 3, 19, 100] {
+            let mut since = VersionVector::new();
+            let seen = follow(&two, b"k/", &mut since, max);
+            assert_eq!(seen.len(), 20, "max {max}: each key once");
+            assert_eq!(since, two.partition_version(0).unwrap());
+        }
+    }
+
+    #[test]
+    fn a_page_from_a_replica_missing_writes_claims_only_what_it_holds() {
+        let one = store();
+        let two = Store::open_in_memory(StoreOptions::default().partitions(1).node_id(NodeId(2)))
+            .unwrap();
+        one.put(b"k/early", b"1", None).unwrap();
+        crate::sync::sync(&one, &two).unwrap();
+        one.put(b"k/late", b"2", None).unwrap();
+        // Read everything two has, then ask one with the same frontier.
+        let mut since = VersionVector::new();
+        let from_two = follow(&two, b"k/", &mut since, 10);
+        assert_eq!(from_two.len(), 1);
+        let from_one = follow(&one, b"k/", &mut since, 10);
+        assert_eq!(from_one.len(), 1);
+        assert_eq!(from_one[0].0, b"k/late");
+    }
+
+    #[test]
+    fn an_old_store_gets_the_feed_index_on_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db");
+        {
+            let s = Store::open(&path, StoreOptions::default().partitions(1)).unwrap();
+            s.put(b"a/b/c", b"v", None).unwrap();
+            s.put(b"a/x", b"v", None).unwrap();
+        }
+        {
+            // Make it look like a store from before the index.
+            let db = redb::Database::open(&path).unwrap();
+            let txn = db.begin_write().unwrap();
+            txn.delete_table(PREFIX_CHANGES).unwrap();
+            txn.open_table(META)
+                .unwrap()
+                .remove(META_FEED_INDEX)
+                .unwrap();
+            txn.commit().unwrap();
+        }
+        let s = Store::open(&path, StoreOptions::default()).unwrap();
+        let mut since = VersionVector::new();
+        assert_eq!(follow(&s, b"a/", &mut since, 10).len(), 2);
+        let mut since = VersionVector::new();
+        assert_eq!(follow(&s, b"a/b/", &mut since, 10).len(), 1);
+    }
+}
