@@ -75,6 +75,16 @@ pub enum Request {
         start_after: Option<Vec<u8>>,
         limit: u32,
     },
+    /// One page of the change feed under `prefix`: the entries whose
+    /// writes `since` (per partition; absent ones: nothing seen) does not
+    /// cover, and the frontier to ask with next. See
+    /// `replication::feed`.
+    Changes {
+        #[serde(with = "serde_bytes")]
+        prefix: Vec<u8>,
+        since: Vec<(u16, crate::crdt::VersionVector)>,
+        limit: u32,
+    },
     /// Live keys this node holds, in key order.
     Keys {
         #[serde(with = "serde_bytes")]
@@ -135,6 +145,7 @@ impl Request {
             Request::Inspect { key } => Some(key),
             Request::Status
             | Request::List { .. }
+            | Request::Changes { .. }
             | Request::Keys { .. }
             | Request::ClusterMembers
             | Request::Layout
@@ -317,6 +328,8 @@ pub enum Response {
     Keys(Vec<(Vec<u8>, String)>),
     /// The request failed: its kind, and a message saying why.
     Error(Failure),
+    /// One page of the change feed.
+    Changes(ChangesPage),
     /// A token made: its id and the secret (shown once).
     TokenCreated {
         id: String,
@@ -325,6 +338,20 @@ pub enum Response {
     Tokens(Vec<TokenInfo>),
     /// How many tokens a revoke took out of force.
     Revoked(u32),
+}
+
+/// One page of the change feed.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChangesPage {
+    /// The changed entries (values, or tombstones for deleted keys), each
+    /// state once, encoded as stores keep them.
+    pub entries: Vec<crate::store::RemoteEntry>,
+    /// What the reader has seen after this page: pass it back as `since`.
+    /// Partitions with an empty vector are left out.
+    pub frontier: Vec<(u16, crate::crdt::VersionVector)>,
+    /// Some partitions were not read to their end (the page was full):
+    /// ask again at once with `frontier`.
+    pub more: bool,
 }
 
 /// An API token as `kvctl token list` shows it (never its secret).

@@ -25,7 +25,9 @@ impl Core {
         if call.request.is_admin() {
             return self.admin(call.request, reply);
         }
-        if call.request.key().is_none() && !matches!(call.request, Request::List { .. }) {
+        if call.request.key().is_none()
+            && !matches!(call.request, Request::List { .. } | Request::Changes { .. })
+        {
             let response = self.serve(call.request);
             return self.answer(reply, response);
         }

@@ -27,10 +27,11 @@
 //!   one storage job on the receiver, one acknowledgement naming the writes
 //!   it covers).
 
+use super::feed::{self, Gathering, MAX_CHANGES_LIMIT, MAX_PAGE_BYTES};
 use super::replica::Replica;
 use crate::client::{Call, ErrorCode, Failure, Request, Response, WireRecord};
-use crate::crdt::{CausalContext, NodeId};
-use crate::store::{GroupOutcome, GroupWrite, MergedView, Op};
+use crate::crdt::{CausalContext, NodeId, VersionVector};
+use crate::store::{FeedPage, GroupOutcome, GroupWrite, MergedView, Op};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::time::Duration;
@@ -109,6 +110,22 @@ pub enum CoordMessage {
         id: u64,
         keys: Option<Vec<(Vec<u8>, String)>>,
     },
+    /// Read the change feed of these partitions past each frontier, in
+    /// order, until `max_entries` or `max_bytes` are used up.
+    Changes {
+        id: u64,
+        partitions: Vec<(u16, VersionVector)>,
+        #[serde(with = "serde_bytes")]
+        prefix: Vec<u8>,
+        max_entries: u32,
+        max_bytes: u32,
+    },
+    /// The partitions a `Changes` read, each with its page (`None`: the
+    /// sender could not read its store).
+    ChangesFound {
+        id: u64,
+        pages: Option<Vec<(u16, FeedPage)>>,
+    },
 }
 
 /// The most keys one page of a listing may ask for.
@@ -125,6 +142,8 @@ impl CoordMessage {
             CoordMessage::Fetched { .. } => "fetched",
             CoordMessage::List { .. } => "list",
             CoordMessage::Listed { .. } => "listed",
+            CoordMessage::Changes { .. } => "changes",
+            CoordMessage::ChangesFound { .. } => "changes_found",
         }
     }
 }
@@ -232,6 +251,13 @@ enum Pending<C> {
         waiting: BTreeSet<NodeId>,
         keys: BTreeMap<Vec<u8>, String>,
         limit: usize,
+    },
+    /// A change feed page; waiting for `gathering.waiting`.
+    Changes {
+        caller: Caller<C>,
+        gathering: Gathering,
+        /// The partitions asked of each node.
+        asked: BTreeMap<NodeId, BTreeSet<u16>>,
     },
     /// Showing a key on each holder; waiting for `waiting` to answer.
     Inspect {
@@ -351,6 +377,48 @@ fn read_response(request: &Request, view: &MergedView) -> Response {
         other => return fail(ErrorCode::BadRequest, format!("{other:?} is not a read")),
     };
     result.unwrap_or_else(store_failure)
+}
+
+/// Each partition's source for a read of the whole cluster (a listing, a
+/// change feed page), grouped by node: this node where it holds a complete
+/// copy, else a live complete replica. `Err` is the answer when the
+/// cluster has no layout yet or some partition has no such replica:
+/// `unless` says what the read would do without it.
+fn partition_sources(
+    replica: &Replica,
+    unless: &str,
+) -> Result<BTreeMap<NodeId, Vec<u16>>, Response> {
+    let me = replica.id();
+    let layout = replica.layout();
+    if layout.current().version() == 0 {
+        return Err(fail(
+            ErrorCode::Unavailable,
+            "the cluster has no layout yet; retry shortly",
+        ));
+    }
+    let partitions = replica.store().partitions();
+    let mut by_node: BTreeMap<NodeId, Vec<u16>> = BTreeMap::new();
+    let mut missing = 0;
+    for p in 0..partitions {
+        let source = if layout.is_complete_replica(me, p) {
+            Some(me)
+        } else {
+            live_replicas(replica, p)
+                .into_iter()
+                .find(|&n| n != me && layout.is_complete_replica(n, p))
+        };
+        match source {
+            Some(node) => by_node.entry(node).or_default().push(p),
+            None => missing += 1,
+        }
+    }
+    if missing > 0 {
+        return Err(fail(
+            ErrorCode::Unavailable,
+            format!("{missing} of {partitions} partitions have no reachable complete replica now, so {unless}; retry shortly"),
+        ));
+    }
+    Ok(by_node)
 }
 
 /// Replicas of `partition` that are up, this node first if it can
@@ -485,6 +553,29 @@ impl<C> Coordinator<C> {
                 });
             }
             CoordMessage::Listed { id, keys } => self.on_listed(from, id, keys),
+            CoordMessage::Changes {
+                id,
+                partitions,
+                prefix,
+                max_entries,
+                max_bytes,
+            } => {
+                let max_entries = max_entries.min(MAX_CHANGES_LIMIT) as usize;
+                let max_bytes = (max_bytes as usize).min(MAX_PAGE_BYTES);
+                let pages = feed::serve(
+                    replica.store(),
+                    &partitions,
+                    &prefix,
+                    max_entries,
+                    max_bytes,
+                )
+                .ok();
+                self.out.push(CoordOutput::Send {
+                    to: from,
+                    message: CoordMessage::ChangesFound { id, pages },
+                });
+            }
+            CoordMessage::ChangesFound { id, pages } => self.on_changes_found(from, id, pages),
         }
         self.finish(replica)
     }
@@ -632,6 +723,14 @@ impl<C> Coordinator<C> {
         } = call.request
         {
             return self.list(replica, now, prefix, start_after, limit, caller);
+        }
+        if let Request::Changes {
+            prefix,
+            since,
+            limit,
+        } = call.request
+        {
+            return self.changes(replica, now, prefix, since, limit, caller);
         }
         let Some(key) = call.request.key().map(<[u8]>::to_vec) else {
             let response = fail(
@@ -1050,37 +1149,11 @@ impl<C> Coordinator<C> {
             return self.answer(caller, response);
         }
         let me = replica.id();
-        let layout = replica.layout();
-        if layout.current().version() == 0 {
-            let response = fail(
-                ErrorCode::Unavailable,
-                "the cluster has no layout yet; retry shortly",
-            );
-            return self.answer(caller, response);
-        }
         let partitions = replica.store().partitions();
-        let mut by_node: BTreeMap<NodeId, Vec<u16>> = BTreeMap::new();
-        let mut unlisted = 0;
-        for p in 0..partitions {
-            let source = if layout.is_complete_replica(me, p) {
-                Some(me)
-            } else {
-                live_replicas(replica, p)
-                    .into_iter()
-                    .find(|&n| n != me && layout.is_complete_replica(n, p))
-            };
-            match source {
-                Some(node) => by_node.entry(node).or_default().push(p),
-                None => unlisted += 1,
-            }
-        }
-        if unlisted > 0 {
-            let response = fail(
-                ErrorCode::Unavailable,
-                format!("{unlisted} of {partitions} partitions have no reachable complete replica now, so a listing would miss keys; retry shortly"),
-            );
-            return self.answer(caller, response);
-        }
+        let mut by_node = match partition_sources(replica, "a listing would miss keys") {
+            Ok(by_node) => by_node,
+            Err(response) => return self.answer(caller, response),
+        };
         let mut keys = BTreeMap::new();
         let limit = limit as usize;
         if let Some(mine) = by_node.remove(&me) {
@@ -1128,6 +1201,118 @@ impl<C> Coordinator<C> {
                 limit,
             },
         );
+    }
+
+    /// Starts a change feed page (see `replication::feed`).
+    fn changes(
+        &mut self,
+        replica: &Replica,
+        now: Duration,
+        prefix: Vec<u8>,
+        since: Vec<(u16, VersionVector)>,
+        limit: u32,
+        caller: Caller<C>,
+    ) {
+        if limit == 0 || limit > MAX_CHANGES_LIMIT {
+            let response = fail(
+                ErrorCode::BadRequest,
+                format!("limit={limit}: a page holds 1 to {MAX_CHANGES_LIMIT} changes"),
+            );
+            return self.answer(caller, response);
+        }
+        let me = replica.id();
+        let partitions = replica.store().partitions();
+        let mut frontier = BTreeMap::new();
+        for (p, vv) in since {
+            let problem = if p >= partitions {
+                format!("the cursor names partition {p}; the cluster has {partitions}")
+            } else if frontier.insert(p, vv).is_some() {
+                format!("the cursor names partition {p} twice")
+            } else {
+                continue;
+            };
+            return self.answer(caller, fail(ErrorCode::BadRequest, problem));
+        }
+        let mut by_node = match partition_sources(replica, "a change feed page would miss changes")
+        {
+            Ok(by_node) => by_node,
+            Err(response) => return self.answer(caller, response),
+        };
+        let share = (limit as usize / by_node.len()).max(1);
+        let bytes = MAX_PAGE_BYTES / by_node.len();
+        let mut gathering = Gathering::new(partitions, frontier);
+        if let Some(mine) = by_node.remove(&me) {
+            let asked: Vec<_> = mine.iter().map(|&p| (p, gathering.since(p))).collect();
+            match feed::serve(replica.store(), &asked, &prefix, share, bytes) {
+                Ok(pages) => gathering.add(&mine.into_iter().collect(), pages),
+                Err(e) => return self.answer(caller, fail(ErrorCode::of(&e), e.to_string())),
+            }
+        }
+        if by_node.is_empty() {
+            return self.answer(caller, Response::Changes(gathering.page()));
+        }
+        let id = self.fresh_id();
+        let mut asked = BTreeMap::new();
+        for (node, partitions) in by_node {
+            let frontiers = partitions
+                .iter()
+                .map(|&p| (p, gathering.since(p)))
+                .collect();
+            self.out.push(CoordOutput::Send {
+                to: node,
+                message: CoordMessage::Changes {
+                    id,
+                    partitions: frontiers,
+                    prefix: prefix.clone(),
+                    max_entries: share as u32,
+                    max_bytes: bytes as u32,
+                },
+            });
+            gathering.waiting.insert(node);
+            asked.insert(node, partitions.into_iter().collect());
+        }
+        self.wait(
+            now,
+            id,
+            Pending::Changes {
+                caller,
+                gathering,
+                asked,
+            },
+        );
+    }
+
+    fn on_changes_found(&mut self, from: NodeId, id: u64, pages: Option<Vec<(u16, FeedPage)>>) {
+        let Some(Pending::Changes {
+            gathering, asked, ..
+        }) = self.pending.get_mut(&id)
+        else {
+            return;
+        };
+        if !gathering.waiting.remove(&from) {
+            return; // a duplicate, or not asked
+        }
+        let failed = pages.is_none();
+        if let (Some(pages), Some(asked)) = (pages, asked.get(&from)) {
+            gathering.add(asked, pages);
+        }
+        if !failed && !gathering.waiting.is_empty() {
+            return;
+        }
+        if let Some(Pending::Changes {
+            caller, gathering, ..
+        }) = self.pending.remove(&id)
+        {
+            let response = if failed {
+                fail(
+                    ErrorCode::Unavailable,
+                    "a replica could not read its store for the change feed; retry",
+                )
+            } else {
+                Response::Changes(gathering.page())
+            };
+            self.answer(caller, response);
+        }
     }
 
     fn on_listed(&mut self, from: NodeId, id: u64, found: Option<Vec<(Vec<u8>, String)>>) {
@@ -1323,6 +1508,18 @@ impl<C> Coordinator<C> {
                     format!(
                         "{} node(s) did not send their keys in time, so the listing would miss keys; retry",
                         waiting.len()
+                    ),
+                ),
+            ),
+            Some(Pending::Changes {
+                caller, gathering, ..
+            }) => (
+                caller,
+                fail(
+                    ErrorCode::Unavailable,
+                    format!(
+                        "{} node(s) did not send their changes in time, so the page would miss changes; retry",
+                        gathering.waiting.len()
                     ),
                 ),
             ),

@@ -5,6 +5,7 @@
 //! that is local, synchronous and deterministic.
 
 pub mod coordinator;
+pub mod feed;
 pub mod layout;
 pub mod layout_state;
 pub mod membership;

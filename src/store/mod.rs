@@ -686,6 +686,15 @@ pub fn decode_record(key: &[u8], bytes: &[u8]) -> Result<Option<Record>> {
     Ok(decode_entry(key, bytes)?.into_record())
 }
 
+/// A change feed entry as readers see it: its record (`None`: the key is
+/// deleted) and its causal context, which a write or a delete of the key
+/// hands back to supersede this state.
+pub fn decode_change(key: &[u8], bytes: &[u8]) -> Result<(Option<Record>, CausalContext)> {
+    let entry = decode_entry(key, bytes)?;
+    let context = entry.context.clone();
+    Ok((entry.into_record(), context))
+}
+
 pub(crate) fn decode_entry(key: &[u8], bytes: &[u8]) -> Result<Entry> {
     Entry::decode(bytes).map_err(|e| Error::Corrupt {
         what: format!("entry {}", show_key(key)),

@@ -11,6 +11,7 @@
 //! a TLS handshake and a request's headers within [`HANDSHAKE_TIMEOUT`], a
 //! request answered within the client request timeout.
 
+mod changes;
 pub mod json;
 mod routes;
 mod watch;
@@ -28,6 +29,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{oneshot, Semaphore};
 use tracing::{debug, warn};
 
+pub use changes::{CHANGES_LIMIT, LONGPOLL_SECONDS, MAX_LONGPOLL_SECONDS};
 pub use routes::{MAX_BATCH_OPS, MAX_WATCH_SECONDS, WATCH_SECONDS};
 pub use watch::MAX_WATCHES;
 
@@ -43,6 +45,8 @@ pub(super) struct Api {
     core: Inbox,
     tokens: tokio::sync::watch::Receiver<Arc<TokenRegistry>>,
     watches: Arc<watch::Watches>,
+    /// The cluster's partition count (change feed cursors name it).
+    partitions: u16,
 }
 
 /// How a connection authenticated, put in each request's extensions.
@@ -198,6 +202,7 @@ pub(super) async fn start(
         core,
         tokens,
         watches,
+        partitions: store.partitions(),
     }));
     let security = Arc::new(security);
     let task = tokio::spawn(async move {

@@ -33,7 +33,7 @@ const BODY_TIMEOUT: Duration = Duration::from_secs(30);
 pub const WATCH_SECONDS: u64 = 30;
 pub const MAX_WATCH_SECONDS: u64 = 300;
 /// How often a watch reads again although nothing woke it (see `watch`).
-const WATCH_RECHECK: Duration = Duration::from_secs(5);
+pub(super) const WATCH_RECHECK: Duration = Duration::from_secs(5);
 
 /// The most operations one batch may carry.
 pub const MAX_BATCH_OPS: usize = 128;
@@ -53,6 +53,10 @@ pub(super) fn router(api: Arc<Api>) -> Router {
         .route("/v1/counters/{*key}", get(counter_get).post(counter_add))
         .route("/v1/sets/{*key}", get(set_members).post(set_change))
         .route("/v1/kv", get(list))
+        .route(
+            "/v1/changes",
+            get(super::changes::changes_get).post(super::changes::changes_post),
+        )
         .route("/v1/batch", post(batch))
         .route("/v1/status", get(status))
         .fallback(no_route)
@@ -128,13 +132,13 @@ fn key_of(uri: &Uri, prefix: &str) -> Result<Vec<u8>, ApiError> {
 /// Query parameters, each allowed name at most once: percent-decoded
 /// bytes (`raw`), and as text those that are UTF-8.
 #[derive(Debug)]
-struct Query {
+pub(super) struct Query {
     text: HashMap<String, String>,
-    raw: HashMap<String, Vec<u8>>,
+    pub(super) raw: HashMap<String, Vec<u8>>,
 }
 
 impl Query {
-    fn parse(uri: &Uri, allowed: &[&str]) -> Result<Query, ApiError> {
+    pub(super) fn parse(uri: &Uri, allowed: &[&str]) -> Result<Query, ApiError> {
         let mut params = HashMap::new();
         let mut raw = HashMap::new();
         for pair in uri.query().unwrap_or_default().split('&') {
@@ -174,7 +178,7 @@ impl Query {
     }
 
     /// A parameter as text; refused if it is not UTF-8.
-    fn get(&self, name: &str) -> Result<Option<&String>, ApiError> {
+    pub(super) fn get(&self, name: &str) -> Result<Option<&String>, ApiError> {
         match self.text.get(name) {
             Some(text) => Ok(Some(text)),
             None if self.raw.contains_key(name) => Err(ApiError::bad_request(
@@ -199,7 +203,7 @@ impl Query {
     }
 
     /// A number of seconds, `default` when absent, at most `max`.
-    fn seconds(&self, name: &str, default: u64, max: u64) -> Result<Duration, ApiError> {
+    pub(super) fn seconds(&self, name: &str, default: u64, max: u64) -> Result<Duration, ApiError> {
         match self.get(name)? {
             None => Ok(Duration::from_secs(default)),
             Some(text) => match text.parse::<f64>() {
@@ -248,7 +252,11 @@ fn parse_context(text: &str) -> Result<Vec<u8>, ApiError> {
 
 /// Reads a body of at most `max` bytes: refused by its declared length
 /// before a byte is read, or as soon as it grows past `max`.
-async fn read_body(headers: &HeaderMap, body: Body, max: usize) -> Result<Vec<u8>, ApiError> {
+pub(super) async fn read_body(
+    headers: &HeaderMap,
+    body: Body,
+    max: usize,
+) -> Result<Vec<u8>, ApiError> {
     let too_large = |len: String| {
         ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
@@ -290,7 +298,7 @@ async fn read_body(headers: &HeaderMap, body: Body, max: usize) -> Result<Vec<u8
     }
 }
 
-fn parse_json<T: for<'de> Deserialize<'de>>(bytes: &[u8]) -> Result<T, ApiError> {
+pub(super) fn parse_json<T: for<'de> Deserialize<'de>>(bytes: &[u8]) -> Result<T, ApiError> {
     serde_json::from_slice(bytes)
         .map_err(|e| ApiError::bad_request("bad_json", format!("the JSON body is invalid: {e}")))
 }
@@ -302,7 +310,7 @@ fn with_context(mut response: HttpResponse, context: &[u8]) -> HttpResponse {
     response
 }
 
-fn unexpected(response: Response) -> ApiError {
+pub(super) fn unexpected(response: Response) -> ApiError {
     ApiError::new(
         StatusCode::INTERNAL_SERVER_ERROR,
         "internal",

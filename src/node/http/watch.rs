@@ -1,4 +1,5 @@
-//! Held watches: which requests wait for which key, woken by the store's
+//! Held watches: which requests wait for which key (or for any key under a
+//! prefix: a long-polled change feed), woken by the store's
 //! observer (every committed write of this node, whatever brought it:
 //! a client write, a replicated one, anti-entropy, migration). A held
 //! watch costs a map entry, not a poll.
@@ -20,6 +21,9 @@ type Waker = (u64, oneshot::Sender<()>);
 #[derive(Default)]
 pub(super) struct Watches {
     waiting: Mutex<HashMap<Vec<u8>, Vec<Waker>>>,
+    /// Prefix watches: few (one per long-polled feed), so a list that each
+    /// commit scans while any are held.
+    prefixes: Mutex<Vec<(Vec<u8>, Waker)>>,
     /// Watches registered: lets the observer skip the lock when none are.
     held: AtomicUsize,
     next: AtomicUsize,
@@ -34,12 +38,23 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 pub(super) struct Watch {
     watches: Arc<Watches>,
     key: Vec<u8>,
+    /// Watching every key that starts with `key`.
+    prefix: bool,
     id: u64,
     pub(super) woken: oneshot::Receiver<()>,
 }
 
 impl Drop for Watch {
     fn drop(&mut self) {
+        if self.prefix {
+            let mut prefixes = lock(&self.watches.prefixes);
+            let before = prefixes.len();
+            prefixes.retain(|(_, (id, _))| *id != self.id);
+            if prefixes.len() < before {
+                self.watches.held.fetch_sub(1, Relaxed);
+            }
+            return;
+        }
         let mut waiting = lock(&self.watches.waiting);
         if let Some(list) = waiting.get_mut(&self.key) {
             let before = list.len();
@@ -60,15 +75,49 @@ impl Watches {
         if self.held.load(Relaxed) == 0 {
             return;
         }
-        let mut waiting = lock(&self.waiting);
-        for key in keys {
-            if let Some(list) = waiting.remove(key) {
-                self.held.fetch_sub(list.len(), Relaxed);
-                for (_, waker) in list {
-                    let _ = waker.send(());
+        {
+            let mut waiting = lock(&self.waiting);
+            for key in keys {
+                if let Some(list) = waiting.remove(key) {
+                    self.held.fetch_sub(list.len(), Relaxed);
+                    for (_, waker) in list {
+                        let _ = waker.send(());
+                    }
                 }
             }
         }
+        let mut prefixes = lock(&self.prefixes);
+        if prefixes.is_empty() {
+            return;
+        }
+        let (woken, kept): (Vec<_>, Vec<_>) = std::mem::take(&mut *prefixes)
+            .into_iter()
+            .partition(|(prefix, _)| keys.iter().any(|k| k.starts_with(prefix)));
+        *prefixes = kept;
+        self.held.fetch_sub(woken.len(), Relaxed);
+        for (_, (_, waker)) in woken {
+            let _ = waker.send(());
+        }
+    }
+
+    /// Registers a watch of every key under `prefix`; `None` when
+    /// [`MAX_WATCHES`] are held.
+    pub(super) fn watch_prefix(self: &Arc<Self>, prefix: &[u8]) -> Option<Watch> {
+        let mut prefixes = lock(&self.prefixes);
+        if self.held.load(Relaxed) >= MAX_WATCHES {
+            return None;
+        }
+        let id = self.next.fetch_add(1, Relaxed) as u64;
+        let (waker, woken) = oneshot::channel();
+        prefixes.push((prefix.to_vec(), (id, waker)));
+        self.held.fetch_add(1, Relaxed);
+        Some(Watch {
+            watches: self.clone(),
+            key: prefix.to_vec(),
+            prefix: true,
+            id,
+            woken,
+        })
     }
 
     /// Registers a watch of `key`; `None` when [`MAX_WATCHES`] are held.
@@ -84,6 +133,7 @@ impl Watches {
         Some(Watch {
             watches: self.clone(),
             key: key.to_vec(),
+            prefix: false,
             id,
             woken,
         })
@@ -109,5 +159,22 @@ mod tests {
         drop(b);
         assert_eq!(watches.held.load(Relaxed), 0);
         assert!(lock(&watches.waiting).is_empty());
+    }
+
+    #[test]
+    fn a_prefix_watch_wakes_on_any_key_under_it_only() {
+        let watches = Arc::new(Watches::default());
+        let mut user = watches.watch_prefix(b"user/").unwrap();
+        let mut other = watches.watch_prefix(b"other/").unwrap();
+        watches.changed(&[b"users".to_vec()]);
+        assert!(user.woken.try_recv().is_err());
+        watches.changed(&[b"a".to_vec(), b"user/42/x".to_vec()]);
+        assert!(user.woken.try_recv().is_ok());
+        assert!(other.woken.try_recv().is_err());
+        assert_eq!(watches.held.load(Relaxed), 1);
+        drop(user);
+        drop(other);
+        assert_eq!(watches.held.load(Relaxed), 0);
+        assert!(lock(&watches.prefixes).is_empty());
     }
 }

@@ -1,0 +1,324 @@
+//! `GET /v1/changes` and `POST /v1/changes`: the change feed over HTTP.
+//!
+//! A page is one coordinated `Request::Changes` (see `replication::feed`).
+//! The cursor a page ends with (`next`) is the reader's frontier, encoded:
+//! URL-safe base64 of a versioned postcard record holding the partition
+//! count, the prefix it was made for and a version vector per partition.
+//! Clients treat it as opaque. A cursor made for a prefix is also valid
+//! for any longer prefix (what it claims for the wider prefix holds for
+//! the narrower), never for a shorter or another one.
+//!
+//! `feed=longpoll`: a page with no changes is held until a commit under
+//! the prefix on this node wakes it (or every [`super::routes::WATCH_RECHECK`],
+//! for changes this node holds no replica of), then read again, at most
+//! `timeout` seconds; at the timeout the empty page is the answer.
+
+use super::json::{context_text, json_body, ApiError, JsonBytes, JsonRecord};
+use super::routes::{parse_json, read_body, unexpected, Query, WATCH_RECHECK};
+use super::{Api, Connection};
+use crate::client::{ChangesPage, Request, Response, WireRecord};
+use crate::crdt::VersionVector;
+use crate::replication::feed::MAX_CHANGES_LIMIT;
+use crate::replication::tokens::Access;
+use crate::store::decode_change;
+use axum::body::Body;
+use axum::extract::{Extension, State};
+use axum::http::{HeaderMap, StatusCode, Uri};
+use axum::response::Response as HttpResponse;
+use base64::Engine;
+use serde::{Deserialize, Serialize};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Changes in a page unless `limit` says otherwise.
+pub const CHANGES_LIMIT: u32 = 100;
+/// How long a long-polled page waits by default, and at most (seconds).
+pub const LONGPOLL_SECONDS: u64 = 30;
+pub const MAX_LONGPOLL_SECONDS: u64 = 300;
+/// The largest `POST /v1/changes` body (a cursor of many partitions).
+const MAX_FEED_BODY: usize = 1 << 20;
+const CURSOR_VERSION: u8 = 1;
+
+#[derive(Serialize, Deserialize)]
+struct Cursor {
+    version: u8,
+    partitions: u16,
+    #[serde(with = "serde_bytes")]
+    prefix: Vec<u8>,
+    frontier: Vec<(u16, VersionVector)>,
+}
+
+fn encode_cursor(partitions: u16, prefix: &[u8], frontier: Vec<(u16, VersionVector)>) -> String {
+    let cursor = Cursor {
+        version: CURSOR_VERSION,
+        partitions,
+        prefix: prefix.to_vec(),
+        frontier,
+    };
+    // Encoding a plain struct into a Vec cannot fail.
+    let bytes = postcard::to_allocvec(&cursor).unwrap_or_default();
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+}
+
+fn decode_cursor(
+    text: &str,
+    partitions: u16,
+    prefix: &[u8],
+) -> Result<Vec<(u16, VersionVector)>, ApiError> {
+    let bad = |why: String| ApiError::bad_request("bad_cursor", why);
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(text.trim_end_matches('='))
+        .map_err(|e| bad(format!("the cursor is not URL-safe base64: {e}")))?;
+    let cursor: Cursor = match postcard::from_bytes(&bytes) {
+        Ok(c) => c,
+        Err(_) if bytes.first().is_some_and(|&v| v != CURSOR_VERSION) => {
+            return Err(bad(format!(
+                "cursor version {} is not supported (this node reads version {CURSOR_VERSION})",
+                bytes[0]
+            )))
+        }
+        Err(e) => return Err(bad(format!("the cursor does not decode: {e}"))),
+    };
+    if cursor.version != CURSOR_VERSION {
+        return Err(bad(format!(
+            "cursor version {} is not supported (this node reads version {CURSOR_VERSION})",
+            cursor.version
+        )));
+    }
+    if cursor.partitions != partitions {
+        return Err(bad(format!(
+            "the cursor was made by a cluster of {} partitions; this one has {partitions}",
+            cursor.partitions
+        )));
+    }
+    if !prefix.starts_with(&cursor.prefix) {
+        return Err(bad(format!(
+            "the cursor was made for prefix {:?}, which does not contain {:?}; start without `since`",
+            String::from_utf8_lossy(&cursor.prefix),
+            String::from_utf8_lossy(prefix)
+        )));
+    }
+    let mut frontier = cursor.frontier;
+    for (_, vv) in &mut frontier {
+        vv.normalize();
+    }
+    Ok(frontier)
+}
+
+/// A feed request, from the query or from the JSON body.
+struct FeedRequest {
+    prefix: Vec<u8>,
+    since: Option<String>,
+    limit: u32,
+    longpoll: bool,
+    timeout: Duration,
+}
+
+fn limit_of(text: Option<&str>) -> Result<u32, ApiError> {
+    match text {
+        None => Ok(CHANGES_LIMIT),
+        Some(text) => match text.parse::<u32>() {
+            Ok(n) if (1..=MAX_CHANGES_LIMIT).contains(&n) => Ok(n),
+            _ => Err(ApiError::bad_request(
+                "bad_query",
+                format!("limit={text:?}: expected 1 to {MAX_CHANGES_LIMIT}"),
+            )),
+        },
+    }
+}
+
+fn longpoll_of(feed: Option<&str>) -> Result<bool, ApiError> {
+    match feed {
+        None | Some("normal") => Ok(false),
+        Some("longpoll") => Ok(true),
+        Some(other) => Err(ApiError::bad_request(
+            "bad_query",
+            format!("feed={other:?}: expected normal or longpoll"),
+        )),
+    }
+}
+
+/// `GET /v1/changes?prefix=&since=&limit=&feed=normal|longpoll&timeout=`.
+pub(super) async fn changes_get(
+    State(api): State<Arc<Api>>,
+    Extension(connection): Extension<Connection>,
+    uri: Uri,
+    headers: HeaderMap,
+) -> Result<HttpResponse, ApiError> {
+    api.authenticate(connection, &headers)?;
+    let query = Query::parse(&uri, &["prefix", "since", "limit", "feed", "timeout"])?;
+    let request = FeedRequest {
+        prefix: query.raw.get("prefix").cloned().unwrap_or_default(),
+        since: query.get("since")?.cloned().filter(|s| !s.is_empty()),
+        limit: limit_of(query.get("limit")?.map(String::as_str))?,
+        longpoll: longpoll_of(query.get("feed")?.map(String::as_str))?,
+        timeout: query.seconds("timeout", LONGPOLL_SECONDS, MAX_LONGPOLL_SECONDS)?,
+    };
+    serve(&api, connection, &headers, request).await
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FeedBody {
+    prefix: Option<JsonBytes>,
+    since: Option<String>,
+    limit: Option<u32>,
+    feed: Option<String>,
+    timeout: Option<f64>,
+}
+
+/// `POST /v1/changes` with `{"prefix", "since", "limit", "feed",
+/// "timeout"}`: the same feed, for cursors too long for a URL.
+pub(super) async fn changes_post(
+    State(api): State<Arc<Api>>,
+    Extension(connection): Extension<Connection>,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<HttpResponse, ApiError> {
+    api.authenticate(connection, &headers)?;
+    Query::parse(&uri, &[])?;
+    let body: FeedBody = parse_json(&read_body(&headers, body, MAX_FEED_BODY).await?)?;
+    let timeout = match body.timeout {
+        None => Duration::from_secs(LONGPOLL_SECONDS),
+        Some(s) if s.is_finite() && (0.0..=MAX_LONGPOLL_SECONDS as f64).contains(&s) => {
+            Duration::from_secs_f64(s)
+        }
+        Some(s) => {
+            return Err(ApiError::bad_request(
+                "bad_json",
+                format!("timeout {s}: expected seconds from 0 to {MAX_LONGPOLL_SECONDS}"),
+            ))
+        }
+    };
+    let request = FeedRequest {
+        prefix: body.prefix.map(|p| p.0).unwrap_or_default(),
+        since: body.since.filter(|s| !s.is_empty()),
+        limit: limit_of(body.limit.map(|n| n.to_string()).as_deref())?,
+        longpoll: longpoll_of(body.feed.as_deref())?,
+        timeout,
+    };
+    serve(&api, connection, &headers, request).await
+}
+
+async fn serve(
+    api: &Api,
+    connection: Connection,
+    headers: &HeaderMap,
+    request: FeedRequest,
+) -> Result<HttpResponse, ApiError> {
+    api.authorize(connection, headers, &request.prefix, Access::Read)?;
+    let mut since = match &request.since {
+        None => Vec::new(),
+        Some(text) => decode_cursor(text, api.partitions, &request.prefix)?,
+    };
+    let deadline = tokio::time::Instant::now() + request.timeout;
+    loop {
+        // Registered before the read: a commit between the two wakes it.
+        let mut watch = match request.longpoll {
+            false => None,
+            true => Some(api.watches.watch_prefix(&request.prefix).ok_or_else(|| {
+                ApiError::new(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "overloaded",
+                    format!("this node holds {} watches, its most", super::MAX_WATCHES),
+                )
+            })?),
+        };
+        let call = Request::Changes {
+            prefix: request.prefix.clone(),
+            since,
+            limit: request.limit,
+        };
+        let page = match api.call(call, 1, 1).await? {
+            Response::Changes(page) => page,
+            other => return Err(unexpected(other)),
+        };
+        let now = tokio::time::Instant::now();
+        let Some(watch) = watch.as_mut() else {
+            return render(api, &request.prefix, page);
+        };
+        if !page.entries.is_empty() || page.more || now >= deadline {
+            return render(api, &request.prefix, page);
+        }
+        since = page.frontier;
+        let wake = deadline.min(now + WATCH_RECHECK);
+        tokio::select! {
+            _ = &mut watch.woken => {}
+            () = tokio::time::sleep_until(wake) => {}
+        }
+    }
+}
+
+/// `{"changes": [...], "next": cursor, "more": bool}`; a deleted key is
+/// `{"key", "deleted": true, "context"}`.
+fn render(api: &Api, prefix: &[u8], page: ChangesPage) -> Result<HttpResponse, ApiError> {
+    let mut changes = Vec::with_capacity(page.entries.len());
+    for entry in &page.entries {
+        let (record, context) = decode_change(&entry.key, &entry.entry).map_err(|e| {
+            ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                format!("a replica sent an entry that does not decode: {e}"),
+            )
+        })?;
+        let change = match record {
+            Some(record) => {
+                let wire = WireRecord {
+                    value: record.value,
+                    context: record.context.to_bytes(),
+                    other_kinds: record.other_kinds,
+                };
+                serde_json::to_value(JsonRecord::new(&entry.key, &wire)).map_err(|e| {
+                    ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())
+                })?
+            }
+            None => serde_json::json!({
+                "key": JsonBytes(entry.key.clone()),
+                "deleted": true,
+                "context": context_text(&context.to_bytes()),
+            }),
+        };
+        changes.push(change);
+    }
+    let next = encode_cursor(api.partitions, prefix, page.frontier);
+    Ok(json_body(&serde_json::json!({
+        "changes": changes,
+        "next": next,
+        "more": page.more,
+    })))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crdt::{Dot, NodeId};
+
+    #[test]
+    fn a_cursor_round_trips_and_is_refused_for_another_cluster_or_a_wider_prefix() {
+        let mut vv = VersionVector::new();
+        vv.add(Dot::new(NodeId(7), 1));
+        vv.add(Dot::new(NodeId(7), 5));
+        let text = encode_cursor(64, b"user/", vec![(3, vv.clone())]);
+        assert_eq!(
+            decode_cursor(&text, 64, b"user/").unwrap(),
+            vec![(3, vv.clone())]
+        );
+        assert_eq!(
+            decode_cursor(&text, 64, b"user/42/").unwrap(),
+            vec![(3, vv)]
+        );
+        for (text, partitions, prefix, says) in [
+            (text.as_str(), 32, &b"user/"[..], "partitions"),
+            (&text, 64, b"", "prefix"),
+            (&text, 64, b"other/", "prefix"),
+            ("!!!", 64, b"user/", "base64"),
+            ("AAAA", 64, b"user/", "version"),
+            ("AQ", 64, b"user/", "decode"),
+        ] {
+            let error = decode_cursor(text, partitions, prefix).unwrap_err();
+            assert_eq!(error.code, "bad_cursor");
+            assert!(error.message.contains(says), "{says}: {}", error.message);
+        }
+    }
+}
