@@ -689,6 +689,20 @@ async fn tokens_are_scoped_to_prefixes_and_rights_and_revocation_reaches_every_n
         status_with(&http, &cluster, 1, &reader, true, "/v1/kv/app1/x").await,
         StatusCode::FORBIDDEN
     );
+    // The change feed too: only within the token's prefixes.
+    for (path, expected) in [
+        ("/v1/changes?prefix=app1%2F", StatusCode::OK),
+        ("/v1/changes?prefix=app1%2Fsub%2F", StatusCode::OK),
+        ("/v1/changes?prefix=app2%2F", StatusCode::FORBIDDEN),
+        ("/v1/changes", StatusCode::FORBIDDEN),
+        ("/v1/changes?prefix=app", StatusCode::FORBIDDEN),
+    ] {
+        assert_eq!(
+            status_with(&http, &cluster, 0, &reader, false, path).await,
+            expected,
+            "{path}"
+        );
+    }
     let mut bodies = Vec::new();
     for key in ["/v1/kv/app2/secret", "/v1/kv/app2/absent"] {
         let response = http
@@ -935,4 +949,273 @@ async fn a_listing_pages_through_every_key_of_the_cluster_not_just_the_nodes() {
     .await;
     assert_eq!(page["keys"].as_array().unwrap().len(), 20);
     assert!(page["next"].is_null());
+}
+
+/// A change feed reader: the state of each key it has seen, every
+/// (key, context) it was sent, and its cursor.
+#[derive(Default)]
+struct Reader {
+    cursor: Option<String>,
+    /// key -> (deleted, sorted values)
+    state: std::collections::BTreeMap<String, (bool, Vec<String>)>,
+    versions: std::collections::BTreeSet<(String, String)>,
+    /// How many versions of each key it was sent.
+    sent: std::collections::BTreeMap<String, usize>,
+}
+
+impl Reader {
+    /// Follows the feed through `node` until a page says nothing more is
+    /// waiting; pages alternate between GET and POST. Returns the changes seen.
+    async fn follow(
+        &mut self,
+        http: &Client,
+        cluster: &Cluster,
+        node: usize,
+        prefix: &str,
+    ) -> usize {
+        let mut seen = 0;
+        for page_no in 0.. {
+            assert!(page_no < 500, "the feed does not end");
+            let request = if page_no % 2 == 0 {
+                let mut at = format!("/v1/changes?prefix={}&limit=7", prefix.replace('/', "%2F"));
+                if let Some(cursor) = &self.cursor {
+                    at.push_str(&format!("&since={cursor}"));
+                }
+                http.get(url(cluster, node, &at))
+            } else {
+                http.post(url(cluster, node, "/v1/changes"))
+                    .json(&json!({ "prefix": prefix, "since": self.cursor, "limit": 7 }))
+            };
+            let (status, page) = json_of(request.send().await.unwrap()).await;
+            assert_eq!(status, StatusCode::OK, "{page}");
+            let changes = page["changes"].as_array().unwrap();
+            assert!(changes.len() <= 7, "a page holds at most its limit");
+            for change in changes {
+                let key = change["key"].as_str().unwrap().to_string();
+                assert!(key.starts_with(prefix), "{key} is outside {prefix}");
+                let context = change["context"].as_str().unwrap().to_string();
+                assert!(
+                    self.versions.insert((key.clone(), context)),
+                    "{key}: the same version was sent twice: {change}"
+                );
+                let deleted = change["deleted"] == true;
+                let values = if deleted {
+                    Vec::new()
+                } else {
+                    sorted_values(change)
+                };
+                self.state.insert(key.clone(), (deleted, values));
+                *self.sent.entry(key).or_default() += 1;
+                seen += 1;
+            }
+            self.cursor = Some(page["next"].as_str().unwrap().to_string());
+            if page["more"] == false && changes.is_empty() {
+                return seen;
+            }
+        }
+        unreachable!()
+    }
+}
+
+/// The cluster's state of every key under `prefix`, read at r=all through
+/// `node` after it settled: key -> (deleted, sorted values).
+async fn cluster_state(
+    http: &Client,
+    cluster: &Cluster,
+    node: usize,
+    keys: &std::collections::BTreeSet<String>,
+) -> std::collections::BTreeMap<String, (bool, Vec<String>)> {
+    let mut state = std::collections::BTreeMap::new();
+    for key in keys {
+        let at = url(cluster, node, &format!("/v1/kv/{key}?r=3"));
+        let (status, body) = json_of(http.get(at).send().await.unwrap()).await;
+        let entry = match status {
+            StatusCode::NOT_FOUND => (true, Vec::new()),
+            StatusCode::OK => (false, sorted_values(&body)),
+            other => panic!("{key}: {other} {body}"),
+        };
+        state.insert(key.clone(), entry);
+    }
+    state
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_feed_reader_sees_every_version_once_across_a_restart_and_a_join() {
+    let _slot = SLOTS.acquire().await.unwrap();
+    let (mut cluster, mut clients) = started(3).await;
+    let http = https(&cluster, &cluster.path().join("client"));
+    let mut reader = Reader::default();
+    let mut written = std::collections::BTreeSet::new();
+    let mut version = 0u32;
+    let mut write = |i: u32| {
+        version += 1;
+        (format!("feed/{i:03}"), format!("v{version}"))
+    };
+
+    // Keys written once, some written again and some deleted, through
+    // every node; keys outside the prefix the reader must never see.
+    for i in 0..60 {
+        let (key, value) = write(i);
+        clients[(i % 3) as usize]
+            .put(key.as_bytes(), value.as_bytes(), None)
+            .await
+            .unwrap();
+        written.insert(key);
+        clients[0]
+            .put(format!("elsewhere/{i}").as_bytes(), b"x", None)
+            .await
+            .unwrap();
+    }
+    assert!(reader.follow(&http, &cluster, 0, "feed/").await >= 60);
+    for i in 0..10 {
+        let (key, value) = write(i);
+        let context = clients[1]
+            .get(key.as_bytes())
+            .await
+            .unwrap()
+            .unwrap()
+            .context;
+        let context = gossipkv::CausalContext::from_bytes(&context).unwrap();
+        clients[1]
+            .put(key.as_bytes(), value.as_bytes(), Some(&context))
+            .await
+            .unwrap();
+    }
+    for i in 10..15 {
+        clients[2]
+            .delete(format!("feed/{i:03}").as_bytes(), None)
+            .await
+            .unwrap();
+    }
+    reader.follow(&http, &cluster, 1, "feed/").await;
+
+    // A node killed and restarted: writes go on meanwhile; the reader goes
+    // on through another node, then through the restarted one.
+    cluster.kill(1);
+    for i in 60..90 {
+        let (key, value) = write(i);
+        clients[0]
+            .put(key.as_bytes(), value.as_bytes(), None)
+            .await
+            .unwrap();
+        written.insert(key);
+    }
+    reader.follow(&http, &cluster, 2, "feed/").await;
+    cluster.restart(1);
+    clients[1] = common::client(cluster.addr(1), &cluster.client_tls()).await;
+    common::settled(&clients, 3).await;
+    for i in 90..100 {
+        let (key, value) = write(i);
+        clients[1]
+            .put(key.as_bytes(), value.as_bytes(), None)
+            .await
+            .unwrap();
+        written.insert(key);
+    }
+    reader.follow(&http, &cluster, 1, "feed/").await;
+
+    // A fourth node joins; the same cursor goes on through it.
+    cluster.add_node();
+    let fourth = common::client(cluster.addr(3), &cluster.client_tls()).await;
+    eventually("the fourth node is in a completed layout", || async {
+        fourth.status().await.is_ok_and(|s| {
+            s.members_alive == 4 && s.layout_version > 1 && s.layout_version == s.layout_completed
+        })
+    })
+    .await;
+    for i in 100..120 {
+        let (key, value) = write(i);
+        fourth
+            .put(key.as_bytes(), value.as_bytes(), None)
+            .await
+            .unwrap();
+        written.insert(key);
+    }
+    // Once every replica has every write, a reader caught up through any
+    // node holds exactly the cluster's state.
+    let expected = cluster_state(&http, &cluster, 0, &written).await;
+    reader.follow(&http, &cluster, 3, "feed/").await;
+    // Replication to the node read last may still be under way (writes
+    // were acknowledged at w=1): the reader converges, it never diverges.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        reader.follow(&http, &cluster, 0, "feed/").await;
+        if reader.state == expected {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the reader never reached the cluster's state"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // Keys written once were sent once, however many pages and nodes.
+    for i in (15..60).chain(60..120) {
+        let key = format!("feed/{i:03}");
+        assert_eq!(reader.sent[&key], 1, "{key}");
+    }
+    let later = reader.follow(&http, &cluster, 2, "feed/").await;
+    assert_eq!(later, 0, "a caught-up reader gets nothing new");
+
+    // Long poll: held until a write under the prefix, through another node.
+    let cursor = reader.cursor.clone().unwrap();
+    let poll = {
+        let http = http.clone();
+        let at = url(
+            &cluster,
+            2,
+            &format!("/v1/changes?prefix=feed%2F&feed=longpoll&timeout=60&since={cursor}"),
+        );
+        tokio::spawn(async move {
+            let started = Instant::now();
+            let (status, page) = json_of(http.get(at).send().await.unwrap()).await;
+            (status, page, started.elapsed())
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    clients[0].put(b"elsewhere/late", b"x", None).await.unwrap();
+    clients[0].put(b"feed/late", b"late", None).await.unwrap();
+    let (status, page, waited) = poll.await.unwrap();
+    assert_eq!(status, StatusCode::OK, "{page}");
+    let changes = page["changes"].as_array().unwrap();
+    assert_eq!(changes.len(), 1, "{page}");
+    assert_eq!(changes[0]["key"], "feed/late");
+    assert!(
+        waited < Duration::from_secs(30),
+        "the long poll answered after {waited:?}"
+    );
+    // And at its timeout, an empty page with a cursor to go on from.
+    let at = url(
+        &cluster,
+        2,
+        &format!(
+            "/v1/changes?prefix=feed%2F&feed=longpoll&timeout=1&since={}",
+            page["next"].as_str().unwrap()
+        ),
+    );
+    let (status, empty) = json_of(http.get(at).send().await.unwrap()).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(empty["changes"].as_array().unwrap().is_empty());
+    assert!(empty["next"].is_string());
+
+    // A cursor is refused for a wider prefix, and a bad one names the fault.
+    for (at, code) in [
+        (format!("/v1/changes?prefix=&since={cursor}"), "bad_cursor"),
+        ("/v1/changes?since=%21%21".to_string(), "bad_cursor"),
+        ("/v1/changes?feed=sometimes".to_string(), "bad_query"),
+        ("/v1/changes?limit=0".to_string(), "bad_query"),
+    ] {
+        let (status, body) = json_of(http.get(url(&cluster, 0, &at)).send().await.unwrap()).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{at}: {body}");
+        assert_eq!(body["error"]["code"], code, "{at}: {body}");
+    }
+    // A narrower prefix may go on from a wider prefix's cursor.
+    let at = url(
+        &cluster,
+        0,
+        &format!("/v1/changes?prefix=feed%2F1&since={cursor}"),
+    );
+    let (status, body) = json_of(http.get(at).send().await.unwrap()).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["changes"].as_array().unwrap().len(), 0, "{body}");
 }
