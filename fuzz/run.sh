@@ -8,7 +8,8 @@ set -uo pipefail
 cd "$(dirname "$0")"
 SECONDS_PER_TARGET="${1:-60}"
 TARGETS=(peer_frame client_request client_response context_token stored_entry
-         change_chunk membership_payload layout_state node_config store_file)
+         change_chunk membership_payload layout_state node_config store_file
+         feed_cursor)
 [ -n "${ONLY:-}" ] && read -r -a TARGETS <<< "$ONLY"
 cargo +nightly fuzz build -O || exit 1
 mkdir -p logs

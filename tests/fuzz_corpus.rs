@@ -223,6 +223,11 @@ fn calls() -> Vec<Call> {
         Request::TokenRevoke {
             name_or_id: "app".into(),
         },
+        Request::Changes {
+            prefix: b"user/".to_vec(),
+            since: vec![(1, dotted_vector())],
+            limit: 100,
+        },
     ];
     requests
         .into_iter()
@@ -272,6 +277,11 @@ fn responses(s: &Store) -> Vec<Response> {
         }]),
         Response::Done,
         Response::Keys(vec![(b"k".to_vec(), "register".into())]),
+        Response::Changes(gossipkv::client::ChangesPage {
+            entries: entries(s),
+            frontier: vec![(0, dotted_vector())],
+            more: true,
+        }),
         Response::Error(gossipkv::client::Failure::new(
             gossipkv::client::ErrorCode::QuorumNotMet {
                 reached: 1,
@@ -280,6 +290,14 @@ fn responses(s: &Store) -> Vec<Response> {
             "no",
         )),
     ]
+}
+
+/// A vector with a gap: base 3 and dot 5 of node 2.
+fn dotted_vector() -> VersionVector {
+    let mut vv = VersionVector::new();
+    vv.raise_base(NodeId(2), 3);
+    vv.add(Dot::new(NodeId(2), 5));
+    vv
 }
 
 fn framed<T: Serialize>(message: &T) -> Vec<u8> {
@@ -408,6 +426,24 @@ fn write_seed_corpora() {
             id: 4,
             keys: Some(vec![(b"user/2".to_vec(), "register".into())]),
         },
+        CoordMessage::Changes {
+            id: 5,
+            partitions: vec![(0, dotted_vector()), (3, VersionVector::new())],
+            prefix: b"user/".to_vec(),
+            max_entries: 100,
+            max_bytes: 1 << 20,
+        },
+        CoordMessage::ChangesFound {
+            id: 5,
+            pages: Some(vec![(
+                0,
+                gossipkv::store::FeedPage {
+                    entries: entries(&s),
+                    frontier: dotted_vector(),
+                    complete: false,
+                },
+            )]),
+        },
     ];
     payloads.extend(coord.into_iter().map(Payload::Coord));
     let mut peer: Vec<Vec<u8>> = payloads
@@ -453,6 +489,16 @@ fn write_seed_corpora() {
     unseen.complete = Some(foreign.partition_version(unseen.partition).unwrap());
     chunk_seeds.push(postcard::to_allocvec(&unseen).unwrap());
     write_seeds("change_chunk", chunk_seeds);
+
+    let mut feed = Vec::new();
+    for frontier in [
+        Vec::new(),
+        vec![(s.partition_of(b"r"), s.partition_version(s.partition_of(b"r")).unwrap())],
+        (0..4).map(|p| (p, s.partition_version(p).unwrap())).collect(),
+    ] {
+        feed.push(fuzzing::encode_feed_cursor(4, b"user/", frontier).into_bytes());
+    }
+    write_seeds("feed_cursor", feed);
 
     write_seeds("membership_payload", membership_payloads());
     write_seeds(

@@ -59,7 +59,7 @@ struct NodeSeqs {
     extra: Vec<u64>,
 }
 
-fn encode_cursor(partitions: u16, prefix: &[u8], frontier: Vec<(u16, VersionVector)>) -> String {
+pub(crate) fn encode_cursor(partitions: u16, prefix: &[u8], frontier: Vec<(u16, VersionVector)>) -> String {
     let mut nodes: Vec<u64> = frontier
         .iter()
         .flat_map(|(_, vv)| vv.nodes().map(|n| n.0).collect::<Vec<_>>())
@@ -93,7 +93,7 @@ fn encode_cursor(partitions: u16, prefix: &[u8], frontier: Vec<(u16, VersionVect
     base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
 }
 
-fn decode_cursor(
+pub(crate) fn decode_cursor(
     text: &str,
     partitions: u16,
     prefix: &[u8],

@@ -11,7 +11,7 @@
 //! a TLS handshake and a request's headers within [`HANDSHAKE_TIMEOUT`], a
 //! request answered within the client request timeout.
 
-mod changes;
+pub(crate) mod changes;
 pub mod json;
 mod routes;
 mod watch;
