@@ -195,7 +195,10 @@ pub fn feed_cursor(data: &[u8]) {
         return;
     };
     let again = encode_cursor(4, b"user/", frontier.clone());
-    assert_eq!(decode_cursor(&again, 4, b"user/").ok().as_ref(), Some(&frontier));
+    assert_eq!(
+        decode_cursor(&again, 4, b"user/").ok().as_ref(),
+        Some(&frontier)
+    );
     let store = fresh_store();
     let _ = store.put(b"user/1", b"v", None);
     for (partition, since) in &frontier {
@@ -204,7 +207,11 @@ pub fn feed_cursor(data: &[u8]) {
 }
 
 /// A cursor's text, for the seed corpus of [`feed_cursor`].
-pub fn encode_feed_cursor(partitions: u16, prefix: &[u8], frontier: Vec<(u16, VersionVector)>) -> String {
+pub fn encode_feed_cursor(
+    partitions: u16,
+    prefix: &[u8],
+    frontier: Vec<(u16, VersionVector)>,
+) -> String {
     crate::node::http::changes::encode_cursor(partitions, prefix, frontier)
 }
 

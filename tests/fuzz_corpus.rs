@@ -493,8 +493,13 @@ fn write_seed_corpora() {
     let mut feed = Vec::new();
     for frontier in [
         Vec::new(),
-        vec![(s.partition_of(b"r"), s.partition_version(s.partition_of(b"r")).unwrap())],
-        (0..4).map(|p| (p, s.partition_version(p).unwrap())).collect(),
+        vec![(
+            s.partition_of(b"r"),
+            s.partition_version(s.partition_of(b"r")).unwrap(),
+        )],
+        (0..4)
+            .map(|p| (p, s.partition_version(p).unwrap()))
+            .collect(),
     ] {
         feed.push(fuzzing::encode_feed_cursor(4, b"user/", frontier).into_bytes());
     }

@@ -17,7 +17,8 @@
 //! - for the origin where the bound stopped it, the source's dots below the
 //!   row it stopped at; later origins keep the reader's old frontier.
 //!
-//! Index: `prefix_changes` holds (prefix, partition, origin, seq) -> key, a
+//! Index: `prefix_changes` holds (hash of prefix, partition, origin, seq) ->
+//! key, a
 //! row for each row of `changes` and each of the key's first
 //! [`MAX_FEED_DEPTH`] prefixes that end in `/`. A feed for a prefix walks
 //! the rows of its longest such prefix (the partition's `changes` rows when
@@ -47,6 +48,11 @@ pub(crate) fn feed_prefixes(key: &[u8]) -> impl Iterator<Item = &[u8]> {
         .map(move |(i, _)| &key[..=i])
 }
 
+/// The hash a prefix's rows are filed under in `prefix_changes`.
+pub(crate) fn prefix_hash(prefix: &[u8]) -> u64 {
+    xxhash_rust::xxh3::xxh3_64(prefix)
+}
+
 /// The indexed prefix a feed for `prefix` walks: its longest indexed
 /// ancestor (itself when it ends in `/` within the depth); `None`: the
 /// whole partition's index.
@@ -68,10 +74,7 @@ pub struct FeedPage {
 
 enum FeedIndex {
     Partition(ReadOnlyTable<(u16, u64, u64), &'static [u8]>),
-    Prefix(
-        ReadOnlyTable<(&'static [u8], u16, u64, u64), &'static [u8]>,
-        Vec<u8>,
-    ),
+    Prefix(ReadOnlyTable<(u64, u16, u64, u64), &'static [u8]>, u64),
 }
 
 impl FeedIndex {
@@ -83,10 +86,7 @@ impl FeedIndex {
                 .next()
                 .map(|r| r.map(|(k, _)| k.value().1)),
             FeedIndex::Prefix(t, p) => t
-                .range(
-                    (p.as_slice(), partition, from, 0u64)
-                        ..=(p.as_slice(), partition, u64::MAX, u64::MAX),
-                )?
+                .range((*p, partition, from, 0u64)..=(*p, partition, u64::MAX, u64::MAX))?
                 .next()
                 .map(|r| r.map(|(k, _)| k.value().2)),
         };
@@ -114,7 +114,7 @@ impl FeedIndex {
                 }
             }
             FeedIndex::Prefix(t, p) => {
-                let p = p.as_slice();
+                let p = *p;
                 for row in t.range(
                     (p, partition, origin.0, from_seq)..=(p, partition, origin.0, u64::MAX),
                 )? {
@@ -157,7 +157,7 @@ impl Store {
         let source = read_version(&txn.open_table(VERSIONS)?, partition)?;
         let stored = txn.open_table(ENTRIES)?;
         let index = match feed_index_prefix(prefix) {
-            Some(p) => FeedIndex::Prefix(txn.open_table(PREFIX_CHANGES)?, p.to_vec()),
+            Some(p) => FeedIndex::Prefix(txn.open_table(PREFIX_CHANGES)?, prefix_hash(p)),
             None => FeedIndex::Partition(txn.open_table(CHANGES)?),
         };
         let max_entries = limits.max_entries.max(1);
@@ -228,7 +228,7 @@ pub(super) fn build_index(txn: &redb::WriteTransaction) -> Result<u64> {
         let (partition, node, seq) = position.value();
         let key = key.value();
         for p in feed_prefixes(key) {
-            prefixed.insert((p, partition, node, seq), key)?;
+            prefixed.insert((prefix_hash(p), partition, node, seq), key)?;
             rows += 1;
         }
     }

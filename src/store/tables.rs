@@ -6,10 +6,12 @@
 //! - `changes`: (partition, origin node, seq) -> user key. One row per
 //!   entry and node in its causal context, at that node's highest dot. A
 //!   node's writes append at the end of its range.
-//! - `prefix_changes`: (prefix, partition, origin node, seq) -> user key.
-//!   The rows of `changes` again, once per `/`-terminated prefix of the key
-//!   (its first few): what lets a change feed for a prefix read only the
-//!   changes under it (see `feed.rs`).
+//! - `prefix_changes`: (hash of a prefix, partition, origin node, seq) ->
+//!   user key. The rows of `changes` again, once per `/`-terminated prefix
+//!   of the key (its first few): what lets a change feed for a prefix read
+//!   only the changes under it (see `feed.rs`). Hashed, so that rows are
+//!   fixed-width; readers check the key against the prefix, so a collision
+//!   costs reads, never a wrong answer.
 //! - `partition_versions`: partition -> encoded version vector.
 //! - `tombstones`: (partition, user key) for deleted keys awaiting purge.
 //!
@@ -23,7 +25,7 @@ use redb::TableDefinition;
 pub(crate) const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 pub(crate) const ENTRIES: TableDefinition<&[u8], &[u8]> = TableDefinition::new("entries");
 pub(crate) const CHANGES: TableDefinition<(u16, u64, u64), &[u8]> = TableDefinition::new("changes");
-pub(crate) const PREFIX_CHANGES: TableDefinition<(&[u8], u16, u64, u64), &[u8]> =
+pub(crate) const PREFIX_CHANGES: TableDefinition<(u64, u16, u64, u64), &[u8]> =
     TableDefinition::new("prefix_changes");
 pub(crate) const VERSIONS: TableDefinition<u16, &[u8]> = TableDefinition::new("partition_versions");
 /// partition -> the highest sequence this node issued there before it

@@ -8,7 +8,7 @@
 //! store never holds an entry its version vector does not account for, nor
 //! the reverse.
 
-use super::feed::feed_prefixes;
+use super::feed::{feed_prefixes, prefix_hash};
 use super::tables::*;
 use super::{
     decode_entry, encode_version, Durability, Store, WriterState, MAX_KEY_BYTES, MAX_VALUE_BYTES,
@@ -284,7 +284,7 @@ pub(super) struct Writer<'t> {
     store: &'t Store,
     entries: Table<'t, &'static [u8], &'static [u8]>,
     changes: Table<'t, (u16, u64, u64), &'static [u8]>,
-    prefix_changes: Table<'t, (&'static [u8], u16, u64, u64), &'static [u8]>,
+    prefix_changes: Table<'t, (u64, u16, u64, u64), &'static [u8]>,
     tombstones: Table<'t, (u16, &'static [u8]), ()>,
     versions_table: Table<'t, u16, &'static [u8]>,
     meta: Table<'t, &'static str, &'static [u8]>,
@@ -557,7 +557,7 @@ impl<'t> Writer<'t> {
             self.changes.insert((partition, dot.node.0, dot.seq), key)?;
             for p in feed_prefixes(key) {
                 self.prefix_changes
-                    .insert((p, partition, dot.node.0, dot.seq), key)?;
+                    .insert((prefix_hash(p), partition, dot.node.0, dot.seq), key)?;
             }
         }
         let encoded = entry.encode();
@@ -619,7 +619,7 @@ impl<'t> Writer<'t> {
         self.changes.remove((partition, dot.node.0, dot.seq))?;
         for p in feed_prefixes(key) {
             self.prefix_changes
-                .remove((p, partition, dot.node.0, dot.seq))?;
+                .remove((prefix_hash(p), partition, dot.node.0, dot.seq))?;
         }
         Ok(())
     }

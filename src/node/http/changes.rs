@@ -59,7 +59,11 @@ struct NodeSeqs {
     extra: Vec<u64>,
 }
 
-pub(crate) fn encode_cursor(partitions: u16, prefix: &[u8], frontier: Vec<(u16, VersionVector)>) -> String {
+pub(crate) fn encode_cursor(
+    partitions: u16,
+    prefix: &[u8],
+    frontier: Vec<(u16, VersionVector)>,
+) -> String {
     let mut nodes: Vec<u64> = frontier
         .iter()
         .flat_map(|(_, vv)| vv.nodes().map(|n| n.0).collect::<Vec<_>>())
