@@ -8,7 +8,11 @@
 //!
 //! Prints `metric:` lines: ops/s, p50 and p99 per phase, and
 //! `http_put_ratio_vs_quic`, `http_get_ratio_vs_quic` at each C (target
-//! ≥ 0.7). Every phase is bounded in time (`GOSSIPKV_BENCH_SECS`, default
+//! ≥ 0.7). Then, when `wrk` is installed (Debian's `wrk`; `.ci/run` does
+//! not need it), the GET path again from a load generator no one here
+//! wrote: `wrk` with C HTTP/1.1 connections and an API token (it presents
+//! no client certificate), random keys of those written, beside the QUIC
+//! figure: `wrk_get_c{C}_ops`, `wrk_get_ratio_vs_quic`. Every phase is bounded in time (`GOSSIPKV_BENCH_SECS`, default
 //! 5 s; `-- --quick` a tenth) and in count (200,000 operations).
 
 #[path = "../tests/common/mod.rs"]
@@ -142,6 +146,7 @@ fn main() {
             .expect("HTTP client");
         let base = format!("https://{}/v1/kv/", cluster.http[0]);
         let mut rates = std::collections::BTreeMap::new();
+        let mut http_written = std::collections::BTreeMap::new();
         for c in CONCURRENCY {
             // Puts: each phase writes its own keys; the gets read them.
             let written = Arc::new(AtomicUsize::new(0));
@@ -187,6 +192,7 @@ fn main() {
             .await;
             rates.insert(name, rate);
             let http_keys = written.load(Ordering::Relaxed).max(1);
+            http_written.insert(c, http_keys);
 
             let q = quic.clone();
             let name = format!("quic_get_c{c}");
@@ -250,6 +256,108 @@ fn main() {
         };
         metric("http_put_ratio_vs_quic", worst("put"), "ratio");
         metric("http_get_ratio_vs_quic", worst("get"), "ratio");
+        wrk_phases(&cluster, time, &http_written, &rates).await;
         drop(cluster);
     });
+}
+
+/// The GET path from `wrk` (see the module docs); skipped with a note when
+/// `wrk` is not installed.
+async fn wrk_phases(
+    cluster: &common::Cluster,
+    time: Duration,
+    written: &std::collections::BTreeMap<usize, usize>,
+    rates: &std::collections::BTreeMap<String, f64>,
+) {
+    if std::process::Command::new("wrk")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        eprintln!("wrk is not installed (apt-get install wrk): its GET phases are skipped");
+        return;
+    }
+    let admin =
+        gossipkv::client::Client::connect_admin(cluster.addr(0), Some(&cluster.admin_tls()))
+            .await
+            .expect("admin connection");
+    let request = gossipkv::client::Request::TokenCreate {
+        name: "bench".into(),
+        prefixes: vec![b"h".to_vec()],
+        read: true,
+        write: false,
+        expires_in_seconds: Some(3600),
+    };
+    let secret = match admin.request(&request).await {
+        Ok(gossipkv::client::Response::TokenCreated { secret, .. }) => secret,
+        other => panic!("making a token failed: {other:?}"),
+    };
+    let mut worst = f64::INFINITY;
+    for (&c, &keys) in written {
+        let script = cluster.path().join(format!("wrk-{c}.lua"));
+        std::fs::write(
+            &script,
+            format!(
+                "math.randomseed(os.time())\n\
+                 request = function()\n\
+                 \x20 local path = string.format(\"/v1/kv/h%031x\", math.random(0, {} - 1))\n\
+                 \x20 return wrk.format(\"GET\", path, {{[\"Authorization\"] = \"Bearer {secret}\"}})\n\
+                 end\n",
+                keys
+            ),
+        )
+        .expect("wrk script");
+        let secs = time.as_secs().max(1);
+        let output = std::process::Command::new("wrk")
+            .args([
+                "-t2",
+                &format!("-c{c}"),
+                &format!("-d{secs}s"),
+                "--latency",
+                "-s",
+            ])
+            .arg(&script)
+            .arg(format!("https://{}/", cluster.http[0]))
+            .output()
+            .expect("wrk runs");
+        let text = String::from_utf8_lossy(&output.stdout);
+        let field = |name: &str| {
+            text.lines()
+                .find_map(|l| l.trim().strip_prefix(name).map(|v| v.trim().to_string()))
+        };
+        let Some(rate) = field("Requests/sec:").and_then(|v| v.parse::<f64>().ok()) else {
+            eprintln!(
+                "wrk printed no rate:\n{text}\n{}",
+                String::from_utf8_lossy(&output.stderr)
+            );
+            return;
+        };
+        if let Some(errors) = field("Non-2xx or 3xx responses:") {
+            eprintln!("wrk at c={c}: {errors} non-2xx answers (404s of skipped puts count)");
+        }
+        metric(&format!("wrk_get_c{c}_ops"), rate, "ops/s");
+        for (label, name) in [("50%", "p50"), ("99%", "p99")] {
+            if let Some(ms) = field(label).and_then(|v| wrk_ms(&v)) {
+                metric(&format!("wrk_get_c{c}_{name}_ms"), ms, "ms");
+            }
+        }
+        let ratio = rate / rates[&format!("quic_get_c{c}")].max(1e-9);
+        metric(&format!("wrk_get_c{c}_ratio_vs_quic"), ratio, "ratio");
+        worst = worst.min(ratio);
+    }
+    metric("wrk_get_ratio_vs_quic", worst, "ratio");
+}
+
+/// A wrk latency (`812.00us`, `1.20ms`, `2.01s`) in milliseconds.
+fn wrk_ms(text: &str) -> Option<f64> {
+    let (number, scale) = if let Some(n) = text.strip_suffix("us") {
+        (n, 1e-3)
+    } else if let Some(n) = text.strip_suffix("ms") {
+        (n, 1.0)
+    } else if let Some(n) = text.strip_suffix('s') {
+        (n, 1e3)
+    } else {
+        return None;
+    };
+    number.parse::<f64>().ok().map(|n| n * scale)
 }
