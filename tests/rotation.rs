@@ -17,6 +17,19 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+/// An HTTPS client presenting the certificate in `dir`, trusting the CA.
+fn https(cluster: &Cluster, dir: &Path) -> reqwest::Client {
+    let ca = std::fs::read(cluster.path().join("client/ca.pem")).unwrap();
+    let mut pem = std::fs::read(dir.join("cert.pem")).unwrap();
+    pem.extend(std::fs::read(dir.join("key.pem")).unwrap());
+    reqwest::Client::builder()
+        .use_rustls_tls()
+        .add_root_certificate(reqwest::Certificate::from_pem(&ca).unwrap())
+        .identity(reqwest::Identity::from_pem(&pem).unwrap())
+        .build()
+        .unwrap()
+}
+
 /// Asks node `i` to reload its TLS directory.
 fn hangup(cluster: &Cluster, i: usize) {
     let pid = cluster.nodes[i].0.id().to_string();
@@ -191,6 +204,23 @@ async fn a_revoked_client_is_refused_and_its_connections_closed() {
         );
         let c = common::client(cluster.addr(i), &other).await;
         c.put(format!("k{i}").as_bytes(), b"v", None).await.unwrap();
+    }
+    // The HTTPS listener took the new CRL with the same SIGHUP.
+    for i in 0..3 {
+        let at = format!("https://{}/v1/status", cluster.http[i]);
+        let revoked = https(&cluster, &cluster.path().join("client"));
+        let answer = revoked.get(&at).send().await;
+        assert!(
+            answer.is_err(),
+            "node {i} served a revoked certificate over HTTPS: {answer:?}"
+        );
+        let status = https(&cluster, &other_dir)
+            .get(&at)
+            .send()
+            .await
+            .unwrap()
+            .status();
+        assert_eq!(status, reqwest::StatusCode::OK, "node {i}");
     }
     let (ok, _, err) = kvctl(cluster.addr(0), &cluster.path().join("client"), &["status"]);
     assert!(!ok);

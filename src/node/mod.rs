@@ -308,6 +308,9 @@ pub async fn run(
                 _ => http::HttpSecurity::Plain,
             };
             let plain = matches!(security, http::HttpSecurity::Plain);
+            if let http::HttpSecurity::Tls(config) = &security {
+                live.serve_https(config.clone());
+            }
             let (bound, task) = http::start(addr, security, inbox.clone(), tokens_rx, &store)
                 .await
                 .map_err(|source| NodeError::Listen { addr, source })?;

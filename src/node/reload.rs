@@ -80,6 +80,8 @@ pub(super) struct LiveTls {
     refused: Mutex<HashMap<SocketAddr, String>>,
     /// QUIC limits of the listener (receive windows, idle timeout).
     server_transport: Arc<quinn::TransportConfig>,
+    /// The HTTPS listener's configuration, when it serves HTTPS.
+    https: Mutex<Option<super::http::HttpsConfig>>,
 }
 
 /// Locks, ignoring poisoning: every critical section here only replaces or
@@ -119,7 +121,13 @@ impl LiveTls {
             ),
             connections: Mutex::new(HashMap::new()),
             refused: Mutex::new(HashMap::new()),
+            https: Mutex::new(None),
         }
+    }
+
+    /// Makes reloads replace the HTTPS listener's configuration too.
+    pub(super) fn serve_https(&self, config: super::http::HttpsConfig) {
+        *lock(&self.https) = Some(config);
     }
 
     /// The server side of every ALPN for `identity`, with the node's
@@ -200,8 +208,16 @@ impl LiveTls {
         }
         let server = self.server_config(Some(&identity))?;
         let peer = client_config(Some(&identity), ALPN_PEER)?;
+        let https = lock(&self.https).clone();
+        let https = match https {
+            Some(slot) => Some((slot, super::http::https_config(&identity)?)),
+            None => None,
+        };
         // Everything is built: from here on nothing can fail.
         endpoint.set_server_config(Some(server));
+        if let Some((slot, config)) = https {
+            *slot.write().unwrap_or_else(PoisonError::into_inner) = config;
+        }
         *lock(&self.peer) = peer;
         *lock(&self.not_after) = Some(cert.not_after);
         let revoked: HashSet<Vec<u8>> = identity.revoked().iter().cloned().collect();

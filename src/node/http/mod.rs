@@ -163,11 +163,15 @@ fn shutting_down() -> Failure {
     Failure::new(ErrorCode::Internal, "the node is shutting down")
 }
 
+/// The HTTPS configuration new connections get: replaced by a TLS reload
+/// (SIGHUP), so a renewed certificate or CRL applies to the HTTP API too.
+pub(super) type HttpsConfig = Arc<std::sync::RwLock<Arc<rustls::ServerConfig>>>;
+
 /// How the HTTP listener secures its connections.
 pub(super) enum HttpSecurity {
     /// HTTPS; a client presents a client or admin certificate of the CA,
     /// or none and a bearer token with each request.
-    Tls(Arc<rustls::ServerConfig>),
+    Tls(HttpsConfig),
     /// Plain HTTP, no authentication (`--http-plain`).
     Plain,
 }
@@ -178,10 +182,18 @@ impl HttpSecurity {
     pub(super) fn tls(
         identity: &TlsIdentity,
     ) -> Result<HttpSecurity, crate::transport::tls::TlsError> {
-        let mut config = crate::transport::tls::https_server_config(identity, true)?;
-        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-        Ok(HttpSecurity::Tls(Arc::new(config)))
+        let config = https_config(identity)?;
+        Ok(HttpSecurity::Tls(Arc::new(std::sync::RwLock::new(config))))
     }
+}
+
+/// The HTTPS server configuration for `identity`.
+pub(super) fn https_config(
+    identity: &TlsIdentity,
+) -> Result<Arc<rustls::ServerConfig>, crate::transport::tls::TlsError> {
+    let mut config = crate::transport::tls::https_server_config(identity, true)?;
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
 }
 
 /// Binds `addr` (before the node reports itself up, so a bad address fails
@@ -241,7 +253,11 @@ async fn serve_connection(
     match security {
         HttpSecurity::Plain => serve_http(stream, remote, router, Connection::Plain).await,
         HttpSecurity::Tls(config) => {
-            let acceptor = tokio_rustls::TlsAcceptor::from(config.clone());
+            let current = config
+                .read()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .clone();
+            let acceptor = tokio_rustls::TlsAcceptor::from(current);
             let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
                 Ok(Ok(tls)) => tls,
                 Ok(Err(e)) => return debug!(%remote, "HTTPS handshake refused: {e}"),
