@@ -381,17 +381,17 @@ fn read_response(request: &Request, view: &MergedView) -> Response {
 
 /// Each partition's source for a read of the whole cluster (a listing, a
 /// change feed page), grouped by node: this node where it holds a complete
-/// copy, else a live complete replica. `Err` is the answer when the
+/// copy, else a live complete replica. `Err` is the failure to answer when the
 /// cluster has no layout yet or some partition has no such replica:
 /// `unless` says what the read would do without it.
 fn partition_sources(
     replica: &Replica,
     unless: &str,
-) -> Result<BTreeMap<NodeId, Vec<u16>>, Response> {
+) -> Result<BTreeMap<NodeId, Vec<u16>>, Failure> {
     let me = replica.id();
     let layout = replica.layout();
     if layout.current().version() == 0 {
-        return Err(fail(
+        return Err(Failure::new(
             ErrorCode::Unavailable,
             "the cluster has no layout yet; retry shortly",
         ));
@@ -413,7 +413,7 @@ fn partition_sources(
         }
     }
     if missing > 0 {
-        return Err(fail(
+        return Err(Failure::new(
             ErrorCode::Unavailable,
             format!("{missing} of {partitions} partitions have no reachable complete replica now, so {unless}; retry shortly"),
         ));
@@ -1152,7 +1152,7 @@ impl<C> Coordinator<C> {
         let partitions = replica.store().partitions();
         let mut by_node = match partition_sources(replica, "a listing would miss keys") {
             Ok(by_node) => by_node,
-            Err(response) => return self.answer(caller, response),
+            Err(failure) => return self.answer(caller, Response::Error(failure)),
         };
         let mut keys = BTreeMap::new();
         let limit = limit as usize;
@@ -1236,7 +1236,7 @@ impl<C> Coordinator<C> {
         let mut by_node = match partition_sources(replica, "a change feed page would miss changes")
         {
             Ok(by_node) => by_node,
-            Err(response) => return self.answer(caller, response),
+            Err(failure) => return self.answer(caller, Response::Error(failure)),
         };
         let share = (limit as usize / by_node.len()).max(1);
         let bytes = MAX_PAGE_BYTES / by_node.len();

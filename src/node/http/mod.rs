@@ -9,7 +9,8 @@
 //! request into a client call that the core loop coordinates exactly like
 //! a QUIC client request. Bounds: at most [`MAX_CONNECTIONS`] connections,
 //! a TLS handshake and a request's headers within [`HANDSHAKE_TIMEOUT`], a
-//! request answered within the client request timeout.
+//! request answered within the client request timeout, a connection with
+//! no request in flight closed after [`IDLE_TIMEOUT`].
 
 pub(crate) mod changes;
 pub mod json;
@@ -23,6 +24,7 @@ use crate::transport::tls::TlsIdentity;
 use axum::http::{HeaderMap, StatusCode};
 use json::ApiError;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
@@ -39,6 +41,10 @@ pub const MAX_CONNECTIONS: usize = 1024;
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Concurrent requests (HTTP/2 streams) per connection.
 const STREAMS_PER_CONNECTION: u32 = 128;
+/// A connection with no request in flight for this long is closed
+/// (gracefully), so idle keep-alive connections cannot hold every slot.
+/// Held watches and long polls are requests in flight.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// What the routes call the node through.
 pub(super) struct Api {
@@ -287,10 +293,18 @@ where
 {
     use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
     use tower_service::Service;
+    let activity = Arc::new(Activity::default());
+    let requests = activity.clone();
     let service =
         hyper::service::service_fn(move |mut request: hyper::Request<hyper::body::Incoming>| {
             request.extensions_mut().insert(connection);
-            router.clone().call(request)
+            let in_flight = InFlight::new(requests.clone());
+            let answer = router.clone().call(request);
+            async move {
+                let answer = answer.await;
+                drop(in_flight);
+                answer
+            }
         });
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
     builder
@@ -301,10 +315,105 @@ where
         .http2()
         .timer(TokioTimer::new())
         .max_concurrent_streams(STREAMS_PER_CONNECTION);
-    if let Err(e) = builder
-        .serve_connection(TokioIo::new(stream), service)
-        .await
-    {
+    let connection = builder.serve_connection(TokioIo::new(stream), service);
+    tokio::pin!(connection);
+    let ended = loop {
+        tokio::select! {
+            ended = connection.as_mut() => break ended,
+            () = tokio::time::sleep(IDLE_TIMEOUT / 4) => {
+                if activity.idle_for() >= IDLE_TIMEOUT {
+                    debug!(%remote, "closing an HTTP connection idle for {IDLE_TIMEOUT:?}");
+                    connection.as_mut().graceful_shutdown();
+                    break connection.await;
+                }
+            }
+        }
+    };
+    if let Err(e) = ended {
         debug!(%remote, "HTTP connection ended: {e}");
+    }
+}
+
+/// Requests in flight on a connection, and since when it has had none.
+struct Activity {
+    in_flight: AtomicUsize,
+    idle_since: std::sync::Mutex<tokio::time::Instant>,
+}
+
+impl Default for Activity {
+    fn default() -> Self {
+        Activity {
+            in_flight: AtomicUsize::new(0),
+            idle_since: std::sync::Mutex::new(tokio::time::Instant::now()),
+        }
+    }
+}
+
+impl Activity {
+    fn idle_since(&self) -> std::sync::MutexGuard<'_, tokio::time::Instant> {
+        self.idle_since
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Zero while a request is in flight.
+    fn idle_for(&self) -> Duration {
+        let since = self.idle_since();
+        if self.in_flight.load(Ordering::Acquire) > 0 {
+            return Duration::ZERO;
+        }
+        since.elapsed()
+    }
+}
+
+/// One request in flight: counted from its start until its answer.
+struct InFlight(Arc<Activity>);
+
+impl InFlight {
+    fn new(activity: Arc<Activity>) -> InFlight {
+        {
+            // Under the lock, like the drop: `idle_for` sees a consistent pair.
+            let _locked = activity.idle_since();
+            activity.in_flight.fetch_add(1, Ordering::AcqRel);
+        }
+        InFlight(activity)
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        let mut since = self.0.idle_since();
+        if self.0.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
+            *since = tokio::time::Instant::now();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_connection_is_idle_only_while_no_request_is_in_flight() {
+        let activity = Arc::new(Activity::default());
+        tokio::time::advance(Duration::from_secs(5)).await;
+        assert_eq!(activity.idle_for(), Duration::from_secs(5));
+        let first = InFlight::new(activity.clone());
+        let second = InFlight::new(activity.clone());
+        tokio::time::advance(IDLE_TIMEOUT * 2).await;
+        assert_eq!(
+            activity.idle_for(),
+            Duration::ZERO,
+            "a long poll is not idle"
+        );
+        drop(first);
+        assert_eq!(activity.idle_for(), Duration::ZERO);
+        drop(second);
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert_eq!(
+            activity.idle_for(),
+            Duration::from_secs(1),
+            "idle from the last answer"
+        );
     }
 }
