@@ -6,6 +6,7 @@
 //! Scenarios check invariants (convergence, no acknowledged write lost,
 //! exact counters) and report figures. Same seed, same output.
 
+pub mod feed;
 pub mod ledger;
 pub mod quorum;
 pub mod scenarios;

@@ -18,6 +18,7 @@ pub const SCENARIOS: &[&str] = &[
     "rebalance",
     "isolated-restart",
     "quorum",
+    "feed",
 ];
 
 /// What a scenario is run with.
@@ -96,6 +97,7 @@ pub fn run(name: &str, params: &Params) -> Outcome {
         "rebalance" => rebalance(params),
         "isolated-restart" => isolated_restart(params),
         "quorum" => crate::quorum::quorum(params),
+        "feed" => crate::feed::feed(params),
         other => Err(fail(format!(
             "unknown scenario {other:?}; scenarios: {}",
             SCENARIOS.join(", ")

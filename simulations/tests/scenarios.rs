@@ -107,3 +107,12 @@ fn quorum_calls_keep_every_acknowledged_write_and_reads_see_quorum_writes() {
         assert!(report.get("writes_kept").unwrap() > 0.0);
     }
 }
+
+#[test]
+fn a_feed_reader_sees_each_state_once_and_ends_with_the_replicas_state() {
+    for seed in 1..=3 {
+        let report = check("feed", &small(seed, Some(4), 40));
+        assert!(report.get("feed_pages").unwrap() >= 50.0);
+        assert_eq!(report.get("feed_keys_checked"), Some(40.0));
+    }
+}

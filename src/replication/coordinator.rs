@@ -1238,6 +1238,34 @@ impl<C> Coordinator<C> {
             Ok(by_node) => by_node,
             Err(failure) => return self.answer(caller, Response::Error(failure)),
         };
+        // Partitions this node is behind the reader on go to another
+        // replica (which is checked again there), rotating between them.
+        if let (Some(mine), Ok(versions)) = (by_node.get(&me), replica.store().partition_versions())
+        {
+            let mut moved = Vec::new();
+            for &p in mine {
+                let behind = frontier
+                    .get(&p)
+                    .is_some_and(|seen| !versions[usize::from(p)].dominates(seen));
+                let others: Vec<NodeId> = live_replicas(replica, p)
+                    .into_iter()
+                    .filter(|&n| n != me && replica.layout().is_complete_replica(n, p))
+                    .collect();
+                if behind && !others.is_empty() {
+                    moved.push((p, others[self.next_id as usize % others.len()]));
+                }
+            }
+            for (p, to) in moved {
+                if let Some(mine) = by_node.get_mut(&me) {
+                    mine.retain(|&q| q != p);
+                }
+                by_node.entry(to).or_default().push(p);
+            }
+            by_node.retain(|_, partitions| !partitions.is_empty());
+            for partitions in by_node.values_mut() {
+                partitions.sort_unstable();
+            }
+        }
         let share = (limit as usize / by_node.len()).max(1);
         let bytes = MAX_PAGE_BYTES / by_node.len();
         let mut gathering = Gathering::new(partitions, frontier);

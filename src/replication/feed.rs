@@ -10,7 +10,11 @@
 //! answer's frontier is the reader's, advanced for every partition read
 //! (see `store::feed` for what a partition's frontier claims); partitions
 //! a node did not reach keep theirs, and `more` says the reader should ask
-//! again at once.
+//! again at once. A replica behind the reader's frontier for a partition
+//! does not read it (see `store::feed`): the coordinator reads such a
+//! partition from another live complete replica where it is one itself,
+//! and a replica asked anyway answers `behind`; the partition then waits
+//! for a later page.
 
 use crate::client::ChangesPage;
 use crate::crdt::{NodeId, VersionVector};
@@ -47,6 +51,10 @@ pub fn serve(
             max_bytes: bytes_left,
         };
         let page = store.feed_page(*partition, prefix, since, limits)?;
+        if page.behind {
+            pages.push((*partition, page));
+            continue;
+        }
         entries_left = entries_left.saturating_sub(page.entries.len());
         let bytes: usize = page
             .entries

@@ -17,6 +17,18 @@
 //! - for the origin where the bound stopped it, the source's dots below the
 //!   row it stopped at; later origins keep the reader's old frontier.
 //!
+//! A page is read only from a replica whose version vector covers the
+//! reader's frontier; a replica behind it answers `behind` and nothing
+//! else. That is what makes the feed right for a reader that *replaces*
+//! its copy of a key with each state it is sent (a JSON client), not only
+//! for one that merges: a replica that covers the frontier holds, for each
+//! key, a state that includes every state of it the reader was sent, so
+//! the reader's latest copy is always the join of what it saw. (Without
+//! the rule, a reader sent a delete by one replica and a concurrent write
+//! by another that had not seen the delete would keep the write's state,
+//! and the two replicas' merged state, whose dots the frontier already
+//! covers, would never be sent.)
+//!
 //! Index: `prefix_changes` holds (hash of prefix, partition, origin, seq) ->
 //! key, a
 //! row for each row of `changes` and each of the key's first
@@ -70,6 +82,11 @@ pub struct FeedPage {
     /// The walk reached the end: `frontier` covers every write the source
     /// held in the partition when the page was read.
     pub complete: bool,
+    /// The source's vector does not cover the reader's frontier: it is
+    /// behind what the reader has seen and sent nothing (ask another
+    /// replica, or this one once it caught up).
+    #[serde(default)]
+    pub behind: bool,
 }
 
 enum FeedIndex {
@@ -155,6 +172,13 @@ impl Store {
         since.normalize();
         let txn = self.db.begin_read()?;
         let source = read_version(&txn.open_table(VERSIONS)?, partition)?;
+        if !source.dominates(&since) {
+            return Ok(FeedPage {
+                frontier: since,
+                behind: true,
+                ..FeedPage::default()
+            });
+        }
         let stored = txn.open_table(ENTRIES)?;
         let index = match feed_index_prefix(prefix) {
             Some(p) => FeedIndex::Prefix(txn.open_table(PREFIX_CHANGES)?, prefix_hash(p)),
@@ -359,6 +383,35 @@ mod tests {
         let from_one = follow(&one, b"k/", &mut since, 10);
         assert_eq!(from_one.len(), 1);
         assert_eq!(from_one[0].0, b"k/late");
+    }
+
+    #[test]
+    fn a_replica_behind_the_frontier_sends_nothing_and_a_caught_up_one_sends_the_merge() {
+        // A delete on one replica, a concurrent write on another.
+        let one = store();
+        let two = Store::open_in_memory(StoreOptions::default().partitions(1).node_id(NodeId(2)))
+            .unwrap();
+        one.put(b"k/x", b"first", None).unwrap();
+        crate::sync::sync(&one, &two).unwrap();
+        one.delete(b"k/x", None).unwrap();
+        two.put(b"k/x", b"concurrent", None).unwrap();
+        let mut since = VersionVector::new();
+        follow(&one, b"k/", &mut since, 10);
+        let page = two
+            .feed_page(0, b"k/", &since, ChunkLimits::default())
+            .unwrap();
+        assert!(page.behind && page.entries.is_empty() && !page.complete);
+        assert_eq!(page.frontier, since);
+        // Once two has the delete, it sends the merged state.
+        crate::sync::sync(&one, &two).unwrap();
+        let merged = follow(&two, b"k/", &mut since, 10);
+        assert_eq!(merged.len(), 1);
+        let (record, _) = crate::store::decode_change(&merged[0].0, &merged[0].1).unwrap();
+        let values = match record.map(|r| r.value) {
+            Some(crate::crdt::Value::Register(v)) => v,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(values, vec![b"concurrent".to_vec()]);
     }
 
     #[test]
