@@ -441,6 +441,7 @@ fn write_seed_corpora() {
                     entries: entries(&s),
                     frontier: dotted_vector(),
                     complete: false,
+                    behind: false,
                 },
             )]),
         },
