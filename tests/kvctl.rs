@@ -136,6 +136,19 @@ async fn every_command_answers_with_the_right_facts_in_table_and_json() {
         keys,
         serde_json::json!([{"key": "greeting", "kind": "register"}])
     );
+    // Pages of the cluster-wide listing, and the node-local one.
+    ctl.ok(&["counter", "add", "gz", "1"]);
+    let page = ctl.json(&["keys", "--prefix", "g", "--limit", "1"]);
+    assert_eq!(
+        page,
+        serde_json::json!([{"key": "greeting", "kind": "register"}])
+    );
+    let next = ctl.json(&["keys", "--prefix", "g", "--start-after", "greeting"]);
+    assert_eq!(next, serde_json::json!([{"key": "gz", "kind": "counter"}]));
+    let local = ctl.json(&["keys", "--prefix", "g", "--local"]);
+    assert_eq!(local.as_array().map(Vec::len), Some(2), "{local}");
+    let (code, err) = ctl.fails(&["keys", "--limit", "0"]);
+    assert_eq!(code, 2, "{err}");
     ctl.ok(&["delete", "greeting"]);
     let (code, _) = ctl.fails(&["get", "greeting"]);
     assert_eq!(code, 1);

@@ -117,14 +117,23 @@ enum Command {
     /// Example: kvctl set add tags blue
     #[command(subcommand)]
     Set(SetCommand),
-    /// Keys this node holds.
+    /// Live keys across the whole cluster, in key order (one page: go on
+    /// with --start-after the last key shown); --local: only the keys this
+    /// node holds.
     ///
     /// Example: kvctl keys --prefix user: --limit 20
     Keys {
         #[arg(long, default_value = "")]
         prefix: String,
-        #[arg(long, default_value_t = 100)]
+        /// 1 to 1000.
+        #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=1000))]
         limit: u32,
+        /// Keys after this one (the last key of the previous page).
+        #[arg(long)]
+        start_after: Option<String>,
+        /// Only the keys this node holds (no other node is asked).
+        #[arg(long, conflicts_with = "start_after")]
+        local: bool,
     },
     /// The key on each of its replicas side by side, and whether they agree.
     ///
@@ -765,17 +774,22 @@ impl Ctl {
                     _ => anyhow::bail!("unexpected answer"),
                 }
             }
-            Command::Keys { prefix, limit } => {
-                let Response::Keys(keys) = self
-                    .call(
-                        Request::Keys {
-                            prefix: arg_bytes(&prefix)?,
-                            limit,
-                        },
-                        1,
-                    )
-                    .await?
-                else {
+            Command::Keys {
+                prefix,
+                limit,
+                start_after,
+                local,
+            } => {
+                let prefix = arg_bytes(&prefix)?;
+                let request = match local {
+                    true => Request::Keys { prefix, limit },
+                    false => Request::List {
+                        prefix,
+                        start_after: start_after.as_deref().map(arg_bytes).transpose()?,
+                        limit,
+                    },
+                };
+                let Response::Keys(keys) = self.call(request, 1).await? else {
                     anyhow::bail!("unexpected answer")
                 };
                 let rows: Vec<Vec<String>> = keys
