@@ -74,6 +74,10 @@ pub enum Request {
         #[serde(with = "serde_bytes")]
         start_after: Option<Vec<u8>>,
         limit: u32,
+        /// A change feed reader's frontier: list each partition only on a
+        /// replica that covers it (what a reader reconciling after a purge
+        /// needs, see `store::feed`). Empty: any complete replica.
+        since: Vec<(u16, crate::crdt::VersionVector)>,
     },
     /// One page of the change feed under `prefix`: the entries whose
     /// writes `since` (per partition; absent ones: nothing seen) does not
@@ -84,6 +88,9 @@ pub enum Request {
         prefix: Vec<u8>,
         since: Vec<(u16, crate::crdt::VersionVector)>,
         limit: u32,
+        /// A page since the last reconciliation said deletes may have been
+        /// missed (`ChangesPage::reconcile_pending`).
+        reconcile_pending: bool,
     },
     /// Live keys this node holds, in key order.
     Keys {
@@ -352,6 +359,14 @@ pub struct ChangesPage {
     /// Some partitions were not read to their end (the page was full):
     /// ask again at once with `frontier`.
     pub more: bool,
+    /// Reconcile now: tombstones the reader had not seen were purged while
+    /// it caught up, so it may hold keys deleted since. List the prefix's
+    /// live keys with this page's `frontier` (`Request::List::since`) and
+    /// drop those it holds that are not listed, before asking again.
+    pub reconcile: bool,
+    /// Such a purge was found but the reader has not caught up yet: pass
+    /// it back with the next request (`reconcile` comes once it has).
+    pub reconcile_pending: bool,
 }
 
 /// An API token as `kvctl token list` shows it (never its secret).

@@ -191,17 +191,17 @@ pub fn feed_cursor(data: &[u8]) {
     let Ok(text) = std::str::from_utf8(data) else {
         return;
     };
-    let Ok(frontier) = decode_cursor(text, 4, b"user/") else {
+    let Ok(cursor) = decode_cursor(text, 4, b"user/") else {
         return;
     };
-    let again = encode_cursor(4, b"user/", frontier.clone());
+    let again = encode_cursor(4, b"user/", cursor.clone());
     assert_eq!(
         decode_cursor(&again, 4, b"user/").ok().as_ref(),
-        Some(&frontier)
+        Some(&cursor)
     );
     let store = fresh_store();
     let _ = store.put(b"user/1", b"v", None);
-    for (partition, since) in &frontier {
+    for (partition, since) in &cursor.frontier {
         let _ = store.feed_page(*partition, b"user/", since, Default::default());
     }
 }
@@ -212,7 +212,11 @@ pub fn encode_feed_cursor(
     prefix: &[u8],
     frontier: Vec<(u16, VersionVector)>,
 ) -> String {
-    crate::node::http::changes::encode_cursor(partitions, prefix, frontier)
+    let cursor = crate::node::http::changes::FeedCursor {
+        frontier,
+        reconcile_pending: false,
+    };
+    crate::node::http::changes::encode_cursor(partitions, prefix, cursor)
 }
 
 /// A node's TOML config file.

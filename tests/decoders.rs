@@ -85,6 +85,7 @@ proptest! {
             partition: 0,
             entries: entries.into_iter().map(|entry| RemoteEntry { key: b"k".to_vec(), entry }).collect(),
             complete: None,
+            purged: None,
         };
         let _ = s.apply(&chunk);
         still_healthy(&s);
@@ -106,7 +107,7 @@ proptest! {
             remote.entry.truncate(cut.index(remote.entry.len() + 1));
         }
         let s = store(1);
-        let _ = s.apply(&ChangeChunk { partition: 0, entries: vec![remote], complete: None });
+        let _ = s.apply(&ChangeChunk { partition: 0, entries: vec![remote], complete: None, purged: None });
         still_healthy(&s);
     }
 
@@ -126,7 +127,7 @@ proptest! {
             .sum();
         prop_assert!(listed <= 2);
         let receiver = store(2);
-        let _ = receiver.apply(&ChangeChunk { partition: 0, entries: vec![], complete: Some(vv.clone()) });
+        let _ = receiver.apply(&ChangeChunk { partition: 0, entries: vec![], complete: Some(vv.clone()), purged: None });
         still_healthy(&receiver);
         // Decoding a vector from arbitrary bytes is as safe.
         let bytes = postcard::to_allocvec(&vv).unwrap();
@@ -196,6 +197,7 @@ mod replication_messages {
             partition: 99,
             entries: vec![],
             complete: None,
+            purged: None,
         };
         let message = Message::Chunk {
             stream: 1,

@@ -219,6 +219,7 @@ fn calls() -> Vec<Call> {
             prefix: b"user/".to_vec(),
             start_after: None,
             limit: 10,
+            since: vec![(2, dotted_vector())],
         },
         Request::TokenRevoke {
             name_or_id: "app".into(),
@@ -227,6 +228,7 @@ fn calls() -> Vec<Call> {
             prefix: b"user/".to_vec(),
             since: vec![(1, dotted_vector())],
             limit: 100,
+            reconcile_pending: true,
         },
     ];
     requests
@@ -281,6 +283,8 @@ fn responses(s: &Store) -> Vec<Response> {
             entries: entries(s),
             frontier: vec![(0, dotted_vector())],
             more: true,
+            reconcile: false,
+            reconcile_pending: true,
         }),
         Response::Error(gossipkv::client::Failure::new(
             gossipkv::client::ErrorCode::QuorumNotMet {
@@ -421,6 +425,7 @@ fn write_seed_corpora() {
             prefix: b"user/".to_vec(),
             start_after: Some(b"user/1".to_vec()),
             limit: 100,
+            since: vec![(7, dotted_vector())],
         },
         CoordMessage::Listed {
             id: 4,
@@ -442,6 +447,7 @@ fn write_seed_corpora() {
                     frontier: dotted_vector(),
                     complete: false,
                     behind: false,
+                    reconcile: true,
                 },
             )]),
         },

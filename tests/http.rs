@@ -1209,6 +1209,33 @@ async fn a_change_feed_reader_sees_every_version_once_across_a_restart_and_a_joi
         assert_eq!(status, StatusCode::BAD_REQUEST, "{at}: {body}");
         assert_eq!(body["error"]["code"], code, "{at}: {body}");
     }
+    // The listing a reconciling reader makes: from replicas that have
+    // caught up with its cursor; the keys it holds live are the listed ones.
+    let at = url(
+        &cluster,
+        1,
+        &format!("/v1/kv?prefix=feed%2F&limit=1000&cursor={cursor}"),
+    );
+    let (status, listed) = json_of(http.get(at).send().await.unwrap()).await;
+    assert_eq!(status, StatusCode::OK, "{listed}");
+    let listed: std::collections::BTreeSet<String> = listed["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| k["key"].as_str().unwrap().to_string())
+        .collect();
+    let mut live: std::collections::BTreeSet<String> = reader
+        .state
+        .iter()
+        .filter(|(_, (deleted, _))| !deleted)
+        .map(|(k, _)| k.clone())
+        .collect();
+    live.insert("feed/late".into()); // seen by the long poll
+    assert_eq!(listed, live);
+    let at = url(&cluster, 1, &format!("/v1/kv?prefix=other&cursor={cursor}"));
+    let (status, body) = json_of(http.get(at).send().await.unwrap()).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert_eq!(body["error"]["code"], "bad_cursor");
     // A narrower prefix may go on from a wider prefix's cursor.
     let at = url(
         &cluster,

@@ -991,6 +991,7 @@ fn a_complete_vector_not_in_normal_form_is_normalized_and_the_store_reopens() ->
             partition: p,
             entries: Vec::new(),
             complete: Some(odd.clone()),
+            purged: None,
         })?;
         assert_eq!((report.merged, report.skipped), (0, 0));
         assert_eq!(store.partition_version(p)?, normal);

@@ -787,6 +787,7 @@ impl Ctl {
                         prefix,
                         start_after: start_after.as_deref().map(arg_bytes).transpose()?,
                         limit,
+                        since: Vec::new(),
                     },
                 };
                 let Response::Keys(keys) = self.call(request, 1).await? else {

@@ -103,9 +103,12 @@ pub enum CoordMessage {
         #[serde(with = "serde_bytes")]
         start_after: Option<Vec<u8>>,
         limit: u32,
+        /// Frontiers the lister must cover for these partitions (see
+        /// `Request::List`).
+        since: Vec<(u16, VersionVector)>,
     },
     /// The keys a `List` asked for, with their kinds (`None`: the sender
-    /// could not read its store).
+    /// could not read its store, or is behind a frontier it was given).
     Listed {
         id: u64,
         keys: Option<Vec<(Vec<u8>, String)>>,
@@ -258,6 +261,7 @@ enum Pending<C> {
         gathering: Gathering,
         /// The partitions asked of each node.
         asked: BTreeMap<NodeId, BTreeSet<u16>>,
+        reconcile_pending: bool,
     },
     /// Showing a key on each holder; waiting for `waiting` to answer.
     Inspect {
@@ -377,6 +381,47 @@ fn read_response(request: &Request, view: &MergedView) -> Response {
         other => return fail(ErrorCode::BadRequest, format!("{other:?} is not a read")),
     };
     result.unwrap_or_else(store_failure)
+}
+
+/// A change feed page as a client asked for it.
+struct FeedRead {
+    prefix: Vec<u8>,
+    since: Vec<(u16, VersionVector)>,
+    limit: u32,
+    reconcile_pending: bool,
+}
+
+/// A listing as a client asked for it.
+struct Listing {
+    prefix: Vec<u8>,
+    start_after: Option<Vec<u8>>,
+    limit: u32,
+    since: Vec<(u16, VersionVector)>,
+}
+
+/// A reader's frontier by partition, checked: partitions in range, each
+/// named once.
+fn frontier_of(
+    since: Vec<(u16, VersionVector)>,
+    partitions: u16,
+) -> Result<BTreeMap<u16, VersionVector>, Failure> {
+    let mut frontier = BTreeMap::new();
+    for (p, mut vv) in since {
+        if p >= partitions {
+            return Err(Failure::new(
+                ErrorCode::BadRequest,
+                format!("the cursor names partition {p}; the cluster has {partitions}"),
+            ));
+        }
+        vv.normalize();
+        if frontier.insert(p, vv).is_some() {
+            return Err(Failure::new(
+                ErrorCode::BadRequest,
+                format!("the cursor names partition {p} twice"),
+            ));
+        }
+    }
+    Ok(frontier)
 }
 
 /// Each partition's source for a read of the whole cluster (a listing, a
@@ -530,8 +575,21 @@ impl<C> Coordinator<C> {
                 prefix,
                 start_after,
                 limit,
+                since,
             } => {
                 let store = replica.store();
+                let behind = since.iter().any(|(p, seen)| {
+                    store
+                        .partition_version(*p)
+                        .map_or(true, |held| !held.dominates(seen))
+                });
+                if behind {
+                    self.out.push(CoordOutput::Send {
+                        to: from,
+                        message: CoordMessage::Listed { id, keys: None },
+                    });
+                    return self.finish(replica);
+                }
                 let mut wanted = vec![false; usize::from(store.partitions())];
                 for p in partitions {
                     if let Some(w) = wanted.get_mut(usize::from(p)) {
@@ -720,17 +778,31 @@ impl<C> Coordinator<C> {
             prefix,
             start_after,
             limit,
+            since,
         } = call.request
         {
-            return self.list(replica, now, prefix, start_after, limit, caller);
+            let listing = Listing {
+                prefix,
+                start_after,
+                limit,
+                since,
+            };
+            return self.list(replica, now, listing, caller);
         }
         if let Request::Changes {
             prefix,
             since,
             limit,
+            reconcile_pending,
         } = call.request
         {
-            return self.changes(replica, now, prefix, since, limit, caller);
+            let read = FeedRead {
+                prefix,
+                since,
+                limit,
+                reconcile_pending,
+            };
+            return self.changes(replica, now, read, caller);
         }
         let Some(key) = call.request.key().map(<[u8]>::to_vec) else {
             let response = fail(
@@ -1132,15 +1204,17 @@ impl<C> Coordinator<C> {
     /// Starts a listing: each partition is listed by one live replica
     /// (this node for those it holds complete), one `List` per node; the
     /// answer is the first `limit` keys of the union.
-    fn list(
-        &mut self,
-        replica: &Replica,
-        now: Duration,
-        prefix: Vec<u8>,
-        start_after: Option<Vec<u8>>,
-        limit: u32,
-        caller: Caller<C>,
-    ) {
+    fn list(&mut self, replica: &Replica, now: Duration, listing: Listing, caller: Caller<C>) {
+        let Listing {
+            prefix,
+            start_after,
+            limit,
+            since,
+        } = listing;
+        let frontier = match frontier_of(since, replica.store().partitions()) {
+            Ok(frontier) => frontier,
+            Err(failure) => return self.answer(caller, Response::Error(failure)),
+        };
         if limit == 0 || limit > MAX_LIST_LIMIT {
             let response = fail(
                 ErrorCode::BadRequest,
@@ -1154,6 +1228,14 @@ impl<C> Coordinator<C> {
             Ok(by_node) => by_node,
             Err(failure) => return self.answer(caller, Response::Error(failure)),
         };
+        let still_behind = self.avoid_behind(replica, &mut by_node, &frontier);
+        if still_behind > 0 {
+            let response = fail(
+                ErrorCode::Unavailable,
+                format!("{still_behind} partitions have no live replica that has caught up with the cursor yet; retry shortly"),
+            );
+            return self.answer(caller, response);
+        }
         let mut keys = BTreeMap::new();
         let limit = limit as usize;
         if let Some(mine) = by_node.remove(&me) {
@@ -1184,6 +1266,10 @@ impl<C> Coordinator<C> {
                 to: node,
                 message: CoordMessage::List {
                     id,
+                    since: partitions
+                        .iter()
+                        .filter_map(|p| frontier.get(p).map(|vv| (*p, vv.clone())))
+                        .collect(),
                     partitions,
                     prefix: prefix.clone(),
                     start_after: start_after.clone(),
@@ -1204,15 +1290,13 @@ impl<C> Coordinator<C> {
     }
 
     /// Starts a change feed page (see `replication::feed`).
-    fn changes(
-        &mut self,
-        replica: &Replica,
-        now: Duration,
-        prefix: Vec<u8>,
-        since: Vec<(u16, VersionVector)>,
-        limit: u32,
-        caller: Caller<C>,
-    ) {
+    fn changes(&mut self, replica: &Replica, now: Duration, read: FeedRead, caller: Caller<C>) {
+        let FeedRead {
+            prefix,
+            since,
+            limit,
+            reconcile_pending,
+        } = read;
         if limit == 0 || limit > MAX_CHANGES_LIMIT {
             let response = fail(
                 ErrorCode::BadRequest,
@@ -1222,50 +1306,17 @@ impl<C> Coordinator<C> {
         }
         let me = replica.id();
         let partitions = replica.store().partitions();
-        let mut frontier = BTreeMap::new();
-        for (p, vv) in since {
-            let problem = if p >= partitions {
-                format!("the cursor names partition {p}; the cluster has {partitions}")
-            } else if frontier.insert(p, vv).is_some() {
-                format!("the cursor names partition {p} twice")
-            } else {
-                continue;
-            };
-            return self.answer(caller, fail(ErrorCode::BadRequest, problem));
-        }
+        let frontier = match frontier_of(since, partitions) {
+            Ok(frontier) => frontier,
+            Err(failure) => return self.answer(caller, Response::Error(failure)),
+        };
         let mut by_node = match partition_sources(replica, "a change feed page would miss changes")
         {
             Ok(by_node) => by_node,
             Err(failure) => return self.answer(caller, Response::Error(failure)),
         };
-        // Partitions this node is behind the reader on go to another
-        // replica (which is checked again there), rotating between them.
-        if let (Some(mine), Ok(versions)) = (by_node.get(&me), replica.store().partition_versions())
-        {
-            let mut moved = Vec::new();
-            for &p in mine {
-                let behind = frontier
-                    .get(&p)
-                    .is_some_and(|seen| !versions[usize::from(p)].dominates(seen));
-                let others: Vec<NodeId> = live_replicas(replica, p)
-                    .into_iter()
-                    .filter(|&n| n != me && replica.layout().is_complete_replica(n, p))
-                    .collect();
-                if behind && !others.is_empty() {
-                    moved.push((p, others[self.next_id as usize % others.len()]));
-                }
-            }
-            for (p, to) in moved {
-                if let Some(mine) = by_node.get_mut(&me) {
-                    mine.retain(|&q| q != p);
-                }
-                by_node.entry(to).or_default().push(p);
-            }
-            by_node.retain(|_, partitions| !partitions.is_empty());
-            for partitions in by_node.values_mut() {
-                partitions.sort_unstable();
-            }
-        }
+        // Where no replica has caught up, this node answers `behind`.
+        self.avoid_behind(replica, &mut by_node, &frontier);
         let share = (limit as usize / by_node.len()).max(1);
         let bytes = MAX_PAGE_BYTES / by_node.len();
         let mut gathering = Gathering::new(partitions, frontier);
@@ -1277,7 +1328,8 @@ impl<C> Coordinator<C> {
             }
         }
         if by_node.is_empty() {
-            return self.answer(caller, Response::Changes(gathering.page()));
+            let page = gathering.page(reconcile_pending);
+            return self.answer(caller, Response::Changes(page));
         }
         let id = self.fresh_id();
         let mut asked = BTreeMap::new();
@@ -1306,8 +1358,56 @@ impl<C> Coordinator<C> {
                 caller,
                 gathering,
                 asked,
+                reconcile_pending,
             },
         );
+    }
+
+    /// Moves the partitions this node is behind the reader's `frontier`
+    /// on to another live complete replica (rotating between them; the
+    /// replica checks again). Returns how many stay here although behind.
+    fn avoid_behind(
+        &mut self,
+        replica: &Replica,
+        by_node: &mut BTreeMap<NodeId, Vec<u16>>,
+        frontier: &BTreeMap<u16, VersionVector>,
+    ) -> usize {
+        let me = replica.id();
+        let (Some(mine), false) = (by_node.get(&me), frontier.is_empty()) else {
+            return 0;
+        };
+        let Ok(versions) = replica.store().partition_versions() else {
+            return mine.len();
+        };
+        let mut moved = Vec::new();
+        let mut stuck = 0;
+        for &p in mine {
+            let behind = frontier
+                .get(&p)
+                .is_some_and(|seen| !versions[usize::from(p)].dominates(seen));
+            if !behind {
+                continue;
+            }
+            let others: Vec<NodeId> = live_replicas(replica, p)
+                .into_iter()
+                .filter(|&n| n != me && replica.layout().is_complete_replica(n, p))
+                .collect();
+            match others.len() {
+                0 => stuck += 1,
+                n => moved.push((p, others[self.next_id as usize % n])),
+            }
+        }
+        for (p, to) in moved {
+            if let Some(mine) = by_node.get_mut(&me) {
+                mine.retain(|&q| q != p);
+            }
+            by_node.entry(to).or_default().push(p);
+        }
+        by_node.retain(|_, partitions| !partitions.is_empty());
+        for partitions in by_node.values_mut() {
+            partitions.sort_unstable();
+        }
+        stuck
     }
 
     fn on_changes_found(&mut self, from: NodeId, id: u64, pages: Option<Vec<(u16, FeedPage)>>) {
@@ -1328,7 +1428,10 @@ impl<C> Coordinator<C> {
             return;
         }
         if let Some(Pending::Changes {
-            caller, gathering, ..
+            caller,
+            gathering,
+            reconcile_pending,
+            ..
         }) = self.pending.remove(&id)
         {
             let response = if failed {
@@ -1337,7 +1440,7 @@ impl<C> Coordinator<C> {
                     "a replica could not read its store for the change feed; retry",
                 )
             } else {
-                Response::Changes(gathering.page())
+                Response::Changes(gathering.page(reconcile_pending))
             };
             self.answer(caller, response);
         }
@@ -1360,7 +1463,7 @@ impl<C> Coordinator<C> {
             if let Some(Pending::List { caller, .. }) = self.pending.remove(&id) {
                 let response = fail(
                     ErrorCode::Unavailable,
-                    "a replica could not read its store for the listing; retry",
+                    "a replica could not read its store for the listing, or is behind the cursor; retry",
                 );
                 self.answer(caller, response);
             }

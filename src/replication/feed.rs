@@ -108,11 +108,15 @@ impl Gathering {
     }
 
     /// The answer: every page's entries in partition order, the frontier
-    /// with every page applied, and whether any partition is unfinished.
-    pub fn page(mut self) -> ChangesPage {
+    /// with every page applied, whether any partition is unfinished, and
+    /// whether the reader must reconcile now (it has caught up and a purge
+    /// it missed was found on this page or an earlier one: `pending`).
+    pub fn page(mut self, pending: bool) -> ChangesPage {
         let mut entries = Vec::new();
         let mut complete = 0u16;
+        let mut reconcile = false;
         for (partition, page) in std::mem::take(&mut self.pages) {
+            reconcile |= page.reconcile;
             entries.extend(page.entries);
             complete += u16::from(page.complete);
             self.since.insert(partition, page.frontier);
@@ -122,10 +126,14 @@ impl Gathering {
             .into_iter()
             .filter(|(_, vv)| !vv.is_empty())
             .collect();
+        let more = complete < self.partitions;
+        let found = reconcile || pending;
         ChangesPage {
             entries,
             frontier,
-            more: complete < self.partitions,
+            more,
+            reconcile: found && !more,
+            reconcile_pending: found && more,
         }
     }
 }

@@ -59,6 +59,9 @@ pub struct ChangeChunk {
     /// partition when the stream began. Apply it only after every earlier
     /// chunk of the same stream, in order.
     pub complete: Option<VersionVector>,
+    /// With `complete`: the source's purged vector (see `tables`), which
+    /// the receiver takes on, since it now claims those dots too.
+    pub purged: Option<VersionVector>,
 }
 
 impl ChangeChunk {
@@ -88,6 +91,7 @@ pub struct ChangeStream {
     partition: u16,
     since: VersionVector,
     source: VersionVector,
+    purged: VersionVector,
     limits: ChunkLimits,
     /// Next position to read: origin node and sequence; `None` when the
     /// index has been walked to its end.
@@ -114,6 +118,7 @@ impl Store {
         since.normalize();
         let txn = self.db.begin_read()?;
         let source = read_version(&txn.open_table(VERSIONS)?, partition)?;
+        let purged = read_version(&txn.open_table(PURGED)?, partition)?;
         let entries = txn.open_table(ENTRIES)?;
         let changes = txn.open_table(CHANGES)?;
         let mut stream = ChangeStream {
@@ -123,6 +128,7 @@ impl Store {
             partition,
             since,
             source,
+            purged,
             limits: ChunkLimits {
                 max_entries: limits.max_entries.max(1),
                 max_bytes: limits.max_bytes.max(1),
@@ -152,6 +158,10 @@ impl Store {
         if let Some(vv) = &mut complete {
             vv.normalize();
         }
+        let mut purged = chunk.purged.clone().filter(|_| complete.is_some());
+        if let Some(vv) = &mut purged {
+            vv.normalize();
+        }
         self.with_write(|w| {
             let mut report = ApplyReport::default();
             for (key, entry) in decoded {
@@ -166,6 +176,9 @@ impl Store {
                 let claimed = Dot::new(node, vv.max_seq(node));
                 w.check_issued(partition, "the source's version vector", &[claimed])?;
                 w.version_mut(partition).join(vv);
+            }
+            if let Some(vv) = &purged {
+                w.join_purged(partition, vv)?;
             }
             Ok(report)
         })
@@ -190,6 +203,9 @@ impl Store {
                     w.remove_entry(partition, &key, &entry)?;
                     purged += 1;
                 }
+            }
+            if purged > 0 {
+                w.join_purged(partition, stable)?;
             }
             Ok(purged)
         })
@@ -315,6 +331,7 @@ impl ChangeStream {
                         partition: self.partition,
                         entries,
                         complete: None,
+                        purged: None,
                     });
                 }
                 None => {
@@ -332,6 +349,7 @@ impl ChangeStream {
             partition: self.partition,
             entries,
             complete: Some(self.source.clone()),
+            purged: (!self.purged.is_empty()).then(|| self.purged.clone()),
         })
     }
 }

@@ -29,6 +29,16 @@
 //! and the two replicas' merged state, whose dots the frontier already
 //! covers, would never be sent.)
 //!
+//! Purged tombstones: a purge removes a tombstone once every replica has
+//! it, and a walk then claims its dots without sending anything. A reader
+//! whose frontier did not cover them may hold the key and never hear of
+//! the delete. So a page whose source has purged tombstones the frontier
+//! does not cover (`purged_versions` not dominated) says `reconcile`; the
+//! feed carries that until the reader has caught up, when it must list the
+//! prefix's live keys and drop those it holds that are not listed (see
+//! `replication::feed`). A reader starting from nothing holds nothing to
+//! drop and is not told.
+//!
 //! Index: `prefix_changes` holds (hash of prefix, partition, origin, seq) ->
 //! key, a
 //! row for each row of `changes` and each of the key's first
@@ -85,8 +95,10 @@ pub struct FeedPage {
     /// The source's vector does not cover the reader's frontier: it is
     /// behind what the reader has seen and sent nothing (ask another
     /// replica, or this one once it caught up).
-    #[serde(default)]
     pub behind: bool,
+    /// The source purged tombstones the reader's frontier did not cover:
+    /// the reader may hold keys deleted since (see the module docs).
+    pub reconcile: bool,
 }
 
 enum FeedIndex {
@@ -179,6 +191,7 @@ impl Store {
                 ..FeedPage::default()
             });
         }
+        let purged = read_version(&txn.open_table(PURGED)?, partition)?;
         let stored = txn.open_table(ENTRIES)?;
         let index = match feed_index_prefix(prefix) {
             Some(p) => FeedIndex::Prefix(txn.open_table(PREFIX_CHANGES)?, prefix_hash(p)),
@@ -188,6 +201,7 @@ impl Store {
         let max_bytes = limits.max_bytes.max(1);
         let mut page = FeedPage {
             frontier: since.clone(),
+            reconcile: !since.is_empty() && !since.dominates(&purged),
             ..FeedPage::default()
         };
         let mut bytes = 0usize;
@@ -412,6 +426,43 @@ mod tests {
             other => panic!("{other:?}"),
         };
         assert_eq!(values, vec![b"concurrent".to_vec()]);
+    }
+
+    #[test]
+    fn a_reader_behind_a_purge_is_told_to_reconcile_once_on_any_replica() {
+        let one = store();
+        one.put(b"k/gone", b"v", None).unwrap();
+        one.put(b"k/kept", b"v", None).unwrap();
+        let mut since = VersionVector::new();
+        assert_eq!(follow(&one, b"k/", &mut since, 10).len(), 2);
+        one.delete(b"k/gone", None).unwrap();
+        // Every replica has the delete (here: the only one): purged.
+        let stable = one.partition_version(0).unwrap();
+        assert_eq!(one.purge(0, &stable).unwrap(), 1);
+        let page = one
+            .feed_page(0, b"k/", &since, ChunkLimits::default())
+            .unwrap();
+        assert!(page.reconcile && page.entries.is_empty());
+        let after = page.frontier;
+        let again = one
+            .feed_page(0, b"k/", &after, ChunkLimits::default())
+            .unwrap();
+        assert!(!again.reconcile, "said once");
+        let fresh = one
+            .feed_page(0, b"k/", &VersionVector::new(), ChunkLimits::default())
+            .unwrap();
+        assert!(
+            !fresh.reconcile,
+            "a reader with nothing has nothing to drop"
+        );
+        // A replica that synced from it after the purge says so too.
+        let two = Store::open_in_memory(StoreOptions::default().partitions(1).node_id(NodeId(2)))
+            .unwrap();
+        crate::sync::pull(&one, &two).unwrap();
+        let there = two
+            .feed_page(0, b"k/", &since, ChunkLimits::default())
+            .unwrap();
+        assert!(there.reconcile);
     }
 
     #[test]

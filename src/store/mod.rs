@@ -326,6 +326,7 @@ impl Store {
         txn.open_table(ENTRIES)?;
         txn.open_table(CHANGES)?;
         txn.open_table(TOMBSTONES)?;
+        txn.open_table(PURGED)?;
         let has_feed_index = txn.open_table(META)?.get(META_FEED_INDEX)?.is_some();
         if !has_feed_index {
             let rows = feed::build_index(&txn)?;

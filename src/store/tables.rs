@@ -14,6 +14,10 @@
 //!   costs reads, never a wrong answer.
 //! - `partition_versions`: partition -> encoded version vector.
 //! - `tombstones`: (partition, user key) for deleted keys awaiting purge.
+//! - `purged_versions`: partition -> a version vector covering every dot of
+//!   every tombstone purged there, here or on the replica a sync came from
+//!   (the join of the stable vectors purges used): what lets the change
+//!   feed tell a reader it may have missed deletes.
 //!
 //! Invariant: every write commits the entry, its `changes` rows, its
 //! `tombstones` row and its partition's version vector in one transaction;
@@ -32,6 +36,7 @@ pub(crate) const VERSIONS: TableDefinition<u16, &[u8]> = TableDefinition::new("p
 /// dropped the partition: new writes continue above it, so a dot is never
 /// reused even after the partition's data and version vector are gone.
 pub(crate) const ISSUED_FLOOR: TableDefinition<u16, u64> = TableDefinition::new("issued_floor");
+pub(crate) const PURGED: TableDefinition<u16, &[u8]> = TableDefinition::new("purged_versions");
 pub(crate) const TOMBSTONES: TableDefinition<(u16, &[u8]), ()> = TableDefinition::new("tombstones");
 
 pub(crate) const META_FORMAT: &str = "format";

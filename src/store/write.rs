@@ -287,6 +287,7 @@ pub(super) struct Writer<'t> {
     prefix_changes: Table<'t, (u64, u16, u64, u64), &'static [u8]>,
     tombstones: Table<'t, (u16, &'static [u8]), ()>,
     versions_table: Table<'t, u16, &'static [u8]>,
+    purged_table: Table<'t, u16, &'static [u8]>,
     meta: Table<'t, &'static str, &'static [u8]>,
     committed: &'t [VersionVector],
     /// Version vectors this transaction changed.
@@ -310,6 +311,7 @@ impl<'t> Writer<'t> {
             prefix_changes: txn.open_table(PREFIX_CHANGES)?,
             tombstones: txn.open_table(TOMBSTONES)?,
             versions_table: txn.open_table(VERSIONS)?,
+            purged_table: txn.open_table(PURGED)?,
             meta: txn.open_table(META)?,
             committed: &state.versions,
             touched: BTreeMap::new(),
@@ -609,9 +611,25 @@ impl<'t> Writer<'t> {
         let issued = self.issued(partition);
         self.issued_table.insert(partition, issued)?;
         self.versions_table.remove(partition)?;
+        self.purged_table.remove(partition)?;
         self.touched.remove(&partition);
         self.dropped.push((partition, issued));
         Ok(removed)
+    }
+
+    /// Joins `vv` into the partition's purged vector (see `tables`).
+    pub(super) fn join_purged(&mut self, partition: u16, vv: &VersionVector) -> Result<()> {
+        let mut purged = match self.purged_table.get(partition)? {
+            Some(bytes) => super::decode_version(bytes.value(), partition)?,
+            None => VersionVector::new(),
+        };
+        let before = purged.clone();
+        purged.join(vv);
+        if purged != before {
+            self.purged_table
+                .insert(partition, encode_version(&purged).as_slice())?;
+        }
+        Ok(())
     }
 
     /// Removes a change index row of `key` and its prefix rows.

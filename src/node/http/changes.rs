@@ -50,6 +50,8 @@ struct Cursor {
     prefix: Vec<u8>,
     nodes: Vec<u64>,
     frontier: Vec<(u16, Vec<NodeSeqs>)>,
+    /// A purge the reader missed was found; it reconciles once caught up.
+    reconcile_pending: bool,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -59,11 +61,19 @@ struct NodeSeqs {
     extra: Vec<u64>,
 }
 
-pub(crate) fn encode_cursor(
-    partitions: u16,
-    prefix: &[u8],
-    frontier: Vec<(u16, VersionVector)>,
-) -> String {
+/// What a cursor holds: the reader's frontier and whether a reconciliation
+/// is pending.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub(crate) struct FeedCursor {
+    pub frontier: Vec<(u16, VersionVector)>,
+    pub reconcile_pending: bool,
+}
+
+pub(crate) fn encode_cursor(partitions: u16, prefix: &[u8], cursor: FeedCursor) -> String {
+    let FeedCursor {
+        frontier,
+        reconcile_pending,
+    } = cursor;
     let mut nodes: Vec<u64> = frontier
         .iter()
         .flat_map(|(_, vv)| vv.nodes().map(|n| n.0).collect::<Vec<_>>())
@@ -91,6 +101,7 @@ pub(crate) fn encode_cursor(
         prefix: prefix.to_vec(),
         nodes: nodes.clone(),
         frontier: compact,
+        reconcile_pending,
     };
     // Encoding a plain struct into a Vec cannot fail.
     let bytes = postcard::to_allocvec(&cursor).unwrap_or_default();
@@ -101,7 +112,7 @@ pub(crate) fn decode_cursor(
     text: &str,
     partitions: u16,
     prefix: &[u8],
-) -> Result<Vec<(u16, VersionVector)>, ApiError> {
+) -> Result<FeedCursor, ApiError> {
     let bad = |why: String| ApiError::bad_request("bad_cursor", why);
     let unsupported = |version: u8| {
         bad(format!(
@@ -156,7 +167,10 @@ pub(crate) fn decode_cursor(
         }
         frontier.push((p, vv));
     }
-    Ok(frontier)
+    Ok(FeedCursor {
+        frontier,
+        reconcile_pending: cursor.reconcile_pending,
+    })
 }
 
 /// A feed request, from the query or from the JSON body.
@@ -262,8 +276,8 @@ async fn serve(
     request: FeedRequest,
 ) -> Result<HttpResponse, ApiError> {
     api.authorize(connection, headers, &request.prefix, Access::Read)?;
-    let mut since = match &request.since {
-        None => Vec::new(),
+    let mut cursor = match &request.since {
+        None => FeedCursor::default(),
         Some(text) => decode_cursor(text, api.partitions, &request.prefix)?,
     };
     let deadline = tokio::time::Instant::now() + request.timeout;
@@ -281,8 +295,9 @@ async fn serve(
         };
         let call = Request::Changes {
             prefix: request.prefix.clone(),
-            since,
+            since: cursor.frontier,
             limit: request.limit,
+            reconcile_pending: cursor.reconcile_pending,
         };
         let page = match api.call(call, 1, 1).await? {
             Response::Changes(page) => page,
@@ -295,7 +310,10 @@ async fn serve(
         if !page.entries.is_empty() || page.more || now >= deadline {
             return render(api, &request.prefix, page);
         }
-        since = page.frontier;
+        cursor = FeedCursor {
+            frontier: page.frontier,
+            reconcile_pending: page.reconcile_pending,
+        };
         let wake = deadline.min(now + WATCH_RECHECK);
         tokio::select! {
             _ = &mut watch.woken => {}
@@ -335,11 +353,16 @@ fn render(api: &Api, prefix: &[u8], page: ChangesPage) -> Result<HttpResponse, A
         };
         changes.push(change);
     }
-    let next = encode_cursor(api.partitions, prefix, page.frontier);
+    let next = FeedCursor {
+        frontier: page.frontier,
+        reconcile_pending: page.reconcile_pending,
+    };
+    let next = encode_cursor(api.partitions, prefix, next);
     Ok(json_body(&serde_json::json!({
         "changes": changes,
         "next": next,
         "more": page.more,
+        "reconcile": page.reconcile,
     })))
 }
 
@@ -352,15 +375,13 @@ mod tests {
         let mut vv = VersionVector::new();
         vv.add(Dot::new(NodeId(7), 1));
         vv.add(Dot::new(NodeId(7), 5));
-        let text = encode_cursor(64, b"user/", vec![(3, vv.clone())]);
-        assert_eq!(
-            decode_cursor(&text, 64, b"user/").unwrap(),
-            vec![(3, vv.clone())]
-        );
-        assert_eq!(
-            decode_cursor(&text, 64, b"user/42/").unwrap(),
-            vec![(3, vv)]
-        );
+        let cursor = FeedCursor {
+            frontier: vec![(3, vv)],
+            reconcile_pending: true,
+        };
+        let text = encode_cursor(64, b"user/", cursor.clone());
+        assert_eq!(decode_cursor(&text, 64, b"user/").unwrap(), cursor);
+        assert_eq!(decode_cursor(&text, 64, b"user/42/").unwrap(), cursor);
         for (text, partitions, prefix, says) in [
             (text.as_str(), 32, &b"user/"[..], "partitions"),
             (&text, 64, b"", "prefix"),
@@ -389,8 +410,12 @@ mod tests {
                 (p, vv)
             })
             .collect();
-        let text = encode_cursor(256, b"user/42/", frontier.clone());
+        let cursor = FeedCursor {
+            frontier,
+            reconcile_pending: false,
+        };
+        let text = encode_cursor(256, b"user/42/", cursor.clone());
         assert!(text.len() < 16 * 1024, "{} bytes", text.len());
-        assert_eq!(decode_cursor(&text, 256, b"user/42/").unwrap(), frontier);
+        assert_eq!(decode_cursor(&text, 256, b"user/42/").unwrap(), cursor);
     }
 }

@@ -622,10 +622,12 @@ async fn set_change(
 /// Keys a page lists when the request does not say.
 const LIST_LIMIT: u32 = 100;
 
-/// `GET /v1/kv?prefix=&start_after=&limit=`: one page of the live keys
-/// across the cluster, and the `next` cursor (the last key) when the page
-/// is full. A token lists only within its prefixes: the listing's prefix
-/// must lie inside one of them.
+/// `GET /v1/kv?prefix=&start_after=&limit=&cursor=`: one page of the live
+/// keys across the cluster, and the `next` cursor (the last key) when the
+/// page is full. With a change feed `cursor` (a `next` of `/v1/changes`),
+/// each partition is listed only by a replica that has caught up with it:
+/// the listing a reader told to `reconcile` needs. A token lists only
+/// within its prefixes: the listing's prefix must lie inside one of them.
 async fn list(
     State(api): State<Arc<Api>>,
     Extension(connection): Extension<Connection>,
@@ -633,9 +635,13 @@ async fn list(
     headers: HeaderMap,
 ) -> Result<HttpResponse, ApiError> {
     api.authenticate(connection, &headers)?;
-    let query = Query::parse(&uri, &["prefix", "start_after", "limit"])?;
+    let query = Query::parse(&uri, &["prefix", "start_after", "limit", "cursor"])?;
     let prefix = query.raw.get("prefix").cloned().unwrap_or_default();
     api.authorize(connection, &headers, &prefix, Access::Read)?;
+    let since = match query.get("cursor")?.filter(|c| !c.is_empty()) {
+        Some(cursor) => super::changes::decode_cursor(cursor, api.partitions, &prefix)?.frontier,
+        None => Vec::new(),
+    };
     let start_after = query.raw.get("start_after").cloned();
     let limit = match query.get("limit")? {
         None => LIST_LIMIT,
@@ -653,6 +659,7 @@ async fn list(
         prefix,
         start_after,
         limit,
+        since,
     };
     match api.call(request, 1, 1).await? {
         Response::Keys(keys) => {
