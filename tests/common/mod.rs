@@ -63,12 +63,28 @@ impl Drop for Cluster {
     }
 }
 
+/// A loopback port free for TCP now.
 pub fn free_tcp_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    pick_port(|port| std::net::TcpListener::bind(("127.0.0.1", port)).is_ok())
+}
+
+/// Picks ports below Linux's ephemeral range (32768-60999): a port the
+/// kernel handed out for `:0` could be taken by a client's own socket (the
+/// QUIC clients bind `:0`) before the node that was to bind it starts.
+/// Each test process takes its own window, walked in turn, so two tests of
+/// one process never get the same port.
+fn pick_port(free: impl Fn(u16) -> bool) -> u16 {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    const WINDOW: u32 = 500;
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let base = 10_000 + (std::process::id() % 40) * WINDOW;
+    for _ in 0..WINDOW * 4 {
+        let port = (base + NEXT.fetch_add(1, Ordering::Relaxed) % WINDOW) as u16;
+        if free(port) {
+            return port;
+        }
+    }
+    panic!("no free loopback port in {base}..{}", base + WINDOW);
 }
 
 /// The Prometheus text a node serves.
@@ -89,12 +105,9 @@ pub fn metric(text: &str, name: &str) -> Option<f64> {
         .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
 }
 
+/// A loopback port free for UDP (QUIC) now.
 pub fn free_port() -> u16 {
-    std::net::UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    pick_port(|port| std::net::UdpSocket::bind(("127.0.0.1", port)).is_ok())
 }
 
 impl Cluster {
