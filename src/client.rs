@@ -91,6 +91,9 @@ pub enum Request {
         /// A page since the last reconciliation said deletes may have been
         /// missed (`ChangesPage::reconcile_pending`).
         reconcile_pending: bool,
+        /// Skip what is there: no entries, a frontier covering everything
+        /// the sources hold (`since=now`: follow only later changes).
+        from_now: bool,
     },
     /// Live keys this node holds, in key order.
     Keys {

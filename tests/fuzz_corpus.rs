@@ -229,6 +229,7 @@ fn calls() -> Vec<Call> {
             since: vec![(1, dotted_vector())],
             limit: 100,
             reconcile_pending: true,
+            from_now: false,
         },
     ];
     requests

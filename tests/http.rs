@@ -1236,6 +1236,30 @@ async fn a_change_feed_reader_sees_every_version_once_across_a_restart_and_a_joi
     let (status, body) = json_of(http.get(at).send().await.unwrap()).await;
     assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
     assert_eq!(body["error"]["code"], "bad_cursor");
+    // since=now: nothing of what is there, then only what comes after.
+    let at = url(&cluster, 2, "/v1/changes?prefix=feed%2F&since=now");
+    let (status, now) = json_of(http.get(at).send().await.unwrap()).await;
+    assert_eq!(status, StatusCode::OK, "{now}");
+    assert!(now["changes"].as_array().unwrap().is_empty(), "{now}");
+    assert_eq!(now["more"], false);
+    clients[1]
+        .put(b"feed/after-now", b"new", None)
+        .await
+        .unwrap();
+    let next = now["next"].as_str().unwrap();
+    let at = url(
+        &cluster,
+        1,
+        &format!("/v1/changes?prefix=feed%2F&since={next}"),
+    );
+    let (_, after) = json_of(http.get(at).send().await.unwrap()).await;
+    let keys: Vec<&str> = after["changes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["key"].as_str().unwrap())
+        .collect();
+    assert_eq!(keys, ["feed/after-now"], "{after}");
     // A narrower prefix may go on from a wider prefix's cursor.
     let at = url(
         &cluster,

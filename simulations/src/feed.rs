@@ -91,6 +91,7 @@ impl Reader {
             since: self.frontier.clone(),
             limit: 7,
             reconcile_pending: self.reconcile_pending,
+            from_now: false,
         };
         let limit = sim.coordinator.quorum_timeout * 2;
         let Some(ticket) = sim.call(

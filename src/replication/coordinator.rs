@@ -389,6 +389,7 @@ struct FeedRead {
     since: Vec<(u16, VersionVector)>,
     limit: u32,
     reconcile_pending: bool,
+    from_now: bool,
 }
 
 /// A listing as a client asked for it.
@@ -794,6 +795,7 @@ impl<C> Coordinator<C> {
             since,
             limit,
             reconcile_pending,
+            from_now,
         } = call.request
         {
             let read = FeedRead {
@@ -801,6 +803,7 @@ impl<C> Coordinator<C> {
                 since,
                 limit,
                 reconcile_pending,
+                from_now,
             };
             return self.changes(replica, now, read, caller);
         }
@@ -1296,6 +1299,7 @@ impl<C> Coordinator<C> {
             since,
             limit,
             reconcile_pending,
+            from_now,
         } = read;
         if limit == 0 || limit > MAX_CHANGES_LIMIT {
             let response = fail(
@@ -1317,7 +1321,11 @@ impl<C> Coordinator<C> {
         };
         // Where no replica has caught up, this node answers `behind`.
         self.avoid_behind(replica, &mut by_node, &frontier);
-        let share = (limit as usize / by_node.len()).max(1);
+        // From now: no entries (a share of 0), every partition's frontier.
+        let share = match from_now {
+            true => 0,
+            false => (limit as usize / by_node.len()).max(1),
+        };
         let bytes = MAX_PAGE_BYTES / by_node.len();
         let mut gathering = Gathering::new(partitions, frontier);
         if let Some(mine) = by_node.remove(&me) {

@@ -32,6 +32,8 @@ pub const MAX_PAGE_BYTES: usize = 4 << 20;
 /// Reads `partitions` (each with the reader's frontier) in order until
 /// `max_entries` or `max_bytes` are used up: the partitions read, each with
 /// its page. Partitions after the one that filled the share are not read.
+/// `max_entries` 0: every partition, no entries, frontiers covering what
+/// the store holds (a reader starting from now).
 pub fn serve(
     store: &Store,
     partitions: &[(u16, VersionVector)],
@@ -42,6 +44,19 @@ pub fn serve(
     let mut entries_left = max_entries.max(1);
     let mut bytes_left = max_bytes.max(1);
     let mut pages = Vec::new();
+    if max_entries == 0 {
+        for (partition, since) in partitions {
+            let limits = ChunkLimits {
+                max_entries: 0,
+                max_bytes,
+            };
+            pages.push((
+                *partition,
+                store.feed_page(*partition, prefix, since, limits)?,
+            ));
+        }
+        return Ok(pages);
+    }
     for (partition, since) in partitions {
         if entries_left == 0 || bytes_left == 0 {
             break;

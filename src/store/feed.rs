@@ -171,7 +171,9 @@ fn first_uncovered_is(entry: &Entry, since: &VersionVector, via: NodeId) -> bool
 impl Store {
     /// One partition's part of a change feed page: the entries under
     /// `prefix` with a dot `since` does not cover, up to `limits`, and the
-    /// frontier after them. See the module docs.
+    /// frontier after them. See the module docs. `max_entries` 0: none,
+    /// and a frontier covering everything the store holds (a reader
+    /// starting from now).
     pub fn feed_page(
         &self,
         partition: u16,
@@ -191,13 +193,22 @@ impl Store {
                 ..FeedPage::default()
             });
         }
+        if limits.max_entries == 0 {
+            // From now: what is there counts as seen, nothing is sent.
+            since.join(&source);
+            return Ok(FeedPage {
+                frontier: since,
+                complete: true,
+                ..FeedPage::default()
+            });
+        }
         let purged = read_version(&txn.open_table(PURGED)?, partition)?;
         let stored = txn.open_table(ENTRIES)?;
         let index = match feed_index_prefix(prefix) {
             Some(p) => FeedIndex::Prefix(txn.open_table(PREFIX_CHANGES)?, prefix_hash(p)),
             None => FeedIndex::Partition(txn.open_table(CHANGES)?),
         };
-        let max_entries = limits.max_entries.max(1);
+        let max_entries = limits.max_entries;
         let max_bytes = limits.max_bytes.max(1);
         let mut page = FeedPage {
             frontier: since.clone(),
@@ -463,6 +474,26 @@ mod tests {
             .feed_page(0, b"k/", &since, ChunkLimits::default())
             .unwrap();
         assert!(there.reconcile);
+    }
+
+    #[test]
+    fn a_page_from_now_sends_nothing_and_covers_everything() {
+        let one = store();
+        one.put(b"k/a", b"1", None).unwrap();
+        let limits = ChunkLimits {
+            max_entries: 0,
+            max_bytes: 1 << 20,
+        };
+        let page = one
+            .feed_page(0, b"k/", &VersionVector::new(), limits)
+            .unwrap();
+        assert!(page.complete && page.entries.is_empty());
+        assert_eq!(page.frontier, one.partition_version(0).unwrap());
+        one.put(b"k/b", b"2", None).unwrap();
+        let mut since = page.frontier;
+        let later = follow(&one, b"k/", &mut since, 10);
+        assert_eq!(later.len(), 1);
+        assert_eq!(later[0].0, b"k/b");
     }
 
     #[test]

@@ -8,6 +8,10 @@
 //! for any longer prefix (what it claims for the wider prefix holds for
 //! the narrower), never for a shorter or another one.
 //!
+//! `since=now`: the first page sends nothing and its cursor covers what the
+//! cluster holds, so the reader follows only later changes (with
+//! `feed=longpoll`, it is held until the first of them).
+//!
 //! `feed=longpoll`: a page with no changes is held until a commit under
 //! the prefix on this node wakes it (or every [`super::routes::WATCH_RECHECK`],
 //! for changes this node holds no replica of), then read again, at most
@@ -276,8 +280,10 @@ async fn serve(
     request: FeedRequest,
 ) -> Result<HttpResponse, ApiError> {
     api.authorize(connection, headers, &request.prefix, Access::Read)?;
+    let mut from_now = request.since.as_deref() == Some("now");
     let mut cursor = match &request.since {
         None => FeedCursor::default(),
+        Some(_) if from_now => FeedCursor::default(),
         Some(text) => decode_cursor(text, api.partitions, &request.prefix)?,
     };
     let deadline = tokio::time::Instant::now() + request.timeout;
@@ -298,7 +304,9 @@ async fn serve(
             since: cursor.frontier,
             limit: request.limit,
             reconcile_pending: cursor.reconcile_pending,
+            from_now,
         };
+        from_now = false;
         let page = match api.call(call, 1, 1).await? {
             Response::Changes(page) => page,
             other => return Err(unexpected(other)),
