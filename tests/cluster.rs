@@ -56,6 +56,11 @@ async fn a_write_through_one_node_is_read_through_the_others_and_concurrent_writ
     );
     assert_eq!(metric(&text, &info), Some(1.0), "{text}");
     assert!(metric(&text, "gossipkv_entries_held").is_some(), "{text}");
+    // A healthy cluster's peers keep up: nothing dropped on any lane.
+    for lane in ["membership", "requests", "sync"] {
+        let name = format!("gossipkv_peer_queue_drops_total{{lane=\"{lane}\"}}");
+        assert_eq!(metric(&text, &name), Some(0.0), "{text}");
+    }
     assert!(
         metric(&text, "gossipkv_client_request_duration_seconds_count").unwrap() > 0.0,
         "{text}"

@@ -31,6 +31,9 @@ pub struct Metrics {
     pub connections_refused: AtomicU64,
     /// Frames dropped: stalled past the read deadline, or over a limit.
     pub frames_dropped: AtomicU64,
+    /// Outgoing peer frames dropped because the peer's queue of that lane
+    /// was full (membership, requests, sync).
+    pub peer_queue_drops: [AtomicU64; 3],
     /// Gauge: response bytes encoded and not yet read by their clients.
     pub response_bytes_held: AtomicU64,
     /// Gauges and core counters, refreshed by the core loop.
@@ -109,6 +112,16 @@ impl Metrics {
             "Frames dropped: stalled past frame_read_timeout_ms, or over a size limit.",
             "counter",
             vec![(String::new(), self.frames_dropped.load(Ordering::Relaxed))],
+        );
+        counter(
+            "peer_queue_drops_total",
+            "Frames to peers dropped because the peer's queue of that lane was full (the peer is slow or away).",
+            "counter",
+            ["membership", "requests", "sync"]
+                .iter()
+                .zip(&self.peer_queue_drops)
+                .map(|(lane, n)| (format!("{{lane=\"{lane}\"}}"), n.load(Ordering::Relaxed)))
+                .collect(),
         );
         counter(
             "response_bytes_held",

@@ -356,6 +356,8 @@ pub async fn run(
             endpoint: endpoint.clone(),
             tls: live,
             queues: HashMap::new(),
+            metrics: metrics.clone(),
+            drop_warned: HashMap::new(),
         },
         data_dir: config.data_dir.clone(),
         metrics,

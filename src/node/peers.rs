@@ -14,7 +14,7 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use tokio::sync::mpsc;
-use tracing::debug;
+use tracing::{debug, warn};
 
 /// Frames queued per peer before further ones are dropped.
 pub(super) const PEER_QUEUE: usize = 256;
@@ -133,7 +133,14 @@ pub(super) struct Peers {
     /// refusals are logged and connections tracked.
     pub(super) tls: Arc<LiveTls>,
     pub(super) queues: HashMap<SocketAddr, [mpsc::Sender<Vec<u8>>; 3]>,
+    pub(super) metrics: Arc<Metrics>,
+    /// When a full queue was last reported, per peer and lane: a warning
+    /// at most every [`DROP_WARNING_EVERY`], the count always.
+    pub(super) drop_warned: HashMap<(SocketAddr, usize), std::time::Instant>,
 }
+
+/// How often a peer's full queue is reported in the log.
+const DROP_WARNING_EVERY: std::time::Duration = std::time::Duration::from_secs(30);
 
 impl Peers {
     pub(super) fn send(&mut self, to: SocketAddr, lane: Lane, frame: Vec<u8>) {
@@ -144,7 +151,18 @@ impl Peers {
         match queues[lane.index()].try_send(frame) {
             Ok(()) => {}
             Err(mpsc::error::TrySendError::Full(_)) => {
-                debug!(peer = %to, ?lane, "peer queue full: message dropped");
+                self.metrics.peer_queue_drops[lane.index()]
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let now = std::time::Instant::now();
+                match self.drop_warned.get(&(to, lane.index())) {
+                    Some(last) if now.duration_since(*last) < DROP_WARNING_EVERY => {
+                        debug!(peer = %to, ?lane, "peer queue full: message dropped");
+                    }
+                    _ => {
+                        self.drop_warned.insert((to, lane.index()), now);
+                        warn!(peer = %to, ?lane, "the queue to peer {to} is full: frames to it are dropped (it is slow or away; gossipkv_peer_queue_drops_total counts them)");
+                    }
+                }
             }
             Err(mpsc::error::TrySendError::Closed(frame)) => {
                 self.queues.remove(&to);
