@@ -1400,9 +1400,17 @@ impl<C> Coordinator<C> {
                 .into_iter()
                 .filter(|&n| n != me && replica.layout().is_complete_replica(n, p))
                 .collect();
-            match others.len() {
-                0 => stuck += 1,
-                n => moved.push((p, others[self.next_id as usize % n])),
+            // One known (from anti-entropy) to have caught up, else any.
+            let seen = &frontier[&p];
+            let caught_up = others.iter().copied().find(|&n| {
+                replica
+                    .peer_version(p, n)
+                    .is_some_and(|vv| vv.dominates(seen))
+            });
+            match (caught_up, others.len()) {
+                (Some(node), _) => moved.push((p, node)),
+                (None, 0) => stuck += 1,
+                (None, n) => moved.push((p, others[self.next_id as usize % n])),
             }
         }
         for (p, to) in moved {

@@ -1208,6 +1208,12 @@ impl Replica {
         }
     }
 
+    /// The last version vector `node` reported for `partition` (anti-entropy
+    /// exchanges them), if any: a lower bound of what it holds.
+    pub fn peer_version(&self, partition: u16, node: NodeId) -> Option<&VersionVector> {
+        self.peer_versions.get(&(partition, node))
+    }
+
     fn purge(&mut self) {
         let Ok(versions) = self.store.partition_versions() else {
             return;
