@@ -579,10 +579,10 @@ impl<C> Coordinator<C> {
                 since,
             } => {
                 let store = replica.store();
+                let held = store.partition_versions().unwrap_or_default();
                 let behind = since.iter().any(|(p, seen)| {
-                    store
-                        .partition_version(*p)
-                        .map_or(true, |held| !held.dominates(seen))
+                    held.get(usize::from(*p))
+                        .is_none_or(|held| !held.dominates(seen))
                 });
                 if behind {
                     self.out.push(CoordOutput::Send {
