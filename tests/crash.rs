@@ -19,7 +19,7 @@
 //! handed out before; (e) a sync with the second replica converges.
 
 use gossipkv::crdt::{CausalContext, NodeId, Record, Value, VersionVector, WallClock};
-use gossipkv::store::{Batch, Durability, Store, StoreOptions};
+use gossipkv::store::{Batch, Durability, GroupOutcome, GroupWrite, Op, Store, StoreOptions};
 use gossipkv::Error;
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
@@ -1008,4 +1008,171 @@ fn a_buffered_store_that_loses_replicated_commits_does_not_reuse_their_dots() {
             );
         }
     }
+}
+
+/// The local writes of an exposed group, applied and sent to `b` before
+/// `a`'s commit is durable (as a node replicates while its disk flushes).
+/// Returns what the commit said.
+fn exposed_group_sent_to(
+    a: &Store,
+    b: &Store,
+    writes: &[GroupWrite],
+) -> Result<Vec<Result<GroupOutcome, Error>>, Error> {
+    a.commit_group_exposed(writes, |outcomes| {
+        let merges: Vec<GroupWrite> = writes
+            .iter()
+            .zip(outcomes)
+            .filter_map(|(write, outcome)| match (write, outcome) {
+                (
+                    GroupWrite::Local(op),
+                    Ok(GroupOutcome::Local {
+                        entry: Some(entry), ..
+                    }),
+                ) => Some(GroupWrite::Merge {
+                    partition: partition_of(op.key()),
+                    key: op.key().to_vec(),
+                    entry: entry.clone(),
+                }),
+                _ => None,
+            })
+            .collect();
+        for merged in b.commit_group(&merges).expect("the replica commits") {
+            merged.expect("the replica takes the entry");
+        }
+    })
+}
+
+fn exposed_writes(tag: &str) -> Vec<GroupWrite> {
+    vec![
+        GroupWrite::Local(Op::Put {
+            key: key_in(0, "reg", 0),
+            value: format!("{tag} value").into_bytes(),
+            context: None,
+        }),
+        GroupWrite::Local(Op::CounterAdd {
+            key: key_in(0, "count", 0),
+            amount: 10,
+        }),
+        GroupWrite::Local(Op::SetAdd {
+            key: key_in(0, "set", 0),
+            member: format!("{tag} member").into_bytes(),
+        }),
+    ]
+}
+
+/// A node sends a group's entries to another replica while its commit
+/// flushes, then loses power before the flush lands. The replica holds
+/// writes the restarted store does not, under dots that store's vector
+/// does not cover: were they issued again for other writes, sync would
+/// see them covered on both sides and never reconcile (or refuse them as
+/// unissued). The store recorded that it exposes writes before the group,
+/// so the reopened store writes as a new writer, takes the lost writes
+/// back from the replica like any other node's, and both converge with
+/// every write of both runs.
+#[test]
+fn writes_sent_before_a_flush_the_crash_lost_are_never_issued_again() {
+    let disk = PowerLossDisk::default();
+    let b = Store::open_in_memory(options(B)).expect("replica opens");
+    let a = Store::open_with_backend(disk.clone(), options(A)).expect("store opens");
+    a.counter_add(&key_in(0, "count", 0), 1)
+        .expect("a durable add");
+    gossipkv::sync::sync(&a, &b).expect("sync");
+    assert_eq!(a.writer_id(), A, "a fresh store writes under its node id");
+    // The exposure record, then the group's commit, whose sync fails: the
+    // disk is gone, with the group's entries already on the replica.
+    disk.state().fail_at = Some(disk.syncs() + 2);
+    let lost = exposed_group_sent_to(&a, &b, &exposed_writes("first"));
+    assert!(lost.is_err(), "the group's flush failed: {lost:?}");
+    let image = disk.crash_image(Survivors::None);
+    drop(a);
+
+    let a = Store::open_with_backend(PowerLossDisk::from_image(image), options(A))
+        .expect("store reopens");
+    assert_ne!(
+        a.writer_id(),
+        A,
+        "the reopened store writes as a new writer"
+    );
+    assert_eq!(a.node_id(), A, "under the same node");
+    assert!(a.get(&key_in(0, "reg", 0)).expect("get").is_none());
+    // New writes, on the same keys and others: none reuses a lost dot.
+    for written in a
+        .commit_group_exposed(&exposed_writes("second"), |_| ())
+        .expect("the new writer commits")
+    {
+        written.expect("each write lands");
+    }
+    a.put(&key_in(1, "after", 0), b"after the crash", None)
+        .expect("put");
+    gossipkv::sync::sync(&a, &b).expect("the replicas reconcile");
+    let (sa, sb) = (
+        snapshot(&a).expect("snapshot"),
+        snapshot(&b).expect("snapshot"),
+    );
+    assert_eq!(sa.records, sb.records, "{}", difference(&sa, &sb));
+    // Every write of both runs is there: the lost group's came back.
+    assert_eq!(a.counter(&key_in(0, "count", 0)).expect("counter"), 21);
+    let members = a.set_members(&key_in(0, "set", 0)).expect("members");
+    assert_eq!(
+        members,
+        vec![b"first member".to_vec(), b"second member".to_vec()]
+    );
+    match a.get(&key_in(0, "reg", 0)).expect("get").map(|r| r.value) {
+        Some(Value::Register(mut values)) => {
+            values.sort();
+            assert_eq!(
+                values,
+                vec![b"first value".to_vec(), b"second value".to_vec()],
+                "the two writes never saw each other: both stay"
+            );
+        }
+        other => panic!("register: {other:?}"),
+    }
+}
+
+/// The new writer is only for stores that may have lost exposed writes:
+/// a store closed cleanly keeps its writer, and one that never exposed a
+/// write keeps it whatever happened to the process.
+#[test]
+fn a_clean_close_or_no_exposure_keeps_the_writer() {
+    let disk = PowerLossDisk::default();
+    {
+        let a = Store::open_with_backend(disk.clone(), options(A)).expect("store opens");
+        a.commit_group_exposed(&exposed_writes("clean"), |_| ())
+            .expect("commit");
+        a.close().expect("close");
+    }
+    let a = Store::open_with_backend(
+        PowerLossDisk::from_image(disk.crash_image(Survivors::None)),
+        options(A),
+    )
+    .expect("reopens");
+    assert_eq!(a.writer_id(), A, "a clean close keeps the writer");
+    let disk = PowerLossDisk::default();
+    let a = Store::open_with_backend(disk.clone(), options(A)).expect("store opens");
+    a.put(b"plain", b"durable put", None).expect("put");
+    let image = disk.crash_image(Survivors::None);
+    drop(a);
+    let disk = PowerLossDisk::from_image(image);
+    let a = Store::open_with_backend(disk.clone(), options(A)).expect("reopens");
+    assert_eq!(a.writer_id(), A, "nothing was exposed: same writer");
+    // Exposed, then killed: a new writer each time.
+    a.commit_group_exposed(&exposed_writes("x"), |_| ())
+        .expect("commit");
+    let image = disk.crash_image(Survivors::None);
+    drop(a);
+    let disk = PowerLossDisk::from_image(image);
+    let a = Store::open_with_backend(disk.clone(), options(A)).expect("reopens");
+    let first = a.writer_id();
+    assert_ne!(first, A, "killed after exposing: a new writer");
+    a.commit_group_exposed(&exposed_writes("y"), |_| ())
+        .expect("commit");
+    let image = disk.crash_image(Survivors::None);
+    drop(a);
+    let a =
+        Store::open_with_backend(PowerLossDisk::from_image(image), options(A)).expect("reopens");
+    assert!(
+        a.writer_id() != first && a.writer_id() != A,
+        "each unclean close takes a writer never used before"
+    );
 }

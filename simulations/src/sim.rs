@@ -13,13 +13,15 @@
 
 use gossipkv::client::{Call, Response};
 use gossipkv::replication::coordinator::{
-    Caller, CoordMessage, CoordOutput, Coordinator, CoordinatorConfig, StoreDone, StoreJob,
+    Caller, CoordMessage, CoordOutput, Coordinator, CoordinatorConfig, StoreApplied, StoreDone,
+    StoreJob,
 };
 use gossipkv::replication::layout::NodeSpec;
 use gossipkv::replication::layout_state::LayoutState;
 use gossipkv::replication::membership::{Addr, MembershipConfig, NodeMeta};
 use gossipkv::replication::message::Message;
 use gossipkv::replication::replica::{Output, Replica, ReplicaConfig, Timer};
+use gossipkv::store::GroupOutcome;
 use gossipkv::{NodeId, Store, StoreOptions};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -63,8 +65,10 @@ enum Event {
         epoch: u64,
         timer: Timer,
     },
-    /// The node's virtual disk commits what is queued.
+    /// The node's virtual disk applies what is queued, as one group.
     Commit { node: NodeId, epoch: u64 },
+    /// The group applied last is durable.
+    Flushed { node: NodeId, epoch: u64 },
     /// The node's coordinator has calls whose time may be up.
     Deadline { node: NodeId, epoch: u64 },
 }
@@ -85,7 +89,10 @@ struct SimNode {
     coordinator: Coordinator<u64>,
     /// Storage jobs waiting for the next commit.
     disk: Vec<StoreJob>,
+    /// A group is being applied or flushed (the next waits for it).
     commit_scheduled: bool,
+    /// The completions of the group being flushed.
+    flushing: Vec<StoreDone>,
     /// The earliest coordinator deadline an event is scheduled for.
     deadline_scheduled: Option<Duration>,
     /// This node's commit latency, when not the network config's.
@@ -218,6 +225,7 @@ impl Sim {
                 coordinator: Coordinator::new(self.coordinator.clone(), 0),
                 disk: Vec::new(),
                 commit_scheduled: false,
+                flushing: Vec::new(),
                 deadline_scheduled: None,
                 disk_ms: None,
                 store,
@@ -312,6 +320,7 @@ impl Sim {
             // Jobs not committed are lost with the process; their calls
             // were never answered.
             node.disk.clear();
+            node.flushing.clear();
             node.commit_scheduled = false;
             node.deadline_scheduled = None;
             node.coordinator = Coordinator::new(self.coordinator.clone(), 0);
@@ -497,6 +506,7 @@ impl Sim {
                     self.deliver(from, dest, &bytes);
                 }
                 Event::Commit { node, epoch } => self.commit(node, epoch),
+                Event::Flushed { node, epoch } => self.flushed(node, epoch),
                 Event::Deadline { node, epoch } => {
                     let now = self.now;
                     let Some(n) = self.nodes.get_mut(&node) else {
@@ -583,12 +593,6 @@ impl Sim {
                     }
                 }
                 CoordOutput::Store(job) => {
-                    let (lo, hi) = self
-                        .nodes
-                        .get(&from)
-                        .and_then(|n| n.disk_ms)
-                        .unwrap_or(self.net.disk_ms);
-                    let latency = Duration::from_millis(self.rng.random_range(lo..=hi.max(lo)));
                     let now = self.now;
                     let Some(node) = self.nodes.get_mut(&from) else {
                         continue;
@@ -597,7 +601,7 @@ impl Sim {
                     if !node.commit_scheduled {
                         node.commit_scheduled = true;
                         let epoch = node.epoch;
-                        self.push(now + latency, Event::Commit { node: from, epoch });
+                        self.push(now, Event::Commit { node: from, epoch });
                     }
                 }
                 CoordOutput::Reply { to, response } => {
@@ -624,19 +628,47 @@ impl Sim {
         }
     }
 
-    /// The virtual disk commits every queued job in one group, as the
-    /// storage thread does.
+    /// The virtual disk applies every queued job in one group, as the
+    /// storage thread does, reports the client writes applied (their
+    /// entries go out while the group flushes) and flushes for a drawn
+    /// latency. A crash during the flush loses the completions; the store
+    /// keeps the group (the case of a flush the crash lost, with entries
+    /// other replicas hold, is the store's: `tests/crash.rs`).
     fn commit(&mut self, id: NodeId, epoch: u64) {
+        let (lo, hi) = self
+            .nodes
+            .get(&id)
+            .and_then(|n| n.disk_ms)
+            .unwrap_or(self.net.disk_ms);
+        let latency = Duration::from_millis(self.rng.random_range(lo..=hi.max(lo)));
+        let now = self.now;
         let Some(node) = self.nodes.get_mut(&id) else {
             return;
         };
         if node.epoch != epoch {
             return;
         }
-        node.commit_scheduled = false;
         let jobs = std::mem::take(&mut node.disk);
         let writes: Vec<_> = jobs.iter().flat_map(|j| j.writes.iter().cloned()).collect();
-        let done: Vec<StoreDone> = match node.store.commit_group(&writes) {
+        let mut applied = Vec::new();
+        let result = node.store.commit_group_exposed(&writes, |outcomes| {
+            let mut at = 0;
+            for job in &jobs {
+                let len = job.writes.len();
+                if job.client {
+                    for outcome in &outcomes[at..at + len] {
+                        if let Ok(outcome @ GroupOutcome::Local { entry: Some(_), .. }) = outcome {
+                            applied.push(StoreApplied {
+                                token: job.token,
+                                outcome: outcome.clone(),
+                            });
+                        }
+                    }
+                }
+                at += len;
+            }
+        });
+        let done: Vec<StoreDone> = match result {
             Ok(outcomes) => {
                 let mut outcomes = outcomes.into_iter();
                 jobs.iter()
@@ -653,6 +685,38 @@ impl Sim {
                     outcome: Err(e.to_string()),
                 })
                 .collect(),
+        };
+        node.flushing = done;
+        self.push(now + latency, Event::Flushed { node: id, epoch });
+        let Some(node) = self.nodes.get_mut(&id) else {
+            return;
+        };
+        let Some(replica) = node.replica.as_ref() else {
+            return;
+        };
+        if !applied.is_empty() {
+            let outputs = node.coordinator.applied(replica, applied);
+            self.carry_coord(id, outputs);
+        }
+    }
+
+    /// The group applied last is durable: its jobs complete, and the next
+    /// group starts if jobs are waiting.
+    fn flushed(&mut self, id: NodeId, epoch: u64) {
+        let now = self.now;
+        let Some(node) = self.nodes.get_mut(&id) else {
+            return;
+        };
+        if node.epoch != epoch {
+            return;
+        }
+        let done = std::mem::take(&mut node.flushing);
+        node.commit_scheduled = !node.disk.is_empty();
+        if node.commit_scheduled {
+            self.push(now, Event::Commit { node: id, epoch });
+        }
+        let Some(node) = self.nodes.get_mut(&id) else {
+            return;
         };
         let Some(replica) = node.replica.as_ref() else {
             return;

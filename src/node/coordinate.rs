@@ -4,10 +4,11 @@
 //! returns (peer sends, storage jobs, answers). Admin requests and requests
 //! without a key (status, key listing) are served here, from this node.
 
+use super::storage::Stored;
 use super::{Core, Payload};
 use crate::client::{Call, ErrorCode, Failure, Request, Response};
 use crate::crdt::NodeId;
-use crate::replication::coordinator::{Caller, CoordMessage, CoordOutput, StoreDone};
+use crate::replication::coordinator::{Caller, CoordMessage, CoordOutput};
 use std::sync::atomic::Ordering::Relaxed;
 use tokio::sync::oneshot;
 use tracing::{debug, warn};
@@ -52,8 +53,11 @@ impl Core {
         self.carry_coord(outputs);
     }
 
-    pub(super) fn on_stored(&mut self, done: Vec<StoreDone>) {
-        let outputs = self.coordinator.stored(&self.replica, done);
+    pub(super) fn on_stored(&mut self, stored: Stored) {
+        let outputs = match stored {
+            Stored::Applied(applied) => self.coordinator.applied(&self.replica, applied),
+            Stored::Durable(done) => self.coordinator.stored(&self.replica, done),
+        };
         self.carry_coord(outputs);
     }
 

@@ -388,6 +388,11 @@ pub async fn run(
     }
     endpoint.close(0u32.into(), b"shutting down");
     endpoint.wait_idle().await;
+    // The core, and with it the storage thread, has finished: every commit
+    // is done, so the next start may keep this writer id.
+    if let Err(e) = store.close() {
+        warn!(node = %id, "could not record a clean close of the store ({e}); the next start takes a new writer id");
+    }
     info!(node = %id, "node stopped");
     Ok(())
 }
@@ -436,7 +441,7 @@ impl Core {
         mut self,
         mut rx: mpsc::Receiver<CoreInput>,
         mut membership: mpsc::Receiver<CoreInput>,
-        mut stored: mpsc::UnboundedReceiver<Vec<crate::replication::coordinator::StoreDone>>,
+        mut stored: mpsc::UnboundedReceiver<storage::Stored>,
         seeds: &[SocketAddr],
         shutdown: impl Future<Output = ()>,
     ) {

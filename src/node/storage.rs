@@ -8,12 +8,18 @@
 //!
 //! Invariants: a job's completion is sent only after the commit holding it
 //! is durable (or failed), so whoever answers a client or acknowledges a
-//! replica from it never acknowledges a write a crash could lose; jobs are
+//! replica from it never acknowledges a write a crash could lose. Client
+//! writes are also reported once applied, before the flush
+//! ([`Stored::Applied`]), so their entries reach the other replicas while
+//! this disk flushes; the store then takes a new writer id after a crash
+//! or a failed commit (`Store::commit_group_exposed`), so a dot that left
+//! is never issued again. Jobs are
 //! committed in the order they were queued; a job is never dropped, only
 //! failed with a reason. How many client writes may wait is the
 //! coordinator's to bound (`CoordinatorConfig::max_queued_client_writes`).
 
-use crate::replication::coordinator::{StoreDone, StoreJob};
+use crate::replication::coordinator::{StoreApplied, StoreDone, StoreJob};
+use crate::store::GroupOutcome;
 use crate::store::{GroupWrite, Store};
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -36,6 +42,15 @@ struct Queue {
 struct Shared {
     queue: Mutex<Queue>,
     ready: Condvar,
+}
+
+/// What the storage thread reports, in this order for each commit.
+#[derive(Debug)]
+pub(super) enum Stored {
+    /// Client writes applied, their commit flushing.
+    Applied(Vec<StoreApplied>),
+    /// Every job of the commit: durable, or failed.
+    Durable(Vec<StoreDone>),
 }
 
 /// Figures for metrics.
@@ -65,7 +80,7 @@ impl Storage {
     /// commit.
     pub(super) fn start(
         store: Arc<Store>,
-        done: mpsc::UnboundedSender<Vec<StoreDone>>,
+        done: mpsc::UnboundedSender<Stored>,
     ) -> std::io::Result<Storage> {
         let shared = Arc::new(Shared {
             queue: Mutex::new(Queue::default()),
@@ -108,15 +123,10 @@ impl Drop for Storage {
     }
 }
 
-fn run(
-    store: &Store,
-    shared: &Shared,
-    stats: &StorageStats,
-    done: &mpsc::UnboundedSender<Vec<StoreDone>>,
-) {
+fn run(store: &Store, shared: &Shared, stats: &StorageStats, done: &mpsc::UnboundedSender<Stored>) {
     loop {
-        // (token, writes) of each job taken, and the writes, in order.
-        let mut jobs: Vec<(u64, usize)> = Vec::new();
+        // (token, writes, client) of each job taken, and the writes, in order.
+        let mut jobs: Vec<(u64, usize, bool)> = Vec::new();
         let mut writes: Vec<GroupWrite> = Vec::new();
         {
             let mut queue = lock(&shared.queue);
@@ -142,11 +152,30 @@ fn run(
                 let Some(job) = queue.jobs.pop_front() else {
                     break;
                 };
-                jobs.push((job.token, job.writes.len()));
+                jobs.push((job.token, job.writes.len(), job.client));
                 writes.extend(job.writes);
             }
         }
-        let result = store.commit_group(&writes);
+        let result = store.commit_group_exposed(&writes, |outcomes| {
+            let mut applied = Vec::new();
+            let mut at = 0;
+            for &(token, len, client) in &jobs {
+                if client {
+                    for outcome in &outcomes[at..at + len] {
+                        if let Ok(outcome @ GroupOutcome::Local { entry: Some(_), .. }) = outcome {
+                            applied.push(StoreApplied {
+                                token,
+                                outcome: outcome.clone(),
+                            });
+                        }
+                    }
+                }
+                at += len;
+            }
+            if !applied.is_empty() {
+                let _ = done.send(Stored::Applied(applied));
+            }
+        });
         stats.commits.fetch_add(1, Relaxed);
         stats.writes.fetch_add(writes.len() as u64, Relaxed);
         stats.queued.fetch_sub(writes.len() as u64, Relaxed);
@@ -154,7 +183,7 @@ fn run(
             Ok(outcomes) => {
                 let mut outcomes = outcomes.into_iter();
                 jobs.into_iter()
-                    .map(|(token, len)| StoreDone {
+                    .map(|(token, len, _)| StoreDone {
                         token,
                         outcome: Ok(outcomes.by_ref().take(len).collect()),
                     })
@@ -165,14 +194,14 @@ fn run(
                 tracing::error!("a storage commit of {} writes failed: {e}", writes.len());
                 let reason = format!("the node could not commit the write: {e}");
                 jobs.into_iter()
-                    .map(|(token, _)| StoreDone {
+                    .map(|(token, _, _)| StoreDone {
                         token,
                         outcome: Err(reason.clone()),
                     })
                     .collect()
             }
         };
-        if done.send(completions).is_err() {
+        if done.send(Stored::Durable(completions)).is_err() {
             return;
         }
     }

@@ -182,6 +182,17 @@ pub struct StoreJob {
     pub client: bool,
 }
 
+/// A client write applied in a commit that is not durable yet: its entry
+/// may go to the other replicas while the commit flushes (see
+/// [`Store::commit_group_exposed`](crate::store::Store::commit_group_exposed)).
+/// Only writes that succeeded and changed the key are reported; the job's
+/// [`StoreDone`] follows once the commit is durable or failed.
+#[derive(Debug)]
+pub struct StoreApplied {
+    pub token: u64,
+    pub outcome: GroupOutcome,
+}
+
 /// A storage job's outcome, reported once durable: one result per write,
 /// or the reason the whole commit failed (nothing of it was written).
 #[derive(Debug)]
@@ -231,13 +242,19 @@ pub struct CoordinatorStats {
 enum Pending<C> {
     /// Forwarded to a replica, which coordinates it.
     Forwarded { caller: Caller<C> },
-    /// Written here; waiting for `needed` more acknowledgements.
+    /// Written here; waiting until `quorum` replicas hold it durably.
     Write {
         caller: Caller<C>,
         response: Response,
-        needed: usize,
+        quorum: usize,
         /// The co-replicas that acknowledged (a duplicate counts once).
         acked: BTreeSet<NodeId>,
+        /// The co-replicas that answered, with or without taking it.
+        answered: BTreeSet<NodeId>,
+        /// How many co-replicas it was sent to.
+        sent: usize,
+        /// This node's own copy.
+        local: LocalCopy,
         w: u8,
     },
     /// Read here; waiting for `needed` more replicas' entries.
@@ -272,6 +289,15 @@ enum Pending<C> {
     },
 }
 
+/// Whether this node's copy of a write it coordinates is on disk.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum LocalCopy {
+    Flushing,
+    Durable,
+    /// Its commit failed: other replicas may still hold it.
+    Failed,
+}
+
 /// A storage job in flight, by its token.
 enum Writing<C> {
     /// A client write coordinated here; `caller` is `None` once it was told
@@ -286,6 +312,10 @@ enum Writing<C> {
         w: u8,
         partition: u16,
         key: Vec<u8>,
+        /// Its entry went out before the commit was durable: the call id
+        /// of its `Pending::Write` (0: replicated without one, the caller
+        /// having been answered already).
+        exposed: Option<u64>,
     },
     /// Entries a coordinator sent: acknowledge those that asked.
     Replicas {
@@ -639,6 +669,20 @@ impl<C> Coordinator<C> {
         self.finish(replica)
     }
 
+    /// Client writes applied in a commit still flushing: their entries go
+    /// to the other replicas now, so that a write at W > 1 costs one round
+    /// trip beside the flushes rather than two flushes in a row.
+    pub fn applied(
+        &mut self,
+        replica: &Replica,
+        applied: Vec<StoreApplied>,
+    ) -> Vec<CoordOutput<C>> {
+        for applied in applied {
+            self.on_applied(replica, applied);
+        }
+        self.finish(replica)
+    }
+
     /// Storage jobs that are durable (or failed).
     pub fn stored(&mut self, replica: &Replica, done: Vec<StoreDone>) -> Vec<CoordOutput<C>> {
         for done in done {
@@ -945,6 +989,7 @@ impl<C> Coordinator<C> {
                 w: call.w,
                 partition,
                 key,
+                exposed: None,
             },
         );
     }
@@ -1066,22 +1111,141 @@ impl<C> Coordinator<C> {
 
     fn on_replicated(&mut self, from: NodeId, acks: Vec<(u64, bool)>) {
         for (id, ok) in acks {
-            let done = match self.pending.get_mut(&id) {
-                Some(Pending::Write { acked, needed, .. }) if ok => {
+            if let Some(Pending::Write {
+                acked, answered, ..
+            }) = self.pending.get_mut(&id)
+            {
+                answered.insert(from);
+                if ok {
                     acked.insert(from);
-                    acked.len() >= *needed
                 }
-                _ => false,
-            };
-            if done {
-                if let Some(Pending::Write {
-                    caller, response, ..
-                }) = self.pending.remove(&id)
-                {
-                    self.answer(caller, response);
-                }
+                self.settle_write(id, None);
             }
         }
+    }
+
+    /// Answers a pending write once `quorum` replicas hold it durably, or
+    /// once this node's copy is settled and the quorum can no longer be
+    /// reached (`local_failure`: why its own commit failed).
+    fn settle_write(&mut self, id: u64, local_failure: Option<&str>) {
+        let Some(Pending::Write {
+            quorum,
+            acked,
+            answered,
+            sent,
+            local,
+            w,
+            ..
+        }) = self.pending.get(&id)
+        else {
+            return;
+        };
+        let (quorum, w, sent, local) = (*quorum, *w, *sent, *local);
+        let reached = acked.len() + usize::from(local == LocalCopy::Durable);
+        let possible = sent + usize::from(local != LocalCopy::Failed);
+        let outstanding = sent - answered.len().min(sent);
+        let failure = if reached >= quorum {
+            None
+        } else if local != LocalCopy::Flushing && (possible < quorum || outstanding == 0) {
+            let here = match local_failure {
+                Some(reason) => format!(" (this node's commit failed: {reason})"),
+                None => String::new(),
+            };
+            Some(if reached > 0 {
+                fail(
+                    ErrorCode::QuorumNotMet {
+                        reached: reached as u8,
+                        needed: w,
+                    },
+                    format!("written on {reached} replica(s), but w={w} needs {quorum} and no more can be reached{here}; the write is kept on those and will spread"),
+                )
+            } else if outstanding > 0 {
+                fail(
+                    ErrorCode::Internal,
+                    format!("no replica has confirmed the write yet{here}; it may or may not have been applied"),
+                )
+            } else {
+                fail(ErrorCode::Internal, format!("the write was not made{here}"))
+            })
+        } else {
+            return;
+        };
+        if let Some(Pending::Write {
+            caller, response, ..
+        }) = self.pending.remove(&id)
+        {
+            self.answer(caller, failure.unwrap_or(response));
+        }
+    }
+
+    /// A client write applied here, its commit flushing: replicate now.
+    fn on_applied(&mut self, replica: &Replica, StoreApplied { token, outcome }: StoreApplied) {
+        let GroupOutcome::Local {
+            context,
+            counter: value,
+            entry: Some(entry),
+        } = outcome
+        else {
+            return;
+        };
+        let Some(Writing::Call {
+            caller,
+            arrived,
+            counter,
+            others,
+            quorum,
+            w,
+            partition,
+            key,
+            exposed,
+        }) = self.writing.get_mut(&token)
+        else {
+            return;
+        };
+        if exposed.is_some() {
+            return;
+        }
+        let (others, key, partition, arrived, quorum, w) = (
+            others.clone(),
+            key.clone(),
+            *partition,
+            *arrived,
+            *quorum,
+            *w,
+        );
+        let Some(caller) = caller.take() else {
+            // The caller was answered `Timeout`: spread the write.
+            *exposed = Some(0);
+            self.replicate_to_all(replica, &others, 0, partition, &key, &entry, false);
+            return;
+        };
+        let response = if *counter {
+            Response::Counter(value.unwrap_or_default())
+        } else {
+            Response::Context(context.to_bytes())
+        };
+        let id = self.fresh_id();
+        if let Some(Writing::Call { exposed, .. }) = self.writing.get_mut(&token) {
+            *exposed = Some(id);
+        }
+        let sent = self.replicate_to_all(replica, &others, id, partition, &key, &entry, true);
+        self.pending.insert(
+            id,
+            Pending::Write {
+                caller,
+                response,
+                quorum,
+                acked: BTreeSet::new(),
+                answered: BTreeSet::new(),
+                sent,
+                local: LocalCopy::Flushing,
+                w,
+            },
+        );
+        // Counted from the call's arrival: the caller hears within
+        // `quorum_timeout`.
+        self.deadlines
+            .insert((arrived + self.config.quorum_timeout, id));
     }
 
     fn on_stored(&mut self, replica: &Replica, StoreDone { token, outcome }: StoreDone) {
@@ -1098,8 +1262,25 @@ impl<C> Coordinator<C> {
                 w,
                 partition,
                 key,
+                exposed,
             } => {
                 self.queued_client_writes = self.queued_client_writes.saturating_sub(1);
+                if let Some(id) = exposed {
+                    let failure = match &outcome {
+                        Ok(results) if matches!(results.last(), Some(Ok(_))) => None,
+                        Ok(_) => Some("the write failed".to_string()),
+                        Err(reason) => Some(reason.clone()),
+                    };
+                    if let Some(Pending::Write { local, .. }) = self.pending.get_mut(&id) {
+                        *local = if failure.is_some() {
+                            LocalCopy::Failed
+                        } else {
+                            LocalCopy::Durable
+                        };
+                        self.settle_write(id, failure.as_deref());
+                    }
+                    return;
+                }
                 let Some(caller) = caller else {
                     // The caller was answered `Timeout`: spread the write.
                     if let Ok(Some(Ok(GroupOutcome::Local {
@@ -1156,8 +1337,11 @@ impl<C> Coordinator<C> {
                             Pending::Write {
                                 caller,
                                 response,
-                                needed,
+                                quorum,
                                 acked: BTreeSet::new(),
+                                answered: BTreeSet::new(),
+                                sent,
+                                local: LocalCopy::Durable,
                                 w,
                             },
                         );
@@ -1632,20 +1816,33 @@ impl<C> Coordinator<C> {
                 ),
             ),
             Some(Pending::Write {
-                caller, acked, w, ..
-            }) => (
                 caller,
-                fail(
-                    ErrorCode::QuorumNotMet {
-                        reached: acked.len() as u8 + 1,
-                        needed: w,
+                acked,
+                local,
+                w,
+                ..
+            }) => {
+                let reached = acked.len() + usize::from(local == LocalCopy::Durable);
+                (
+                    caller,
+                    if reached == 0 {
+                        fail(
+                            ErrorCode::Timeout,
+                            format!("no replica confirmed the write within {:?}; it may or may not have been applied", self.config.quorum_timeout),
+                        )
+                    } else {
+                        fail(
+                            ErrorCode::QuorumNotMet {
+                                reached: reached as u8,
+                                needed: w,
+                            },
+                            format!(
+                                "only {reached} of w={w} replicas acknowledged in time; the write is kept on those and will spread"
+                            ),
+                        )
                     },
-                    format!(
-                        "only {} of w={w} replicas acknowledged in time; the write is kept on those and will spread",
-                        acked.len() + 1
-                    ),
-                ),
-            ),
+                )
+            }
             Some(Pending::List {
                 caller, waiting, ..
             }) => (

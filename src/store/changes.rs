@@ -172,7 +172,7 @@ impl Store {
                 }
             }
             if let Some(vv) = &complete {
-                let node = self.node_id();
+                let node = w.node();
                 let claimed = Dot::new(node, vv.max_seq(node));
                 w.check_issued(partition, "the source's version vector", &[claimed])?;
                 w.version_mut(partition).join(vv);

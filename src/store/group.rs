@@ -8,7 +8,8 @@
 //! whole group and nothing of it is committed. Each local write still gets
 //! its own dot; grouping changes nothing in the causal model.
 
-use super::write::Op;
+use super::tables::{META, META_EXPOSED};
+use super::write::{Op, Writer};
 use super::{Record, Store};
 use crate::crdt::entry::Entry;
 use crate::crdt::{CausalContext, ValueKind};
@@ -63,7 +64,62 @@ impl Store {
         if writes.is_empty() {
             return Ok(Vec::new());
         }
-        self.with_write(|w| {
+        self.with_write(|w| self.apply_group(w, writes))
+    }
+
+    /// Like [`Store::commit_group`], but calls `before_durable` with the
+    /// outcomes once the writes are applied and before their commit is
+    /// flushed: a node replicates the entries to other replicas while its
+    /// own disk flushes. Always durable (whatever the store's durability).
+    ///
+    /// Entries that leave before their commit could be lost here by a crash
+    /// while another replica holds them; their dots must never be issued
+    /// again. So before the first such commit the store durably records
+    /// that it exposes writes, and an open that finds the record (the
+    /// process did not reach [`Store::close`]) writes from then on as a new
+    /// writer ([`Store::writer_id`]); a commit that fails after its entries
+    /// left does the same before the next local write. The old writer's
+    /// writes that survive elsewhere come back like any other node's.
+    pub fn commit_group_exposed(
+        &self,
+        writes: &[GroupWrite],
+        before_durable: impl FnOnce(&[Result<GroupOutcome>]),
+    ) -> Result<Vec<Result<GroupOutcome>>> {
+        if writes.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut state = self.writer();
+        if state.needs_new_writer {
+            self.new_writer(&mut state)?;
+        }
+        if !state.exposure_recorded {
+            let mut txn = self.db.begin_write()?;
+            txn.set_durability(redb::Durability::Immediate)?;
+            txn.open_table(META)?
+                .insert(META_EXPOSED, [1u8].as_slice())?;
+            txn.commit()?;
+            state.exposure_recorded = true;
+        }
+        let result = self.write_locked(
+            &mut state,
+            |w| self.apply_group(w, writes),
+            Some(redb::Durability::Immediate),
+            |outcomes: &Vec<Result<GroupOutcome>>| before_durable(outcomes),
+        );
+        if let Err(Error::Storage(_)) = &result {
+            // Whether it failed before or after the hook, the entries may
+            // have left: never issue their dots again.
+            state.needs_new_writer = true;
+        }
+        result
+    }
+
+    fn apply_group(
+        &self,
+        w: &mut Writer<'_>,
+        writes: &[GroupWrite],
+    ) -> Result<Vec<Result<GroupOutcome>>> {
+        {
             let mut outcomes = Vec::with_capacity(writes.len());
             for write in writes {
                 let outcome = match write {
@@ -89,7 +145,7 @@ impl Store {
                 outcomes.push(outcome);
             }
             Ok(outcomes)
-        })
+        }
     }
 
     /// Decodes and checks a remote entry: its partition is in range, its

@@ -132,9 +132,47 @@ impl StoreOptions {
 /// What only the writer touches: the committed version vectors and clock.
 struct WriterState {
     versions: Vec<VersionVector>,
-    /// Per partition: see `tables::ISSUED_FLOOR`.
+    /// Per partition: see `tables::ISSUED_FLOOR` (of the current writer).
     issued_floor: Vec<u64>,
     hlc: HybridClock,
+    /// The id local writes get dots of: `writer_id(node, epoch)`.
+    writer: NodeId,
+    epoch: u64,
+    /// `META_EXPOSED` is durably set (entries may leave before commit).
+    exposure_recorded: bool,
+    /// A commit failed after its entries left: its dots may be held
+    /// elsewhere, so the writer must change before the next local write.
+    needs_new_writer: bool,
+}
+
+/// The writer id of `node` at `epoch`: the node id itself at 0, else a
+/// hash of both (64 bits, so it collides with no other writer in practice).
+pub fn writer_id(node: NodeId, epoch: u64) -> NodeId {
+    if epoch == 0 {
+        return node;
+    }
+    let mut bytes = [0u8; 32];
+    bytes[..16].copy_from_slice(b"gossipkv writer ");
+    bytes[16..24].copy_from_slice(&node.0.to_le_bytes());
+    bytes[24..].copy_from_slice(&epoch.to_le_bytes());
+    NodeId(xxhash_rust::xxh3::xxh3_64(&bytes))
+}
+
+/// Writes `epoch` as the writer epoch in `txn` and forgets the issued
+/// floors, which belong to the previous writer (a new writer has issued
+/// nothing, so its writes claim none of the old one's).
+fn start_writer_epoch(txn: &redb::WriteTransaction, epoch: u64) -> Result<()> {
+    txn.open_table(META)?
+        .insert(META_WRITER_EPOCH, epoch.to_le_bytes().as_slice())?;
+    let mut floors = txn.open_table(ISSUED_FLOOR)?;
+    let partitions: Vec<u16> = floors
+        .iter()?
+        .map(|row| row.map(|(p, _)| p.value()))
+        .collect::<std::result::Result<_, _>>()?;
+    for p in partitions {
+        floors.remove(p)?;
+    }
+    Ok(())
 }
 
 /// A node's local store. Cheap to share behind an `Arc`; all methods take `&self`.
@@ -351,6 +389,33 @@ impl Store {
                 *slot = decode_version(bytes.value(), p)?;
             }
         }
+        let (epoch, exposed) = {
+            let meta = txn.open_table(META)?;
+            let epoch = match meta.get(META_WRITER_EPOCH)? {
+                Some(v) => u64::from_le_bytes(fixed(v.value(), &path, META_WRITER_EPOCH)?),
+                None => 0,
+            };
+            let exposed = meta.get(META_EXPOSED)?.is_some();
+            (epoch, exposed)
+        };
+        let epoch = if exposed {
+            // Entries may have left before a commit this crash lost: their
+            // dots must never be issued again, so write as a new writer.
+            let next = epoch.checked_add(1).ok_or_else(|| Error::Corrupt {
+                what: "metadata".into(),
+                reason: "the writer epoch is exhausted".into(),
+            })?;
+            start_writer_epoch(&txn, next)?;
+            txn.open_table(META)?.remove(META_EXPOSED)?;
+            tracing::info!(
+                "{path}: not closed cleanly while it replicated writes ahead of their commit; local writes now go under writer epoch {next} ({})",
+                writer_id(node, next)
+            );
+            next
+        } else {
+            epoch
+        };
+        let writer = writer_id(node, epoch);
         let mut issued_floor = vec![0u64; usize::from(partitions)];
         for row in txn.open_table(ISSUED_FLOOR)?.iter()? {
             let (p, seq) = row?;
@@ -369,18 +434,47 @@ impl Store {
             writable: versions
                 .iter()
                 .zip(&issued_floor)
-                .map(|(vv, &floor)| AtomicBool::new(holds_own_writes(node, vv, floor)))
+                .map(|(vv, &floor)| AtomicBool::new(holds_own_writes(writer, vv, floor)))
                 .collect(),
             writer: Mutex::new(WriterState {
                 versions,
                 issued_floor,
                 hlc,
+                writer,
+                epoch,
+                exposure_recorded: false,
+                needs_new_writer: false,
             }),
         })
     }
 
+    /// The node this store belongs to (its identity in the cluster).
     pub fn node_id(&self) -> NodeId {
         self.node
+    }
+
+    /// The id local writes are made under: the node id, or after an
+    /// unclean close that may have lost writes other replicas hold, a new
+    /// writer derived from it (see [`Store::commit_group_exposed`]).
+    pub fn writer_id(&self) -> NodeId {
+        self.writer().writer
+    }
+
+    /// Records a clean close: everything committed is durable and no
+    /// commit that exposed its entries failed, so the next open may keep
+    /// the writer. Call it once nothing writes any more (a later exposed
+    /// commit records the exposure again).
+    pub fn close(&self) -> Result<()> {
+        let mut state = self.writer();
+        if !state.exposure_recorded || state.needs_new_writer {
+            return Ok(());
+        }
+        let mut txn = self.db.begin_write()?;
+        txn.set_durability(redb::Durability::Immediate)?;
+        txn.open_table(META)?.remove(META_EXPOSED)?;
+        txn.commit()?;
+        state.exposure_recorded = false;
+        Ok(())
     }
 
     pub fn partitions(&self) -> u16 {
@@ -496,7 +590,7 @@ impl Store {
             state.versions.get(p),
             state.issued_floor.get(p),
         ) {
-            flag.store(holds_own_writes(self.node, vv, floor), Ordering::Release);
+            flag.store(holds_own_writes(state.writer, vv, floor), Ordering::Release);
         }
     }
 

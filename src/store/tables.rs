@@ -44,6 +44,15 @@ pub(crate) const META_NODE_ID: &str = "node_id";
 pub(crate) const META_PARTITIONS: &str = "partitions";
 pub(crate) const META_HASH: &str = "hash";
 pub(crate) const META_HLC: &str = "hlc";
+/// The writer epoch: local writes get dots of `writer_id(node, epoch)`
+/// (absent: 0, the node id itself). Raised after an unclean close that may
+/// have let uncommitted entries leave the store (see `META_EXPOSED`).
+pub(crate) const META_WRITER_EPOCH: &str = "writer_epoch";
+/// Present from before the first entry left this store ahead of its
+/// durable commit (`Store::commit_group_exposed`) until a clean close
+/// (`Store::close`). Found at open, it means a crash may have lost writes
+/// other replicas hold, so the store takes a new writer epoch.
+pub(crate) const META_EXPOSED: &str = "exposed";
 /// Present once `prefix_changes` holds every row (stores made before it
 /// existed get it built on open).
 pub(crate) const META_FEED_INDEX: &str = "feed_index";

@@ -55,7 +55,8 @@ impl Op {
         self.key().len() + data
     }
 
-    fn key(&self) -> &[u8] {
+    /// The key the operation writes.
+    pub fn key(&self) -> &[u8] {
         match self {
             Op::Put { key, .. }
             | Op::PutLww { key, .. }
@@ -241,13 +242,53 @@ impl Store {
     /// updated only after the commit succeeded.
     pub(super) fn with_write<R>(&self, f: impl FnOnce(&mut Writer<'_>) -> Result<R>) -> Result<R> {
         let mut state = self.writer();
+        if state.needs_new_writer {
+            self.new_writer(&mut state)?;
+        }
+        self.write_locked(&mut state, f, None, |_| ())
+    }
+
+    /// Moves local writes to the next writer epoch, durably, before any
+    /// write uses it (see [`Store::commit_group_exposed`]).
+    pub(super) fn new_writer(&self, state: &mut WriterState) -> Result<()> {
+        let epoch = state.epoch.checked_add(1).ok_or_else(|| Error::Corrupt {
+            what: "metadata".into(),
+            reason: "the writer epoch is exhausted".into(),
+        })?;
         let mut txn = self.db.begin_write()?;
-        txn.set_durability(match self.durability {
+        txn.set_durability(redb::Durability::Immediate)?;
+        super::start_writer_epoch(&txn, epoch)?;
+        txn.commit()?;
+        state.epoch = epoch;
+        state.writer = super::writer_id(self.node, epoch);
+        state.needs_new_writer = false;
+        state.issued_floor.iter_mut().for_each(|f| *f = 0);
+        tracing::warn!(
+            "a commit failed after its writes were sent to other replicas: local writes now go under writer epoch {epoch} ({})",
+            state.writer
+        );
+        for p in 0..self.partitions {
+            self.refresh_writable(state, p);
+        }
+        Ok(())
+    }
+
+    /// The body of `with_write`: `before_commit` sees the result once `f`
+    /// applied everything, before the commit.
+    pub(super) fn write_locked<R>(
+        &self,
+        state: &mut WriterState,
+        f: impl FnOnce(&mut Writer<'_>) -> Result<R>,
+        durability: Option<redb::Durability>,
+        before_commit: impl FnOnce(&R),
+    ) -> Result<R> {
+        let mut txn = self.db.begin_write()?;
+        txn.set_durability(durability.unwrap_or(match self.durability {
             Durability::Immediate => redb::Durability::Immediate,
             Durability::Buffered => redb::Durability::None,
-        })?;
+        }))?;
         let (result, touched, dropped, hlc, written) = {
-            let mut writer = Writer::new(self, &txn, &state)?;
+            let mut writer = Writer::new(self, &txn, state)?;
             let result = f(&mut writer)?;
             writer.flush()?;
             (
@@ -258,18 +299,18 @@ impl Store {
                 writer.written,
             )
         };
+        before_commit(&result);
         txn.commit()?;
         for (p, issued) in dropped {
             state.versions[usize::from(p)] = VersionVector::new();
             state.issued_floor[usize::from(p)] = issued;
-            self.refresh_writable(&state, p);
+            self.refresh_writable(state, p);
         }
         for (p, vv) in touched {
             state.versions[usize::from(p)] = vv;
-            self.refresh_writable(&state, p);
+            self.refresh_writable(state, p);
         }
         state.hlc = hlc;
-        drop(state);
         if let (Some(observer), Some(keys)) = (self.observer.get(), written) {
             if !keys.is_empty() {
                 observer(&keys);
@@ -296,6 +337,8 @@ pub(super) struct Writer<'t> {
     dropped: Vec<(u16, u64)>,
     issued_table: Table<'t, u16, u64>,
     issued_floor: &'t [u64],
+    /// The id this transaction's local writes get dots of.
+    writer: NodeId,
     hlc: HybridClock,
     hlc_start: HybridClock,
     /// Keys written or removed, when the store has an observer.
@@ -319,13 +362,15 @@ impl<'t> Writer<'t> {
             written: store.observer.get().map(|_| Vec::new()),
             issued_table: txn.open_table(ISSUED_FLOOR)?,
             issued_floor: &state.issued_floor,
+            writer: state.writer,
             hlc: state.hlc,
             hlc_start: state.hlc,
         })
     }
 
-    fn node(&self) -> NodeId {
-        self.store.node
+    /// The writer id of this store's local writes (see `writer_id`).
+    pub(super) fn node(&self) -> NodeId {
+        self.writer
     }
 
     pub(super) fn version_mut(&mut self, partition: u16) -> &mut VersionVector {
