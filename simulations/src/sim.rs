@@ -93,6 +93,18 @@ struct SimNode {
     commit_scheduled: bool,
     /// The completions of the group being flushed.
     flushing: Vec<StoreDone>,
+    /// The bytes the store's file holds.
+    file: SimFile,
+    /// The file before the group being flushed, and its write count after
+    /// the group: a crash before the flush may lose the group, if nothing
+    /// was written since (see `crash`).
+    before_flush: Option<(Vec<u8>, u64)>,
+    /// The group being flushed has client writes whose entries went out.
+    flushing_sent: bool,
+    /// The store has recorded that it exposes writes (see
+    /// `Store::commit_group_exposed`): that record is durable before the
+    /// first exposed group, so only later groups can be lost.
+    exposure_recorded: bool,
     /// The earliest coordinator deadline an event is scheduled for.
     deadline_scheduled: Option<Duration>,
     /// This node's commit latency, when not the network config's.
@@ -134,6 +146,8 @@ pub struct Sim {
     replies: HashMap<u64, Reply>,
     /// Tickets answered more than once (must stay empty).
     pub answered_twice: Vec<u64>,
+    /// Crashes that lost a group whose entries had gone out (see `crash`).
+    pub flushes_lost: u64,
 }
 
 fn encode<T: serde::Serialize>(tag: u8, message: &T) -> postcard::Result<Vec<u8>> {
@@ -188,6 +202,7 @@ impl Sim {
             next_ticket: 0,
             replies: HashMap::new(),
             answered_twice: Vec::new(),
+            flushes_lost: 0,
         }
     }
 
@@ -215,7 +230,8 @@ impl Sim {
         let options = StoreOptions::default()
             .node_id(id)
             .partitions(self.partitions);
-        let store = Arc::new(Store::open_in_memory(options).expect("in-memory store"));
+        let file = SimFile::default();
+        let store = Arc::new(Store::open_with_backend(file.clone(), options).expect("sim store"));
         let addr = addr_of(id);
         self.by_addr.insert(addr, id);
         self.nodes.insert(
@@ -226,6 +242,10 @@ impl Sim {
                 disk: Vec::new(),
                 commit_scheduled: false,
                 flushing: Vec::new(),
+                file,
+                before_flush: None,
+                flushing_sent: false,
+                exposure_recorded: false,
                 deadline_scheduled: None,
                 disk_ms: None,
                 store,
@@ -310,13 +330,31 @@ impl Sim {
         self.carry_out(id, outputs);
     }
 
-    /// Stops a node's core at once, keeping its store (committed data is
-    /// durable) and its layout as persisted.
+    /// Stops a node's core at once, keeping its layout as persisted and
+    /// its store as the disk holds it: committed data, less the group
+    /// being flushed if the draw says the crash lost it (half the time,
+    /// when nothing was written since). The store is reopened from those
+    /// bytes, as a restarted process would.
     pub fn crash(&mut self, id: NodeId) {
+        let lose = self.rng.random_bool(0.5);
+        let partitions = self.partitions;
         if let Some(node) = self.nodes.get_mut(&id) {
             if let Some(replica) = node.replica.take() {
                 node.saved_layout = Some(replica.layout().clone());
             }
+            let image = match node.before_flush.take() {
+                Some((before, writes)) if lose && node.file.writes() == writes => {
+                    self.flushes_lost += 1;
+                    before
+                }
+                _ => node.file.bytes(),
+            };
+            node.file = SimFile::from_bytes(image);
+            let options = StoreOptions::default().node_id(id).partitions(partitions);
+            node.store = Arc::new(
+                Store::open_with_backend(node.file.clone(), options).expect("sim store reopens"),
+            );
+            node.exposure_recorded = false;
             // Jobs not committed are lost with the process; their calls
             // were never answered.
             node.disk.clear();
@@ -347,6 +385,14 @@ impl Sim {
         if let Some(seed) = seed {
             self.join(id, seed);
         }
+    }
+
+    /// Whether `id` is flushing a group whose client writes went out
+    /// (a crash now may lose it; see `crash`).
+    pub fn is_flushing_exposed(&self, id: NodeId) -> bool {
+        self.nodes
+            .get(&id)
+            .is_some_and(|n| n.before_flush.is_some() && n.flushing_sent)
     }
 
     /// Gives `node` its own commit latency (`None`: the network config's).
@@ -651,6 +697,7 @@ impl Sim {
         let jobs = std::mem::take(&mut node.disk);
         let writes: Vec<_> = jobs.iter().flat_map(|j| j.writes.iter().cloned()).collect();
         let mut applied = Vec::new();
+        let before = node.exposure_recorded.then(|| node.file.bytes());
         let result = node.store.commit_group_exposed(&writes, |outcomes| {
             let mut at = 0;
             for job in &jobs {
@@ -687,6 +734,9 @@ impl Sim {
                 .collect(),
         };
         node.flushing = done;
+        node.before_flush = before.map(|b| (b, node.file.writes()));
+        node.flushing_sent = !applied.is_empty();
+        node.exposure_recorded = true;
         self.push(now + latency, Event::Flushed { node: id, epoch });
         let Some(node) = self.nodes.get_mut(&id) else {
             return;
@@ -711,6 +761,7 @@ impl Sim {
             return;
         }
         let done = std::mem::take(&mut node.flushing);
+        node.before_flush = None;
         node.commit_scheduled = !node.disk.is_empty();
         if node.commit_scheduled {
             self.push(now, Event::Commit { node: id, epoch });
@@ -842,5 +893,85 @@ impl Sim {
             .iter()
             .map(|k| self.traffic.received.get(&(node, *k)).copied().unwrap_or(0))
             .sum()
+    }
+}
+
+/// A store file in memory whose bytes the simulator can copy and restore
+/// (to model a crash that loses the commit being flushed).
+#[derive(Clone, Default)]
+pub struct SimFile(Arc<std::sync::Mutex<FileState>>);
+
+#[derive(Default)]
+struct FileState {
+    bytes: Vec<u8>,
+    writes: u64,
+}
+
+impl SimFile {
+    fn from_bytes(bytes: Vec<u8>) -> Self {
+        SimFile(Arc::new(std::sync::Mutex::new(FileState {
+            bytes,
+            writes: 0,
+        })))
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, FileState> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn bytes(&self) -> Vec<u8> {
+        self.state().bytes.clone()
+    }
+
+    /// Writes so far (a change tells that something was committed).
+    fn writes(&self) -> u64 {
+        self.state().writes
+    }
+}
+
+impl std::fmt::Debug for SimFile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "sim file ({} bytes)", self.state().bytes.len())
+    }
+}
+
+impl redb::StorageBackend for SimFile {
+    fn len(&self) -> Result<u64, std::io::Error> {
+        Ok(self.state().bytes.len() as u64)
+    }
+
+    fn read(&self, offset: u64, out: &mut [u8]) -> Result<(), std::io::Error> {
+        let state = self.state();
+        let offset = usize::try_from(offset).map_err(std::io::Error::other)?;
+        let bytes = state
+            .bytes
+            .get(offset..offset + out.len())
+            .ok_or_else(|| std::io::Error::other("read past the end"))?;
+        out.copy_from_slice(bytes);
+        Ok(())
+    }
+
+    fn set_len(&self, len: u64) -> Result<(), std::io::Error> {
+        let len = usize::try_from(len).map_err(std::io::Error::other)?;
+        let mut state = self.state();
+        state.bytes.resize(len, 0);
+        state.writes += 1;
+        Ok(())
+    }
+
+    fn sync_data(&self) -> Result<(), std::io::Error> {
+        Ok(())
+    }
+
+    fn write(&self, offset: u64, data: &[u8]) -> Result<(), std::io::Error> {
+        let offset = usize::try_from(offset).map_err(std::io::Error::other)?;
+        let mut state = self.state();
+        let target = state
+            .bytes
+            .get_mut(offset..offset + data.len())
+            .ok_or_else(|| std::io::Error::other("write past the end"))?;
+        target.copy_from_slice(data);
+        state.writes += 1;
+        Ok(())
     }
 }
