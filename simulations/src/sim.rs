@@ -336,7 +336,11 @@ impl Sim {
     /// when nothing was written since). The store is reopened from those
     /// bytes, as a restarted process would.
     pub fn crash(&mut self, id: NodeId) {
-        let lose = self.rng.random_bool(0.5);
+        // Drawn apart from the main generator, so that adding this draw
+        // left every other scenario's sequence as it was.
+        let draw = (self.seed ^ id.0.rotate_left(17) ^ self.now.as_nanos() as u64)
+            .wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        let lose = draw >> 63 == 1;
         let partitions = self.partitions;
         if let Some(node) = self.nodes.get_mut(&id) {
             if let Some(replica) = node.replica.take() {
