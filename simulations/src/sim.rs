@@ -21,7 +21,6 @@ use gossipkv::replication::layout_state::LayoutState;
 use gossipkv::replication::membership::{Addr, MembershipConfig, NodeMeta};
 use gossipkv::replication::message::Message;
 use gossipkv::replication::replica::{Output, Replica, ReplicaConfig, Timer};
-use gossipkv::store::GroupOutcome;
 use gossipkv::{NodeId, Store, StoreOptions};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -700,24 +699,11 @@ impl Sim {
         }
         let jobs = std::mem::take(&mut node.disk);
         let writes: Vec<_> = jobs.iter().flat_map(|j| j.writes.iter().cloned()).collect();
-        let mut applied = Vec::new();
         let before = node.exposure_recorded.then(|| node.file.bytes());
+        let mut applied = Vec::new();
         let result = node.store.commit_group_exposed(&writes, |outcomes| {
-            let mut at = 0;
-            for job in &jobs {
-                let len = job.writes.len();
-                if job.client {
-                    for outcome in &outcomes[at..at + len] {
-                        if let Ok(outcome @ GroupOutcome::Local { entry: Some(_), .. }) = outcome {
-                            applied.push(StoreApplied {
-                                token: job.token,
-                                outcome: outcome.clone(),
-                            });
-                        }
-                    }
-                }
-                at += len;
-            }
+            let jobs = jobs.iter().map(|j| (j.token, j.writes.len(), j.client));
+            applied = StoreApplied::of_group(jobs, outcomes);
         });
         let done: Vec<StoreDone> = match result {
             Ok(outcomes) => {

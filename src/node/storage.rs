@@ -19,7 +19,6 @@
 //! coordinator's to bound (`CoordinatorConfig::max_queued_client_writes`).
 
 use crate::replication::coordinator::{StoreApplied, StoreDone, StoreJob};
-use crate::store::GroupOutcome;
 use crate::store::{GroupWrite, Store};
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -157,21 +156,7 @@ fn run(store: &Store, shared: &Shared, stats: &StorageStats, done: &mpsc::Unboun
             }
         }
         let result = store.commit_group_exposed(&writes, |outcomes| {
-            let mut applied = Vec::new();
-            let mut at = 0;
-            for &(token, len, client) in &jobs {
-                if client {
-                    for outcome in &outcomes[at..at + len] {
-                        if let Ok(outcome @ GroupOutcome::Local { entry: Some(_), .. }) = outcome {
-                            applied.push(StoreApplied {
-                                token,
-                                outcome: outcome.clone(),
-                            });
-                        }
-                    }
-                }
-                at += len;
-            }
+            let applied = StoreApplied::of_group(jobs.iter().copied(), outcomes);
             if !applied.is_empty() {
                 let _ = done.send(Stored::Applied(applied));
             }

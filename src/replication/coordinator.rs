@@ -193,6 +193,35 @@ pub struct StoreApplied {
     pub outcome: GroupOutcome,
 }
 
+impl StoreApplied {
+    /// The client writes among a group's `jobs` (token, writes, whether a
+    /// client's) that the group's `outcomes` (in job order) show applied
+    /// and changing their key: what a driver reports before the flush.
+    pub fn of_group(
+        jobs: impl IntoIterator<Item = (u64, usize, bool)>,
+        outcomes: &[Result<GroupOutcome, crate::Error>],
+    ) -> Vec<StoreApplied> {
+        let mut applied = Vec::new();
+        let mut at = 0;
+        for (token, len, client) in jobs {
+            let of_job = outcomes.get(at..at + len).unwrap_or_default();
+            at += len;
+            if !client {
+                continue;
+            }
+            for outcome in of_job {
+                if let Ok(outcome @ GroupOutcome::Local { entry: Some(_), .. }) = outcome {
+                    applied.push(StoreApplied {
+                        token,
+                        outcome: outcome.clone(),
+                    });
+                }
+            }
+        }
+        applied
+    }
+}
+
 /// A storage job's outcome, reported once durable: one result per write,
 /// or the reason the whole commit failed (nothing of it was written).
 #[derive(Debug)]

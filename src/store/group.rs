@@ -106,9 +106,9 @@ impl Store {
             Some(redb::Durability::Immediate),
             |outcomes: &Vec<Result<GroupOutcome>>| before_durable(outcomes),
         );
-        if let Err(Error::Storage(_)) = &result {
-            // Whether it failed before or after the hook, the entries may
-            // have left: never issue their dots again.
+        if result.is_err() {
+            // Nothing of the group committed, but if it failed after the
+            // hook its entries left: never issue their dots again.
             state.needs_new_writer = true;
         }
         result
