@@ -680,9 +680,8 @@ impl Sim {
     /// The virtual disk applies every queued job in one group, as the
     /// storage thread does, reports the client writes applied (their
     /// entries go out while the group flushes) and flushes for a drawn
-    /// latency. A crash during the flush loses the completions; the store
-    /// keeps the group (the case of a flush the crash lost, with entries
-    /// other replicas hold, is the store's: `tests/crash.rs`).
+    /// latency. A crash during the flush loses the completions, and may
+    /// lose the group itself (see `crash`).
     fn commit(&mut self, id: NodeId, epoch: u64) {
         let (lo, hi) = self
             .nodes
