@@ -436,7 +436,7 @@ async fn a_node_back_from_downtime_receives_only_what_changed() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sigterm_stops_a_node_cleanly_and_it_restarts_with_its_data() {
+async fn sigterm_stops_a_node_cleanly_keeping_its_writer_and_kill_minus_nine_takes_a_new_one() {
     let _slot = SLOTS.acquire().await.unwrap();
     let mut cluster = Cluster::start(1);
     let tls = cluster.client_tls();
@@ -468,6 +468,42 @@ async fn sigterm_stops_a_node_cleanly_and_it_restarts_with_its_data() {
         record.value,
         Value::Register(vec![b"across a restart".to_vec()])
     );
+    // A clean stop keeps the writer: new writes carry the same origin.
+    let before = writers(&cluster).await;
+    assert_eq!(before.len(), 1, "one writer so far: {before:?}");
+    c.put(b"after a clean stop", b"v", None).await.unwrap();
+    assert_eq!(writers(&cluster).await, before);
+    // kill -9 after writes went out before their flush: the restarted
+    // node writes under a new writer id, and keeps what it had.
+    cluster.kill(0);
+    cluster.restart(0);
+    let c = client(cluster.addr(0), &tls).await;
+    c.put(b"after kill -9", b"v", None).await.unwrap();
+    let after = writers(&cluster).await;
+    assert!(
+        after.len() == 2 && after.is_superset(&before),
+        "a new writer beside the old one: {after:?}"
+    );
+    for key in [&b"kept"[..], b"after a clean stop", b"after kill -9"] {
+        assert!(c.get(key).await.unwrap().is_some(), "{key:?} kept");
+    }
+}
+
+/// The writers named in a one-node cluster's partition vectors.
+async fn writers(cluster: &Cluster) -> std::collections::BTreeSet<String> {
+    let admin = Client::connect_admin(cluster.addr(0), Some(&cluster.admin_tls()))
+        .await
+        .unwrap();
+    use gossipkv::client::{Request, Response};
+    let Response::Partitions(partitions) = admin.request(&Request::Partitions).await.unwrap()
+    else {
+        panic!("partitions")
+    };
+    admin.close().await;
+    partitions
+        .into_iter()
+        .flat_map(|p| p.version.into_iter().map(|(writer, _, _)| writer))
+        .collect()
 }
 
 /// A node killed and restarted at once, before its peers noticed it was

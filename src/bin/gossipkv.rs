@@ -311,13 +311,37 @@ async fn dev(args: DevArgs) -> Result<()> {
         status = &mut any_exit => eprintln!("a node exited ({status}); stopping the cluster"),
     }
     drop(any_exit);
-    for child in &mut children {
-        let _ = child.start_kill();
-    }
-    for child in &mut children {
-        let _ = child.wait().await;
-    }
+    stop_nodes(&mut children).await;
     Ok(())
+}
+
+/// How long `dev` waits for its nodes to stop cleanly before killing them.
+const DEV_STOP_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Asks every node to stop (SIGTERM: a clean stop, so a node keeps its
+/// writer id; see ARCHITECTURE.md, "Writer epochs"), then kills the ones
+/// still running after `DEV_STOP_GRACE`.
+async fn stop_nodes(children: &mut [tokio::process::Child]) {
+    #[cfg(unix)]
+    for child in children.iter() {
+        if let Some(pid) = child.id().and_then(|id| i32::try_from(id).ok()) {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+        }
+    }
+    let deadline = tokio::time::Instant::now() + DEV_STOP_GRACE;
+    for child in children.iter_mut() {
+        if tokio::time::timeout_at(deadline, child.wait())
+            .await
+            .is_err()
+        {
+            eprintln!("a node did not stop within {DEV_STOP_GRACE:?}; killing it");
+            let _ = child.start_kill();
+            let _ = child.wait().await;
+        }
+    }
 }
 
 /// Resolves when the first child process exits.
