@@ -83,7 +83,7 @@ impl Ledger {
         let Ok(context) = store.put(key, &value, None) else {
             return false;
         };
-        self.record(node, key, Some(value), context);
+        self.record(store.writer_id(), key, Some(value), context);
         true
     }
 
@@ -100,7 +100,7 @@ impl Ledger {
             return false;
         };
         if !context.is_empty() {
-            self.record(node, key, None, context);
+            self.record(store.writer_id(), key, None, context);
             self.deletes += 1;
         }
         true
@@ -131,7 +131,7 @@ impl Ledger {
                     continue;
                 };
                 for ((key, value), context) in chunk.iter().zip(contexts) {
-                    self.record(node, key, Some(value.clone()), context);
+                    self.record(store.writer_id(), key, Some(value.clone()), context);
                     written += 1;
                 }
             }
@@ -139,8 +139,16 @@ impl Ledger {
         written
     }
 
-    fn record(&mut self, node: NodeId, key: &[u8], value: Option<Vec<u8>>, context: CausalContext) {
-        let dot = Dot::new(node, context.get(node));
+    /// `writer`: the writer id of the store that made the write (its node
+    /// id, or a new one after an unclean restart).
+    fn record(
+        &mut self,
+        writer: NodeId,
+        key: &[u8],
+        value: Option<Vec<u8>>,
+        context: CausalContext,
+    ) {
+        let dot = Dot::new(writer, context.get(writer));
         self.registers
             .entry(key.to_vec())
             .or_default()

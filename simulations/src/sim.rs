@@ -485,7 +485,31 @@ impl Sim {
                     );
                 }
                 Output::Event(_) => {}
+                Output::Store { token, write } => self.queue_job(
+                    from,
+                    StoreJob {
+                        token,
+                        writes: vec![write],
+                        client: false,
+                        replica: true,
+                    },
+                ),
             }
+        }
+    }
+
+    /// Queues a storage job on `id`'s virtual disk, starting a group if
+    /// none is being applied or flushed.
+    fn queue_job(&mut self, id: NodeId, job: StoreJob) {
+        let now = self.now;
+        let Some(node) = self.nodes.get_mut(&id) else {
+            return;
+        };
+        node.disk.push(job);
+        if !node.commit_scheduled {
+            node.commit_scheduled = true;
+            let epoch = node.epoch;
+            self.push(now, Event::Commit { node: id, epoch });
         }
     }
 
@@ -641,18 +665,7 @@ impl Sim {
                         self.send(from, addr_of(to), bytes, message.kind());
                     }
                 }
-                CoordOutput::Store(job) => {
-                    let now = self.now;
-                    let Some(node) = self.nodes.get_mut(&from) else {
-                        continue;
-                    };
-                    node.disk.push(job);
-                    if !node.commit_scheduled {
-                        node.commit_scheduled = true;
-                        let epoch = node.epoch;
-                        self.push(now, Event::Commit { node: from, epoch });
-                    }
-                }
+                CoordOutput::Store(job) => self.queue_job(from, job),
                 CoordOutput::Reply { to, response } => {
                     let reply = Reply {
                         at: self.now,
@@ -710,6 +723,7 @@ impl Sim {
                 jobs.iter()
                     .map(|job| StoreDone {
                         token: job.token,
+                        replica: job.replica,
                         outcome: Ok(outcomes.by_ref().take(job.writes.len()).collect()),
                     })
                     .collect()
@@ -718,6 +732,7 @@ impl Sim {
                 .iter()
                 .map(|job| StoreDone {
                     token: job.token,
+                    replica: job.replica,
                     outcome: Err(e.to_string()),
                 })
                 .collect(),
@@ -754,6 +769,15 @@ impl Sim {
         node.commit_scheduled = !node.disk.is_empty();
         if node.commit_scheduled {
             self.push(now, Event::Commit { node: id, epoch });
+        }
+        let (replicas, done): (Vec<_>, Vec<_>) = done.into_iter().partition(|d| d.replica);
+        for done in replicas {
+            let token = done.token;
+            let outputs = match self.replica_mut(id) {
+                Some(r) => r.stored(now, token, done.single()),
+                None => return,
+            };
+            self.carry_out(id, outputs);
         }
         let Some(node) = self.nodes.get_mut(&id) else {
             return;

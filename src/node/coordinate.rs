@@ -56,7 +56,15 @@ impl Core {
     pub(super) fn on_stored(&mut self, stored: Stored) {
         let outputs = match stored {
             Stored::Applied(applied) => self.coordinator.applied(&self.replica, applied),
-            Stored::Durable(done) => self.coordinator.stored(&self.replica, done),
+            Stored::Durable(done) => {
+                let (replicas, done): (Vec<_>, Vec<_>) = done.into_iter().partition(|d| d.replica);
+                for done in replicas {
+                    let token = done.token;
+                    let outputs = self.replica.stored(self.now(), token, done.single());
+                    self.carry_out(outputs);
+                }
+                self.coordinator.stored(&self.replica, done)
+            }
         };
         self.carry_coord(outputs);
     }

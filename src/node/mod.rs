@@ -42,7 +42,7 @@ use peers::{Envelope, Payload, Peers};
 
 use crate::client::{Call, Response};
 use crate::crdt::NodeId;
-use crate::replication::coordinator::{Coordinator, CoordinatorConfig};
+use crate::replication::coordinator::{Coordinator, CoordinatorConfig, StoreJob};
 use crate::replication::layout::NodeSpec;
 use crate::replication::layout_state::LayoutState;
 use crate::replication::membership::{LoadFigures, MemberState, MembershipConfig, NodeMeta};
@@ -549,6 +549,12 @@ impl Core {
                         .insert((Instant::now() + after, self.next_timer), timer);
                 }
                 Output::Event(event) => self.on_event(event),
+                Output::Store { token, write } => self.storage.submit(StoreJob {
+                    token,
+                    writes: vec![write],
+                    client: false,
+                    replica: true,
+                }),
             }
         }
     }
@@ -629,6 +635,9 @@ impl Core {
             }
             ReplicaEvent::PartitionDropped { partition } => {
                 debug!(node = %self.name, "partition {partition} handed off and dropped")
+            }
+            ReplicaEvent::StoreFailed { partition, reason } => {
+                warn!(node = %self.name, "a write to partition {partition} (anti-entropy, migration, purge or hand-off) failed: {reason}")
             }
         }
     }

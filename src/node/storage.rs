@@ -124,8 +124,9 @@ impl Drop for Storage {
 
 fn run(store: &Store, shared: &Shared, stats: &StorageStats, done: &mpsc::UnboundedSender<Stored>) {
     loop {
-        // (token, writes, client) of each job taken, and the writes, in order.
-        let mut jobs: Vec<(u64, usize, bool)> = Vec::new();
+        // (token, writes, client, replica) of each job taken, and the
+        // writes, in order.
+        let mut jobs: Vec<(u64, usize, bool, bool)> = Vec::new();
         let mut writes: Vec<GroupWrite> = Vec::new();
         {
             let mut queue = lock(&shared.queue);
@@ -151,12 +152,15 @@ fn run(store: &Store, shared: &Shared, stats: &StorageStats, done: &mpsc::Unboun
                 let Some(job) = queue.jobs.pop_front() else {
                     break;
                 };
-                jobs.push((job.token, job.writes.len(), job.client));
+                jobs.push((job.token, job.writes.len(), job.client, job.replica));
                 writes.extend(job.writes);
             }
         }
         let result = store.commit_group_exposed(&writes, |outcomes| {
-            let applied = StoreApplied::of_group(jobs.iter().copied(), outcomes);
+            let jobs = jobs
+                .iter()
+                .map(|&(token, len, client, _)| (token, len, client));
+            let applied = StoreApplied::of_group(jobs, outcomes);
             if !applied.is_empty() {
                 let _ = done.send(Stored::Applied(applied));
             }
@@ -168,8 +172,9 @@ fn run(store: &Store, shared: &Shared, stats: &StorageStats, done: &mpsc::Unboun
             Ok(outcomes) => {
                 let mut outcomes = outcomes.into_iter();
                 jobs.into_iter()
-                    .map(|(token, len, _)| StoreDone {
+                    .map(|(token, len, _, replica)| StoreDone {
                         token,
+                        replica,
                         outcome: Ok(outcomes.by_ref().take(len).collect()),
                     })
                     .collect()
@@ -179,8 +184,9 @@ fn run(store: &Store, shared: &Shared, stats: &StorageStats, done: &mpsc::Unboun
                 tracing::error!("a storage commit of {} writes failed: {e}", writes.len());
                 let reason = format!("the node could not commit the write: {e}");
                 jobs.into_iter()
-                    .map(|(token, _, _)| StoreDone {
+                    .map(|(token, _, _, replica)| StoreDone {
                         token,
+                        replica,
                         outcome: Err(reason.clone()),
                     })
                     .collect()

@@ -180,6 +180,9 @@ pub struct StoreJob {
     pub writes: Vec<GroupWrite>,
     /// A client's write (counted against `max_queued_client_writes`).
     pub client: bool,
+    /// Queued by the replica ([`Output::Store`](super::replica::Output::Store)):
+    /// its outcome goes to `Replica::stored`, not to the coordinator.
+    pub replica: bool,
 }
 
 /// A client write applied in a commit that is not durable yet: its entry
@@ -227,7 +230,20 @@ impl StoreApplied {
 #[derive(Debug)]
 pub struct StoreDone {
     pub token: u64,
+    /// The job was the replica's (see [`StoreJob::replica`]).
+    pub replica: bool,
     pub outcome: Result<Vec<Result<GroupOutcome, crate::Error>>, String>,
+}
+
+impl StoreDone {
+    /// The outcome of a job of one write (as the replica queues them).
+    pub fn single(self) -> Result<GroupOutcome, String> {
+        self.outcome.and_then(|mut results| match results.pop() {
+            Some(Ok(outcome)) => Ok(outcome),
+            Some(Err(e)) => Err(e.to_string()),
+            None => Err("the write had no outcome".to_string()),
+        })
+    }
 }
 
 /// What the driver must do.
@@ -1003,6 +1019,7 @@ impl<C> Coordinator<C> {
             token,
             writes: vec![GroupWrite::Local(op)],
             client: true,
+            replica: false,
         }));
         // A write waits for the disk a bounded time (see `expire_one`).
         self.deadlines
@@ -1133,6 +1150,7 @@ impl<C> Coordinator<C> {
             token,
             writes,
             client: false,
+            replica: false,
         }));
         self.writing
             .insert(token, Writing::Replicas { from, items: acks });
@@ -1277,7 +1295,7 @@ impl<C> Coordinator<C> {
             .insert((arrived + self.config.quorum_timeout, id));
     }
 
-    fn on_stored(&mut self, replica: &Replica, StoreDone { token, outcome }: StoreDone) {
+    fn on_stored(&mut self, replica: &Replica, StoreDone { token, outcome, .. }: StoreDone) {
         let Some(writing) = self.writing.remove(&token) else {
             return;
         };
@@ -1377,9 +1395,7 @@ impl<C> Coordinator<C> {
                         self.deadlines
                             .insert((arrived + self.config.quorum_timeout, id));
                     }
-                    Ok(GroupOutcome::Merged { .. }) => {
-                        self.answer(caller, fail(ErrorCode::Internal, "unexpected outcome"))
-                    }
+                    Ok(_) => self.answer(caller, fail(ErrorCode::Internal, "unexpected outcome")),
                     Err(response) => self.answer(caller, response),
                 }
             }
@@ -1807,6 +1823,7 @@ impl<C> Coordinator<C> {
                 token,
                 writes: behind_here,
                 client: false,
+                replica: false,
             }));
             self.writing.insert(token, Writing::Repair);
         }

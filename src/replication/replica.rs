@@ -36,7 +36,7 @@ use super::membership::{
 use super::message::{LayoutSummary, Message, StreamPurpose};
 use super::tokens::{TokenError, TokenRecord, TokenRegistry};
 use crate::crdt::{NodeId, VersionVector};
-use crate::store::{ChangeChunk, ChunkLimits, Store};
+use crate::store::{ChangeChunk, ChunkLimits, GroupOutcome, GroupWrite, Store};
 use rand::rngs::StdRng;
 use rand::seq::{IndexedRandom, SliceRandom};
 use rand::{Rng, SeedableRng};
@@ -97,9 +97,22 @@ pub enum Timer {
 /// What the driver must do.
 #[derive(Debug)]
 pub enum Output {
-    Send { to: Addr, message: Message },
-    Schedule { after: Duration, timer: Timer },
+    Send {
+        to: Addr,
+        message: Message,
+    },
+    Schedule {
+        after: Duration,
+        timer: Timer,
+    },
     Event(ReplicaEvent),
+    /// A write to commit with the node's other writes (a chunk, a purge, a
+    /// drop); its outcome comes back through [`Replica::stored`], in the
+    /// order queued.
+    Store {
+        token: u64,
+        write: GroupWrite,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -129,6 +142,12 @@ pub enum ReplicaEvent {
     },
     /// A decommission finished: this node holds nothing and left.
     SafeToStop,
+    /// A store write of the replica failed (a peer's chunk that does not
+    /// check, or a storage error); what it was for did not happen.
+    StoreFailed {
+        partition: u16,
+        reason: String,
+    },
 }
 
 /// A membership change, as reported in events.
@@ -177,6 +196,26 @@ pub struct ReplicaStats {
 struct Inbound {
     next: u32,
     last_chunk: Duration,
+}
+
+/// What a store write queued by the replica was for.
+enum StoreWait {
+    Chunk {
+        from: NodeId,
+        stream: u64,
+        partition: u16,
+        /// The migration phase it belongs to, if any.
+        migration: Option<u8>,
+        bytes: u64,
+        /// The source's vector, on a stream's last chunk.
+        complete: Option<VersionVector>,
+    },
+    Purge {
+        partition: u16,
+    },
+    Drop {
+        partition: u16,
+    },
 }
 
 /// Progress of the migrations into this node for the current layout.
@@ -237,6 +276,8 @@ pub struct Replica {
     left: bool,
     stats: ReplicaStats,
     out: Vec<Output>,
+    /// Store writes queued, by token.
+    storing: HashMap<u64, StoreWait>,
 }
 
 impl Replica {
@@ -278,6 +319,7 @@ impl Replica {
             left: false,
             stats: ReplicaStats::default(),
             out: Vec::new(),
+            storing: HashMap::new(),
         }
     }
 
@@ -722,42 +764,151 @@ impl Replica {
                 None
             }
         };
-        let report = self.store.apply(&chunk)?;
-        match migration {
-            Some(_) => {
-                self.stats.migration_entries_received += report.merged as u64;
-                self.progress.entries += report.merged as u64;
-                self.progress.bytes += chunk.payload_bytes() as u64;
-            }
-            None => self.stats.repair_entries_received += report.merged as u64,
+        // Committed with the node's other writes; the chunks of a stream
+        // commit in the order queued, so the last one's claim still comes
+        // after every earlier chunk.
+        let complete = chunk.complete.clone();
+        if complete.is_none() {
+            self.inbound.insert(
+                key,
+                Inbound {
+                    next: expected + 1,
+                    last_chunk: self.now,
+                },
+            );
+        } else {
+            self.inbound.remove(&key);
         }
-        if let Some(m) = self.migrations.get_mut(&partition) {
-            if migration.is_some() {
-                m.last_progress = self.now;
-            }
+        let token = self.fresh_id();
+        self.storing.insert(
+            token,
+            StoreWait::Chunk {
+                from,
+                stream,
+                partition,
+                migration,
+                bytes: chunk.payload_bytes() as u64,
+                complete,
+            },
+        );
+        self.out.push(Output::Store {
+            token,
+            write: GroupWrite::Chunk(chunk),
+        });
+        Ok(())
+    }
+
+    /// The outcome of a store write this replica queued (see
+    /// [`Output::Store`]), once durable or failed.
+    pub fn stored(
+        &mut self,
+        now: Duration,
+        token: u64,
+        outcome: Result<GroupOutcome, String>,
+    ) -> Vec<Output> {
+        self.now = now;
+        if let Some(wait) = self.storing.remove(&token) {
+            self.on_stored(wait, outcome);
         }
-        match &chunk.complete {
-            None => {
-                self.inbound.insert(
-                    key,
-                    Inbound {
-                        next: expected + 1,
-                        last_chunk: self.now,
-                    },
-                );
-            }
-            Some(source_version) => {
-                self.inbound.remove(&key);
-                self.peer_versions
-                    .entry((partition, from))
-                    .or_default()
-                    .join(source_version);
-                if let Some(phase) = migration {
-                    self.migration_phase_done(partition, phase)?;
+        self.drain()
+    }
+
+    fn on_stored(&mut self, wait: StoreWait, outcome: Result<GroupOutcome, String>) {
+        let partition = match &wait {
+            StoreWait::Chunk { partition, .. }
+            | StoreWait::Purge { partition }
+            | StoreWait::Drop { partition } => *partition,
+        };
+        match (wait, outcome) {
+            (
+                StoreWait::Chunk {
+                    from,
+                    stream,
+                    partition,
+                    migration,
+                    bytes,
+                    complete,
+                },
+                Ok(GroupOutcome::Applied(report)),
+            ) => {
+                let merged = report.merged as u64;
+                let current = self
+                    .migrations
+                    .get_mut(&partition)
+                    .filter(|m| Some(m.phase) == migration && m.stream == stream);
+                match migration {
+                    Some(_) => {
+                        self.stats.migration_entries_received += merged;
+                        self.progress.entries += merged;
+                        self.progress.bytes += bytes;
+                    }
+                    None => self.stats.repair_entries_received += merged,
+                }
+                let migrating = current.is_some();
+                if let Some(m) = current {
+                    m.last_progress = self.now;
+                }
+                if let Some(source_version) = complete {
+                    self.peer_versions
+                        .entry((partition, from))
+                        .or_default()
+                        .join(&source_version);
+                    if let (Some(phase), true) = (migration, migrating) {
+                        if let Err(e) = self.migration_phase_done(partition, phase) {
+                            self.out.push(Output::Event(ReplicaEvent::StoreFailed {
+                                partition,
+                                reason: e.to_string(),
+                            }));
+                        }
+                    }
                 }
             }
+            (StoreWait::Purge { partition }, Ok(GroupOutcome::Purged(purged))) => {
+                if purged > 0 {
+                    self.stats.tombstones_purged += purged as u64;
+                    self.out.push(Output::Event(ReplicaEvent::Purged {
+                        partition,
+                        tombstones: purged,
+                    }));
+                }
+            }
+            (StoreWait::Drop { partition }, Ok(GroupOutcome::Dropped(dropped))) => {
+                if dropped.is_some() {
+                    self.stats.partitions_dropped += 1;
+                    self.out
+                        .push(Output::Event(ReplicaEvent::PartitionDropped { partition }));
+                }
+            }
+            (wait, outcome) => {
+                if let StoreWait::Chunk { from, stream, .. } = wait {
+                    // What arrived after it cannot be applied in order.
+                    if self.inbound.remove(&(from, stream)).is_some() {
+                        self.stats.streams_broken += 1;
+                    }
+                }
+                let reason = match outcome {
+                    Err(reason) => reason,
+                    Ok(other) => format!("unexpected outcome {other:?}"),
+                };
+                self.out.push(Output::Event(ReplicaEvent::StoreFailed {
+                    partition,
+                    reason,
+                }));
+            }
         }
-        Ok(())
+    }
+
+    /// Whether a purge or drop of `partition` is queued already.
+    fn storing_partition(&self, partition: u16) -> bool {
+        self.storing.values().any(|w| {
+            matches!(w, StoreWait::Purge { partition: p } | StoreWait::Drop { partition: p } if *p == partition)
+        })
+    }
+
+    fn queue_store(&mut self, write: GroupWrite, wait: StoreWait) {
+        let token = self.fresh_id();
+        self.storing.insert(token, wait);
+        self.out.push(Output::Store { token, write });
     }
 
     // ---- API tokens ----
@@ -1182,17 +1333,21 @@ impl Replica {
                 .copied()
                 .filter(|n| alive.contains(n))
                 .collect();
-            let covered = targets.iter().any(|&n| {
+            let covered_by = targets.iter().find_map(|&n| {
                 self.peer_versions
                     .get(&(p, n))
-                    .is_some_and(|v| v.dominates(own))
+                    .filter(|v| v.dominates(own))
+                    .cloned()
             });
-            if covered {
-                if self.store.drop_partition(p).is_ok() {
-                    self.stats.partitions_dropped += 1;
-                    self.out.push(Output::Event(ReplicaEvent::PartitionDropped {
-                        partition: p,
-                    }));
+            if let Some(covered_by) = covered_by {
+                if !self.storing_partition(p) {
+                    self.queue_store(
+                        GroupWrite::Drop {
+                            partition: p,
+                            covered_by,
+                        },
+                        StoreWait::Drop { partition: p },
+                    );
                 }
             } else if let Some(&target) = targets.choose(&mut self.rng) {
                 let round = self.fresh_id();
@@ -1237,14 +1392,14 @@ impl Replica {
             if !known {
                 continue;
             }
-            if let Ok(purged) = self.store.purge(p, &stable) {
-                if purged > 0 {
-                    self.stats.tombstones_purged += purged as u64;
-                    self.out.push(Output::Event(ReplicaEvent::Purged {
+            if !self.storing_partition(p) {
+                self.queue_store(
+                    GroupWrite::Purge {
                         partition: p,
-                        tombstones: purged,
-                    }));
-                }
+                        stable,
+                    },
+                    StoreWait::Purge { partition: p },
+                );
             }
         }
     }

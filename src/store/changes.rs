@@ -16,6 +16,7 @@
 //! it did receive, so the next exchange resumes from there.
 
 use super::tables::*;
+use super::write::Writer;
 use super::{read_version, Store};
 use crate::crdt::entry::Entry;
 use crate::crdt::{Dot, NodeId, VersionVector};
@@ -146,6 +147,12 @@ impl Store {
     /// Everything in it is checked before anything is written; a bad entry
     /// rejects the whole chunk.
     pub fn apply(&self, chunk: &ChangeChunk) -> Result<ApplyReport> {
+        let checked = self.check_chunk(chunk)?;
+        self.with_write(|w| w.apply_chunk(checked))
+    }
+
+    /// Decodes and checks everything in `chunk` that needs no transaction.
+    pub(super) fn check_chunk<'c>(&self, chunk: &'c ChangeChunk) -> Result<CheckedChunk<'c>> {
         let partition = chunk.partition;
         self.check_partition(partition)?;
         let mut decoded = Vec::with_capacity(chunk.entries.len());
@@ -162,25 +169,11 @@ impl Store {
         if let Some(vv) = &mut purged {
             vv.normalize();
         }
-        self.with_write(|w| {
-            let mut report = ApplyReport::default();
-            for (key, entry) in decoded {
-                if w.merge_remote(partition, key, entry)? {
-                    report.merged += 1;
-                } else {
-                    report.skipped += 1;
-                }
-            }
-            if let Some(vv) = &complete {
-                let node = w.node();
-                let claimed = Dot::new(node, vv.max_seq(node));
-                w.check_issued(partition, "the source's version vector", &[claimed])?;
-                w.version_mut(partition).join(vv);
-            }
-            if let Some(vv) = &purged {
-                w.join_purged(partition, vv)?;
-            }
-            Ok(report)
+        Ok(CheckedChunk {
+            partition,
+            decoded,
+            complete,
+            purged,
         })
     }
 
@@ -190,25 +183,7 @@ impl Store {
     /// Returns how many were purged.
     pub fn purge(&self, partition: u16, stable: &VersionVector) -> Result<usize> {
         self.check_partition(partition)?;
-        self.with_write(|w| {
-            let mut purged = 0;
-            for key in w.tombstone_keys(partition)? {
-                let Some(entry) = w.load(&key)? else { continue };
-                let local = w.version(partition);
-                let stable_here = entry
-                    .index_dots()
-                    .iter()
-                    .all(|&d| stable.covers(d) && local.covers(d));
-                if entry.is_tombstone() && stable_here {
-                    w.remove_entry(partition, &key, &entry)?;
-                    purged += 1;
-                }
-            }
-            if purged > 0 {
-                w.join_purged(partition, stable)?;
-            }
-            Ok(purged)
-        })
+        self.with_write(|w| w.purge(partition, stable))
     }
 }
 
@@ -366,5 +341,74 @@ impl Iterator for ChangeStream {
             self.finished = true;
         }
         Some(chunk)
+    }
+}
+
+/// A chunk whose entries are decoded and checked (see `Store::check_chunk`).
+pub(super) struct CheckedChunk<'c> {
+    partition: u16,
+    decoded: Vec<(&'c [u8], Entry)>,
+    complete: Option<VersionVector>,
+    purged: Option<VersionVector>,
+}
+
+impl Writer<'_> {
+    /// Merges a checked chunk. The dots it claims are checked before
+    /// anything is written, so a refused chunk leaves nothing behind (it
+    /// may share a transaction with other writes: `commit_group`).
+    pub(super) fn apply_chunk(&mut self, chunk: CheckedChunk<'_>) -> Result<ApplyReport> {
+        let CheckedChunk {
+            partition,
+            decoded,
+            complete,
+            purged,
+        } = chunk;
+        for (key, entry) in &decoded {
+            let what = format!("remote entry for key {}", show_key(key));
+            self.check_issued(partition, &what, &entry.index_dots())?;
+        }
+        if let Some(vv) = &complete {
+            let node = self.node();
+            let claimed = Dot::new(node, vv.max_seq(node));
+            self.check_issued(partition, "the source's version vector", &[claimed])?;
+        }
+        let mut report = ApplyReport::default();
+        for (key, entry) in decoded {
+            if self.merge_remote(partition, key, entry)? {
+                report.merged += 1;
+            } else {
+                report.skipped += 1;
+            }
+        }
+        if let Some(vv) = &complete {
+            self.version_mut(partition).join(vv);
+        }
+        if let Some(vv) = &purged {
+            self.join_purged(partition, vv)?;
+        }
+        Ok(report)
+    }
+
+    /// See [`Store::purge`].
+    pub(super) fn purge(&mut self, partition: u16, stable: &VersionVector) -> Result<usize> {
+        let mut purged = 0;
+        for key in self.tombstone_keys(partition)? {
+            let Some(entry) = self.load(&key)? else {
+                continue;
+            };
+            let local = self.version(partition);
+            let stable_here = entry
+                .index_dots()
+                .iter()
+                .all(|&d| stable.covers(d) && local.covers(d));
+            if entry.is_tombstone() && stable_here {
+                self.remove_entry(partition, &key, &entry)?;
+                purged += 1;
+            }
+        }
+        if purged > 0 {
+            self.join_purged(partition, stable)?;
+        }
+        Ok(purged)
     }
 }

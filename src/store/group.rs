@@ -10,9 +10,10 @@
 
 use super::tables::{META, META_EXPOSED};
 use super::write::{Op, Writer};
+use super::{ApplyReport, ChangeChunk};
 use super::{Record, Store};
 use crate::crdt::entry::Entry;
-use crate::crdt::{CausalContext, ValueKind};
+use crate::crdt::{CausalContext, ValueKind, VersionVector};
 use crate::error::{show_key, Error, Result};
 
 /// One write of a group (see [`Store::commit_group`]).
@@ -27,6 +28,22 @@ pub enum GroupWrite {
         key: Vec<u8>,
         entry: Vec<u8>,
     },
+    /// Apply a chunk of another store's `changes_since` (anti-entropy,
+    /// migration), as [`Store::apply`] does.
+    Chunk(ChangeChunk),
+    /// Purge the partition's causally stable tombstones ([`Store::purge`]).
+    Purge {
+        partition: u16,
+        stable: VersionVector,
+    },
+    /// Drop the partition's data ([`Store::drop_partition`]) if
+    /// `covered_by` (what a current replica is known to hold) still covers
+    /// everything it holds when the write's turn comes: a write merged
+    /// since the decision keeps the partition (for the next hand-off).
+    Drop {
+        partition: u16,
+        covered_by: VersionVector,
+    },
 }
 
 impl GroupWrite {
@@ -35,6 +52,8 @@ impl GroupWrite {
         match self {
             GroupWrite::Local(op) => op.payload_bytes(),
             GroupWrite::Merge { key, entry, .. } => key.len() + entry.len(),
+            GroupWrite::Chunk(chunk) => chunk.payload_bytes(),
+            GroupWrite::Purge { .. } | GroupWrite::Drop { .. } => 0,
         }
     }
 }
@@ -53,6 +72,13 @@ pub enum GroupOutcome {
     },
     /// Whether the merge brought anything new.
     Merged { changed: bool },
+    /// What applying a chunk did.
+    Applied(ApplyReport),
+    /// Tombstones purged.
+    Purged(usize),
+    /// Entries dropped with the partition; `None`: kept, it holds writes
+    /// `covered_by` lacks.
+    Dropped(Option<usize>),
 }
 
 impl Store {
@@ -136,6 +162,25 @@ impl Store {
                         .check_remote(*partition, key, entry)
                         .and_then(|entry| w.merge_remote(*partition, key, entry))
                         .map(|changed| GroupOutcome::Merged { changed }),
+                    GroupWrite::Chunk(chunk) => self
+                        .check_chunk(chunk)
+                        .and_then(|checked| w.apply_chunk(checked))
+                        .map(GroupOutcome::Applied),
+                    GroupWrite::Purge { partition, stable } => self
+                        .check_partition(*partition)
+                        .and_then(|()| w.purge(*partition, stable))
+                        .map(GroupOutcome::Purged),
+                    GroupWrite::Drop {
+                        partition,
+                        covered_by,
+                    } => self.check_partition(*partition).and_then(|()| {
+                        if covered_by.dominates(w.version(*partition)) {
+                            w.drop_partition(*partition).map(Some)
+                        } else {
+                            Ok(None)
+                        }
+                        .map(GroupOutcome::Dropped)
+                    }),
                 };
                 // A storage error may leave the transaction half written:
                 // give up on all of it (the caller reports it to every write).
