@@ -196,12 +196,19 @@ pub fn feed(params: &Params) -> Outcome {
     let mut crashed = None;
     let mut value = 0u64;
     let mut written = BTreeSet::new();
+    let mut calls = 0u64;
     for s in 0..steps {
         for _ in 0..3 {
             let up = sim.up_nodes();
             let node = up[sim.rng().random_range(0..up.len())];
-            let i = sim.rng().random_range(0..keys);
-            let inside = sim.rng().random_bool(0.7);
+            // Every key of the prefix once first, so that every one is
+            // checked; then at random, inside the prefix or not.
+            let (i, inside) = if calls < keys {
+                (calls, true)
+            } else {
+                (sim.rng().random_range(0..keys), sim.rng().random_bool(0.7))
+            };
+            calls += 1;
             let key = match inside {
                 true => format!("feed/{i:04}").into_bytes(),
                 false => format!("other/{i:04}").into_bytes(),

@@ -369,6 +369,20 @@ impl Sim {
         }
     }
 
+    /// Stops a node cleanly (SIGTERM): what it committed is durable and
+    /// its store records a clean close, so it restarts under the same
+    /// writer. Calls in flight are lost as with a crash.
+    pub fn stop(&mut self, id: NodeId) {
+        if let Some(node) = self.nodes.get_mut(&id) {
+            // A clean stop waits for the group being flushed.
+            node.before_flush = None;
+            if let Err(e) = node.store.close() {
+                panic!("a simulated store failed to close: {e}");
+            }
+        }
+        self.crash(id);
+    }
+
     /// Restarts a crashed node with a higher incarnation and rejoins.
     pub fn restart(&mut self, id: NodeId) {
         let Some(node) = self.nodes.get_mut(&id) else {

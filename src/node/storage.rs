@@ -1,8 +1,9 @@
 //! The storage thread: every write of the node (client writes coordinated
-//! here, entries replicated from other coordinators, read repairs) is
+//! here, entries replicated from other coordinators, read repairs, and the
+//! replica's anti-entropy and migration chunks, purges and drops) is
 //! committed by one thread, in groups: each commit takes everything queued
 //! when the previous one finished, in one transaction and one durable
-//! commit (`Store::commit_group`). The event loop never waits for a disk
+//! commit (`Store::commit_group_exposed`). The event loop never waits for a disk
 //! flush; it keeps serving reads, gossip and acknowledgements while a group
 //! is flushed and the next one fills.
 //!
@@ -26,9 +27,9 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use tokio::sync::mpsc;
 
 /// At most this many writes, or bytes, per transaction: bounds the memory
-/// and the latency of one commit, which is also how long the core loop's
-/// own store writes (anti-entropy chunks) may wait behind it. At 1,024 small
-/// writes a commit takes about 50-100 ms on this 2-core test machine.
+/// and the latency of one commit, which is also how long a write queued
+/// behind it waits. At 1,024 small writes a commit takes about 50-100 ms
+/// on this 2-core test machine.
 const MAX_GROUP_WRITES: usize = 1024;
 const MAX_GROUP_BYTES: usize = 16 << 20;
 
