@@ -580,7 +580,7 @@ fn isolated_restart(params: &Params) -> Outcome {
 
     // Even seeds stop the node cleanly (it keeps its writer), odd ones
     // crash it (it restarts under a new writer).
-    if params.seed % 2 == 0 {
+    if params.seed.is_multiple_of(2) {
         sim.stop(victim);
     } else {
         sim.crash(victim);
