@@ -422,4 +422,77 @@ mod tests {
             Err(Error::InvalidEntry { .. })
         ));
     }
+
+    /// A chunk claiming a dot of the receiver's writer it never issued is
+    /// refused alone: nothing of it lands, while the writes beside it in the
+    /// group commit.
+    #[test]
+    fn a_refused_chunk_leaves_nothing_in_its_group() {
+        let a = store(1);
+        let b = store(2);
+        b.put(b"k", b"from b", None).unwrap();
+        let p = b.partition_of(b"k");
+        let mut chunk = b
+            .changes_since(p, &VersionVector::new())
+            .unwrap()
+            .next()
+            .unwrap()
+            .unwrap();
+        let mut claim = VersionVector::new();
+        claim.add(crate::crdt::Dot::new(NodeId(1), 5));
+        chunk.complete = Some(claim);
+        let out = a
+            .commit_group(&[GroupWrite::Chunk(chunk), add("c", 1)])
+            .unwrap();
+        assert!(
+            matches!(out[0], Err(Error::UnissuedWrite { .. })),
+            "{:?}",
+            out[0]
+        );
+        assert!(a.get(b"k").unwrap().is_none(), "no entry of the chunk");
+        assert_eq!(a.partition_version(p).unwrap().max_seq(NodeId(2)), 0);
+        assert_eq!(a.counter(b"c").unwrap(), 1);
+    }
+
+    /// A drop decided on a covering vector keeps the partition when a write
+    /// the vector lacks landed before its turn.
+    #[test]
+    fn a_drop_keeps_a_partition_that_gained_writes_since_the_decision() {
+        let a = store(1);
+        a.put(b"k", b"v1", None).unwrap();
+        let p = a.partition_of(b"k");
+        let covered_by = a.partition_version(p).unwrap();
+        let out = a
+            .commit_group(&[
+                GroupWrite::Local(Op::Put {
+                    key: b"k".to_vec(),
+                    value: b"v2".to_vec(),
+                    context: None,
+                }),
+                GroupWrite::Drop {
+                    partition: p,
+                    covered_by: covered_by.clone(),
+                },
+            ])
+            .unwrap();
+        assert!(
+            matches!(out[1], Ok(GroupOutcome::Dropped(None))),
+            "{:?}",
+            out[1]
+        );
+        assert!(a.get(b"k").unwrap().is_some());
+        let now = a.partition_version(p).unwrap();
+        let out = a
+            .commit_group(&[GroupWrite::Drop {
+                partition: p,
+                covered_by: now,
+            }])
+            .unwrap();
+        assert!(
+            matches!(out[0], Ok(GroupOutcome::Dropped(Some(1)))),
+            "{:?}",
+            out[0]
+        );
+        assert!(a.get(b"k").unwrap().is_none());
+    }
 }
