@@ -1392,7 +1392,7 @@ impl Replica {
             if !known {
                 continue;
             }
-            if !self.storing_partition(p) {
+            if !self.storing_partition(p) && self.store.has_tombstones(p).unwrap_or(true) {
                 self.queue_store(
                     GroupWrite::Purge {
                         partition: p,

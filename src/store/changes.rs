@@ -177,6 +177,16 @@ impl Store {
         })
     }
 
+    /// Whether `partition` holds any tombstone (what `purge` could drop).
+    pub fn has_tombstones(&self, partition: u16) -> Result<bool> {
+        self.check_partition(partition)?;
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(TOMBSTONES)?;
+        let start: (u16, &[u8]) = (partition, &[]);
+        let first = table.range(start..)?.next().transpose()?;
+        Ok(first.is_some_and(|(k, _)| k.value().0 == partition))
+    }
+
     /// Removes the tombstones of `partition` whose writes `stable` covers:
     /// `stable` must be covered by every replica's version vector (the
     /// caller computes it, e.g. as the meet of all replicas' vectors).
