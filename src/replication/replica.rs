@@ -779,22 +779,15 @@ impl Replica {
         } else {
             self.inbound.remove(&key);
         }
-        let token = self.fresh_id();
-        self.storing.insert(
-            token,
-            StoreWait::Chunk {
-                from,
-                stream,
-                partition,
-                migration,
-                bytes: chunk.payload_bytes() as u64,
-                complete,
-            },
-        );
-        self.out.push(Output::Store {
-            token,
-            write: GroupWrite::Chunk(chunk),
-        });
+        let wait = StoreWait::Chunk {
+            from,
+            stream,
+            partition,
+            migration,
+            bytes: chunk.payload_bytes() as u64,
+            complete,
+        };
+        self.queue_store(GroupWrite::Chunk(chunk), wait);
         Ok(())
     }
 
