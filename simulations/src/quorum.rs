@@ -93,6 +93,7 @@ fn read_your_writes(sim: &mut Sim, pairs: u64, report: &mut Report) -> Result<()
         // nodes; sometimes any nodes (forwarding).
         let up = sim.up_nodes();
         let mut holders = Ledger::holders(sim, &key, &up);
+        let replicas = holders.len();
         let (writer, reader) = if i % 4 != 3 && holders.len() >= 2 {
             let a = holders.remove(sim.rng().random_range(0..holders.len()));
             let b = holders[sim.rng().random_range(0..holders.len())];
@@ -110,7 +111,31 @@ fn read_your_writes(sim: &mut Sim, pairs: u64, report: &mut Report) -> Result<()
             value: value.clone(),
             context: None,
         };
-        let response = ask(sim, writer, call(put, w, 1), &format!("a put at w={w}"))?;
+        // A writer that must count its own copy (w = N, coordinating
+        // itself) flushes slowly too: its answer must wait for that flush,
+        // however soon the co-replicas acknowledge (W counts durable
+        // copies).
+        let slow_writer = usize::from(w) == replicas && i % 4 != 3 && writer != reader;
+        if slow_writer {
+            sim.set_disk_ms(writer, Some((150, 250)));
+        }
+        let ticket = sim
+            .call(writer, call(put, w, 1))
+            .ok_or_else(|| format!("node {writer} is down for a put"))?;
+        let limit = sim.coordinator.quorum_timeout * 2;
+        sim.run_until_condition(Duration::from_millis(1), limit, |s| {
+            s.reply(ticket).is_some()
+        })
+        .ok_or_else(|| format!("a put at w={w} on node {writer} was not answered"))?;
+        if slow_writer && sim.is_flushing_exposed(writer) {
+            return Err(format!(
+                "a put at w={w} on node {writer} was answered while its own commit was still flushing"
+            ));
+        }
+        let response = sim
+            .reply(ticket)
+            .map(|reply| reply.response.clone())
+            .ok_or("the answered put has no reply")?;
         if !matches!(response, Response::Context(_)) {
             return Err(format!(
                 "a put at w={w} on node {writer} failed with no fault: {response:?}"
@@ -159,6 +184,7 @@ fn read_your_writes(sim: &mut Sim, pairs: u64, report: &mut Report) -> Result<()
         }
         checked += 2;
         sim.set_disk_ms(reader, None);
+        sim.set_disk_ms(writer, None);
     }
     report.metric("reads_after_quorum_writes_checked", checked as f64, "reads");
     Ok(())
@@ -265,13 +291,18 @@ pub fn quorum(params: &Params) -> Outcome {
                 1 if crashed.len() < 2 => {
                     let up = sim.up_nodes();
                     let victim = up[sim.rng().random_range(0..up.len())];
-                    // While it flushes writes it already sent, once they
-                    // have reached the other replicas (a slow flush): the
-                    // crash that may lose what those replicas hold.
+                    // While it flushes writes it already sent (a slow
+                    // flush): half the time once they reached the other
+                    // replicas (the crash may lose what those hold), half
+                    // the time before (an answer given before the flush
+                    // would then name a write nobody holds).
+                    let after_delivery = sim.rng().random_bool(0.5);
                     sim.set_disk_ms(victim, Some((80, 120)));
                     for _ in 0..200 {
                         if sim.is_flushing_exposed(victim) {
-                            sim.run_for(Duration::from_millis(45));
+                            if after_delivery {
+                                sim.run_for(Duration::from_millis(45));
+                            }
                             break;
                         }
                         sim.run_for(Duration::from_millis(1));
