@@ -358,7 +358,14 @@ async fn items_counters_sets_and_batches_over_https_through_any_node() {
     )
     .await;
     put(&http, url(&cluster, 2, "/v1/kv/later?w=3"), "now", None).await;
-    let (status, record) = watcher.await.unwrap();
+    // Node 0 reads every partition itself (3 nodes, 3 replicas) and the
+    // write is on its disk (w=3): its commit wakes the watch, which never
+    // re-reads on a timer here (the bound is far below the 60 s timeout
+    // and the 5 s re-read of nodes that do not read locally).
+    let (status, record) = tokio::time::timeout(Duration::from_secs(4), watcher)
+        .await
+        .expect("a held watch is woken by the write, not by a timer")
+        .unwrap();
     assert_eq!(status, StatusCode::OK, "{record}");
     assert_eq!(sorted_values(&record), ["watched"]);
     let (status, record) = created.await.unwrap();
@@ -905,6 +912,37 @@ async fn a_listing_pages_through_every_key_of_the_cluster_not_just_the_nodes() {
     }
 
     let http = https(&cluster, &cluster.path().join("client"));
+    // Watches held on node 0 of keys it mostly holds no replica of (one
+    // replica each): its own commits do not show their writes, so it
+    // reads them again now and then; each answers once its key exists.
+    let watchers: Vec<_> = (0..6)
+        .map(|i| {
+            let http = http.clone();
+            let at = url(
+                &cluster,
+                0,
+                &format!("/v1/kv/watched%2F{i}?watch=&timeout=60"),
+            );
+            tokio::spawn(async move { json_of(http.get(at).send().await.unwrap()).await })
+        })
+        .collect();
+    for i in 0..6 {
+        put(
+            &http,
+            url(&cluster, 1, &format!("/v1/kv/watched%2F{i}")),
+            &format!("w{i}"),
+            None,
+        )
+        .await;
+    }
+    for (i, watcher) in watchers.into_iter().enumerate() {
+        let (status, record) = tokio::time::timeout(Duration::from_secs(30), watcher)
+            .await
+            .expect("a watch on a node without the key's replica is answered")
+            .unwrap();
+        assert_eq!(status, StatusCode::OK, "{record}");
+        assert_eq!(sorted_values(&record), [format!("w{i}")]);
+    }
     for node in 0..3 {
         let mut listed = Vec::new();
         let mut next: Option<String> = None;

@@ -42,7 +42,7 @@ use peers::{Envelope, Payload, Peers};
 
 use crate::client::{Call, Response};
 use crate::crdt::NodeId;
-use crate::replication::coordinator::{Coordinator, CoordinatorConfig, StoreJob};
+use crate::replication::coordinator::{reads_locally, Coordinator, CoordinatorConfig, StoreJob};
 use crate::replication::layout::NodeSpec;
 use crate::replication::layout_state::LayoutState;
 use crate::replication::membership::{LoadFigures, MemberState, MembershipConfig, NodeMeta};
@@ -264,6 +264,7 @@ pub async fn run(
     let seed = u64::from(incarnation) ^ id.0 ^ u64::from(std::process::id());
     let tokens = load_tokens(&config.data_dir)?;
     let (tokens_tx, tokens_rx) = tokio::sync::watch::channel(Arc::new(tokens.clone()));
+    let (local_reads_tx, local_reads_rx) = tokio::sync::watch::channel(Arc::new(Vec::new()));
     let mut replica = Replica::new(
         store.clone(),
         config.advertise,
@@ -311,9 +312,16 @@ pub async fn run(
             if let http::HttpSecurity::Tls(config) = &security {
                 live.serve_https(config.clone());
             }
-            let (bound, task) = http::start(addr, security, inbox.clone(), tokens_rx, &store)
-                .await
-                .map_err(|source| NodeError::Listen { addr, source })?;
+            let (bound, task) = http::start(
+                addr,
+                security,
+                inbox.clone(),
+                tokens_rx,
+                local_reads_rx.clone(),
+                &store,
+            )
+            .await
+            .map_err(|source| NodeError::Listen { addr, source })?;
             if plain {
                 warn!(%bound, "the HTTP API is PLAIN HTTP WITH NO AUTHENTICATION: anyone who reaches {bound} can read and write every key (--http-plain)");
             } else {
@@ -369,6 +377,7 @@ pub async fn run(
         unnamed_up: Default::default(),
         downs_seen: 0,
         tokens: tokens_tx,
+        local_reads: local_reads_tx,
     };
     let mut seeds = config.seeds.clone();
     for peer in load_peers(&config.data_dir) {
@@ -430,6 +439,9 @@ struct Core {
     downs_seen: u64,
     /// The API token registry as the HTTP API enforces it.
     tokens: tokio::sync::watch::Sender<Arc<crate::replication::tokens::TokenRegistry>>,
+    /// The partitions whose reads this node coordinates itself
+    /// ([`reads_locally`]), for the HTTP API's held watches.
+    local_reads: tokio::sync::watch::Sender<Arc<Vec<bool>>>,
 }
 
 impl Core {
@@ -447,6 +459,7 @@ impl Core {
     ) {
         let outputs = self.replica.start(self.now());
         self.carry_out(outputs);
+        self.publish_local_reads();
         for &seed in seeds {
             let outputs = self.replica.join(self.now(), seed);
             self.carry_out(outputs);
@@ -548,7 +561,10 @@ impl Core {
                     self.timers
                         .insert((Instant::now() + after, self.next_timer), timer);
                 }
-                Output::Event(event) => self.on_event(event),
+                Output::Event(event) => {
+                    self.on_event(event);
+                    self.publish_local_reads();
+                }
                 Output::Store { token, write } => self.storage.submit(StoreJob {
                     token,
                     writes: vec![write],
@@ -557,6 +573,22 @@ impl Core {
                 }),
             }
         }
+    }
+
+    /// Publishes which partitions this node reads locally, when it changed
+    /// (layout changes, migrations, hand-offs: all come with an event).
+    fn publish_local_reads(&mut self) {
+        let partitions = self.replica.store().partitions();
+        let local: Vec<bool> = (0..partitions)
+            .map(|p| reads_locally(&self.replica, p))
+            .collect();
+        self.local_reads.send_if_modified(|held| {
+            if **held == local {
+                return false;
+            }
+            *held = Arc::new(local);
+            true
+        });
     }
 
     /// Acts on a replica event and logs it in words an operator reads:

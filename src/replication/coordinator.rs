@@ -562,6 +562,14 @@ pub fn live_replicas(replica: &Replica, partition: u16) -> Vec<NodeId> {
     nodes
 }
 
+/// Whether this node coordinates reads of `partition` itself (it is the
+/// first of [`live_replicas`]): its own copy is then part of every read
+/// it coordinates, so its own commits of a key are all a held watch of
+/// the key needs to be woken by.
+pub fn reads_locally(replica: &Replica, partition: u16) -> bool {
+    live_replicas(replica, partition).first() == Some(&replica.id())
+}
+
 impl<C> Coordinator<C> {
     /// `first_id` starts this node's call ids: peers tell calls apart by
     /// (node, id), so a restarted node must not reuse the ids of its

@@ -13,12 +13,14 @@
 //! `feed=longpoll`, it is held until the first of them).
 //!
 //! `feed=longpoll`: a page with no changes is held until a commit under
-//! the prefix on this node wakes it (or every [`super::routes::WATCH_RECHECK`],
-//! for changes this node holds no replica of), then read again, at most
-//! `timeout` seconds; at the timeout the empty page is the answer.
+//! the prefix on this node wakes it, then read again, at most `timeout`
+//! seconds; at the timeout the empty page is the answer. A node that does
+//! not read every partition locally also re-reads every
+//! [`super::watch::RECHECK`].
 
 use super::json::{context_text, json_body, ApiError, JsonBytes, JsonRecord};
-use super::routes::{parse_json, read_body, unexpected, Query, WATCH_RECHECK};
+use super::routes::{parse_json, read_body, unexpected, Query};
+use super::watch::{hold, Scope};
 use super::{Api, Connection};
 use crate::client::{ChangesPage, Request, Response, WireRecord};
 use crate::crdt::{Dot, NodeId, VersionVector};
@@ -287,6 +289,7 @@ async fn serve(
         Some(text) => decode_cursor(text, api.partitions, &request.prefix)?,
     };
     let deadline = tokio::time::Instant::now() + request.timeout;
+    let mut local = api.local_reads.clone();
     loop {
         // Registered before the read: a commit between the two wakes it.
         let mut watch = match request.longpoll {
@@ -299,6 +302,7 @@ async fn serve(
                 )
             })?),
         };
+        local.borrow_and_update();
         let call = Request::Changes {
             prefix: request.prefix.clone(),
             since: cursor.frontier,
@@ -322,11 +326,7 @@ async fn serve(
             frontier: page.frontier,
             reconcile_pending: page.reconcile_pending,
         };
-        let wake = deadline.min(now + WATCH_RECHECK);
-        tokio::select! {
-            _ = &mut watch.woken => {}
-            () = tokio::time::sleep_until(wake) => {}
-        }
+        hold(&mut watch.woken, &mut local, Scope::All, deadline).await;
     }
 }
 

@@ -51,6 +51,9 @@ pub(super) struct Api {
     core: Inbox,
     tokens: tokio::sync::watch::Receiver<Arc<TokenRegistry>>,
     watches: Arc<watch::Watches>,
+    /// Per partition, whether this node coordinates its reads itself
+    /// (published by the core): then a held watch needs no re-read.
+    local_reads: tokio::sync::watch::Receiver<Arc<Vec<bool>>>,
     /// The cluster's partition count (change feed cursors name it).
     partitions: u16,
 }
@@ -209,6 +212,7 @@ pub(super) async fn start(
     security: HttpSecurity,
     core: Inbox,
     tokens: tokio::sync::watch::Receiver<Arc<TokenRegistry>>,
+    local_reads: tokio::sync::watch::Receiver<Arc<Vec<bool>>>,
     store: &crate::Store,
 ) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
     let listener = TcpListener::bind(addr).await?;
@@ -220,6 +224,7 @@ pub(super) async fn start(
         core,
         tokens,
         watches,
+        local_reads,
         partitions: store.partitions(),
     }));
     let security = Arc::new(security);

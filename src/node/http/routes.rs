@@ -8,12 +8,13 @@
 //! bodies are capped before they are read.
 
 use super::json::{context_text, json_body, ApiError, JsonBytes, JsonRecord, CONTEXT_HEADER};
+use super::watch::{hold, Scope};
 use super::{Api, Connection};
 use crate::client::{Request, Response, WireRecord};
 use crate::crdt::{CausalContext, Value};
 use crate::replication::coordinator::MAX_LIST_LIMIT;
 use crate::replication::tokens::Access;
-use crate::store::{MAX_KEY_BYTES, MAX_VALUE_BYTES};
+use crate::store::{partition_of, MAX_KEY_BYTES, MAX_VALUE_BYTES};
 use axum::body::Body;
 use axum::extract::{Extension, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode, Uri};
@@ -32,8 +33,6 @@ const BODY_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a watch waits by default, and at most (seconds).
 pub const WATCH_SECONDS: u64 = 30;
 pub const MAX_WATCH_SECONDS: u64 = 300;
-/// How often a watch reads again although nothing woke it (see `watch`).
-pub(super) const WATCH_RECHECK: Duration = Duration::from_secs(5);
 
 /// The most operations one batch may carry.
 pub const MAX_BATCH_OPS: usize = 128;
@@ -410,9 +409,8 @@ fn moved(record: &Option<WireRecord>, since: &CausalContext) -> bool {
 }
 
 /// Waits until `key` moves past `since` (its read, `Some`) or `timeout`
-/// passes (`None`). Woken by this node's commits of the key; a node that
-/// holds no replica of the key sees no such commit, so it also reads
-/// again every [`WATCH_RECHECK`].
+/// passes (`None`), woken by this node's commits of the key (see
+/// [`super::watch`] for when it also re-reads).
 async fn watch(
     api: &Api,
     key: &[u8],
@@ -421,6 +419,8 @@ async fn watch(
     timeout: Duration,
 ) -> Result<Option<Option<WireRecord>>, ApiError> {
     let deadline = tokio::time::Instant::now() + timeout;
+    let scope = Scope::Partition(partition_of(key, api.partitions));
+    let mut local = api.local_reads.clone();
     loop {
         // Registered before the read: a write between the two wakes it.
         let mut watch = api.watches.watch(key).ok_or_else(|| {
@@ -430,19 +430,15 @@ async fn watch(
                 format!("this node holds {} watches, its most", super::MAX_WATCHES),
             )
         })?;
+        local.borrow_and_update();
         let record = read(api, key, r).await?;
         if moved(&record, since) {
             return Ok(Some(record));
         }
-        let now = tokio::time::Instant::now();
-        if now >= deadline {
+        if tokio::time::Instant::now() >= deadline {
             return Ok(None);
         }
-        let wake = deadline.min(now + WATCH_RECHECK);
-        tokio::select! {
-            _ = &mut watch.woken => {}
-            () = tokio::time::sleep_until(wake) => {}
-        }
+        hold(&mut watch.woken, &mut local, scope, deadline).await;
     }
 }
 

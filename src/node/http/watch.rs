@@ -6,11 +6,65 @@
 //!
 //! Invariant: a watch is registered before the read it compares against,
 //! so a write committed between that read and the wait still wakes it.
+//!
+//! This node's commits show every write of a key only if the node
+//! coordinates the key's reads itself (its copy is in every read it
+//! makes, and every write reaches it, through replication or
+//! anti-entropy). A wait on a partition it does not read locally also
+//! re-reads every [`RECHECK`]; one that does re-reads only when woken or
+//! when that changes (a layout change, a migration, a hand-off).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, watch};
+use tokio::time::Instant;
+
+/// How often a wait re-reads what this node does not read locally.
+pub(super) const RECHECK: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// What a held wait reads: one key's partition, or every partition (a
+/// long-polled change feed).
+#[derive(Clone, Copy, Debug)]
+pub(super) enum Scope {
+    Partition(u16),
+    All,
+}
+
+/// Waits until `woken`, until `local` (which partitions this node reads
+/// locally; see the module doc) changes, or until `deadline`, and when
+/// `scope` is not all read locally, at most [`RECHECK`]. The caller marks
+/// `local` seen before the read it compares against.
+pub(super) async fn hold(
+    woken: &mut oneshot::Receiver<()>,
+    local: &mut watch::Receiver<Arc<Vec<bool>>>,
+    scope: Scope,
+    deadline: Instant,
+) {
+    let here = {
+        let local = local.borrow();
+        match scope {
+            Scope::Partition(p) => local.get(usize::from(p)).copied().unwrap_or(false),
+            Scope::All => !local.is_empty() && local.iter().all(|&l| l),
+        }
+    };
+    let wake = if here {
+        deadline
+    } else {
+        deadline.min(Instant::now() + RECHECK)
+    };
+    let moved = async {
+        if local.changed().await.is_err() {
+            // The node is stopping: nothing changes any more.
+            std::future::pending::<()>().await;
+        }
+    };
+    tokio::select! {
+        _ = woken => {}
+        () = moved => {}
+        () = tokio::time::sleep_until(wake) => {}
+    }
+}
 
 /// Watches held at once by one node; more are refused as overloaded.
 pub const MAX_WATCHES: usize = 65_536;
