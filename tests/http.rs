@@ -154,6 +154,49 @@ async fn items_counters_sets_and_batches_over_https_through_any_node() {
     .await;
     assert_eq!(sorted_values(&record), ["hi"]);
 
+    // Puts without a context supersede what their node has seen: sent at
+    // the same time through three nodes (w=1), those that did not see
+    // each other survive side by side as siblings; none is lost and none
+    // is made up.
+    let mut with_siblings = 0;
+    for k in 0..10 {
+        let path = format!("/v1/kv/race%2F{k}");
+        let racers: Vec<_> = (0..3)
+            .map(|node| {
+                let http = http.clone();
+                let at = url(&cluster, node, &format!("{path}?w=1"));
+                tokio::spawn(async move {
+                    let response = http.put(at).body(format!("from-{node}")).send().await;
+                    response.unwrap().status()
+                })
+            })
+            .collect();
+        for racer in racers {
+            assert_eq!(racer.await.unwrap(), StatusCode::OK);
+        }
+        let (status, record) = json_of(
+            http.get(url(&cluster, 0, &format!("{path}?r=3")))
+                .send()
+                .await
+                .unwrap(),
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK, "{record}");
+        let values = sorted_values(&record);
+        assert!(!values.is_empty());
+        for value in &values {
+            assert!(
+                ["from-0", "from-1", "from-2"].contains(&value.as_str()),
+                "{value} was never written"
+            );
+        }
+        with_siblings += usize::from(values.len() > 1);
+    }
+    assert!(
+        with_siblings > 0,
+        "ten races of three puts without a context never left siblings"
+    );
+
     // Keys are any bytes: '/' inside a key, percent-encoded bytes that are
     // not UTF-8 (shown back as base64).
     put(
@@ -505,6 +548,25 @@ async fn bad_input_gets_the_documented_status_and_code_and_strangers_are_refused
             "wrong_type",
         ),
     ];
+    // A body of the wrong shape names the field that was wrong.
+    for (request, field) in [
+        (
+            http.post(url(&cluster, 0, "/v1/counters/c"))
+                .json(&json!({ "add": "one" })),
+            "`add`",
+        ),
+        (
+            http.post(url(&cluster, 0, "/v1/batch")).json(&json!({
+                "ops": [{ "op": "get", "key": "a" }, { "op": "counter_add", "key": "c", "amount": "x" }]
+            })),
+            "`ops[1]",
+        ),
+    ] {
+        let (got, body) = json_of(request.send().await.unwrap()).await;
+        assert_eq!(got, StatusCode::BAD_REQUEST, "{body}");
+        let message = body["error"]["message"].as_str().unwrap_or_default();
+        assert!(message.contains(field), "{field} not named: {body}");
+    }
     for (request, status, code) in cases {
         let request = request.build().unwrap();
         let what = format!("{} {}", request.method(), request.url().path());
@@ -650,7 +712,7 @@ async fn status_with(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tokens_are_scoped_to_prefixes_and_rights_and_revocation_reaches_every_node() {
     let _slot = SLOTS.acquire().await.unwrap();
-    let (mut cluster, _clients) = started(3).await;
+    let (mut cluster, clients) = started(3).await;
     let admin =
         gossipkv::client::Client::connect_admin(cluster.addr(0), Some(&cluster.admin_tls()))
             .await
@@ -835,8 +897,14 @@ async fn tokens_are_scoped_to_prefixes_and_rights_and_revocation_reaches_every_n
         StatusCode::UNAUTHORIZED
     );
 
-    // An expired token is refused everywhere (1 s lifetime).
-    let brief = create_token(&admin, "brief", &[""], true, true, Some(1)).await;
+    // An expiring token works until it expires (4 s lifetime), then is
+    // refused everywhere.
+    let brief = create_token(&admin, "brief", &[""], true, true, Some(4)).await;
+    assert_eq!(
+        status_with(&http, &cluster, 0, &brief, false, "/v1/kv/app2/secret").await,
+        StatusCode::OK,
+        "a token not yet expired works on the node that made it"
+    );
     eventually("the short-lived token expires on every node", || async {
         for node in 0..4 {
             if status_with(&http, &cluster, node, &brief, false, "/v1/status").await
@@ -848,6 +916,27 @@ async fn tokens_are_scoped_to_prefixes_and_rights_and_revocation_reaches_every_n
         true
     })
     .await;
+    // Tokens are the admins' business: a client certificate can neither
+    // make nor list nor revoke them.
+    for request in [
+        Request::TokenCreate {
+            name: "mine".into(),
+            prefixes: vec![Vec::new()],
+            read: true,
+            write: true,
+            expires_in_seconds: None,
+        },
+        Request::TokenList,
+        Request::TokenRevoke {
+            name_or_id: "app1".into(),
+        },
+    ] {
+        let response = clients[0].request(&request).await;
+        assert!(
+            response.is_err(),
+            "a client certificate was answered {response:?} to {request:?}"
+        );
+    }
     // A duplicate name is refused with a reason.
     let response = admin
         .request(&Request::TokenCreate {

@@ -297,9 +297,24 @@ pub(super) async fn read_body(
     }
 }
 
+/// Parses a JSON body; the error names the field that was wrong (its path,
+/// like `ops[2].amount`) beside serde's reason and position.
 pub(super) fn parse_json<T: for<'de> Deserialize<'de>>(bytes: &[u8]) -> Result<T, ApiError> {
-    serde_json::from_slice(bytes)
-        .map_err(|e| ApiError::bad_request("bad_json", format!("the JSON body is invalid: {e}")))
+    let bad = |message: String| ApiError::bad_request("bad_json", message);
+    let mut reader = serde_json::Deserializer::from_slice(bytes);
+    let value = serde_path_to_error::deserialize(&mut reader).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        bad(match path.as_str() {
+            "." | "" => format!("the JSON body is invalid: {inner}"),
+            field => format!("the JSON body is invalid at `{field}`: {inner}"),
+        })
+    })?;
+    // Trailing bytes after the value.
+    reader
+        .end()
+        .map_err(|e| bad(format!("the JSON body is invalid: {e}")))?;
+    Ok(value)
 }
 
 fn with_context(mut response: HttpResponse, context: &[u8]) -> HttpResponse {
