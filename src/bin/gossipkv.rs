@@ -288,12 +288,16 @@ async fn dev(args: DevArgs) -> Result<()> {
         "curl --cacert {0}/ca.pem --cert {0}/cert.pem --key {0}/key.pem",
         client.display()
     );
-    println!("write and read a key over HTTP:");
+    println!("write and read a key, and add to a counter, over HTTP:");
     println!(
         "  {curl} -X PUT --data world https://{}/v1/kv/hello",
         https[0]
     );
     println!("  {curl} https://{}/v1/kv/hello", https[https.len() - 1]);
+    println!(
+        "  {curl} -X POST --data '{{\"add\": 5}}' https://{}/v1/counters/hits",
+        https[https.len() / 2]
+    );
     println!(
         "reach it with: kvctl --node {} --tls-dir {}",
         addrs[0],

@@ -180,7 +180,8 @@ enum Command {
 #[derive(Subcommand)]
 enum TokenCommand {
     /// Make a token and print its secret (shown once; the cluster keeps
-    /// only its hash). Every node enforces it within a second or so.
+    /// only its hash). Every node enforces it once gossip reaches it (about
+    /// 10 ms on a LAN, measured in docs/http-api.md).
     Create {
         /// A name to list and revoke it by (unique).
         #[arg(long)]
@@ -1056,7 +1057,7 @@ impl Ctl {
                     if n == 0 {
                         say!("{name_or_id:?} was already revoked")
                     } else {
-                        say!("revoked {n} token(s) named {name_or_id:?}; every node refuses it within a second or so")
+                        say!("revoked {n} token(s) named {name_or_id:?}; every node refuses it once gossip reaches it (about 10 ms on a LAN)")
                     }
                 });
             }
