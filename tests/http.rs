@@ -1003,7 +1003,18 @@ async fn a_listing_pages_through_every_key_of_the_cluster_not_just_the_nodes() {
     let http = https(&cluster, &cluster.path().join("client"));
     // Watches held on node 0 of keys it mostly holds no replica of (one
     // replica each): its own commits do not show their writes, so it
-    // reads them again now and then; each answers once its key exists.
+    // subscribes at the replicas, whose commits wake it. Each answers once
+    // its key exists, long before its timeout and the 60 s re-read that
+    // covers a lost subscription. A long-polled change feed there too.
+    let poll = {
+        let http = http.clone();
+        let at = url(
+            &cluster,
+            0,
+            "/v1/changes?prefix=watched%2F&since=now&feed=longpoll&timeout=60",
+        );
+        tokio::spawn(async move { json_of(http.get(at).send().await.unwrap()).await })
+    };
     let watchers: Vec<_> = (0..6)
         .map(|i| {
             let http = http.clone();
@@ -1025,13 +1036,19 @@ async fn a_listing_pages_through_every_key_of_the_cluster_not_just_the_nodes() {
         .await;
     }
     for (i, watcher) in watchers.into_iter().enumerate() {
-        let (status, record) = tokio::time::timeout(Duration::from_secs(30), watcher)
+        let (status, record) = tokio::time::timeout(Duration::from_secs(15), watcher)
             .await
-            .expect("a watch on a node without the key's replica is answered")
+            .expect("a watch on a node without the key's replica is woken")
             .unwrap();
         assert_eq!(status, StatusCode::OK, "{record}");
         assert_eq!(sorted_values(&record), [format!("w{i}")]);
     }
+    let (status, page) = tokio::time::timeout(Duration::from_secs(15), poll)
+        .await
+        .expect("a long poll on a node missing partitions is woken")
+        .unwrap();
+    assert_eq!(status, StatusCode::OK, "{page}");
+    assert!(!page["changes"].as_array().unwrap().is_empty(), "{page}");
     for node in 0..3 {
         let mut listed = Vec::new();
         let mut next: Option<String> = None;

@@ -30,6 +30,7 @@ mod listen;
 pub mod metrics;
 mod peers;
 mod reload;
+mod remote_watch;
 mod storage;
 
 use files::{
@@ -119,6 +120,12 @@ enum CoreInput {
     Client {
         call: Call,
         reply: oneshot::Sender<Response>,
+    },
+    /// A held watch here asks to hear of `key`'s commits on the replicas
+    /// its reads go to (see `http::watch`).
+    Subscribe {
+        key: Vec<u8>,
+        prefix: bool,
     },
 }
 
@@ -300,6 +307,13 @@ pub async fn run(
         main: core_tx,
         membership: membership_tx,
     };
+    // Held watches: this node's own (HTTP) and other nodes' subscriptions,
+    // told of every commit of the store.
+    let watches = Arc::new(http::watch::Watches::default());
+    let observer = watches.clone();
+    store.set_observer(Arc::new(move |keys: &[Vec<u8>]| observer.changed(keys)));
+    let (moved_tx, moved_rx) = mpsc::unbounded_channel();
+    watches.forward_to(moved_tx);
     let http = match config.http_listen {
         Some(addr) => {
             let security = match (&identity, config.http_plain) {
@@ -318,7 +332,8 @@ pub async fn run(
                 inbox.clone(),
                 tokens_rx,
                 local_reads_rx.clone(),
-                &store,
+                watches.clone(),
+                store.partitions(),
             )
             .await
             .map_err(|source| NodeError::Listen { addr, source })?;
@@ -378,6 +393,8 @@ pub async fn run(
         downs_seen: 0,
         tokens: tokens_tx,
         local_reads: local_reads_tx,
+        watches,
+        subscriptions: HashMap::new(),
     };
     let mut seeds = config.seeds.clone();
     for peer in load_peers(&config.data_dir) {
@@ -385,8 +402,15 @@ pub async fn run(
             seeds.push(peer);
         }
     }
-    core.run(core_rx, membership_rx, stored_rx, &seeds, shutdown)
-        .await;
+    core.run(
+        core_rx,
+        membership_rx,
+        stored_rx,
+        moved_rx,
+        &seeds,
+        shutdown,
+    )
+    .await;
     accept.abort();
     if let Some(http) = http {
         http.abort();
@@ -442,6 +466,11 @@ struct Core {
     /// The partitions whose reads this node coordinates itself
     /// ([`reads_locally`]), for the HTTP API's held watches.
     local_reads: tokio::sync::watch::Sender<Arc<Vec<bool>>>,
+    /// Held watches and other nodes' subscriptions (see `remote_watch`).
+    watches: Arc<http::watch::Watches>,
+    /// This node's subscriptions at other nodes: (key, prefix, node) ->
+    /// when made.
+    subscriptions: HashMap<(Vec<u8>, bool, NodeId), Instant>,
 }
 
 impl Core {
@@ -454,6 +483,7 @@ impl Core {
         mut rx: mpsc::Receiver<CoreInput>,
         mut membership: mpsc::Receiver<CoreInput>,
         mut stored: mpsc::UnboundedReceiver<storage::Stored>,
+        mut moved: mpsc::UnboundedReceiver<http::watch::RemoteMoved>,
         seeds: &[SocketAddr],
         shutdown: impl Future<Output = ()>,
     ) {
@@ -501,9 +531,11 @@ impl Core {
                         break;
                     }
                 },
+                Some(first) = moved.recv() => self.on_moved(first, &mut moved),
                 input = rx.recv() => match input {
                     Some(CoreInput::Peer { from, payload }) => self.on_peer(from, payload),
                     Some(CoreInput::Client { call, reply }) => self.on_call(call, reply),
+                    Some(CoreInput::Subscribe { key, prefix }) => self.subscribe(key, prefix),
                     None => break,
                 },
             }
@@ -630,6 +662,7 @@ impl Core {
                     }
                     MembershipEventKind::Down(peer) => {
                         self.downs_seen += 1;
+                        self.peer_down_for_watches(peer);
                         info!(node = %self.name, "{} is down", self.node_name(peer))
                     }
                     MembershipEventKind::Left(peer) => {
@@ -684,6 +717,7 @@ impl Core {
                 }
             }
             Payload::Coord(message) => self.on_coord_message(from, message),
+            Payload::Watch(message) => self.on_watch_message(from, message),
         }
     }
 

@@ -3,6 +3,7 @@
 //! queue; when a peer is slow or away its queue fills and further frames to
 //! it are dropped, which the replication core tolerates).
 
+use super::http::watch::WatchMessage;
 use super::metrics::Metrics;
 use super::reload::LiveTls;
 use crate::crdt::NodeId;
@@ -26,12 +27,13 @@ pub(super) struct Envelope {
     pub(super) payload: Payload,
 }
 
-/// Peer payloads: the replication core's messages, and the request
-/// coordination between nodes.
+/// Peer payloads: the replication core's messages, the request
+/// coordination between nodes, and held watches (see `http::watch`).
 #[derive(Debug, Serialize, Deserialize)]
 pub(super) enum Payload {
     Core(Message),
     Coord(CoordMessage),
+    Watch(WatchMessage),
 }
 
 /// Decodes the frames of one peer stream held in memory, as `serve_peer`
@@ -74,7 +76,7 @@ impl Payload {
     pub(super) fn kind(&self) -> &'static str {
         match self {
             Payload::Core(message) => message.kind(),
-            Payload::Coord(_) => "coordination",
+            Payload::Coord(_) | Payload::Watch(_) => "coordination",
         }
     }
 }
@@ -100,7 +102,8 @@ impl Lane {
         match payload {
             Payload::Core(Message::Membership(_)) => Lane::Membership,
             Payload::Core(_) => Lane::Sync,
-            Payload::Coord(_) => Lane::Requests,
+            // With the reads they go before (see `http::watch`).
+            Payload::Coord(_) | Payload::Watch(_) => Lane::Requests,
         }
     }
 

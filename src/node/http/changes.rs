@@ -15,8 +15,8 @@
 //! `feed=longpoll`: a page with no changes is held until a commit under
 //! the prefix on this node wakes it, then read again, at most `timeout`
 //! seconds; at the timeout the empty page is the answer. A node that does
-//! not read every partition locally also re-reads every
-//! [`super::watch::RECHECK`].
+//! not read every partition locally subscribes at the replicas of those
+//! it does not (see [`super::watch`]).
 
 use super::json::{context_text, json_body, ApiError, JsonBytes, JsonRecord};
 use super::routes::{parse_json, read_body, unexpected, Query};
@@ -303,6 +303,10 @@ async fn serve(
             })?),
         };
         local.borrow_and_update();
+        let here = api.reads_locally(&local, Scope::All);
+        if request.longpoll {
+            api.subscribe(&local, Scope::All, &request.prefix);
+        }
         let call = Request::Changes {
             prefix: request.prefix.clone(),
             since: cursor.frontier,
@@ -326,7 +330,7 @@ async fn serve(
             frontier: page.frontier,
             reconcile_pending: page.reconcile_pending,
         };
-        hold(&mut watch.woken, &mut local, Scope::All, deadline).await;
+        hold(&mut watch.woken, &mut local, here, deadline).await;
     }
 }
 

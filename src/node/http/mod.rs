@@ -15,7 +15,7 @@
 pub(crate) mod changes;
 pub mod json;
 mod routes;
-mod watch;
+pub mod watch;
 
 use super::{CoreInput, Inbox};
 use crate::client::{Call, ErrorCode, Failure, Request, Response};
@@ -135,6 +135,39 @@ impl Api {
     }
 
     /// Coordinates `request` at quorums `w` / `r`, as a QUIC client call.
+    /// Whether this node coordinates the reads of `scope` itself (see
+    /// `watch`).
+    fn reads_locally(
+        &self,
+        local: &tokio::sync::watch::Receiver<Arc<Vec<bool>>>,
+        scope: watch::Scope,
+    ) -> bool {
+        let local = local.borrow();
+        match scope {
+            watch::Scope::Partition(p) => local.get(usize::from(p)).copied().unwrap_or(false),
+            watch::Scope::All => !local.is_empty() && local.iter().all(|&l| l),
+        }
+    }
+
+    /// Before a read that a held watch compares against, on a node that
+    /// does not read `scope` locally: subscribes at the replicas its reads
+    /// go to (see `watch`). Best effort: a full core queue leaves the
+    /// watch to its re-read.
+    fn subscribe(
+        &self,
+        local: &tokio::sync::watch::Receiver<Arc<Vec<bool>>>,
+        scope: watch::Scope,
+        key: &[u8],
+    ) {
+        if self.reads_locally(local, scope) {
+            return;
+        }
+        let _ = self.core.main.try_send(CoreInput::Subscribe {
+            key: key.to_vec(),
+            prefix: matches!(scope, watch::Scope::All),
+        });
+    }
+
     async fn call(&self, request: Request, w: u8, r: u8) -> Result<Response, ApiError> {
         let (reply, answer) = oneshot::channel();
         let call = Call { request, w, r };
@@ -213,19 +246,17 @@ pub(super) async fn start(
     core: Inbox,
     tokens: tokio::sync::watch::Receiver<Arc<TokenRegistry>>,
     local_reads: tokio::sync::watch::Receiver<Arc<Vec<bool>>>,
-    store: &crate::Store,
+    watches: Arc<watch::Watches>,
+    partitions: u16,
 ) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
     let listener = TcpListener::bind(addr).await?;
     let bound = listener.local_addr()?;
-    let watches = Arc::new(watch::Watches::default());
-    let observer = watches.clone();
-    store.set_observer(Arc::new(move |keys: &[Vec<u8>]| observer.changed(keys)));
     let router = routes::router(Arc::new(Api {
         core,
         tokens,
         watches,
         local_reads,
-        partitions: store.partitions(),
+        partitions,
     }));
     let security = Arc::new(security);
     let task = tokio::spawn(async move {

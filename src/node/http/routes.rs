@@ -446,6 +446,8 @@ async fn watch(
             )
         })?;
         local.borrow_and_update();
+        let here = api.reads_locally(&local, scope);
+        api.subscribe(&local, scope, key);
         let record = read(api, key, r).await?;
         if moved(&record, since) {
             return Ok(Some(record));
@@ -453,7 +455,7 @@ async fn watch(
         if tokio::time::Instant::now() >= deadline {
             return Ok(None);
         }
-        hold(&mut watch.woken, &mut local, scope, deadline).await;
+        hold(&mut watch.woken, &mut local, here, deadline).await;
     }
 }
 
