@@ -645,6 +645,7 @@ impl Core {
                 match kind {
                     MembershipEventKind::Up(peer) => {
                         self.save_peers();
+                        self.peer_back_for_watches(peer);
                         // A peer that comes back may be a new process: the old
                         // connection to its address is dead but would take
                         // an idle timeout to notice. Start afresh.

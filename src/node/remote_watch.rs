@@ -10,7 +10,8 @@
 //! - one subscription per (key, node) is outstanding at a time, trusted
 //!   for [`RECHECK`]; the watches waiting on it are all woken by its
 //!   `Moved`, and re-subscribe;
-//! - a replica going down wakes the watches that relied on it.
+//! - a replica going down, or coming back (perhaps as a new process that
+//!   lost them), wakes the watches that relied on it.
 
 use super::http::watch::{RemoteMoved, WatchMessage, MAX_WATCH_KEYS, RECHECK};
 use super::{Core, Payload};
@@ -125,6 +126,14 @@ impl Core {
     /// `peer` is down: the watches here that waited on its subscriptions
     /// read again (and subscribe elsewhere); its own are dropped.
     pub(super) fn peer_down_for_watches(&mut self, peer: NodeId) {
+        self.peer_back_for_watches(peer);
+        self.watches.forget(peer);
+    }
+
+    /// `peer` is up (again): it may be a new process that lost the
+    /// subscriptions made at the old one, so the watches here that waited
+    /// on them read again and subscribe anew.
+    pub(super) fn peer_back_for_watches(&mut self, peer: NodeId) {
         let mut keys = Vec::new();
         self.subscriptions.retain(|(key, _, node), _| {
             let lost = *node == peer;
@@ -136,6 +145,5 @@ impl Core {
         if !keys.is_empty() {
             self.watches.changed(&keys);
         }
-        self.watches.forget(peer);
     }
 }
