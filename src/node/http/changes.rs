@@ -19,7 +19,7 @@
 //! it does not (see [`super::watch`]).
 
 use super::json::{context_text, json_body, ApiError, JsonBytes, JsonRecord};
-use super::routes::{parse_json, read_body, unexpected, Query};
+use super::routes::{parse_json, read_body, refuse_unread, unexpected, Query};
 use super::watch::{hold, Scope};
 use super::{Api, Connection};
 use crate::client::{ChangesPage, Request, Response, WireRecord};
@@ -250,8 +250,12 @@ pub(super) async fn changes_post(
     headers: HeaderMap,
     body: Body,
 ) -> Result<HttpResponse, ApiError> {
-    api.authenticate(connection, &headers)?;
-    Query::parse(&uri, &[])?;
+    let checked = api
+        .authenticate(connection, &headers)
+        .and_then(|_| Query::parse(&uri, &[]));
+    if let Err(e) = checked {
+        return Err(refuse_unread(&headers, body, e).await);
+    }
     let body: FeedBody = parse_json(&read_body(&headers, body, MAX_FEED_BODY).await?)?;
     let timeout = match body.timeout {
         None => Duration::from_secs(LONGPOLL_SECONDS),

@@ -297,6 +297,18 @@ pub(super) async fn read_body(
     }
 }
 
+/// The most of an unread body read (and dropped) before an early refusal.
+const DRAIN_BYTES: usize = 64 * 1024;
+
+/// `error`, for a request whose body was not read yet: a small body is read
+/// and dropped first, because an HTTP/2 answer that comes before the end of
+/// its request resets the stream, which some clients (curl 7) report as a
+/// framing error instead of the answer. A larger body gets the reset.
+pub(super) async fn refuse_unread(headers: &HeaderMap, body: Body, error: ApiError) -> ApiError {
+    let _ = read_body(headers, body, DRAIN_BYTES).await;
+    error
+}
+
 /// Parses a JSON body; the error names the field that was wrong (its path,
 /// like `ops[2].amount`) beside serde's reason and position.
 pub(super) fn parse_json<T: for<'de> Deserialize<'de>>(bytes: &[u8]) -> Result<T, ApiError> {
@@ -487,13 +499,20 @@ async fn put_item(
     headers: HeaderMap,
     body: Body,
 ) -> Result<HttpResponse, ApiError> {
-    api.authenticate(connection, &headers)?;
-    let key = key_of(&uri, KV)?;
-    api.authorize(connection, &headers, &key, Access::Write)?;
-    let query = Query::parse(&uri, &["w", "lww"])?;
-    let w = query.quorum("w")?;
-    let lww = query.flag("lww")?;
-    let context = context_of(&headers)?;
+    let checked = (|| {
+        api.authenticate(connection, &headers)?;
+        let key = key_of(&uri, KV)?;
+        api.authorize(connection, &headers, &key, Access::Write)?;
+        let query = Query::parse(&uri, &["w", "lww"])?;
+        let w = query.quorum("w")?;
+        let lww = query.flag("lww")?;
+        let context = context_of(&headers)?;
+        Ok((key, w, lww, context))
+    })();
+    let (key, w, lww, context) = match checked {
+        Ok(checked) => checked,
+        Err(e) => return Err(refuse_unread(&headers, body, e).await),
+    };
     let value = read_body(&headers, body, MAX_VALUE_BYTES).await?;
     let request = if lww {
         if context.is_some() {
@@ -561,10 +580,16 @@ async fn counter_add(
     headers: HeaderMap,
     body: Body,
 ) -> Result<HttpResponse, ApiError> {
-    api.authenticate(connection, &headers)?;
-    let key = key_of(&uri, COUNTERS)?;
-    api.authorize(connection, &headers, &key, Access::Write)?;
-    let w = Query::parse(&uri, &["w"])?.quorum("w")?;
+    let checked = (|| {
+        api.authenticate(connection, &headers)?;
+        let key = key_of(&uri, COUNTERS)?;
+        api.authorize(connection, &headers, &key, Access::Write)?;
+        Ok((key, Query::parse(&uri, &["w"])?.quorum("w")?))
+    })();
+    let (key, w) = match checked {
+        Ok(checked) => checked,
+        Err(e) => return Err(refuse_unread(&headers, body, e).await),
+    };
     let CounterAdd { add } = parse_json(&read_body(&headers, body, 4096).await?)?;
     match api
         .call(
@@ -620,10 +645,16 @@ async fn set_change(
     headers: HeaderMap,
     body: Body,
 ) -> Result<HttpResponse, ApiError> {
-    api.authenticate(connection, &headers)?;
-    let key = key_of(&uri, SETS)?;
-    api.authorize(connection, &headers, &key, Access::Write)?;
-    let w = Query::parse(&uri, &["w"])?.quorum("w")?;
+    let checked = (|| {
+        api.authenticate(connection, &headers)?;
+        let key = key_of(&uri, SETS)?;
+        api.authorize(connection, &headers, &key, Access::Write)?;
+        Ok((key, Query::parse(&uri, &["w"])?.quorum("w")?))
+    })();
+    let (key, w) = match checked {
+        Ok(checked) => checked,
+        Err(e) => return Err(refuse_unread(&headers, body, e).await),
+    };
     let change: SetChange = parse_json(&read_body(&headers, body, MAX_JSON_BYTES).await?)?;
     let request = match change {
         SetChange::Add(JsonBytes(member)) => Request::SetAdd { key, member },
@@ -870,8 +901,12 @@ async fn batch(
     headers: HeaderMap,
     body: Body,
 ) -> Result<HttpResponse, ApiError> {
-    api.authenticate(connection, &headers)?;
-    Query::parse(&uri, &[])?;
+    let checked = api
+        .authenticate(connection, &headers)
+        .and_then(|_| Query::parse(&uri, &[]));
+    if let Err(e) = checked {
+        return Err(refuse_unread(&headers, body, e).await);
+    }
     let Batch { ops } = parse_json(&read_body(&headers, body, MAX_JSON_BYTES).await?)?;
     if ops.len() > MAX_BATCH_OPS {
         return Err(ApiError::new(
