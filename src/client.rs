@@ -137,6 +137,15 @@ pub enum Request {
     TokenRevoke {
         name_or_id: String,
     },
+    /// A write a device made offline, pushed: `op` (a write) applied at
+    /// most once per (`device`, `seq`), however often the push is retried
+    /// and through whichever node. Coordinated only by the key's first
+    /// replica in the layout (see docs/device-sync.md).
+    Pushed {
+        device: u64,
+        seq: u64,
+        op: Box<Request>,
+    },
 }
 
 impl Request {
@@ -153,6 +162,7 @@ impl Request {
             | Request::SetRemove { key, .. }
             | Request::SetMembers { key } => Some(key),
             Request::Inspect { key } => Some(key),
+            Request::Pushed { op, .. } => op.key(),
             Request::Status
             | Request::List { .. }
             | Request::Changes { .. }
@@ -179,6 +189,7 @@ impl Request {
                 | Request::CounterAdd { .. }
                 | Request::SetAdd { .. }
                 | Request::SetRemove { .. }
+                | Request::Pushed { .. }
         )
     }
 

@@ -1414,3 +1414,136 @@ async fn a_change_feed_reader_sees_every_version_once_across_a_restart_and_a_joi
     assert_eq!(status, StatusCode::OK, "{body}");
     assert_eq!(body["changes"].as_array().unwrap().len(), 0, "{body}");
 }
+
+/// A device's push (a batch naming the device, a `seq` on every write).
+async fn push(http: &Client, cluster: &Cluster, node: usize, ops: Value) -> Vec<Value> {
+    let (status, body) = json_of(
+        http.post(url(cluster, node, "/v1/batch"))
+            .json(&json!({ "device": "d1ce", "ops": ops }))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    body["results"].as_array().unwrap().clone()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pushed_write_is_applied_once_however_often_and_wherever_it_is_retried() {
+    let _slot = SLOTS.acquire().await.unwrap();
+    let (mut cluster, _clients) = started(3).await;
+    let http = https(&cluster, &cluster.path().join("client"));
+    let ops = json!([
+        { "op": "counter_add", "key": "dev/count", "amount": 5, "seq": 1 },
+        { "op": "put", "key": "dev/note", "value": "draft", "seq": 2 },
+        { "op": "set_add", "key": "dev/tags", "member": "red", "seq": 3 },
+    ]);
+    // The answer was lost (say): the device pushes the same again, through
+    // every node.
+    for node in [0, 1, 2, 0] {
+        for result in push(&http, &cluster, node, ops.clone()).await {
+            assert_eq!(result["status"], 200, "{result}");
+        }
+    }
+    let read = |path: &'static str| {
+        let http = http.clone();
+        let at = url(&cluster, 1, path);
+        async move { json_of(http.get(at).send().await.unwrap()).await.1 }
+    };
+    assert_eq!(read("/v1/counters/dev/count?r=3").await["value"], 5);
+    assert_eq!(sorted_values(&read("/v1/kv/dev/note?r=3").await), ["draft"]);
+    assert_eq!(
+        read("/v1/sets/dev/tags?r=3").await["members"],
+        json!(["red"])
+    );
+
+    // A cluster write replaces the pushed value; the push retried after
+    // that does not bring the old value back.
+    let note = read("/v1/kv/dev/note?r=3").await;
+    put(
+        &http,
+        url(&cluster, 2, "/v1/kv/dev/note?w=3"),
+        "final",
+        note["context"].as_str(),
+    )
+    .await;
+    push(&http, &cluster, 1, ops.clone()).await;
+    assert_eq!(sorted_values(&read("/v1/kv/dev/note?r=3").await), ["final"]);
+    assert_eq!(read("/v1/counters/dev/count?r=3").await["value"], 5);
+
+    // A later operation of the device applies, once.
+    let later = json!([{ "op": "counter_add", "key": "dev/count", "amount": 2, "seq": 4 }]);
+    push(&http, &cluster, 2, later.clone()).await;
+    push(&http, &cluster, 0, later).await;
+    assert_eq!(read("/v1/counters/dev/count?r=3").await["value"], 7);
+
+    // Malformed pushes are refused per operation.
+    let results = push(
+        &http,
+        &cluster,
+        0,
+        json!([
+            { "op": "put", "key": "dev/x", "value": "v" },
+            { "op": "put", "key": "dev/x", "value": "v", "seq": 0 },
+            { "op": "get", "key": "dev/note" },
+        ]),
+    )
+    .await;
+    assert_eq!(results[0]["status"], 400, "{}", results[0]);
+    assert_eq!(results[1]["status"], 400, "{}", results[1]);
+    assert_eq!(results[2]["status"], 200, "{}", results[2]);
+    let (status, body) = json_of(
+        http.post(url(&cluster, 0, "/v1/batch"))
+            .json(&json!({ "ops": [{ "op": "put", "key": "k", "value": "v", "seq": 1 }] }))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        body["results"][0]["status"], 400,
+        "seq without device: {body}"
+    );
+
+    // With a node down, the writes whose primary replica it is are
+    // refused (the device keeps them), the others applied; pushed again
+    // once it is back, each counts exactly once.
+    cluster.kill(2);
+    let many: Vec<Value> = (0..24)
+        .map(|i| json!({ "op": "counter_add", "key": format!("dev/n{i}"), "amount": i + 1, "seq": 10 + i }))
+        .collect();
+    let mut refused = 0;
+    for result in push(&http, &cluster, 0, json!(many)).await {
+        match result["status"].as_u64() {
+            Some(200) => {}
+            // Refused (its primary is known down), or timed out (not yet
+            // known down): either way the device pushes it again.
+            Some(503) | Some(504) => refused += 1,
+            _ => panic!("a push with a node down answered {result}"),
+        }
+    }
+    cluster.restart(2);
+    eventually(
+        "every write of the push is applied once node 2 is back",
+        || async {
+            push(&http, &cluster, 1, json!(many))
+                .await
+                .iter()
+                .all(|r| r["status"] == 200)
+        },
+    )
+    .await;
+    push(&http, &cluster, 0, json!(many)).await;
+    assert!(refused > 0, "node 2 is the primary of none of 24 keys");
+    for i in 0..24u64 {
+        let at = url(&cluster, 0, &format!("/v1/counters/dev/n{i}?r=3"));
+        let (_, body) = json_of(http.get(at).send().await.unwrap()).await;
+        assert_eq!(
+            body["value"],
+            i + 1,
+            "dev/n{i} ({refused} refused while node 2 was down)"
+        );
+    }
+}

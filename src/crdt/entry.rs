@@ -28,10 +28,15 @@ use super::{CausalContext, Dot, HlcTimestamp, NodeId};
 use crdts::ctx::AddCtx;
 use crdts::{CmRDT, CvRDT, LWWReg, Orswot, PNCounter, VClock};
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 use std::fmt;
 
 /// Version byte in front of every encoded entry.
 pub(crate) const ENTRY_FORMAT: u8 = 1;
+/// The version of an entry that devices pushed writes to: format 1's
+/// fields, then the devices' applied sequences. Entries no device wrote
+/// keep format 1, byte for byte.
+pub(crate) const ENTRY_FORMAT_DEVICES: u8 = 2;
 
 /// A register sibling or LWW value: `None` is a delete (tombstone).
 type Slot = Option<Vec<u8>>;
@@ -122,7 +127,7 @@ pub(crate) struct LwwMarker {
 pub(crate) enum EntryError {
     #[error("empty entry")]
     Empty,
-    #[error("entry format version {0} is not supported (expected {ENTRY_FORMAT})")]
+    #[error("entry format version {0} is not supported (expected {ENTRY_FORMAT} or {ENTRY_FORMAT_DEVICES})")]
     Format(u8),
     #[error("undecodable entry: {0}")]
     Decode(String),
@@ -144,9 +149,26 @@ pub(crate) struct Entry {
     // every read.
     counter: Option<Box<PNCounter<NodeId>>>,
     set: Option<Box<Orswot<Vec<u8>, NodeId>>>,
+    /// Per device that pushed writes of this key, the highest sequence of
+    /// its operations applied (merged by maximum): a push of an operation
+    /// at or below it changes nothing, so a retried push applies once.
+    /// Encoded after the other fields, under format 2 (see `encode`).
+    #[serde(skip)]
+    devices: BTreeMap<u64, u64>,
 }
 
 impl Entry {
+    /// The highest sequence of `device`'s operations applied to this key.
+    pub(crate) fn device_seq(&self, device: u64) -> u64 {
+        self.devices.get(&device).copied().unwrap_or(0)
+    }
+
+    /// Records that `device`'s operation `seq` is applied.
+    pub(crate) fn note_device_seq(&mut self, device: u64, seq: u64) {
+        let held = self.devices.entry(device).or_insert(0);
+        *held = (*held).max(seq);
+    }
+
     fn is_live(&self, kind: ValueKind) -> bool {
         match kind {
             ValueKind::Register => self.register.as_ref().is_some_and(Siblings::is_live),
@@ -274,6 +296,10 @@ impl Entry {
         merge_option(&mut self.lww, other.lww);
         merge_boxed(&mut self.counter, other.counter);
         merge_boxed(&mut self.set, other.set);
+        for (device, seq) in other.devices {
+            let held = self.devices.entry(device).or_insert(0);
+            *held = (*held).max(seq);
+        }
     }
 
     /// The read view, or `None` for a tombstone.
@@ -372,19 +398,37 @@ impl Entry {
     }
 
     pub(crate) fn encode(&self) -> Vec<u8> {
-        let mut out = vec![ENTRY_FORMAT];
+        let devices = Some(&self.devices).filter(|d| !d.is_empty());
+        let format = match devices {
+            None => ENTRY_FORMAT,
+            Some(_) => ENTRY_FORMAT_DEVICES,
+        };
+        let mut out = vec![format];
         // Serializing plain data into a Vec does not fail.
         out.extend(postcard::to_allocvec(self).unwrap_or_default());
+        if let Some(devices) = devices {
+            out.extend(postcard::to_allocvec(devices).unwrap_or_default());
+        }
         out
     }
 
     pub(crate) fn decode(bytes: &[u8]) -> Result<Entry, EntryError> {
         let (&format, body) = bytes.split_first().ok_or(EntryError::Empty)?;
-        if format != ENTRY_FORMAT {
+        if format != ENTRY_FORMAT && format != ENTRY_FORMAT_DEVICES {
             return Err(EntryError::Format(format));
         }
-        let (entry, rest): (Entry, _) =
+        let (mut entry, mut rest): (Entry, _) =
             postcard::take_from_bytes(body).map_err(|e| EntryError::Decode(e.to_string()))?;
+        if format == ENTRY_FORMAT_DEVICES {
+            let (devices, after): (BTreeMap<u64, u64>, _) =
+                postcard::take_from_bytes(rest).map_err(|e| EntryError::Decode(e.to_string()))?;
+            // One encoding per entry: format 2 only with some device.
+            if devices.is_empty() {
+                return Err(EntryError::Invalid("format 2 entry without devices"));
+            }
+            entry.devices = devices;
+            rest = after;
+        }
         if !rest.is_empty() {
             return Err(EntryError::Decode(format!("{} trailing bytes", rest.len())));
         }
@@ -588,6 +632,7 @@ mod laws {
         Add(usize, i64),
         SetAdd(usize, u8),
         SetRemove(usize, u8),
+        Device(usize, u64, u64),
         Merge(usize, usize),
     }
 
@@ -600,6 +645,7 @@ mod laws {
             (r.clone(), -5i64..5).prop_map(|(r, n)| Step::Add(r, n)),
             (r.clone(), 0u8..3).prop_map(|(r, m)| Step::SetAdd(r, m)),
             (r.clone(), 0u8..3).prop_map(|(r, m)| Step::SetRemove(r, m)),
+            (r.clone(), 1u64..3, 1u64..5).prop_map(|(r, d, s)| Step::Device(r, d, s)),
             (r.clone(), r).prop_map(|(a, b)| Step::Merge(a, b)),
         ]
     }
@@ -613,6 +659,10 @@ mod laws {
                 Step::Merge(a, b) => {
                     let other = replicas[*b].clone();
                     replicas[*a].merge(other);
+                    continue;
+                }
+                Step::Device(r, device, seq) => {
+                    replicas[*r].note_device_seq(*device, *seq);
                     continue;
                 }
                 Step::Put(r, _)
@@ -645,7 +695,7 @@ mod laws {
                 }
                 Step::SetAdd(_, m) => e.set_add(vec![*m], dot),
                 Step::SetRemove(_, m) => e.set_remove(vec![*m], dot),
-                Step::Merge(..) => unreachable!("handled above"),
+                Step::Merge(..) | Step::Device(..) => unreachable!("handled above"),
             }
         }
         replicas
@@ -674,11 +724,20 @@ mod laws {
                     prop_assert!(e.validate().is_ok());
                     prop_assert_eq!(&Entry::decode(&e.encode()).unwrap(), e);
                 }
-                // The encoding is the one the derived impls make.
+                // The encoding is the one the derived impls make, then
+                // (format 2) the devices.
                 let derived = postcard::to_allocvec(&Derived::from(e)).unwrap();
-                prop_assert_eq!(&e.encode()[1..], &derived[..]);
-                let back: Derived = postcard::from_bytes(&e.encode()[1..]).unwrap();
-                prop_assert_eq!(&back.into_entry(), e);
+                let encoded = e.encode();
+                prop_assert_eq!(&encoded[1..=derived.len()], &derived[..]);
+                let (back, rest): (Derived, _) =
+                    postcard::take_from_bytes(&encoded[1..]).unwrap();
+                let mut back = back.into_entry();
+                if encoded[0] == ENTRY_FORMAT_DEVICES {
+                    back.devices = postcard::from_bytes(rest).unwrap();
+                } else {
+                    prop_assert!(rest.is_empty());
+                }
+                prop_assert_eq!(&back, e);
             }
         }
     }
@@ -715,6 +774,7 @@ mod laws {
                 lww: self.lww,
                 counter: self.counter.map(Box::new),
                 set: self.set.map(Box::new),
+                devices: BTreeMap::new(),
             }
         }
     }
@@ -741,6 +801,21 @@ mod laws {
         let lww = [1, 1, 1, 2, 0, 1, 1, 1, b'x', 5, 1, 0, 0];
         assert_eq!(e.encode(), lww);
         assert_eq!(Entry::decode(&lww).unwrap(), e);
+        // A device's applied sequence: format 2, format 1's bytes, then
+        // the devices {7: 3}.
+        e.note_device_seq(7, 3);
+        let mut pushed = lww.to_vec();
+        pushed[0] = ENTRY_FORMAT_DEVICES;
+        pushed.extend([1, 7, 3]);
+        assert_eq!(e.encode(), pushed);
+        assert_eq!(Entry::decode(&pushed).unwrap(), e);
+        let mut no_devices = lww.to_vec();
+        no_devices[0] = ENTRY_FORMAT_DEVICES;
+        no_devices.push(0);
+        assert!(matches!(
+            Entry::decode(&no_devices),
+            Err(EntryError::Invalid(_))
+        ));
         // A value cut short is an error, whatever length it claims.
         assert!(matches!(
             Entry::decode(&register[..13]),

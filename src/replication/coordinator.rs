@@ -934,6 +934,49 @@ impl<C> Coordinator<C> {
             );
             return self.answer(caller, response);
         }
+        if matches!(call.request, Request::Pushed { .. }) {
+            // A device's pushed operation is applied by one replica only,
+            // the partition's first in the layout, so that a retry meets
+            // the record of the first attempt (`Entry::device_seq`) rather
+            // than being applied a second time elsewhere.
+            let primary = layout.current().replicas(partition).first().copied();
+            let ready =
+                replica.store().writable(partition) && layout.is_complete_replica(me, partition);
+            match primary {
+                Some(p) if p == me && ready => {}
+                Some(p) if p == me => {
+                    let response = fail(
+                        ErrorCode::Unavailable,
+                        format!("this node is the primary replica of partition {partition} but is still receiving it (layout v{version}); retry the push shortly"),
+                    );
+                    return self.answer(caller, response);
+                }
+                Some(p) if !matches!(caller, Caller::Peer { .. }) => {
+                    if replica.membership().addr_of(p).is_none()
+                        || !replica.membership().alive().contains(&p)
+                    {
+                        let response = fail(
+                            ErrorCode::Unavailable,
+                            format!("node {p}, the only one that applies pushed writes of partition {partition}, is unreachable; the device keeps the write and pushes it again later"),
+                        );
+                        return self.answer(caller, response);
+                    }
+                    let id = self.fresh_id();
+                    self.out.push(CoordOutput::Send {
+                        to: p,
+                        message: CoordMessage::Coordinate { id, call },
+                    });
+                    return self.wait(now, id, Pending::Forwarded { caller });
+                }
+                _ => {
+                    let response = fail(
+                        ErrorCode::Unavailable,
+                        format!("this node is not the primary replica of partition {partition} in its layout (v{version}); retry the push shortly"),
+                    );
+                    return self.answer(caller, response);
+                }
+            }
+        }
         if replicas.first() != Some(&me) {
             // This node is not the replica to coordinate here: it holds no
             // replica of the key, or holds one it cannot write yet. A
@@ -1006,10 +1049,25 @@ impl<C> Coordinator<C> {
         quorum: usize,
     ) {
         self.stats.requests += 1;
-        let counter = matches!(call.request, Request::CounterAdd { .. });
-        let op = match op_of(call.request) {
+        let (pushed, request) = match call.request {
+            Request::Pushed { device, seq, op } => (Some((device, seq)), *op),
+            request => (None, request),
+        };
+        let counter = matches!(request, Request::CounterAdd { .. });
+        if pushed.is_some_and(|(_, seq)| seq == 0) {
+            let response = fail(
+                ErrorCode::BadRequest,
+                "a pushed operation's sequence starts at 1",
+            );
+            return self.answer(caller, response);
+        }
+        let op = match op_of(request) {
             Ok(op) => op,
             Err(failure) => return self.answer(caller, Response::Error(failure)),
+        };
+        let write = match pushed {
+            Some((device, seq)) => GroupWrite::Pushed { device, seq, op },
+            None => GroupWrite::Local(op),
         };
         if self.queued_client_writes >= self.config.max_queued_client_writes {
             let response = fail(
@@ -1025,7 +1083,7 @@ impl<C> Coordinator<C> {
         self.queued_client_writes += 1;
         self.out.push(CoordOutput::Store(StoreJob {
             token,
-            writes: vec![GroupWrite::Local(op)],
+            writes: vec![write],
             client: true,
             replica: false,
         }));

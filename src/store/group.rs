@@ -21,6 +21,9 @@ use crate::error::{show_key, Error, Result};
 pub enum GroupWrite {
     /// A local operation: gets a fresh dot of this store.
     Local(Op),
+    /// A device's operation `seq`, pushed: like `Local`, unless the key
+    /// records it as applied already (then it writes nothing).
+    Pushed { device: u64, seq: u64, op: Op },
     /// Merge another replica's entry of `key` (encoded as
     /// [`Store::entry_bytes`] gives it), which hashes to `partition`.
     Merge {
@@ -50,7 +53,7 @@ impl GroupWrite {
     /// Bytes this write carries (to bound a group's size).
     pub fn payload_bytes(&self) -> usize {
         match self {
-            GroupWrite::Local(op) => op.payload_bytes(),
+            GroupWrite::Local(op) | GroupWrite::Pushed { op, .. } => op.payload_bytes(),
             GroupWrite::Merge { key, entry, .. } => key.len() + entry.len(),
             GroupWrite::Chunk(chunk) => chunk.payload_bytes(),
             GroupWrite::Purge { .. } | GroupWrite::Drop { .. } => 0,
@@ -154,6 +157,13 @@ impl Store {
                         counter: a.counter,
                         entry: a.entry,
                     }),
+                    GroupWrite::Pushed { device, seq, op } => w
+                        .local_pushed(op, Some((*device, *seq)))
+                        .map(|a| GroupOutcome::Local {
+                            context: a.context,
+                            counter: a.counter,
+                            entry: a.entry,
+                        }),
                     GroupWrite::Merge {
                         partition,
                         key,

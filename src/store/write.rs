@@ -398,10 +398,27 @@ impl<'t> Writer<'t> {
     }
 
     pub(super) fn local(&mut self, op: &Op) -> Result<Applied> {
+        self.local_pushed(op, None)
+    }
+
+    /// `op`, or with `pushed` (device, sequence) a device's operation: done
+    /// unless the key records that operation as applied already, and then
+    /// recorded with the write (see `Entry::device_seq`). An operation
+    /// applied already answers with the key's state and writes nothing.
+    pub(super) fn local_pushed(&mut self, op: &Op, pushed: Option<(u64, u64)>) -> Result<Applied> {
         let key = op.key();
         check_key(key)?;
         let partition = self.store.partition_of(key);
         let existing = self.load(key)?;
+        if let (Some((device, seq)), Some(entry)) = (pushed, &existing) {
+            if entry.device_seq(device) >= seq {
+                return Ok(Applied {
+                    context: entry.context.clone(),
+                    counter: matches!(op, Op::CounterAdd { .. }).then(|| entry.counter_value()),
+                    entry: Some(entry.encode()),
+                });
+            }
+        }
         let was_tombstone = existing.as_ref().map(Entry::is_tombstone);
         let mut entry = existing.unwrap_or_default();
         let before = entry.index_dots();
@@ -487,6 +504,9 @@ impl<'t> Writer<'t> {
                 entry.set_add(member.clone(), dot);
             }
             Op::SetRemove { member, .. } => entry.set_remove(member.clone(), dot),
+        }
+        if let Some((device, seq)) = pushed {
+            entry.note_device_seq(device, seq);
         }
         self.version_mut(partition).add(dot);
         let encoded = self.store_entry(partition, key, &before, was_tombstone, &entry)?;

@@ -749,21 +749,29 @@ enum BatchOp {
         value: JsonBytes,
         context: Option<String>,
         w: Option<u8>,
+
+        seq: Option<u64>,
     },
     PutLww {
         key: JsonBytes,
         value: JsonBytes,
         w: Option<u8>,
+
+        seq: Option<u64>,
     },
     Delete {
         key: JsonBytes,
         context: Option<String>,
         w: Option<u8>,
+
+        seq: Option<u64>,
     },
     CounterAdd {
         key: JsonBytes,
         amount: i64,
         w: Option<u8>,
+
+        seq: Option<u64>,
     },
     CounterGet {
         key: JsonBytes,
@@ -773,11 +781,15 @@ enum BatchOp {
         key: JsonBytes,
         member: JsonBytes,
         w: Option<u8>,
+
+        seq: Option<u64>,
     },
     SetRemove {
         key: JsonBytes,
         member: JsonBytes,
         w: Option<u8>,
+
+        seq: Option<u64>,
     },
     SetMembers {
         key: JsonBytes,
@@ -789,6 +801,9 @@ enum BatchOp {
 #[serde(deny_unknown_fields)]
 struct Batch {
     ops: Vec<BatchOp>,
+    /// A device pushing the writes it made offline (hex, up to 16 digits):
+    /// each write carries its `seq` and is applied at most once.
+    device: Option<String>,
 }
 
 /// A batch operation's request, W and R.
@@ -797,6 +812,46 @@ type BatchCall = (Request, u8, u8);
 type IndexedCall = (usize, Result<BatchCall, ApiError>);
 
 impl BatchOp {
+    /// A write's sequence in its device's push.
+    fn seq(&self) -> Option<u64> {
+        match self {
+            BatchOp::Put { seq, .. }
+            | BatchOp::PutLww { seq, .. }
+            | BatchOp::Delete { seq, .. }
+            | BatchOp::CounterAdd { seq, .. }
+            | BatchOp::SetAdd { seq, .. }
+            | BatchOp::SetRemove { seq, .. } => *seq,
+            BatchOp::Get { .. } | BatchOp::CounterGet { .. } | BatchOp::SetMembers { .. } => None,
+        }
+    }
+
+    /// The call, a device's write pushed when the batch names a `device`.
+    fn pushed_call(self, device: Option<u64>) -> Result<BatchCall, ApiError> {
+        let seq = self.seq();
+        let (request, w, r) = self.call()?;
+        match (device, seq) {
+            (_, Some(0)) => Err(ApiError::bad_request("bad_request", "`seq` starts at 1")),
+            (Some(device), Some(seq)) => Ok((
+                Request::Pushed {
+                    device,
+                    seq,
+                    op: Box::new(request),
+                },
+                w,
+                r,
+            )),
+            (Some(_), None) if request.is_write() => Err(ApiError::bad_request(
+                "bad_request",
+                "a device's push needs a `seq` on every write",
+            )),
+            (None, Some(_)) => Err(ApiError::bad_request(
+                "bad_request",
+                "`seq` needs the batch's `device`",
+            )),
+            _ => Ok((request, w, r)),
+        }
+    }
+
     fn call(self) -> Result<BatchCall, ApiError> {
         let context = |c: Option<String>| c.as_deref().map(parse_context).transpose();
         let q = |n: Option<u8>| match n {
@@ -813,6 +868,7 @@ impl BatchOp {
                 value,
                 context: c,
                 w,
+                ..
             } => (
                 Request::Put {
                     key: key.0,
@@ -822,7 +878,7 @@ impl BatchOp {
                 q(w)?,
                 1,
             ),
-            BatchOp::PutLww { key, value, w } => (
+            BatchOp::PutLww { key, value, w, .. } => (
                 Request::PutLww {
                     key: key.0,
                     value: value.0,
@@ -830,7 +886,9 @@ impl BatchOp {
                 q(w)?,
                 1,
             ),
-            BatchOp::Delete { key, context: c, w } => (
+            BatchOp::Delete {
+                key, context: c, w, ..
+            } => (
                 Request::Delete {
                     key: key.0,
                     context: context(c)?,
@@ -838,11 +896,11 @@ impl BatchOp {
                 q(w)?,
                 1,
             ),
-            BatchOp::CounterAdd { key, amount, w } => {
+            BatchOp::CounterAdd { key, amount, w, .. } => {
                 (Request::CounterAdd { key: key.0, amount }, q(w)?, 1)
             }
             BatchOp::CounterGet { key, r } => (Request::CounterGet { key: key.0 }, 1, q(r)?),
-            BatchOp::SetAdd { key, member, w } => (
+            BatchOp::SetAdd { key, member, w, .. } => (
                 Request::SetAdd {
                     key: key.0,
                     member: member.0,
@@ -850,7 +908,7 @@ impl BatchOp {
                 q(w)?,
                 1,
             ),
-            BatchOp::SetRemove { key, member, w } => (
+            BatchOp::SetRemove { key, member, w, .. } => (
                 Request::SetRemove {
                     key: key.0,
                     member: member.0,
@@ -907,7 +965,20 @@ async fn batch(
     if let Err(e) = checked {
         return Err(refuse_unread(&headers, body, e).await);
     }
-    let Batch { ops } = parse_json(&read_body(&headers, body, MAX_JSON_BYTES).await?)?;
+    let Batch { ops, device } = parse_json(&read_body(&headers, body, MAX_JSON_BYTES).await?)?;
+    let device = device
+        .map(|text| {
+            u64::from_str_radix(&text, 16)
+                .ok()
+                .filter(|_| !text.is_empty() && text.len() <= 16)
+                .ok_or_else(|| {
+                    ApiError::bad_request(
+                        "bad_json",
+                        format!("device {text:?}: expected 1 to 16 hex digits"),
+                    )
+                })
+        })
+        .transpose()?;
     if ops.len() > MAX_BATCH_OPS {
         return Err(ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
@@ -923,7 +994,7 @@ async fn batch(
     let mut by_key: BTreeMap<Vec<u8>, Vec<IndexedCall>> = BTreeMap::new();
     for (i, op) in ops.into_iter().enumerate() {
         // Each operation is checked against the token on its own.
-        let call = op.call().and_then(|(request, w, r)| {
+        let call = op.pushed_call(device).and_then(|(request, w, r)| {
             let access = if request.is_write() {
                 Access::Write
             } else {
