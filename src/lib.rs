@@ -14,6 +14,7 @@
 pub mod certs;
 pub mod client;
 pub mod crdt;
+pub mod device;
 mod error;
 #[doc(hidden)]
 pub mod fuzzing;

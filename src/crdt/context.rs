@@ -76,6 +76,15 @@ impl CausalContext {
         self.0.apply(crdts::Dot::new(dot.node, dot.seq));
     }
 
+    /// This context without what it has seen of `node`.
+    pub(crate) fn without(&self, node: NodeId) -> CausalContext {
+        let mut out = CausalContext::new();
+        for dot in self.dots().filter(|d| d.node != node) {
+            out.apply(dot);
+        }
+        out
+    }
+
     pub fn to_bytes(&self) -> Vec<u8> {
         let mut out = vec![TOKEN_VERSION];
         // Encoding a BTreeMap of integers into a Vec cannot fail.

@@ -1061,10 +1061,18 @@ impl<C> Coordinator<C> {
             );
             return self.answer(caller, response);
         }
-        let op = match op_of(request) {
+        let mut op = match op_of(request) {
             Ok(op) => op,
             Err(failure) => return self.answer(caller, Response::Error(failure)),
         };
+        if pushed.is_some() {
+            // A device says what it had seen of the key; one that sends no
+            // context had seen nothing, and its write supersedes nothing
+            // (not "what this node has seen", as for a client online).
+            if let Op::Put { context, .. } | Op::Delete { context, .. } = &mut op {
+                context.get_or_insert_with(CausalContext::new);
+            }
+        }
         let write = match pushed {
             Some((device, seq)) => GroupWrite::Pushed { device, seq, op },
             None => GroupWrite::Local(op),

@@ -186,6 +186,20 @@ struct FeedRequest {
     limit: u32,
     longpoll: bool,
     timeout: Duration,
+    /// Each change also carries its encoded entry (`format=entries`), for
+    /// devices that merge entries rather than replace values.
+    entries: bool,
+}
+
+fn entries_of(format: Option<&str>) -> Result<bool, ApiError> {
+    match format {
+        None | Some("values") => Ok(false),
+        Some("entries") => Ok(true),
+        Some(other) => Err(ApiError::bad_request(
+            "bad_query",
+            format!("format={other:?}: expected values or entries"),
+        )),
+    }
 }
 
 fn limit_of(text: Option<&str>) -> Result<u32, ApiError> {
@@ -220,13 +234,17 @@ pub(super) async fn changes_get(
     headers: HeaderMap,
 ) -> Result<HttpResponse, ApiError> {
     api.authenticate(connection, &headers)?;
-    let query = Query::parse(&uri, &["prefix", "since", "limit", "feed", "timeout"])?;
+    let query = Query::parse(
+        &uri,
+        &["prefix", "since", "limit", "feed", "timeout", "format"],
+    )?;
     let request = FeedRequest {
         prefix: query.raw.get("prefix").cloned().unwrap_or_default(),
         since: query.get("since")?.cloned().filter(|s| !s.is_empty()),
         limit: limit_of(query.get("limit")?.map(String::as_str))?,
         longpoll: longpoll_of(query.get("feed")?.map(String::as_str))?,
         timeout: query.seconds("timeout", LONGPOLL_SECONDS, MAX_LONGPOLL_SECONDS)?,
+        entries: entries_of(query.get("format")?.map(String::as_str))?,
     };
     serve(&api, connection, &headers, request).await
 }
@@ -239,6 +257,7 @@ struct FeedBody {
     limit: Option<u32>,
     feed: Option<String>,
     timeout: Option<f64>,
+    format: Option<String>,
 }
 
 /// `POST /v1/changes` with `{"prefix", "since", "limit", "feed",
@@ -275,6 +294,7 @@ pub(super) async fn changes_post(
         limit: limit_of(body.limit.map(|n| n.to_string()).as_deref())?,
         longpoll: longpoll_of(body.feed.as_deref())?,
         timeout,
+        entries: entries_of(body.format.as_deref())?,
     };
     serve(&api, connection, &headers, request).await
 }
@@ -325,10 +345,10 @@ async fn serve(
         };
         let now = tokio::time::Instant::now();
         let Some(watch) = watch.as_mut() else {
-            return render(api, &request.prefix, page);
+            return render(api, &request, page);
         };
         if !page.entries.is_empty() || page.more || now >= deadline {
-            return render(api, &request.prefix, page);
+            return render(api, &request, page);
         }
         cursor = FeedCursor {
             frontier: page.frontier,
@@ -340,7 +360,8 @@ async fn serve(
 
 /// `{"changes": [...], "next": cursor, "more": bool}`; a deleted key is
 /// `{"key", "deleted": true, "context"}`.
-fn render(api: &Api, prefix: &[u8], page: ChangesPage) -> Result<HttpResponse, ApiError> {
+fn render(api: &Api, request: &FeedRequest, page: ChangesPage) -> Result<HttpResponse, ApiError> {
+    let prefix = &request.prefix;
     let mut changes = Vec::with_capacity(page.entries.len());
     for entry in &page.entries {
         let (record, context) = decode_change(&entry.key, &entry.entry).map_err(|e| {
@@ -367,6 +388,12 @@ fn render(api: &Api, prefix: &[u8], page: ChangesPage) -> Result<HttpResponse, A
                 "context": context_text(&context.to_bytes()),
             }),
         };
+        let mut change = change;
+        if request.entries {
+            change["entry"] = serde_json::Value::String(
+                base64::engine::general_purpose::STANDARD.encode(&entry.entry),
+            );
+        }
         changes.push(change);
     }
     let next = FeedCursor {

@@ -1,0 +1,556 @@
+//! The device side of device sync (docs/device-sync.md): what a phone or
+//! edge box embeds to work offline and sync with a cluster over its HTTP
+//! API.
+//!
+//! A [`Device`] keeps, in one local redb file:
+//! - a replica of the entries under the prefixes it pulled, as the cluster
+//!   sent them (`format=entries` pages of the change feed), merged like any
+//!   replica merges, and the feed cursor of each prefix, saved with the
+//!   page it ends (a checkpoint inside the stream, not only at its end);
+//! - a log of the writes made here, each with the causal context of the
+//!   key the device had seen and a sequence number of the device.
+//!
+//! Invariants:
+//! - the device never mints dots: its writes become cluster writes when
+//!   pushed, so the cluster's vectors and cursors do not grow with devices;
+//! - a push is applied at most once per (device, sequence), however often
+//!   it is sent (the cluster records each device's applied sequence in the
+//!   key's entry);
+//! - a logged write leaves the log only once a pulled entry records it as
+//!   applied, so reads never lose sight of it in between;
+//! - reads show the replica with the logged writes applied on top (on a
+//!   copy, with a dot of [`SHADOW`] that is never stored or sent).
+//!
+//! A device's id is drawn at random when its file is created: a device
+//! that loses its file starts over as a new device and claims nothing.
+
+use crate::crdt::entry::Entry;
+use crate::crdt::{CausalContext, Dot, NodeId, Record};
+use base64::Engine;
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use serde::{Deserialize, Serialize};
+use std::path::Path;
+
+const ENTRIES: TableDefinition<&[u8], &[u8]> = TableDefinition::new("device_entries");
+const PENDING: TableDefinition<u64, &[u8]> = TableDefinition::new("device_pending");
+const META: TableDefinition<&str, &[u8]> = TableDefinition::new("device_meta");
+
+/// The node id of the dots that show logged writes in reads; never stored.
+pub const SHADOW: NodeId = NodeId(u64::MAX);
+
+/// Operations per push request (the cluster's batch limit).
+const PUSH_BATCH: usize = 128;
+/// Changes per pulled page.
+const PULL_PAGE: u32 = 500;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DeviceError {
+    #[error("device store: {0}")]
+    Store(String),
+    #[error("cannot reach the cluster: {0}")]
+    Http(#[from] reqwest::Error),
+    #[error("the cluster answered {status}: {body}")]
+    Refused { status: u16, body: String },
+    #[error("the cluster sent what this device cannot read: {0}")]
+    Protocol(String),
+    #[error("key {key:?}: {reason}")]
+    Write { key: String, reason: String },
+}
+
+macro_rules! store_errors {
+    ($($t:ty),*) => {$(
+        impl From<$t> for DeviceError {
+            fn from(e: $t) -> Self {
+                DeviceError::Store(e.to_string())
+            }
+        }
+    )*};
+}
+store_errors!(
+    redb::Error,
+    redb::DatabaseError,
+    redb::TransactionError,
+    redb::TableError,
+    redb::StorageError,
+    redb::CommitError
+);
+
+/// A write made on the device.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum DeviceOp {
+    Put { key: Vec<u8>, value: Vec<u8> },
+    Delete { key: Vec<u8> },
+    CounterAdd { key: Vec<u8>, amount: i64 },
+    SetAdd { key: Vec<u8>, member: Vec<u8> },
+    SetRemove { key: Vec<u8>, member: Vec<u8> },
+}
+
+impl DeviceOp {
+    pub fn key(&self) -> &[u8] {
+        match self {
+            DeviceOp::Put { key, .. }
+            | DeviceOp::Delete { key }
+            | DeviceOp::CounterAdd { key, .. }
+            | DeviceOp::SetAdd { key, .. }
+            | DeviceOp::SetRemove { key, .. } => key,
+        }
+    }
+}
+
+/// A logged write: the operation, the context of the key it supersedes,
+/// and once the cluster applied it, the key's context it answered.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct Logged {
+    op: DeviceOp,
+    context: Vec<u8>,
+    answered: Option<Vec<u8>>,
+}
+
+impl Logged {
+    fn is_register(&self) -> bool {
+        matches!(self.op, DeviceOp::Put { .. } | DeviceOp::Delete { .. })
+    }
+}
+
+fn context_of(bytes: &[u8]) -> CausalContext {
+    CausalContext::from_bytes(bytes).unwrap_or_default()
+}
+
+/// What a push did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PushReport {
+    /// Writes the cluster applied (or had applied already).
+    pub applied: usize,
+    /// Writes left for a later push (a replica was unreachable).
+    pub deferred: usize,
+    /// Writes the cluster refused for good, with its reason; they leave
+    /// the log.
+    pub rejected: Vec<(DeviceOp, String)>,
+}
+
+/// What a pull did; `bytes` counts the response bodies received.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PullReport {
+    pub pages: usize,
+    pub entries: usize,
+    pub bytes: u64,
+}
+
+/// A device's local store and its way to the cluster.
+pub struct Device {
+    db: Database,
+    id: u64,
+    http: reqwest::Client,
+    /// `https://host:port`, without a trailing `/`.
+    base: String,
+    token: Option<String>,
+}
+
+fn key_json(key: &[u8]) -> serde_json::Value {
+    match std::str::from_utf8(key) {
+        Ok(text) => serde_json::Value::String(text.to_string()),
+        Err(_) => serde_json::json!({
+            "base64": base64::engine::general_purpose::STANDARD.encode(key)
+        }),
+    }
+}
+
+fn percent(bytes: &[u8]) -> String {
+    percent_encoding::percent_encode(bytes, percent_encoding::NON_ALPHANUMERIC).to_string()
+}
+
+impl Device {
+    /// Opens (or creates) the device's file; `base` is a node's HTTP API
+    /// (`https://host:port`), `http` a client that trusts the cluster CA,
+    /// `token` the API token it sends.
+    pub fn open(
+        path: impl AsRef<Path>,
+        base: &str,
+        http: reqwest::Client,
+        token: Option<String>,
+    ) -> Result<Device, DeviceError> {
+        let db = Database::create(path.as_ref())?;
+        let txn = db.begin_write()?;
+        let id = {
+            txn.open_table(ENTRIES)?;
+            txn.open_table(PENDING)?;
+            let mut meta = txn.open_table(META)?;
+            let stored = meta
+                .get("id")?
+                .and_then(|v| <[u8; 8]>::try_from(v.value()).ok())
+                .map(u64::from_le_bytes);
+            match stored {
+                Some(id) => id,
+                None => {
+                    let id = rand::random::<u64>().max(1);
+                    meta.insert("id", id.to_le_bytes().as_slice())?;
+                    id
+                }
+            }
+        };
+        txn.commit()?;
+        Ok(Device {
+            db,
+            id,
+            http,
+            base: base.trim_end_matches('/').to_string(),
+            token,
+        })
+    }
+
+    /// This device's id (what its pushes carry).
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    fn entry(&self, key: &[u8]) -> Result<Option<Entry>, DeviceError> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(ENTRIES)?;
+        let Some(bytes) = table.get(key)? else {
+            return Ok(None);
+        };
+        Entry::decode(bytes.value())
+            .map(Some)
+            .map_err(|e| DeviceError::Store(format!("a stored entry does not decode: {e}")))
+    }
+
+    fn logged(&self) -> Result<Vec<(u64, Logged)>, DeviceError> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(PENDING)?;
+        let mut out = Vec::new();
+        for row in table.iter()? {
+            let (seq, bytes) = row?;
+            let logged = postcard::from_bytes(bytes.value())
+                .map_err(|e| DeviceError::Store(format!("a logged write does not decode: {e}")))?;
+            out.push((seq.value(), logged));
+        }
+        Ok(out)
+    }
+
+    /// Writes still to be pushed or seen back.
+    pub fn pending(&self) -> Result<usize, DeviceError> {
+        Ok(self.logged()?.len())
+    }
+
+    /// Applies `op` to `entry` as the device's shadow write `seq`.
+    fn apply_shadow(entry: &mut Entry, op: &DeviceOp, seq: u64, seen: &CausalContext) {
+        let dot = Dot::new(SHADOW, seq);
+        match op {
+            DeviceOp::Put { value, .. } => entry.write_register(Some(value.clone()), dot, seen),
+            DeviceOp::Delete { .. } => entry.write_register(None, dot, seen),
+            DeviceOp::CounterAdd { amount, .. } => {
+                let _ = entry.counter_add(*amount, dot);
+            }
+            DeviceOp::SetAdd { member, .. } => entry.set_add(member.clone(), dot),
+            DeviceOp::SetRemove { member, .. } => entry.set_remove(member.clone(), dot),
+        }
+    }
+
+    /// The key as this device sees it: the pulled entry with the logged
+    /// writes on top. `None` if absent or deleted.
+    pub fn get(&self, key: &[u8]) -> Result<Option<Record>, DeviceError> {
+        let mut entry = self.entry(key)?.unwrap_or_default();
+        // Each logged write has seen the device's earlier ones.
+        let mut shadows = CausalContext::new();
+        for (seq, logged) in self.logged()? {
+            if logged.op.key() == key {
+                let mut seen = context_of(&logged.context);
+                seen.join(&shadows);
+                Self::apply_shadow(&mut entry, &logged.op, seq, &seen);
+                shadows.apply(Dot::new(SHADOW, seq));
+            }
+        }
+        let mut record = entry.into_record();
+        if let Some(record) = &mut record {
+            // The shadow dots name nothing outside this device.
+            record.context = record.context.without(SHADOW);
+        }
+        Ok(record)
+    }
+
+    /// Logs a write made on the device; it supersedes what the device has
+    /// seen of the key (its pulled entry and its own earlier writes).
+    pub fn write(&self, op: DeviceOp) -> Result<u64, DeviceError> {
+        let key = op.key().to_vec();
+        let entry = self.entry(&key)?;
+        if let Some(entry) = &entry {
+            let kind = match &op {
+                DeviceOp::Put { .. } | DeviceOp::Delete { .. } => crate::ValueKind::Register,
+                DeviceOp::CounterAdd { .. } => crate::ValueKind::Counter,
+                DeviceOp::SetAdd { .. } | DeviceOp::SetRemove { .. } => crate::ValueKind::Set,
+            };
+            if let Err(found) = entry.check_writable(kind) {
+                return Err(DeviceError::Write {
+                    key: String::from_utf8_lossy(&key).into_owned(),
+                    reason: format!("it holds a {found}, not a {kind}"),
+                });
+            }
+        }
+        let mut context = entry.map(|e| e.context).unwrap_or_default();
+        // A register write supersedes the device's earlier one of the key:
+        // one not pushed yet is replaced (no one else saw its value), and
+        // one applied already is covered by the context it answered.
+        let mut replaced = None;
+        if matches!(op, DeviceOp::Put { .. } | DeviceOp::Delete { .. }) {
+            for (seq, logged) in self.logged()? {
+                if logged.op.key() != key.as_slice() || !logged.is_register() {
+                    continue;
+                }
+                match &logged.answered {
+                    Some(answered) => context.join(&context_of(answered)),
+                    None => {
+                        context.join(&context_of(&logged.context));
+                        replaced = Some(seq);
+                    }
+                }
+            }
+        }
+        let txn = self.db.begin_write()?;
+        let seq = {
+            let mut meta = txn.open_table(META)?;
+            let next = meta
+                .get("next_seq")?
+                .and_then(|v| <[u8; 8]>::try_from(v.value()).ok())
+                .map_or(1, u64::from_le_bytes);
+            meta.insert("next_seq", (next + 1).to_le_bytes().as_slice())?;
+            let logged = Logged {
+                op,
+                context: context.to_bytes(),
+                answered: None,
+            };
+            let logged =
+                postcard::to_allocvec(&logged).map_err(|e| DeviceError::Store(e.to_string()))?;
+            let mut pending = txn.open_table(PENDING)?;
+            if let Some(old) = replaced {
+                pending.remove(old)?;
+            }
+            pending.insert(next, logged.as_slice())?;
+            next
+        };
+        txn.commit()?;
+        Ok(seq)
+    }
+
+    fn request(&self, builder: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
+        match &self.token {
+            Some(token) => builder.bearer_auth(token),
+            None => builder,
+        }
+    }
+
+    /// Sends the logged writes, in order, [`PUSH_BATCH`] at a time. Sending
+    /// again what was applied changes nothing, so a push cut anywhere is
+    /// simply pushed again.
+    pub async fn push(&self) -> Result<PushReport, DeviceError> {
+        let mut report = PushReport::default();
+        let logged = self.logged()?;
+        for chunk in logged.chunks(PUSH_BATCH) {
+            let ops: Vec<serde_json::Value> = chunk
+                .iter()
+                .map(|(seq, l)| {
+                    let key = key_json(l.op.key());
+                    let mut op = match &l.op {
+                        DeviceOp::Put { value, .. } => serde_json::json!({
+                            "op": "put", "key": key, "value": key_json(value),
+                        }),
+                        DeviceOp::Delete { .. } => {
+                            serde_json::json!({ "op": "delete", "key": key })
+                        }
+                        DeviceOp::CounterAdd { amount, .. } => serde_json::json!({
+                            "op": "counter_add", "key": key, "amount": amount,
+                        }),
+                        DeviceOp::SetAdd { member, .. } => serde_json::json!({
+                            "op": "set_add", "key": key, "member": key_json(member),
+                        }),
+                        DeviceOp::SetRemove { member, .. } => serde_json::json!({
+                            "op": "set_remove", "key": key, "member": key_json(member),
+                        }),
+                    };
+                    op["seq"] = serde_json::json!(seq);
+                    if matches!(l.op, DeviceOp::Put { .. } | DeviceOp::Delete { .. })
+                        && !l.context.is_empty()
+                    {
+                        op["context"] = serde_json::Value::String(
+                            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(&l.context),
+                        );
+                    }
+                    op
+                })
+                .collect();
+            let body = serde_json::json!({ "device": format!("{:x}", self.id), "ops": ops });
+            let response = self
+                .request(self.http.post(format!("{}/v1/batch", self.base)))
+                .json(&body)
+                .send()
+                .await?;
+            let status = response.status().as_u16();
+            let text = response.text().await?;
+            if status != 200 {
+                return Err(DeviceError::Refused { status, body: text });
+            }
+            let answer: serde_json::Value = serde_json::from_str(&text)
+                .map_err(|e| DeviceError::Protocol(format!("a push answer: {e}")))?;
+            let results = answer["results"].as_array().cloned().unwrap_or_default();
+            if results.len() != chunk.len() {
+                return Err(DeviceError::Protocol(format!(
+                    "{} results for {} writes",
+                    results.len(),
+                    chunk.len()
+                )));
+            }
+            let txn = self.db.begin_write()?;
+            {
+                let mut pending = txn.open_table(PENDING)?;
+                for ((seq, logged), result) in chunk.iter().zip(results) {
+                    match result["status"].as_u64() {
+                        Some(200) => {
+                            report.applied += 1;
+                            let answered = result["result"]["context"]
+                                .as_str()
+                                .and_then(|c| {
+                                    base64::engine::general_purpose::URL_SAFE_NO_PAD
+                                        .decode(c)
+                                        .ok()
+                                })
+                                .unwrap_or_default();
+                            let logged = Logged {
+                                answered: Some(answered),
+                                ..logged.clone()
+                            };
+                            let bytes = postcard::to_allocvec(&logged)
+                                .map_err(|e| DeviceError::Store(e.to_string()))?;
+                            pending.insert(*seq, bytes.as_slice())?;
+                        }
+                        Some(s) if s == 503 || s == 504 || s == 429 => report.deferred += 1,
+                        _ => {
+                            pending.remove(*seq)?;
+                            report
+                                .rejected
+                                .push((logged.op.clone(), result["error"].to_string()));
+                        }
+                    }
+                }
+            }
+            txn.commit()?;
+        }
+        Ok(report)
+    }
+
+    /// Pulls what changed under `prefix` since this device's cursor for it,
+    /// page by page, saving the cursor with each page; `progress` is told
+    /// the entries and bytes received so far. Logged writes the pulled
+    /// entries record as applied leave the log.
+    pub async fn pull(
+        &self,
+        prefix: &[u8],
+        mut progress: impl FnMut(&PullReport),
+    ) -> Result<PullReport, DeviceError> {
+        let mut report = PullReport::default();
+        let cursor_key = format!("cursor:{}", percent(prefix));
+        loop {
+            let cursor = {
+                let txn = self.db.begin_read()?;
+                let meta = txn.open_table(META)?;
+                meta.get(cursor_key.as_str())?
+                    .map(|v| String::from_utf8_lossy(v.value()).into_owned())
+            };
+            let mut url = format!(
+                "{}/v1/changes?format=entries&limit={PULL_PAGE}&prefix={}",
+                self.base,
+                percent(prefix)
+            );
+            if let Some(cursor) = &cursor {
+                url.push_str(&format!("&since={cursor}"));
+            }
+            let response = self.request(self.http.get(url)).send().await?;
+            let status = response.status().as_u16();
+            let body = response.bytes().await?;
+            report.bytes += body.len() as u64;
+            if status != 200 {
+                return Err(DeviceError::Refused {
+                    status,
+                    body: String::from_utf8_lossy(&body).into_owned(),
+                });
+            }
+            let page: serde_json::Value = serde_json::from_slice(&body)
+                .map_err(|e| DeviceError::Protocol(format!("a feed page: {e}")))?;
+            let changes = page["changes"].as_array().cloned().unwrap_or_default();
+            let next = page["next"]
+                .as_str()
+                .ok_or_else(|| DeviceError::Protocol("a feed page without `next`".into()))?;
+            self.apply_page(&changes, &cursor_key, next)?;
+            report.pages += 1;
+            report.entries += changes.len();
+            progress(&report);
+            if page["more"] != true && changes.is_empty() {
+                return Ok(report);
+            }
+        }
+    }
+
+    /// Merges a page's entries and saves its cursor, in one transaction.
+    fn apply_page(
+        &self,
+        changes: &[serde_json::Value],
+        cursor_key: &str,
+        next: &str,
+    ) -> Result<(), DeviceError> {
+        let txn = self.db.begin_write()?;
+        {
+            let mut entries = txn.open_table(ENTRIES)?;
+            let mut pending = txn.open_table(PENDING)?;
+            let mut done = Vec::new();
+            for change in changes {
+                let key = match &change["key"] {
+                    serde_json::Value::String(s) => s.as_bytes().to_vec(),
+                    other => other["base64"]
+                        .as_str()
+                        .and_then(|b| base64::engine::general_purpose::STANDARD.decode(b).ok())
+                        .ok_or_else(|| DeviceError::Protocol(format!("a change's key: {other}")))?,
+                };
+                let bytes = change["entry"]
+                    .as_str()
+                    .and_then(|b| base64::engine::general_purpose::STANDARD.decode(b).ok())
+                    .ok_or_else(|| DeviceError::Protocol("a change without its entry".into()))?;
+                let theirs = Entry::decode(&bytes)
+                    .map_err(|e| DeviceError::Protocol(format!("an entry: {e}")))?;
+                let mut entry = match entries.get(key.as_slice())? {
+                    Some(b) => Entry::decode(b.value())
+                        .map_err(|e| DeviceError::Store(format!("a stored entry: {e}")))?,
+                    None => Entry::default(),
+                };
+                entry.merge(theirs);
+                entries.insert(key.as_slice(), entry.encode().as_slice())?;
+                let applied = entry.device_seq(self.id);
+                for row in pending.iter()? {
+                    let (seq, logged) = row?;
+                    let Ok(logged) = postcard::from_bytes::<Logged>(logged.value()) else {
+                        continue;
+                    };
+                    if logged.op.key() == key.as_slice() && seq.value() <= applied {
+                        done.push(seq.value());
+                    }
+                }
+            }
+            for seq in done {
+                pending.remove(seq)?;
+            }
+            txn.open_table(META)?.insert(cursor_key, next.as_bytes())?;
+        }
+        txn.commit()?;
+        Ok(())
+    }
+
+    /// Pushes, then pulls each prefix.
+    pub async fn sync(&self, prefixes: &[&[u8]]) -> Result<(PushReport, PullReport), DeviceError> {
+        let pushed = self.push().await?;
+        let mut pulled = PullReport::default();
+        for prefix in prefixes {
+            let r = self.pull(prefix, |_| {}).await?;
+            pulled.pages += r.pages;
+            pulled.entries += r.entries;
+            pulled.bytes += r.bytes;
+        }
+        Ok((pushed, pulled))
+    }
+}

@@ -1,0 +1,236 @@
+//! Device sync (`gossipkv::device`) against a real 3-node cluster over
+//! HTTPS with an API token: devices edit offline, concurrently with the
+//! cluster and with each other, push (again and again) and pull, and end
+//! with the cluster's state: concurrent register edits as siblings on both
+//! sides, counters exact, nothing outside the subscription.
+
+mod common;
+
+use common::{started, Cluster, SLOTS};
+use gossipkv::client::{Request, Response as NodeResponse};
+use gossipkv::device::{Device, DeviceOp};
+use gossipkv::Value;
+
+fn tokened(cluster: &Cluster) -> reqwest::Client {
+    let ca = std::fs::read(cluster.path().join("client/ca.pem")).unwrap();
+    reqwest::Client::builder()
+        .use_rustls_tls()
+        .add_root_certificate(reqwest::Certificate::from_pem(&ca).unwrap())
+        .build()
+        .unwrap()
+}
+
+async fn token(cluster: &Cluster, prefix: &str) -> String {
+    let admin =
+        gossipkv::client::Client::connect_admin(cluster.addr(0), Some(&cluster.admin_tls()))
+            .await
+            .unwrap();
+    let response = admin
+        .request(&Request::TokenCreate {
+            name: format!("devices-{prefix}"),
+            prefixes: vec![prefix.as_bytes().to_vec()],
+            read: true,
+            write: true,
+            expires_in_seconds: None,
+        })
+        .await
+        .unwrap();
+    let NodeResponse::TokenCreated { secret, .. } = response else {
+        panic!("unexpected answer {response:?}");
+    };
+    secret
+}
+
+fn values(device: &Device, key: &str) -> Vec<Vec<u8>> {
+    match device.get(key.as_bytes()).unwrap().map(|r| r.value) {
+        Some(Value::Register(mut v)) => {
+            v.sort();
+            v
+        }
+        other => panic!("{key}: {other:?}"),
+    }
+}
+
+fn counter(device: &Device, key: &str) -> i64 {
+    match device.get(key.as_bytes()).unwrap().map(|r| r.value) {
+        Some(Value::Counter(n)) => n,
+        other => panic!("{key}: {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn devices_edit_offline_and_converge_with_the_cluster_through_any_node() {
+    let _slot = SLOTS.acquire().await.unwrap();
+    let (cluster, clients) = started(3).await;
+    let secret = token(&cluster, "user/1/").await;
+    let http = tokened(&cluster);
+    let base = |node: usize| format!("https://{}", cluster.http[node]);
+    let dir = tempfile::tempdir().unwrap();
+
+    // The cluster holds the user's keys and others'.
+    for i in 0..40 {
+        clients[i % 3]
+            .put(format!("user/1/k{i}").as_bytes(), b"v0", None)
+            .await
+            .unwrap();
+        clients[0]
+            .put(format!("user/2/k{i}").as_bytes(), b"other", None)
+            .await
+            .unwrap();
+    }
+    // Each device talks to its own node; the token works on all of them
+    // once gossip has carried it.
+    let phone = Device::open(
+        dir.path().join("phone"),
+        &base(0),
+        http.clone(),
+        Some(secret.clone()),
+    )
+    .unwrap();
+    let laptop = Device::open(
+        dir.path().join("laptop"),
+        &base(2),
+        http.clone(),
+        Some(secret.clone()),
+    )
+    .unwrap();
+    assert_ne!(phone.id(), laptop.id());
+    let mut seen = Vec::new();
+    let pulled = phone
+        .pull(b"user/1/", |p| seen.push(p.entries))
+        .await
+        .unwrap();
+    assert_eq!(pulled.entries, 40);
+    assert!(
+        !seen.is_empty() && seen.windows(2).all(|w| w[0] <= w[1]),
+        "{seen:?}"
+    );
+    common::eventually("the token reaches node 2", || async {
+        laptop.pull(b"user/1/", |_| {}).await.is_ok()
+    })
+    .await;
+    assert_eq!(values(&laptop, "user/1/k5"), [b"v0".to_vec()]);
+    assert!(
+        phone.get(b"user/2/k1").unwrap().is_none(),
+        "outside the subscription"
+    );
+
+    // Offline: the phone, the laptop and the cluster edit the same keys.
+    phone
+        .write(DeviceOp::Put {
+            key: b"user/1/k1".to_vec(),
+            value: b"phone".to_vec(),
+        })
+        .unwrap();
+    phone
+        .write(DeviceOp::Put {
+            key: b"user/1/k2".to_vec(),
+            value: b"phone-draft".to_vec(),
+        })
+        .unwrap();
+    phone
+        .write(DeviceOp::Put {
+            key: b"user/1/k2".to_vec(),
+            value: b"phone-final".to_vec(),
+        })
+        .unwrap();
+    for _ in 0..3 {
+        phone
+            .write(DeviceOp::CounterAdd {
+                key: b"user/1/steps".to_vec(),
+                amount: 10,
+            })
+            .unwrap();
+    }
+    phone
+        .write(DeviceOp::SetAdd {
+            key: b"user/1/tags".to_vec(),
+            member: b"red".to_vec(),
+        })
+        .unwrap();
+    laptop
+        .write(DeviceOp::Put {
+            key: b"user/1/k1".to_vec(),
+            value: b"laptop".to_vec(),
+        })
+        .unwrap();
+    laptop
+        .write(DeviceOp::CounterAdd {
+            key: b"user/1/steps".to_vec(),
+            amount: 5,
+        })
+        .unwrap();
+    laptop
+        .write(DeviceOp::SetAdd {
+            key: b"user/1/tags".to_vec(),
+            member: b"blue".to_vec(),
+        })
+        .unwrap();
+    clients[1]
+        .put(b"user/1/k1", b"cluster", None)
+        .await
+        .unwrap();
+    // Reads on a device show its own writes at once.
+    assert_eq!(values(&phone, "user/1/k2"), [b"phone-final".to_vec()]);
+    assert_eq!(counter(&phone, "user/1/steps"), 30);
+    assert_eq!(
+        phone.pending().unwrap(),
+        6,
+        "the replaced draft left the log"
+    );
+
+    // The phone pushes twice (the first answer lost, say), the laptop
+    // once; then both pull.
+    let first = phone.push().await.unwrap();
+    assert_eq!(first.applied, 6, "{first:?}");
+    assert_eq!(phone.push().await.unwrap().applied, 6);
+    laptop.sync(&[b"user/1/"]).await.unwrap();
+    phone.sync(&[b"user/1/"]).await.unwrap();
+    laptop.sync(&[b"user/1/"]).await.unwrap();
+
+    let k1 = [b"cluster".to_vec(), b"laptop".to_vec(), b"phone".to_vec()];
+    for device in [&phone, &laptop] {
+        assert_eq!(
+            values(device, "user/1/k1"),
+            k1,
+            "concurrent edits are siblings"
+        );
+        assert_eq!(values(device, "user/1/k2"), [b"phone-final".to_vec()]);
+        assert_eq!(counter(device, "user/1/steps"), 35, "each add counted once");
+        match device.get(b"user/1/tags").unwrap().map(|r| r.value) {
+            Some(Value::Set(members)) => assert_eq!(members, [b"blue".to_vec(), b"red".to_vec()]),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(
+            device.pending().unwrap(),
+            0,
+            "every write came back applied"
+        );
+        assert!(device.get(b"user/2/k1").unwrap().is_none());
+    }
+    // The cluster agrees.
+    let record = clients[2].get(b"user/1/k1").await.unwrap().unwrap();
+    let mut cluster_k1 = match record.value {
+        Value::Register(v) => v,
+        other => panic!("{other:?}"),
+    };
+    cluster_k1.sort();
+    assert_eq!(cluster_k1, k1);
+    assert_eq!(clients[0].counter(b"user/1/steps").await.unwrap(), 35);
+
+    // A device resolving the siblings replaces exactly them, everywhere.
+    phone
+        .write(DeviceOp::Put {
+            key: b"user/1/k1".to_vec(),
+            value: b"merged".to_vec(),
+        })
+        .unwrap();
+    phone.sync(&[b"user/1/"]).await.unwrap();
+    laptop.sync(&[b"user/1/"]).await.unwrap();
+    assert_eq!(values(&laptop, "user/1/k1"), [b"merged".to_vec()]);
+
+    // Nothing changed: a pull is one page, and small.
+    let idle = laptop.pull(b"user/1/", |_| {}).await.unwrap();
+    assert_eq!((idle.pages, idle.entries), (1, 0));
+    assert!(idle.bytes < 2048, "{idle:?}");
+}
