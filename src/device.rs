@@ -134,6 +134,9 @@ pub struct PullReport {
     pub pages: usize,
     pub entries: usize,
     pub bytes: u64,
+    /// Deletes were purged on the cluster before this device saw them: it
+    /// listed the prefix and dropped what was not listed.
+    pub reconciled: bool,
 }
 
 /// A device's local store and its way to the cluster.
@@ -152,6 +155,17 @@ fn key_json(key: &[u8]) -> serde_json::Value {
         Err(_) => serde_json::json!({
             "base64": base64::engine::general_purpose::STANDARD.encode(key)
         }),
+    }
+}
+
+/// A key as the HTTP API writes it (a string, or `{"base64": ...}`).
+fn key_of(value: &serde_json::Value) -> Result<Vec<u8>, DeviceError> {
+    match value {
+        serde_json::Value::String(s) => Ok(s.as_bytes().to_vec()),
+        other => other["base64"]
+            .as_str()
+            .and_then(|b| base64::engine::general_purpose::STANDARD.decode(b).ok())
+            .ok_or_else(|| DeviceError::Protocol(format!("a key: {other}"))),
     }
 }
 
@@ -478,7 +492,16 @@ impl Device {
             let next = page["next"]
                 .as_str()
                 .ok_or_else(|| DeviceError::Protocol("a feed page without `next`".into()))?;
-            self.apply_page(&changes, &cursor_key, next)?;
+            // Deletes were purged before this device saw them: once caught
+            // up, drop what the cluster no longer lists, then save the
+            // cursor (a pull cut half way is told again).
+            let reconcile = page["reconcile"] == true;
+            self.apply_page(&changes, (!reconcile).then_some((&cursor_key, next)))?;
+            if reconcile {
+                let kept = self.list(prefix, next, &mut report).await?;
+                self.drop_unlisted(prefix, &kept, &cursor_key, next)?;
+                report.reconciled = true;
+            }
             report.pages += 1;
             report.entries += changes.len();
             progress(&report);
@@ -488,12 +511,85 @@ impl Device {
         }
     }
 
-    /// Merges a page's entries and saves its cursor, in one transaction.
+    /// Every live key under `prefix`, listed by replicas that have caught
+    /// up with `cursor`.
+    async fn list(
+        &self,
+        prefix: &[u8],
+        cursor: &str,
+        report: &mut PullReport,
+    ) -> Result<std::collections::BTreeSet<Vec<u8>>, DeviceError> {
+        let mut keys = std::collections::BTreeSet::new();
+        let mut after: Option<String> = None;
+        loop {
+            let mut url = format!(
+                "{}/v1/kv?limit=1000&prefix={}&cursor={cursor}",
+                self.base,
+                percent(prefix)
+            );
+            if let Some(after) = &after {
+                url.push_str(&format!("&start_after={after}"));
+            }
+            let response = self.request(self.http.get(url)).send().await?;
+            let status = response.status().as_u16();
+            let body = response.bytes().await?;
+            report.bytes += body.len() as u64;
+            if status != 200 {
+                return Err(DeviceError::Refused {
+                    status,
+                    body: String::from_utf8_lossy(&body).into_owned(),
+                });
+            }
+            let page: serde_json::Value = serde_json::from_slice(&body)
+                .map_err(|e| DeviceError::Protocol(format!("a listing: {e}")))?;
+            for listed in page["keys"].as_array().into_iter().flatten() {
+                keys.insert(key_of(&listed["key"])?);
+            }
+            match &page["next"] {
+                serde_json::Value::Null => return Ok(keys),
+                next => after = Some(percent(&key_of(next)?)),
+            }
+        }
+    }
+
+    /// Drops the entries under `prefix` that are not in `kept` (deleted
+    /// and purged on the cluster), and saves the cursor.
+    fn drop_unlisted(
+        &self,
+        prefix: &[u8],
+        kept: &std::collections::BTreeSet<Vec<u8>>,
+        cursor_key: &str,
+        next: &str,
+    ) -> Result<(), DeviceError> {
+        let txn = self.db.begin_write()?;
+        {
+            let mut entries = txn.open_table(ENTRIES)?;
+            let mut gone = Vec::new();
+            for row in entries.range(prefix..)? {
+                let (key, _) = row?;
+                let key = key.value().to_vec();
+                if !key.starts_with(prefix) {
+                    break;
+                }
+                if !kept.contains(&key) {
+                    gone.push(key);
+                }
+            }
+            for key in gone {
+                entries.remove(key.as_slice())?;
+            }
+            txn.open_table(META)?.insert(cursor_key, next.as_bytes())?;
+        }
+        txn.commit()?;
+        Ok(())
+    }
+
+    /// Merges a page's entries and, with `cursor`, saves it, in one
+    /// transaction.
     fn apply_page(
         &self,
         changes: &[serde_json::Value],
-        cursor_key: &str,
-        next: &str,
+        cursor: Option<(&str, &str)>,
     ) -> Result<(), DeviceError> {
         let txn = self.db.begin_write()?;
         {
@@ -501,13 +597,7 @@ impl Device {
             let mut pending = txn.open_table(PENDING)?;
             let mut done = Vec::new();
             for change in changes {
-                let key = match &change["key"] {
-                    serde_json::Value::String(s) => s.as_bytes().to_vec(),
-                    other => other["base64"]
-                        .as_str()
-                        .and_then(|b| base64::engine::general_purpose::STANDARD.decode(b).ok())
-                        .ok_or_else(|| DeviceError::Protocol(format!("a change's key: {other}")))?,
-                };
+                let key = key_of(&change["key"])?;
                 let bytes = change["entry"]
                     .as_str()
                     .and_then(|b| base64::engine::general_purpose::STANDARD.decode(b).ok())
@@ -535,7 +625,9 @@ impl Device {
             for seq in done {
                 pending.remove(seq)?;
             }
-            txn.open_table(META)?.insert(cursor_key, next.as_bytes())?;
+            if let Some((cursor_key, next)) = cursor {
+                txn.open_table(META)?.insert(cursor_key, next.as_bytes())?;
+            }
         }
         txn.commit()?;
         Ok(())
@@ -550,6 +642,7 @@ impl Device {
             pulled.pages += r.pages;
             pulled.entries += r.entries;
             pulled.bytes += r.bytes;
+            pulled.reconciled |= r.reconciled;
         }
         Ok((pushed, pulled))
     }

@@ -234,3 +234,73 @@ async fn devices_edit_offline_and_converge_with_the_cluster_through_any_node() {
     assert_eq!((idle.pages, idle.entries), (1, 0));
     assert!(idle.bytes < 2048, "{idle:?}");
 }
+
+/// A device away longer than the cluster keeps tombstones still ends
+/// without the deleted keys: the feed says `reconcile` once it has caught
+/// up, and the device lists the prefix and drops what is not listed.
+/// (Slow: tombstones are purged every 30 s.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_away_across_a_tombstone_purge_ends_without_the_deleted_keys() {
+    let _slot = SLOTS.acquire().await.unwrap();
+    let (cluster, clients) = started(3).await;
+    let secret = token(&cluster, "user/1/").await;
+    let http = tokened(&cluster);
+    let base = format!("https://{}", cluster.http[0]);
+    let dir = tempfile::tempdir().unwrap();
+    for i in 0..10 {
+        clients[0]
+            .put(format!("user/1/k{i}").as_bytes(), b"v", None)
+            .await
+            .unwrap();
+    }
+    let away = dir.path().join("away");
+    {
+        let device = Device::open(&away, &base, http.clone(), Some(secret.clone())).unwrap();
+        assert_eq!(device.pull(b"user/1/", |_| {}).await.unwrap().entries, 10);
+    }
+    for i in [3, 7] {
+        let key = format!("user/1/k{i}");
+        let context = clients[0]
+            .get(key.as_bytes())
+            .await
+            .unwrap()
+            .unwrap()
+            .context;
+        let context = gossipkv::CausalContext::from_bytes(&context).unwrap();
+        clients[0]
+            .delete(key.as_bytes(), Some(&context))
+            .await
+            .unwrap();
+    }
+    // Until the cluster has purged the tombstones, a device with that
+    // state hears of the deletes as usual; probe with copies of it.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(150);
+    loop {
+        let probe = dir.path().join("probe");
+        std::fs::copy(&away, &probe).unwrap();
+        let device = Device::open(&probe, &base, http.clone(), Some(secret.clone())).unwrap();
+        let report = device.pull(b"user/1/", |_| {}).await.unwrap();
+        assert!(device.get(b"user/1/k3").unwrap().is_none());
+        assert!(device.get(b"user/1/k7").unwrap().is_none());
+        assert!(device.get(b"user/1/k4").unwrap().is_some());
+        if report.reconciled {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the tombstones were never purged"
+        );
+        drop(device);
+        tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    }
+    // The device itself, back after the purge.
+    let device = Device::open(&away, &base, http, Some(secret)).unwrap();
+    let report = device.pull(b"user/1/", |_| {}).await.unwrap();
+    assert!(report.reconciled, "{report:?}");
+    for i in 0..10 {
+        let held = device.get(format!("user/1/k{i}").as_bytes()).unwrap();
+        assert_eq!(held.is_none(), i == 3 || i == 7, "user/1/k{i}");
+    }
+    // Reconciled once: the next pull is ordinary.
+    assert!(!device.pull(b"user/1/", |_| {}).await.unwrap().reconciled);
+}
