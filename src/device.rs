@@ -26,6 +26,7 @@
 
 use crate::crdt::entry::Entry;
 use crate::crdt::{CausalContext, Dot, NodeId, Record};
+use crate::node::http::changes::BinaryPage;
 use base64::Engine;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
@@ -239,6 +240,12 @@ impl Device {
             out.push((seq.value(), logged));
         }
         Ok(out)
+    }
+
+    /// The size of `key`'s entry as pulled (what the cluster encodes), if
+    /// the device holds it.
+    pub fn entry_bytes(&self, key: &[u8]) -> Result<Option<usize>, DeviceError> {
+        Ok(self.entry(key)?.map(|e| e.encode().len()))
     }
 
     /// Writes still to be pushed or seen back.
@@ -469,7 +476,7 @@ impl Device {
                     .map(|v| String::from_utf8_lossy(v.value()).into_owned())
             };
             let mut url = format!(
-                "{}/v1/changes?format=entries&limit={PULL_PAGE}&prefix={}",
+                "{}/v1/changes?format=binary&limit={PULL_PAGE}&prefix={}",
                 self.base,
                 percent(prefix)
             );
@@ -486,17 +493,14 @@ impl Device {
                     body: String::from_utf8_lossy(&body).into_owned(),
                 });
             }
-            let page: serde_json::Value = serde_json::from_slice(&body)
+            let page: BinaryPage = postcard::from_bytes(&body)
                 .map_err(|e| DeviceError::Protocol(format!("a feed page: {e}")))?;
-            let changes = page["changes"].as_array().cloned().unwrap_or_default();
-            let next = page["next"]
-                .as_str()
-                .ok_or_else(|| DeviceError::Protocol("a feed page without `next`".into()))?;
+            let (changes, next) = (&page.changes, page.next.as_str());
             // Deletes were purged before this device saw them: once caught
             // up, drop what the cluster no longer lists, then save the
             // cursor (a pull cut half way is told again).
-            let reconcile = page["reconcile"] == true;
-            self.apply_page(&changes, (!reconcile).then_some((&cursor_key, next)))?;
+            let reconcile = page.reconcile;
+            self.apply_page(changes, (!reconcile).then_some((&cursor_key, next)))?;
             if reconcile {
                 let kept = self.list(prefix, next, &mut report).await?;
                 self.drop_unlisted(prefix, &kept, &cursor_key, next)?;
@@ -505,7 +509,8 @@ impl Device {
             report.pages += 1;
             report.entries += changes.len();
             progress(&report);
-            if page["more"] != true && changes.is_empty() {
+            // Caught up: nothing more waits now.
+            if !page.more {
                 return Ok(report);
             }
         }
@@ -588,7 +593,7 @@ impl Device {
     /// transaction.
     fn apply_page(
         &self,
-        changes: &[serde_json::Value],
+        changes: &[(Vec<u8>, Vec<u8>)],
         cursor: Option<(&str, &str)>,
     ) -> Result<(), DeviceError> {
         let txn = self.db.begin_write()?;
@@ -596,13 +601,10 @@ impl Device {
             let mut entries = txn.open_table(ENTRIES)?;
             let mut pending = txn.open_table(PENDING)?;
             let mut done = Vec::new();
-            for change in changes {
-                let key = key_of(&change["key"])?;
-                let bytes = change["entry"]
-                    .as_str()
-                    .and_then(|b| base64::engine::general_purpose::STANDARD.decode(b).ok())
-                    .ok_or_else(|| DeviceError::Protocol("a change without its entry".into()))?;
-                let theirs = Entry::decode(&bytes)
+            for (key, bytes) in changes {
+                crate::store::write::check_key(key)
+                    .map_err(|e| DeviceError::Protocol(format!("a change's key: {e}")))?;
+                let theirs = Entry::decode(bytes)
                     .map_err(|e| DeviceError::Protocol(format!("an entry: {e}")))?;
                 let mut entry = match entries.get(key.as_slice())? {
                     Some(b) => Entry::decode(b.value())

@@ -229,6 +229,40 @@ async fn devices_edit_offline_and_converge_with_the_cluster_through_any_node() {
     laptop.sync(&[b"user/1/"]).await.unwrap();
     assert_eq!(values(&laptop, "user/1/k1"), [b"merged".to_vec()]);
 
+    // A catch-up moves about the changed entries and no more: 20 changed
+    // keys of the subscription among 200 writes elsewhere.
+    laptop.pull(b"user/1/", |_| {}).await.unwrap();
+    for i in 0..200 {
+        clients[i % 3]
+            .put(format!("user/2/n{i}").as_bytes(), b"elsewhere", None)
+            .await
+            .unwrap();
+    }
+    for i in 20..40 {
+        clients[i % 3]
+            .put(format!("user/1/k{i}").as_bytes(), &[b'x'; 100], None)
+            .await
+            .unwrap();
+    }
+    let caught_up = laptop.pull(b"user/1/", |_| {}).await.unwrap();
+    assert_eq!(caught_up.entries, 20, "{caught_up:?}");
+    let changed: usize = (20..40)
+        .map(|i| {
+            laptop
+                .entry_bytes(format!("user/1/k{i}").as_bytes())
+                .unwrap()
+                .unwrap()
+        })
+        .sum();
+    // The constant: one page's cursor (a vector per partition, whatever
+    // the data).
+    assert_eq!(caught_up.pages, 1);
+    assert!(
+        (caught_up.bytes as f64) <= 1.5 * changed as f64 + 4096.0,
+        "{} bytes received for {changed} bytes of changed entries",
+        caught_up.bytes
+    );
+
     // Nothing changed: a pull is one page, and small.
     let idle = laptop.pull(b"user/1/", |_| {}).await.unwrap();
     assert_eq!((idle.pages, idle.entries), (1, 0));

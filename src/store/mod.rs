@@ -12,7 +12,7 @@ mod feed;
 mod group;
 mod partition;
 mod tables;
-mod write;
+pub(crate) mod write;
 
 pub use changes::{
     ApplyReport, ChangeChunk, ChangeStream, ChunkLimits, PartitionStats, RemoteEntry,

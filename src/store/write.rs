@@ -736,7 +736,7 @@ impl<'t> Writer<'t> {
     }
 }
 
-pub(super) fn check_key(key: &[u8]) -> Result<()> {
+pub(crate) fn check_key(key: &[u8]) -> Result<()> {
     if key.is_empty() {
         return Err(Error::InvalidKey("keys must not be empty".into()));
     }

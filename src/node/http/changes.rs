@@ -30,6 +30,7 @@ use crate::store::decode_change;
 use axum::body::Body;
 use axum::extract::{Extension, State};
 use axum::http::{HeaderMap, StatusCode, Uri};
+use axum::response::IntoResponse;
 use axum::response::Response as HttpResponse;
 use base64::Engine;
 use serde::{Deserialize, Serialize};
@@ -186,18 +187,41 @@ struct FeedRequest {
     limit: u32,
     longpoll: bool,
     timeout: Duration,
-    /// Each change also carries its encoded entry (`format=entries`), for
-    /// devices that merge entries rather than replace values.
-    entries: bool,
+    format: PageFormat,
 }
 
-fn entries_of(format: Option<&str>) -> Result<bool, ApiError> {
+/// How a page is written.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum PageFormat {
+    /// JSON, values and contexts (`format=values`, the default).
+    Values,
+    /// JSON, each change with its encoded entry too (`format=entries`), for
+    /// devices that merge entries rather than replace values.
+    Entries,
+    /// A postcard [`BinaryPage`] (`format=binary`): keys and encoded
+    /// entries and nothing else, for devices that merge (the Rust one).
+    Binary,
+}
+
+/// A change feed page in `format=binary`: postcard, as
+/// `application/octet-stream`.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+pub(crate) struct BinaryPage {
+    /// (key, encoded entry) per change.
+    pub(crate) changes: Vec<(Vec<u8>, Vec<u8>)>,
+    pub(crate) next: String,
+    pub(crate) more: bool,
+    pub(crate) reconcile: bool,
+}
+
+fn format_of(format: Option<&str>) -> Result<PageFormat, ApiError> {
     match format {
-        None | Some("values") => Ok(false),
-        Some("entries") => Ok(true),
+        None | Some("values") => Ok(PageFormat::Values),
+        Some("entries") => Ok(PageFormat::Entries),
+        Some("binary") => Ok(PageFormat::Binary),
         Some(other) => Err(ApiError::bad_request(
             "bad_query",
-            format!("format={other:?}: expected values or entries"),
+            format!("format={other:?}: expected values, entries or binary"),
         )),
     }
 }
@@ -244,7 +268,7 @@ pub(super) async fn changes_get(
         limit: limit_of(query.get("limit")?.map(String::as_str))?,
         longpoll: longpoll_of(query.get("feed")?.map(String::as_str))?,
         timeout: query.seconds("timeout", LONGPOLL_SECONDS, MAX_LONGPOLL_SECONDS)?,
-        entries: entries_of(query.get("format")?.map(String::as_str))?,
+        format: format_of(query.get("format")?.map(String::as_str))?,
     };
     serve(&api, connection, &headers, request).await
 }
@@ -294,7 +318,7 @@ pub(super) async fn changes_post(
         limit: limit_of(body.limit.map(|n| n.to_string()).as_deref())?,
         longpoll: longpoll_of(body.feed.as_deref())?,
         timeout,
-        entries: entries_of(body.format.as_deref())?,
+        format: format_of(body.format.as_deref())?,
     };
     serve(&api, connection, &headers, request).await
 }
@@ -362,6 +386,29 @@ async fn serve(
 /// `{"key", "deleted": true, "context"}`.
 fn render(api: &Api, request: &FeedRequest, page: ChangesPage) -> Result<HttpResponse, ApiError> {
     let prefix = &request.prefix;
+    if request.format == PageFormat::Binary {
+        let next = FeedCursor {
+            frontier: page.frontier,
+            reconcile_pending: page.reconcile_pending,
+        };
+        let binary = BinaryPage {
+            changes: page.entries.into_iter().map(|e| (e.key, e.entry)).collect(),
+            next: encode_cursor(api.partitions, prefix, next),
+            more: page.more,
+            reconcile: page.reconcile,
+        };
+        let body = postcard::to_allocvec(&binary).map_err(|e| {
+            ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())
+        })?;
+        return Ok((
+            [(
+                axum::http::header::CONTENT_TYPE,
+                axum::http::HeaderValue::from_static("application/octet-stream"),
+            )],
+            body,
+        )
+            .into_response());
+    }
     let mut changes = Vec::with_capacity(page.entries.len());
     for entry in &page.entries {
         let (record, context) = decode_change(&entry.key, &entry.entry).map_err(|e| {
@@ -389,7 +436,7 @@ fn render(api: &Api, request: &FeedRequest, page: ChangesPage) -> Result<HttpRes
             }),
         };
         let mut change = change;
-        if request.entries {
+        if request.format == PageFormat::Entries {
             change["entry"] = serde_json::Value::String(
                 base64::engine::general_purpose::STANDARD.encode(&entry.entry),
             );
