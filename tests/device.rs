@@ -338,3 +338,104 @@ async fn a_device_away_across_a_tombstone_purge_ends_without_the_deleted_keys() 
     // Reconciled once: the next pull is ordinary.
     assert!(!device.pull(b"user/1/", |_| {}).await.unwrap().reconciled);
 }
+
+/// A thousand devices writing through the cluster leave its version
+/// vectors and a reader's cursor as large as a few writers make them: the
+/// cluster mints the dots of devices' writes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_devices_leave_vectors_and_cursors_bounded_by_the_nodes() {
+    let _slot = SLOTS.acquire().await.unwrap();
+    let (cluster, _clients) = started(3).await;
+    let secret = token(&cluster, "shared/").await;
+    let http = tokened(&cluster);
+    let dir = tempfile::tempdir().unwrap();
+    let reader = Device::open(
+        dir.path().join("reader"),
+        &format!("https://{}", cluster.http[0]),
+        http.clone(),
+        Some(secret.clone()),
+    )
+    .unwrap();
+    let cursor_bytes = |report: &gossipkv::device::PullReport| report.bytes;
+    let before = cursor_bytes(&reader.pull(b"shared/", |_| {}).await.unwrap());
+    let devices: Vec<std::sync::Arc<Device>> = (0..1000)
+        .map(|i| {
+            std::sync::Arc::new(
+                Device::open(
+                    dir.path().join(format!("d{i}")),
+                    &format!("https://{}", cluster.http[i % 3]),
+                    http.clone(),
+                    Some(secret.clone()),
+                )
+                .unwrap(),
+            )
+        })
+        .collect();
+    for (i, device) in devices.iter().enumerate() {
+        device
+            .write(DeviceOp::CounterAdd {
+                key: format!("shared/c{}", i % 10).into_bytes(),
+                amount: 1,
+            })
+            .unwrap();
+        device
+            .write(DeviceOp::SetAdd {
+                key: b"shared/who".to_vec(),
+                member: format!("d{i}").into_bytes(),
+            })
+            .unwrap();
+    }
+    for chunk in devices.chunks(50) {
+        let mut pushes = tokio::task::JoinSet::new();
+        for device in chunk {
+            let device = device.clone();
+            pushes.spawn(async move { device.push().await });
+        }
+        while let Some(report) = pushes.join_next().await {
+            assert_eq!(report.unwrap().unwrap().applied, 2);
+        }
+    }
+    // Every add counted once (pushes are answered at w=1: the reader's
+    // node may take a moment to hold them all).
+    let count = |c: usize| match reader.get(format!("shared/c{c}").as_bytes()).unwrap() {
+        Some(record) => match record.value {
+            gossipkv::Value::Counter(n) => n,
+            other => panic!("{other:?}"),
+        },
+        None => 0,
+    };
+    common::eventually("the reader holds every add", || async {
+        reader.pull(b"shared/", |_| {}).await.unwrap();
+        (0..10).all(|c| count(c) >= 100)
+    })
+    .await;
+    for c in 0..10 {
+        assert_eq!(count(c), 100, "shared/c{c}");
+    }
+    // Vectors: as many writers as nodes (plus one per unclean restart),
+    // not per device.
+    let admin =
+        gossipkv::client::Client::connect_admin(cluster.addr(0), Some(&cluster.admin_tls()))
+            .await
+            .unwrap();
+    let NodeResponse::Partitions(partitions) = admin.request(&Request::Partitions).await.unwrap()
+    else {
+        panic!("no partitions");
+    };
+    for p in &partitions {
+        assert!(
+            p.version.len() <= 3,
+            "partition {} has writers {:?}",
+            p.partition,
+            p.version
+        );
+    }
+    // A caught-up reader's page is no larger than before the devices came.
+    let idle = reader.pull(b"shared/", |_| {}).await.unwrap();
+    assert_eq!(idle.entries, 0);
+    assert!(
+        cursor_bytes(&idle) <= before + 256,
+        "an idle page grew from {before} to {} bytes",
+        idle.bytes
+    );
+}
