@@ -41,7 +41,7 @@ pub const SHADOW: NodeId = NodeId(u64::MAX);
 
 /// Operations per push request (the cluster's batch limit).
 const PUSH_BATCH: usize = 128;
-/// Changes per pulled page.
+/// Changes per pulled page, by default: each page is a checkpoint.
 const PULL_PAGE: u32 = 500;
 
 #[derive(Debug, thiserror::Error)]
@@ -148,6 +148,7 @@ pub struct Device {
     /// `https://host:port`, without a trailing `/`.
     base: String,
     token: Option<String>,
+    page: u32,
 }
 
 fn key_json(key: &[u8]) -> serde_json::Value {
@@ -210,7 +211,14 @@ impl Device {
             http,
             base: base.trim_end_matches('/').to_string(),
             token,
+            page: PULL_PAGE,
         })
+    }
+
+    /// Changes per pulled page (1 to 1,000): smaller pages checkpoint more
+    /// often on a connection that drops.
+    pub fn set_page_size(&mut self, changes: u32) {
+        self.page = changes.clamp(1, 1000);
     }
 
     /// This device's id (what its pushes carry).
@@ -476,8 +484,9 @@ impl Device {
                     .map(|v| String::from_utf8_lossy(v.value()).into_owned())
             };
             let mut url = format!(
-                "{}/v1/changes?format=binary&limit={PULL_PAGE}&prefix={}",
+                "{}/v1/changes?format=binary&limit={}&prefix={}",
                 self.base,
+                self.page,
                 percent(prefix)
             );
             if let Some(cursor) = &cursor {

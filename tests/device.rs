@@ -439,3 +439,200 @@ async fn a_thousand_devices_leave_vectors_and_cursors_bounded_by_the_nodes() {
         idle.bytes
     );
 }
+
+/// A TCP relay to a node that cuts its first `cuts` connections after a
+/// drawn number of bytes towards the client, and counts those bytes.
+struct CuttingRelay {
+    addr: std::net::SocketAddr,
+    down: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    cut: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+async fn relay(target: std::net::SocketAddr, cuts: usize, seed: u64) -> CuttingRelay {
+    use std::sync::atomic::Ordering::Relaxed;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let down = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let cut = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let (total, done) = (down.clone(), cut.clone());
+    tokio::spawn(async move {
+        let mut n = 0u64;
+        while let Ok((client, _)) = listener.accept().await {
+            n += 1;
+            let Ok(server) = tokio::net::TcpStream::connect(target).await else {
+                continue;
+            };
+            // Deterministic per connection: 3 to 40 KB before the cut.
+            let draw = (seed ^ n).wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 40;
+            let limit = (done.load(Relaxed) < cuts).then_some(3_000 + draw % 37_000);
+            let (total, done) = (total.clone(), done.clone());
+            tokio::spawn(async move {
+                let (mut from_client, mut to_client) = client.into_split();
+                let (mut from_server, mut to_server) = server.into_split();
+                let up = tokio::spawn(async move {
+                    let _ = tokio::io::copy(&mut from_client, &mut to_server).await;
+                });
+                let mut sent = 0u64;
+                let mut buf = vec![0u8; 8192];
+                while let Ok(read) = from_server.read(&mut buf).await {
+                    if read == 0 {
+                        break;
+                    }
+                    let take = match limit {
+                        Some(limit) => (limit - sent).min(read as u64) as usize,
+                        None => read,
+                    };
+                    if to_client.write_all(&buf[..take]).await.is_err() {
+                        break;
+                    }
+                    sent += take as u64;
+                    total.fetch_add(take as u64, Relaxed);
+                    if limit.is_some_and(|l| sent >= l) {
+                        done.fetch_add(1, Relaxed);
+                        break;
+                    }
+                }
+                up.abort();
+            });
+        }
+    });
+    CuttingRelay { addr, down, cut }
+}
+
+/// Pulls and pushes through connections cut at drawn points complete,
+/// resume from their last checkpoint (the bytes of the whole cut sync stay
+/// within 1.3 times an uncut one) and apply nothing twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sync_cut_at_random_points_resumes_and_applies_nothing_twice() {
+    use std::sync::atomic::Ordering::Relaxed;
+    let _slot = SLOTS.acquire().await.unwrap();
+    let (cluster, _clients) = started(3).await;
+    let secret = token(&cluster, "user/1/").await;
+    let http = tokened(&cluster);
+    let dir = tempfile::tempdir().unwrap();
+    let writer = reqwest::Client::builder()
+        .use_rustls_tls()
+        .add_root_certificate(
+            reqwest::Certificate::from_pem(
+                &std::fs::read(cluster.path().join("client/ca.pem")).unwrap(),
+            )
+            .unwrap(),
+        )
+        .build()
+        .unwrap();
+    // 2,000 keys of 100 bytes under the subscription.
+    for chunk in 0..16 {
+        let ops: Vec<_> = (0..125)
+            .map(|i| {
+                serde_json::json!({
+                    "op": "put", "key": format!("user/1/k{:05}", chunk * 125 + i),
+                    "value": "v".repeat(100), "w": 3,
+                })
+            })
+            .collect();
+        let response = writer
+            .post(format!("https://{}/v1/batch", cluster.http[0]))
+            .bearer_auth(&secret)
+            .json(&serde_json::json!({ "ops": ops }))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+    }
+    let target = cluster.http[1];
+    let uncut = relay(target, 0, 1).await;
+    let cutting = relay(target, 6, 7).await;
+    let open = |name: &str, relay: &CuttingRelay| {
+        let mut device = Device::open(
+            dir.path().join(name),
+            &format!("https://{}", relay.addr),
+            http.clone(),
+            Some(secret.clone()),
+        )
+        .unwrap();
+        device.set_page_size(100);
+        device
+    };
+    let calm = open("calm", &uncut);
+    assert_eq!(calm.pull(b"user/1/", |_| {}).await.unwrap().entries, 2000);
+    let plain_bytes = uncut.down.load(Relaxed);
+
+    let rough = open("rough", &cutting);
+    let mut attempts = 0;
+    loop {
+        attempts += 1;
+        assert!(attempts <= 20, "the pull never completed");
+        if rough.pull(b"user/1/", |_| {}).await.is_ok() {
+            break;
+        }
+    }
+    assert!(cutting.cut.load(Relaxed) > 0, "no connection was cut");
+    for i in (0..2000).step_by(97) {
+        let key = format!("user/1/k{i:05}");
+        assert!(rough.get(key.as_bytes()).unwrap().is_some(), "{key}");
+    }
+    let cut_bytes = cutting.down.load(Relaxed);
+    eprintln!(
+        "pull of 2,000 entries: {plain_bytes} bytes uncut, {cut_bytes} with {} cuts ({:.2}x)",
+        cutting.cut.load(Relaxed),
+        cut_bytes as f64 / plain_bytes as f64
+    );
+    assert!(
+        cut_bytes as f64 <= 1.3 * plain_bytes as f64,
+        "a pull cut {} times took {cut_bytes} bytes, {plain_bytes} uncut",
+        cutting.cut.load(Relaxed)
+    );
+
+    // Pushes cut anywhere, retried: each add counts once.
+    let pusher = open("pusher", &relay(target, 6, 11).await);
+    for i in 0..300 {
+        pusher
+            .write(DeviceOp::CounterAdd {
+                key: format!("user/1/c{}", i % 7).into_bytes(),
+                amount: 1,
+            })
+            .unwrap();
+    }
+    let mut attempts = 0;
+    while pusher.pending().unwrap() > 0 {
+        attempts += 1;
+        assert!(attempts <= 40, "the sync never completed");
+        let _ = pusher.sync(&[b"user/1/"]).await;
+    }
+    let total: i64 = (0..7)
+        .map(
+            |c| match calm.get(format!("user/1/c{c}").as_bytes()).unwrap() {
+                Some(record) => match record.value {
+                    Value::Counter(n) => n,
+                    other => panic!("{other:?}"),
+                },
+                None => 0,
+            },
+        )
+        .sum();
+    assert_eq!(total, 0, "the calm device has not pulled them yet");
+    common::eventually("every add reaches the calm device", || async {
+        calm.pull(b"user/1/", |_| {}).await.unwrap();
+        let sum: i64 = (0..7)
+            .filter_map(|c| calm.get(format!("user/1/c{c}").as_bytes()).unwrap())
+            .map(|r| match r.value {
+                Value::Counter(n) => n,
+                _ => 0,
+            })
+            .sum();
+        sum >= 300
+    })
+    .await;
+    for c in 0..7 {
+        let expected = (0..300).filter(|i| i % 7 == c).count() as i64;
+        match calm
+            .get(format!("user/1/c{c}").as_bytes())
+            .unwrap()
+            .map(|r| r.value)
+        {
+            Some(Value::Counter(n)) => assert_eq!(n, expected, "user/1/c{c}"),
+            other => panic!("{other:?}"),
+        }
+    }
+}
