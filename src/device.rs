@@ -644,6 +644,35 @@ impl Device {
         Ok(())
     }
 
+    /// Unsubscribes from `prefix`: drops its cursor and the entries under
+    /// it that none of the prefixes in `kept` covers (their keys' logged
+    /// writes stay until pushed). Returns how many entries were dropped.
+    pub fn forget(&self, prefix: &[u8], kept: &[&[u8]]) -> Result<usize, DeviceError> {
+        let txn = self.db.begin_write()?;
+        let dropped = {
+            let mut entries = txn.open_table(ENTRIES)?;
+            let mut gone = Vec::new();
+            for row in entries.range(prefix..)? {
+                let (key, _) = row?;
+                let key = key.value().to_vec();
+                if !key.starts_with(prefix) {
+                    break;
+                }
+                if !kept.iter().any(|k| key.starts_with(k)) {
+                    gone.push(key);
+                }
+            }
+            for key in &gone {
+                entries.remove(key.as_slice())?;
+            }
+            txn.open_table(META)?
+                .remove(format!("cursor:{}", percent(prefix)).as_str())?;
+            gone.len()
+        };
+        txn.commit()?;
+        Ok(dropped)
+    }
+
     /// Pushes, then pulls each prefix.
     pub async fn sync(&self, prefixes: &[&[u8]]) -> Result<(PushReport, PullReport), DeviceError> {
         let pushed = self.push().await?;

@@ -267,6 +267,16 @@ async fn devices_edit_offline_and_converge_with_the_cluster_through_any_node() {
     let idle = laptop.pull(b"user/1/", |_| {}).await.unwrap();
     assert_eq!((idle.pages, idle.entries), (1, 0));
     assert!(idle.bytes < 2048, "{idle:?}");
+
+    // Subscriptions: a narrower prefix kept, the wider one forgotten drops
+    // only what the kept one does not cover; subscribing again backfills.
+    let dropped = laptop.forget(b"user/1/", &[b"user/1/k1"]).unwrap();
+    assert!(dropped > 0);
+    assert!(laptop.get(b"user/1/k5").unwrap().is_none());
+    assert_eq!(values(&laptop, "user/1/k1"), [b"merged".to_vec()]);
+    let again = laptop.pull(b"user/1/", |_| {}).await.unwrap();
+    assert!(again.entries >= 40, "{again:?}");
+    assert_eq!(values(&laptop, "user/1/k5"), [b"v0".to_vec()]);
 }
 
 /// A device away longer than the cluster keeps tombstones still ends
