@@ -646,3 +646,68 @@ async fn a_sync_cut_at_random_points_resumes_and_applies_nothing_twice() {
         }
     }
 }
+
+/// A device that pushed through one node and pulls through another after
+/// the first is gone loses nothing: its writes stay in its log (and in its
+/// reads) until a pulled entry shows them applied, whichever node that
+/// comes from.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_pushing_through_a_node_that_then_stops_loses_nothing() {
+    let _slot = SLOTS.acquire().await.unwrap();
+    let (mut cluster, _clients) = started(3).await;
+    let secret = token(&cluster, "user/1/").await;
+    let http = tokened(&cluster);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("phone");
+    let (base0, base1) = (
+        format!("https://{}", cluster.http[0]),
+        format!("https://{}", cluster.http[1]),
+    );
+    {
+        let phone = Device::open(&path, &base0, http.clone(), Some(secret.clone())).unwrap();
+        for i in 0..20 {
+            phone
+                .write(DeviceOp::Put {
+                    key: format!("user/1/p{i}").into_bytes(),
+                    value: format!("v{i}").into_bytes(),
+                })
+                .unwrap();
+            phone
+                .write(DeviceOp::CounterAdd {
+                    key: b"user/1/n".to_vec(),
+                    amount: 1,
+                })
+                .unwrap();
+        }
+        let pushed = phone.push().await.unwrap();
+        assert_eq!(pushed.applied + pushed.deferred, 40, "{pushed:?}");
+    }
+    cluster.kill(0);
+    let phone = Device::open(&path, &base1, http.clone(), Some(secret.clone())).unwrap();
+    common::eventually("the phone syncs through node 1", || async {
+        phone.sync(&[b"user/1/"]).await.is_ok()
+    })
+    .await;
+    // Whatever reached the other nodes is pulled; the rest is still in the
+    // log, and every read shows it.
+    for i in 0..20 {
+        assert_eq!(
+            values(&phone, &format!("user/1/p{i}")),
+            [format!("v{i}").into_bytes()]
+        );
+    }
+    assert_eq!(counter(&phone, "user/1/n"), 20);
+    cluster.restart(0);
+    common::eventually("every write is applied and pulled back", || async {
+        let _ = phone.sync(&[b"user/1/"]).await;
+        phone.pending().unwrap() == 0
+    })
+    .await;
+    for i in 0..20 {
+        assert_eq!(
+            values(&phone, &format!("user/1/p{i}")),
+            [format!("v{i}").into_bytes()]
+        );
+    }
+    assert_eq!(counter(&phone, "user/1/n"), 20);
+}
