@@ -461,6 +461,11 @@ impl Device {
                 }
             }
             txn.commit()?;
+            // The key records only the highest write applied: a later write
+            // of a key whose earlier one was deferred must wait for it.
+            if report.deferred > 0 {
+                break;
+            }
         }
         Ok(report)
     }

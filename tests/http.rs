@@ -1478,6 +1478,25 @@ async fn a_pushed_write_is_applied_once_however_often_and_wherever_it_is_retried
     push(&http, &cluster, 0, later).await;
     assert_eq!(read("/v1/counters/dev/count?r=3").await["value"], 7);
 
+    // A device's writes of a key apply in order or not at all: after one
+    // is refused, the later ones of that key wait for the next push.
+    let results = push(
+        &http,
+        &cluster,
+        1,
+        json!([
+            { "op": "put", "key": "dev/count", "value": "not a counter", "seq": 30 },
+            { "op": "counter_add", "key": "dev/count", "amount": 1, "seq": 31 },
+        ]),
+    )
+    .await;
+    assert_eq!(results[0]["status"], 409, "{}", results[0]);
+    assert_eq!(results[1]["status"], 503, "{}", results[1]);
+    assert_eq!(read("/v1/counters/dev/count?r=3").await["value"], 7);
+    let again = json!([{ "op": "counter_add", "key": "dev/count", "amount": 1, "seq": 31 }]);
+    assert_eq!(push(&http, &cluster, 2, again).await[0]["status"], 200);
+    assert_eq!(read("/v1/counters/dev/count?r=3").await["value"], 8);
+
     // Malformed pushes are refused per operation.
     let results = push(
         &http,

@@ -1015,11 +1015,22 @@ async fn batch(
         let api = api.clone();
         tasks.spawn(async move {
             let mut results = Vec::new();
+            // A device's writes of one key apply in order, or not at all:
+            // the key records only the highest one applied, so a later
+            // write applied before an earlier one would hide it for good.
+            let mut held_back = false;
             for (i, call) in calls {
+                let pushed = matches!(&call, Ok((Request::Pushed { .. }, _, _)));
                 let result = match call {
+                    Ok(_) if pushed && held_back => Err(ApiError::new(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "unavailable",
+                        "an earlier write of this key in this push was not applied; push both again",
+                    )),
                     Ok((request, w, r)) => api.call(request, w, r).await,
                     Err(e) => Err(e),
                 };
+                held_back |= pushed && result.is_err();
                 results.push((i, batch_result(&key, result)));
             }
             results
