@@ -99,11 +99,13 @@ impl DeviceOp {
 }
 
 /// A logged write: the operation, the context of the key it supersedes,
-/// and once the cluster applied it, the key's context it answered.
+/// whether it was ever sent, and once the cluster applied it, the key's
+/// context it answered.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 struct Logged {
     op: DeviceOp,
     context: Vec<u8>,
+    sent: bool,
     answered: Option<Vec<u8>>,
 }
 
@@ -317,8 +319,10 @@ impl Device {
         }
         let mut context = entry.map(|e| e.context).unwrap_or_default();
         // A register write supersedes the device's earlier one of the key:
-        // one not pushed yet is replaced (no one else saw its value), and
-        // one applied already is covered by the context it answered.
+        // one never sent is replaced (no one else saw its value), and one
+        // applied already is covered by the context it answered. One sent
+        // without an answer may or may not be applied: it stays, and if it
+        // was applied, its value may stay beside this one as a sibling.
         let mut replaced = None;
         if matches!(op, DeviceOp::Put { .. } | DeviceOp::Delete { .. }) {
             for (seq, logged) in self.logged()? {
@@ -327,6 +331,7 @@ impl Device {
                 }
                 match &logged.answered {
                     Some(answered) => context.join(&context_of(answered)),
+                    None if logged.sent => {}
                     None => {
                         context.join(&context_of(&logged.context));
                         replaced = Some(seq);
@@ -345,6 +350,7 @@ impl Device {
             let logged = Logged {
                 op,
                 context: context.to_bytes(),
+                sent: false,
                 answered: None,
             };
             let logged =
@@ -374,6 +380,22 @@ impl Device {
         let mut report = PushReport::default();
         let logged = self.logged()?;
         for chunk in logged.chunks(PUSH_BATCH) {
+            // Marked sent first: a write that may have been applied is
+            // never replaced by a later one (see `write`).
+            let txn = self.db.begin_write()?;
+            {
+                let mut pending = txn.open_table(PENDING)?;
+                for (seq, logged) in chunk.iter().filter(|(_, l)| !l.sent) {
+                    let sent = Logged {
+                        sent: true,
+                        ..logged.clone()
+                    };
+                    let bytes = postcard::to_allocvec(&sent)
+                        .map_err(|e| DeviceError::Store(e.to_string()))?;
+                    pending.insert(*seq, bytes.as_slice())?;
+                }
+            }
+            txn.commit()?;
             let ops: Vec<serde_json::Value> = chunk
                 .iter()
                 .map(|(seq, l)| {
@@ -443,6 +465,7 @@ impl Device {
                                 })
                                 .unwrap_or_default();
                             let logged = Logged {
+                                sent: true,
                                 answered: Some(answered),
                                 ..logged.clone()
                             };
