@@ -4,18 +4,20 @@
 //!
 //! A [`Device`] keeps, in one local redb file:
 //! - a replica of the entries under the prefixes it pulled, as the cluster
-//!   sent them (`format=entries` pages of the change feed), merged like any
+//!   sent them (`format=binary` pages of the change feed), merged like any
 //!   replica merges, and the feed cursor of each prefix, saved with the
 //!   page it ends (a checkpoint inside the stream, not only at its end);
 //! - a log of the writes made here, each with the causal context of the
-//!   key the device had seen and a sequence number of the device.
+//!   key the device had seen and a sequence number of the device. Reads
+//!   scan the log, which is meant to stay small (it empties at each sync).
 //!
 //! Invariants:
 //! - the device never mints dots: its writes become cluster writes when
 //!   pushed, so the cluster's vectors and cursors do not grow with devices;
 //! - a push is applied at most once per (device, sequence), however often
-//!   it is sent (the cluster records each device's applied sequence in the
-//!   key's entry);
+//!   it is sent (the cluster records each device's highest applied
+//!   sequence in the key's entry), and a key's writes apply in order: a
+//!   push stops at the first write that must be sent again;
 //! - a logged write leaves the log only once a pulled entry records it as
 //!   applied, so reads never lose sight of it in between;
 //! - reads show the replica with the logged writes applied on top (on a
