@@ -44,7 +44,7 @@ pub const SHADOW: NodeId = NodeId(u64::MAX);
 /// Operations per push request (the cluster's batch limit).
 const PUSH_BATCH: usize = 128;
 /// Changes per pulled page, by default: each page is a checkpoint.
-const PULL_PAGE: u32 = 500;
+const PULL_PAGE: u32 = 1000;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DeviceError {
@@ -534,7 +534,17 @@ impl Device {
             }
             let page: BinaryPage = postcard::from_bytes(&body)
                 .map_err(|e| DeviceError::Protocol(format!("a feed page: {e}")))?;
-            let (changes, next) = (&page.changes, page.next.as_str());
+            // An empty `next`: the cursor asked with is still the one.
+            let next = match (page.next.as_str(), &cursor) {
+                ("", Some(cursor)) => cursor.as_str(),
+                ("", None) => {
+                    return Err(DeviceError::Protocol(
+                        "a first page without a cursor".into(),
+                    ))
+                }
+                (next, _) => next,
+            };
+            let changes = &page.changes;
             // Deletes were purged before this device saw them: once caught
             // up, drop what the cluster no longer lists, then save the
             // cursor (a pull cut half way is told again).

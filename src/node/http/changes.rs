@@ -209,6 +209,7 @@ enum PageFormat {
 pub(crate) struct BinaryPage {
     /// (key, encoded entry) per change.
     pub(crate) changes: Vec<(Vec<u8>, Vec<u8>)>,
+    /// The cursor to ask with next; empty when it is the one asked with.
     pub(crate) next: String,
     pub(crate) more: bool,
     pub(crate) reconcile: bool,
@@ -391,9 +392,14 @@ fn render(api: &Api, request: &FeedRequest, page: ChangesPage) -> Result<HttpRes
             frontier: page.frontier,
             reconcile_pending: page.reconcile_pending,
         };
+        let mut next = encode_cursor(api.partitions, prefix, next);
+        if request.since.as_deref() == Some(next.as_str()) {
+            // Unchanged: a caught-up device's idle page carries no cursor.
+            next.clear();
+        }
         let binary = BinaryPage {
             changes: page.entries.into_iter().map(|e| (e.key, e.entry)).collect(),
-            next: encode_cursor(api.partitions, prefix, next),
+            next,
             more: page.more,
             reconcile: page.reconcile,
         };
