@@ -24,10 +24,21 @@ async fn a_write_through_one_node_is_read_through_the_others_and_concurrent_writ
         .await;
     }
 
-    // Two nodes write the same key without seeing each other's write.
+    // Two nodes write the same key, each on top of the same state and
+    // neither seeing the other's write (both name the context of that
+    // state, so however the two race, neither supersedes the other).
+    clients[0].put(b"doc", b"draft", None).await.unwrap();
+    for c in &clients {
+        eventually("the draft reaches every node", || async {
+            matches!(c.get(b"doc").await, Ok(Some(r)) if r.value == Value::Register(vec![b"draft".to_vec()]))
+        })
+        .await;
+    }
+    let seen = clients[2].get(b"doc").await.unwrap().unwrap().context;
+    let seen = gossipkv::CausalContext::from_bytes(&seen).unwrap();
     let (a, b) = tokio::join!(
-        clients[0].put(b"doc", b"from node 1", None),
-        clients[1].put(b"doc", b"from node 2", None)
+        clients[0].put(b"doc", b"from node 1", Some(&seen)),
+        clients[1].put(b"doc", b"from node 2", Some(&seen))
     );
     a.unwrap();
     b.unwrap();

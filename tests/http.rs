@@ -159,7 +159,7 @@ async fn items_counters_sets_and_batches_over_https_through_any_node() {
     // each other survive side by side as siblings; none is lost and none
     // is made up.
     let mut with_siblings = 0;
-    for k in 0..10 {
+    for k in 0..20 {
         let path = format!("/v1/kv/race%2F{k}");
         let racers: Vec<_> = (0..3)
             .map(|node| {
@@ -194,7 +194,7 @@ async fn items_counters_sets_and_batches_over_https_through_any_node() {
     }
     assert!(
         with_siblings > 0,
-        "ten races of three puts without a context never left siblings"
+        "twenty races of three puts without a context never left siblings"
     );
 
     // Keys are any bytes: '/' inside a key, percent-encoded bytes that are
