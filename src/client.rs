@@ -146,6 +146,9 @@ pub enum Request {
         seq: u64,
         op: Box<Request>,
     },
+    /// The device ledger of the node asked (the devices that synced
+    /// through it), and what holds back its tombstone purges.
+    Devices,
 }
 
 impl Request {
@@ -175,7 +178,8 @@ impl Request {
             | Request::Leave
             | Request::TokenCreate { .. }
             | Request::TokenList
-            | Request::TokenRevoke { .. } => None,
+            | Request::TokenRevoke { .. }
+            | Request::Devices => None,
         }
     }
 
@@ -220,6 +224,7 @@ impl Request {
                 | Request::TokenCreate { .. }
                 | Request::TokenList
                 | Request::TokenRevoke { .. }
+                | Request::Devices
         )
     }
 }
@@ -359,6 +364,26 @@ pub enum Response {
     Tokens(Vec<TokenInfo>),
     /// How many tokens a revoke took out of force.
     Revoked(u32),
+    Devices(DevicesInfo),
+}
+
+/// One node's device ledger (`Request::Devices`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DevicesInfo {
+    pub node: String,
+    /// The node's clock (Unix ms), for the ages of its records.
+    pub now_ms: u64,
+    pub devices: Vec<(u64, crate::store::DeviceRecord)>,
+    /// Partitions of this node that hold tombstones it cannot purge yet,
+    /// and why. Devices never hold a purge back: one away across a purge
+    /// reconciles its prefixes (docs/device-sync.md).
+    pub purge_held: Vec<PurgeHold>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PurgeHold {
+    pub partition: u16,
+    pub reason: String,
 }
 
 /// One page of the change feed.

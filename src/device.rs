@@ -124,6 +124,13 @@ fn context_of(bytes: &[u8]) -> CausalContext {
 /// What a push did.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct PushReport {
+    /// Writes in the log when the push started: the total the other
+    /// counts move towards.
+    pub total: usize,
+    /// Writes sent so far (a write sent again counts again).
+    pub sent: usize,
+    /// Request bodies sent, in bytes.
+    pub bytes: u64,
     /// Writes the cluster applied (or had applied already).
     pub applied: usize,
     /// Writes left for a later push (a replica was unreachable).
@@ -133,7 +140,10 @@ pub struct PushReport {
     pub rejected: Vec<(DeviceOp, String)>,
 }
 
-/// What a pull did; `bytes` counts the response bodies received.
+/// What a pull did; `bytes` counts the response bodies received. A pull
+/// has no total: the cluster does not count ahead of a cursor (that would
+/// cost the reads the cursor saves), and `more` on each page says whether
+/// another follows.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct PullReport {
     pub pages: usize,
@@ -142,6 +152,18 @@ pub struct PullReport {
     /// Deletes were purged on the cluster before this device saw them: it
     /// listed the prefix and dropped what was not listed.
     pub reconciled: bool,
+}
+
+/// Where a sync is, for a progress bar.
+#[derive(Clone, Copy, Debug)]
+pub enum SyncProgress<'a> {
+    /// Pushing the log: `sent` and `applied` of `total` writes.
+    Push(&'a PushReport),
+    /// Pulling `prefix`: pages, entries and bytes so far.
+    Pull {
+        prefix: &'a [u8],
+        report: &'a PullReport,
+    },
 }
 
 /// A device's local store and its way to the cluster.
@@ -379,8 +401,20 @@ impl Device {
     /// again what was applied changes nothing, so a push cut anywhere is
     /// simply pushed again.
     pub async fn push(&self) -> Result<PushReport, DeviceError> {
-        let mut report = PushReport::default();
+        self.push_with_progress(|_| {}).await
+    }
+
+    /// [`Device::push`], telling `progress` after each request what was
+    /// sent and answered out of the total.
+    pub async fn push_with_progress(
+        &self,
+        mut progress: impl FnMut(&PushReport),
+    ) -> Result<PushReport, DeviceError> {
         let logged = self.logged()?;
+        let mut report = PushReport {
+            total: logged.len(),
+            ..PushReport::default()
+        };
         for chunk in logged.chunks(PUSH_BATCH) {
             // Marked sent first: a write that may have been applied is
             // never replaced by a later one (see `write`).
@@ -431,9 +465,13 @@ impl Device {
                 })
                 .collect();
             let body = serde_json::json!({ "device": format!("{:x}", self.id), "ops": ops });
+            let body = serde_json::to_vec(&body).map_err(|e| DeviceError::Store(e.to_string()))?;
+            report.sent += chunk.len();
+            report.bytes += body.len() as u64;
             let response = self
                 .request(self.http.post(format!("{}/v1/batch", self.base)))
-                .json(&body)
+                .header(reqwest::header::CONTENT_TYPE, "application/json")
+                .body(body)
                 .send()
                 .await?;
             let status = response.status().as_u16();
@@ -486,6 +524,7 @@ impl Device {
                 }
             }
             txn.commit()?;
+            progress(&report);
             // The key records only the highest write applied: a later write
             // of a key whose earlier one was deferred must wait for it.
             if report.deferred > 0 {
@@ -514,9 +553,10 @@ impl Device {
                     .map(|v| String::from_utf8_lossy(v.value()).into_owned())
             };
             let mut url = format!(
-                "{}/v1/changes?format=binary&limit={}&prefix={}",
+                "{}/v1/changes?format=binary&limit={}&device={:x}&prefix={}",
                 self.base,
                 self.page,
+                self.id,
                 percent(prefix)
             );
             if let Some(cursor) = &cursor {
@@ -649,7 +689,18 @@ impl Device {
         {
             let mut entries = txn.open_table(ENTRIES)?;
             let mut pending = txn.open_table(PENDING)?;
-            let mut done = Vec::new();
+            let mut logged_keys: std::collections::HashMap<Vec<u8>, Vec<u64>> =
+                std::collections::HashMap::new();
+            for row in pending.iter()? {
+                let (seq, logged) = row?;
+                if let Ok(logged) = postcard::from_bytes::<Logged>(logged.value()) {
+                    logged_keys
+                        .entry(logged.op.key().to_vec())
+                        .or_default()
+                        .push(seq.value());
+                }
+            }
+            let mut done: Vec<u64> = Vec::new();
             for (key, bytes) in changes {
                 crate::store::write::check_key(key)
                     .map_err(|e| DeviceError::Protocol(format!("a change's key: {e}")))?;
@@ -663,14 +714,8 @@ impl Device {
                 entry.merge(theirs);
                 entries.insert(key.as_slice(), entry.encode().as_slice())?;
                 let applied = entry.device_seq(self.id);
-                for row in pending.iter()? {
-                    let (seq, logged) = row?;
-                    let Ok(logged) = postcard::from_bytes::<Logged>(logged.value()) else {
-                        continue;
-                    };
-                    if logged.op.key() == key.as_slice() && seq.value() <= applied {
-                        done.push(seq.value());
-                    }
+                if let Some(seqs) = logged_keys.get(key) {
+                    done.extend(seqs.iter().filter(|&&seq| seq <= applied));
                 }
             }
             for seq in done {
@@ -715,10 +760,25 @@ impl Device {
 
     /// Pushes, then pulls each prefix.
     pub async fn sync(&self, prefixes: &[&[u8]]) -> Result<(PushReport, PullReport), DeviceError> {
-        let pushed = self.push().await?;
+        self.sync_with_progress(prefixes, |_| {}).await
+    }
+
+    /// [`Device::sync`], telling `progress` after each request.
+    pub async fn sync_with_progress(
+        &self,
+        prefixes: &[&[u8]],
+        mut progress: impl FnMut(SyncProgress<'_>),
+    ) -> Result<(PushReport, PullReport), DeviceError> {
+        let pushed = self
+            .push_with_progress(|r| progress(SyncProgress::Push(r)))
+            .await?;
         let mut pulled = PullReport::default();
         for prefix in prefixes {
-            let r = self.pull(prefix, |_| {}).await?;
+            let r = self
+                .pull(prefix, |r| {
+                    progress(SyncProgress::Pull { prefix, report: r })
+                })
+                .await?;
             pulled.pages += r.pages;
             pulled.entries += r.entries;
             pulled.bytes += r.bytes;

@@ -711,3 +711,156 @@ async fn a_device_pushing_through_a_node_that_then_stops_loses_nothing() {
     }
     assert_eq!(counter(&phone, "user/1/n"), 20);
 }
+
+fn kvctl_devices(cluster: &Cluster, node: usize) -> serde_json::Value {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_kvctl"))
+        .arg("--node")
+        .arg(cluster.addr(node).to_string())
+        .arg("--tls-dir")
+        .arg(cluster.path().join("admin"))
+        .args(["--output", "json", "devices"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "kvctl devices: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+fn device_row<'a>(listing: &'a serde_json::Value, device: &Device) -> &'a serde_json::Value {
+    let id = format!("{:x}", device.id());
+    listing["devices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["device"] == id.as_str())
+        .unwrap_or_else(|| panic!("device {id} is not listed: {listing}"))
+}
+
+/// `kvctl devices` lists every device that synced, merged from the nodes
+/// it went through (asked through a node neither used), with its token,
+/// writes pushed, highest sequence and cursor age; a node's rows survive
+/// its restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kvctl_devices_lists_each_device_merged_across_the_nodes_it_used() {
+    let _slot = SLOTS.acquire().await.unwrap();
+    let (mut cluster, _clients) = started(3).await;
+    let secret = token(&cluster, "user/7/").await;
+    let http = tokened(&cluster);
+    let dir = tempfile::tempdir().unwrap();
+    let bases: Vec<String> = cluster
+        .http
+        .iter()
+        .map(|a| format!("https://{a}"))
+        .collect();
+    let base = |i: usize| bases[i].clone();
+    let phone = Device::open(
+        dir.path().join("phone"),
+        &base(0),
+        http.clone(),
+        Some(secret.clone()),
+    )
+    .unwrap();
+    for i in 0..5 {
+        phone
+            .write(DeviceOp::Put {
+                key: format!("user/7/p{i}").into_bytes(),
+                value: b"v".to_vec(),
+            })
+            .unwrap();
+    }
+    let mut seen = Vec::new();
+    let (pushed, _) = phone
+        .sync_with_progress(&[b"user/7/"], |p| {
+            if let gossipkv::device::SyncProgress::Push(r) = p {
+                seen.push((r.sent, r.total));
+            }
+        })
+        .await
+        .unwrap();
+    assert_eq!((pushed.applied, pushed.total), (5, 5), "{pushed:?}");
+    assert_eq!(
+        seen.last(),
+        Some(&(5, 5)),
+        "push progress reaches its total"
+    );
+    let laptop = Device::open(
+        dir.path().join("laptop"),
+        &base(1),
+        http.clone(),
+        Some(secret.clone()),
+    )
+    .unwrap();
+    for _ in 0..3 {
+        laptop
+            .write(DeviceOp::CounterAdd {
+                key: b"user/7/n".to_vec(),
+                amount: 1,
+            })
+            .unwrap();
+    }
+    laptop.sync(&[b"user/7/"]).await.unwrap();
+
+    let listing = kvctl_devices(&cluster, 2);
+    assert_eq!(listing["unanswered"], serde_json::json!([]), "{listing}");
+    let row = device_row(&listing, &phone);
+    assert_eq!(row["token"], "devices-user/7/", "{row}");
+    assert_eq!(row["pushed_writes"], 5, "{row}");
+    assert_eq!(row["max_seq"], 5, "{row}");
+    assert!(row["cursor_age_seconds"].as_f64().unwrap() < 600.0, "{row}");
+    assert_eq!(row["nodes"], serde_json::json!(["node-1"]), "{row}");
+    let row = device_row(&listing, &laptop);
+    assert_eq!(
+        (row["pushed_writes"].as_u64(), row["max_seq"].as_u64()),
+        (Some(3), Some(3)),
+        "{row}"
+    );
+    assert_eq!(row["nodes"], serde_json::json!(["node-2"]), "{row}");
+    assert_eq!(listing["devices"].as_array().unwrap().len(), 2, "{listing}");
+    let table = std::process::Command::new(env!("CARGO_BIN_EXE_kvctl"))
+        .arg("--node")
+        .arg(cluster.addr(2).to_string())
+        .arg("--tls-dir")
+        .arg(cluster.path().join("admin"))
+        .arg("devices")
+        .output()
+        .unwrap();
+    let table = String::from_utf8(table.stdout).unwrap();
+    assert!(table.contains(&format!("{:x}", phone.id())), "{table}");
+    assert!(table.contains("tombstone purge"), "{table}");
+    // A malformed device id is refused, naming it.
+    let refused = http
+        .get(format!("{}/v1/changes?prefix=user/7/&device=xyz", base(0)))
+        .bearer_auth(&secret)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), 400);
+    let text = refused.text().await.unwrap();
+    assert!(text.contains("xyz") && text.contains("hex digits"), "{text}");
+
+    // A clean restart keeps node 1's rows; the ledger is per node, so the
+    // phone's later pull through node 2 shows as a second node.
+    cluster.stop(0);
+    cluster.restart(0);
+    common::eventually("node 1 answers kvctl devices again", || async {
+        let listing = kvctl_devices(&cluster, 2);
+        listing["unanswered"] == serde_json::json!([])
+            && listing["devices"].as_array().unwrap().len() == 2
+    })
+    .await;
+    drop(phone);
+    let phone = Device::open(dir.path().join("phone"), &base(1), http, Some(secret)).unwrap();
+    phone.pull(b"user/7/", |_| {}).await.unwrap();
+    let listing = kvctl_devices(&cluster, 0);
+    let row = device_row(&listing, &phone);
+    assert_eq!(row["pushed_writes"], 5, "{row}");
+    assert_eq!(
+        row["nodes"],
+        serde_json::json!(["node-1", "node-2"]),
+        "{row}"
+    );
+    assert!(row["pulled_entries"].as_u64().unwrap() >= 6, "{row}");
+}

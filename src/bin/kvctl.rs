@@ -169,6 +169,13 @@ enum Command {
         #[arg(long)]
         no_wait: bool,
     },
+    /// Devices that synced with the cluster (docs/device-sync.md), merged
+    /// from every node that answers: last push and pull, cursor age (time
+    /// since the device was last caught up), writes pushed, and what holds
+    /// tombstone purges back (devices never do).
+    ///
+    /// Example: kvctl devices --output json
+    Devices,
     /// API tokens for the HTTP API (admin certificate): `token create`,
     /// `token list`, `token revoke NAME_OR_ID`.
     ///
@@ -353,6 +360,20 @@ fn record_json(record: &Option<WireRecord>) -> Json {
 }
 
 /// Prints rows as an aligned table.
+/// `42s ago`, `5m ago`, `3h ago`, `2d ago`.
+fn human_age(seconds: f64) -> String {
+    let s = seconds.max(0.0);
+    if s < 120.0 {
+        format!("{s:.0}s ago")
+    } else if s < 7200.0 {
+        format!("{:.0}m ago", s / 60.0)
+    } else if s < 172_800.0 {
+        format!("{:.0}h ago", s / 3600.0)
+    } else {
+        format!("{:.0}d ago", s / 86400.0)
+    }
+}
+
 fn table(header: &[&str], rows: Vec<Vec<String>>) {
     let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
     for row in &rows {
@@ -445,6 +466,145 @@ impl Ctl {
         // kvctl in loops, and open connections count against a cap.
         client.close().await;
         Ok(response?)
+    }
+
+    /// `kvctl devices`: every reachable member's ledger, merged by device.
+    async fn devices(&self) -> anyhow::Result<()> {
+        let Response::ClusterMembers(members) = self.call(Request::ClusterMembers, 1).await? else {
+            anyhow::bail!("unexpected answer")
+        };
+        let mut answers = Vec::new();
+        for m in &members {
+            let answer = async {
+                let addr: SocketAddr = m.addr.parse()?;
+                let addr = if m.state == "self" { self.node } else { addr };
+                let client = self.connect(addr, true).await?;
+                let answer = client.request(&Request::Devices).await;
+                client.close().await;
+                match answer? {
+                    Response::Devices(info) => Ok(info),
+                    other => anyhow::bail!("unexpected answer {other:?}"),
+                }
+            };
+            let answer = tokio::time::timeout(Duration::from_secs(5), answer)
+                .await
+                .unwrap_or_else(|_| Err(anyhow::anyhow!("no answer in 5 s")));
+            answers.push((m.name.clone(), answer));
+        }
+        // Per device: the merged record, each node's clock skew folded in
+        // by turning its times into ages at that node.
+        let mut merged: BTreeMap<u64, (gossipkv::store::DeviceRecord, Vec<String>)> =
+            BTreeMap::new();
+        let mut held = Vec::new();
+        let mut unanswered = Vec::new();
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        for (asked_name, answer) in answers {
+            let info = match answer {
+                Ok(info) => info,
+                Err(e) => {
+                    unanswered.push((asked_name, e.to_string()));
+                    continue;
+                }
+            };
+            // The node's own name: the asked node may not know it yet.
+            let name = info.node.clone();
+            // Times as this machine's clock would have stamped them.
+            let skew = now as i64 - info.now_ms as i64;
+            let local = |t: u64| {
+                if t == 0 {
+                    0
+                } else {
+                    (t as i64 + skew).max(1) as u64
+                }
+            };
+            for (id, mut record) in info.devices {
+                record.first_seen_ms = local(record.first_seen_ms);
+                record.last_push_ms = local(record.last_push_ms);
+                record.last_pull_ms = local(record.last_pull_ms);
+                record.caught_up_ms = local(record.caught_up_ms);
+                let slot = merged.entry(id).or_default();
+                slot.0.merge(&record);
+                slot.1.push(name.clone());
+            }
+            for hold in info.purge_held {
+                held.push((name.clone(), hold));
+            }
+        }
+        let age = |t: u64| (t > 0).then(|| now.saturating_sub(t) as f64 / 1e3);
+        let stamp = |t: u64| (t > 0).then(|| gossipkv::certs::rfc3339((t / 1000) as i64));
+        let value = json!({
+            "devices": merged.iter().map(|(id, (r, nodes))| json!({
+                "device": format!("{id:x}"),
+                "token": r.token,
+                "first_seen": stamp(r.first_seen_ms),
+                "last_push": stamp(r.last_push_ms),
+                "last_pull": stamp(r.last_pull_ms),
+                "cursor_age_seconds": age(r.caught_up_ms),
+                "pushed_writes": r.pushed_writes,
+                "max_seq": r.max_seq,
+                "pulled_entries": r.pulled_entries,
+                "reconciles": r.reconciles,
+                "nodes": nodes,
+            })).collect::<Vec<_>>(),
+            "purge_held": held.iter().map(|(node, h)| json!({
+                "node": node, "partition": h.partition, "reason": h.reason,
+            })).collect::<Vec<_>>(),
+            "unanswered": unanswered.iter().map(|(node, e)| json!({
+                "node": node, "error": e,
+            })).collect::<Vec<_>>(),
+        });
+        let ago = |t: u64| age(t).map_or("never".to_string(), human_age);
+        self.emit(value, || {
+            let rows = merged
+                .iter()
+                .map(|(id, (r, nodes))| {
+                    vec![
+                        format!("{id:x}"),
+                        r.token.clone().unwrap_or_else(|| "-".into()),
+                        ago(r.last_push_ms),
+                        ago(r.last_pull_ms),
+                        age(r.caught_up_ms).map_or("never caught up".into(), human_age),
+                        r.pushed_writes.to_string(),
+                        r.max_seq.to_string(),
+                        r.pulled_entries.to_string(),
+                        r.reconciles.to_string(),
+                        nodes.join(","),
+                    ]
+                })
+                .collect();
+            table(
+                &[
+                    "device",
+                    "token",
+                    "last push",
+                    "last pull",
+                    "cursor age",
+                    "pushed",
+                    "max seq",
+                    "pulled",
+                    "reconciles",
+                    "through",
+                ],
+                rows,
+            );
+            say!("");
+            if held.is_empty() {
+                say!("tombstone purge: nothing held back (devices never hold it back: one away across a purge reconciles)");
+            } else {
+                say!("tombstone purge held back:");
+                let rows = held
+                    .iter()
+                    .map(|(node, h)| vec![node.clone(), h.partition.to_string(), h.reason.clone()])
+                    .collect();
+                table(&["node", "partition", "reason"], rows);
+            }
+            for (node, e) in &unanswered {
+                say!("{node} did not answer ({e}): its devices are missing above");
+            }
+        });
+        Ok(())
     }
 
     fn emit(&self, value: Json, text: impl FnOnce()) {
@@ -932,6 +1092,7 @@ impl Ctl {
                     }
                 });
             }
+            Command::Devices => self.devices().await?,
             Command::Migrations { watch } => loop {
                 let Response::Migrations(m) = self.call(Request::Migrations, 1).await? else {
                     anyhow::bail!("unexpected answer")

@@ -4,8 +4,8 @@
 use super::coordinate::ClientReply;
 use super::Core;
 use crate::client::{
-    ErrorCode, Failure, LayoutInfo, MemberInfo, MigrationsInfo, NodeStatus, PartitionInfo,
-    ReplicaView, Request, Response, TokenInfo, WireRecord,
+    DevicesInfo, ErrorCode, Failure, LayoutInfo, MemberInfo, MigrationsInfo, NodeStatus,
+    PartitionInfo, PurgeHold, ReplicaView, Request, Response, TokenInfo, WireRecord,
 };
 use crate::crdt::NodeId;
 use crate::replication::tokens;
@@ -129,6 +129,12 @@ impl Core {
                     elapsed_ms: progress.elapsed.as_millis() as u64,
                 })
             }
+            Request::Devices => Response::Devices(DevicesInfo {
+                node: self.name.clone(),
+                now_ms: unix_ms(),
+                devices: self.ledger.snapshot(),
+                purge_held: self.purge_held(),
+            }),
             Request::Join { seed } => {
                 let outputs = self.replica.join(self.now(), seed);
                 self.carry_out(outputs);
@@ -201,6 +207,54 @@ impl Core {
             )),
         };
         self.answer(reply, response);
+    }
+
+    /// Partitions held here with tombstones that the next purge round
+    /// would keep, and why (the conditions of `Replica::purge`).
+    fn purge_held(&self) -> Vec<PurgeHold> {
+        let layout = self.replica.layout();
+        let store = self.replica.store();
+        let Ok(versions) = store.partition_versions() else {
+            return Vec::new();
+        };
+        let mut held = Vec::new();
+        for (p, own) in versions.iter().enumerate() {
+            let p = p as u16;
+            if !layout.holds(self.id, p) || !store.has_tombstones(p).unwrap_or(false) {
+                continue;
+            }
+            let reason = if layout.in_transition() {
+                "the layout is changing: purges wait until every replica is ready".to_string()
+            } else {
+                let mut unknown = Vec::new();
+                let mut behind = Vec::new();
+                for n in layout.holders(p).into_iter().filter(|&n| n != self.id) {
+                    match self.replica.peer_version(p, n) {
+                        None => unknown.push(self.node_name(n)),
+                        Some(v) if !v.dominates(own) => behind.push(self.node_name(n)),
+                        Some(_) => {}
+                    }
+                }
+                if !unknown.is_empty() {
+                    format!(
+                        "no version vector from {} yet (down, or anti-entropy has not reached it)",
+                        unknown.join(", ")
+                    )
+                } else if !behind.is_empty() {
+                    format!(
+                        "{} has not seen every write here: tombstones it lacks wait for anti-entropy",
+                        behind.join(", ")
+                    )
+                } else {
+                    continue;
+                }
+            };
+            held.push(PurgeHold {
+                partition: p,
+                reason,
+            });
+        }
+        held
     }
 
     fn create_token(

@@ -23,6 +23,7 @@
 mod admin;
 pub mod config;
 mod coordinate;
+mod devices;
 mod files;
 pub mod http;
 pub mod limits;
@@ -220,6 +221,7 @@ pub async fn run(
         info!(path = %store_path.display(), bytes = meta.len(), "verifying the store file");
     }
     let store = Arc::new(Store::open(&store_path, options)?);
+    let ledger = Arc::new(devices::DeviceLedger::load(&store)?);
     let id = store.node_id();
     let name = name.unwrap_or_else(|| id.to_string());
     let _ = metrics.node.set((name.clone(), id.to_string()));
@@ -326,15 +328,15 @@ pub async fn run(
             if let http::HttpSecurity::Tls(config) = &security {
                 live.serve_https(config.clone());
             }
-            let (bound, task) = http::start(
-                addr,
-                security,
-                inbox.clone(),
-                tokens_rx,
-                local_reads_rx.clone(),
-                watches.clone(),
-                store.partitions(),
-            )
+            let api = http::Api {
+                core: inbox.clone(),
+                tokens: tokens_rx,
+                watches: watches.clone(),
+                local_reads: local_reads_rx.clone(),
+                partitions: store.partitions(),
+                ledger: ledger.clone(),
+            };
+            let (bound, task) = http::start(addr, security, api)
             .await
             .map_err(|source| NodeError::Listen { addr, source })?;
             if plain {
@@ -346,6 +348,7 @@ pub async fn run(
         }
         None => None,
     };
+    let ledger_saver = tokio::spawn(devices::save_every(ledger.clone(), store.clone()));
     let limits = Limits::new(config.limits.clone(), metrics.clone());
     let accept = tokio::spawn(accept_loop(
         endpoint.clone(),
@@ -395,6 +398,7 @@ pub async fn run(
         local_reads: local_reads_tx,
         watches,
         subscriptions: HashMap::new(),
+        ledger: ledger.clone(),
     };
     let mut seeds = config.seeds.clone();
     for peer in load_peers(&config.data_dir) {
@@ -421,6 +425,8 @@ pub async fn run(
     }
     endpoint.close(0u32.into(), b"shutting down");
     endpoint.wait_idle().await;
+    ledger_saver.abort();
+    ledger.save(&store);
     // The core, and with it the storage thread, has finished: every commit
     // is done, so the next start may keep this writer id.
     if let Err(e) = store.close() {
@@ -471,6 +477,8 @@ struct Core {
     /// This node's subscriptions at other nodes: (key, prefix, node) ->
     /// when made.
     subscriptions: HashMap<(Vec<u8>, bool, NodeId), Instant>,
+    /// Devices that synced through this node (`Request::Devices`).
+    ledger: Arc<devices::DeviceLedger>,
 }
 
 impl Core {

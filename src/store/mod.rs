@@ -8,6 +8,7 @@
 //! vectors only after the commit succeeds.
 
 mod changes;
+mod devices;
 mod feed;
 mod group;
 mod partition;
@@ -17,6 +18,7 @@ pub(crate) mod write;
 pub use changes::{
     ApplyReport, ChangeChunk, ChangeStream, ChunkLimits, PartitionStats, RemoteEntry,
 };
+pub use devices::DeviceRecord;
 pub use feed::{feed_index_prefix, FeedPage, MAX_FEED_DEPTH};
 pub use group::{GroupOutcome, GroupWrite, MergedView};
 pub use partition::{partition_of, DEFAULT_PARTITIONS, HASH_SCHEME};

@@ -18,6 +18,8 @@
 //!   every tombstone purged there, here or on the replica a sync came from
 //!   (the join of the stable vectors purges used): what lets the change
 //!   feed tell a reader it may have missed deletes.
+//! - `devices`: device id -> encoded `DeviceRecord`: the node-local device
+//!   ledger (see `devices.rs`), outside every invariant below.
 //!
 //! Invariant: every write commits the entry, its `changes` rows, its
 //! `tombstones` row and its partition's version vector in one transaction;
@@ -37,6 +39,7 @@ pub(crate) const VERSIONS: TableDefinition<u16, &[u8]> = TableDefinition::new("p
 /// reused even after the partition's data and version vector are gone.
 pub(crate) const ISSUED_FLOOR: TableDefinition<u16, u64> = TableDefinition::new("issued_floor");
 pub(crate) const PURGED: TableDefinition<u16, &[u8]> = TableDefinition::new("purged_versions");
+pub(crate) const DEVICES: TableDefinition<u64, &[u8]> = TableDefinition::new("devices");
 pub(crate) const TOMBSTONES: TableDefinition<(u16, &[u8]), ()> = TableDefinition::new("tombstones");
 
 pub(crate) const META_FORMAT: &str = "format";

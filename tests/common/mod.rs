@@ -204,6 +204,26 @@ impl Cluster {
         child.wait().unwrap();
     }
 
+    /// SIGTERM: a clean stop (the node saves what it keeps in memory).
+    /// Panics if the node has not exited 20 s later, or exits with an error.
+    pub fn stop(&mut self, i: usize) {
+        let (child, _) = &mut self.nodes[i];
+        let status = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let status = loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                break status;
+            }
+            assert!(Instant::now() < deadline, "the node ignored SIGTERM");
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        assert!(status.success(), "the node exited with {status}");
+    }
+
     pub fn restart(&mut self, i: usize) {
         let node_dir = self.dir.path().join(format!("node-{}", i + 1));
         let seed = self

@@ -188,6 +188,8 @@ struct FeedRequest {
     longpoll: bool,
     timeout: Duration,
     format: PageFormat,
+    /// The device pulling, if it says (for the device ledger).
+    device: Option<u64>,
 }
 
 /// How a page is written.
@@ -261,7 +263,9 @@ pub(super) async fn changes_get(
     api.authenticate(connection, &headers)?;
     let query = Query::parse(
         &uri,
-        &["prefix", "since", "limit", "feed", "timeout", "format"],
+        &[
+            "prefix", "since", "limit", "feed", "timeout", "format", "device",
+        ],
     )?;
     let request = FeedRequest {
         prefix: query.raw.get("prefix").cloned().unwrap_or_default(),
@@ -270,6 +274,10 @@ pub(super) async fn changes_get(
         longpoll: longpoll_of(query.get("feed")?.map(String::as_str))?,
         timeout: query.seconds("timeout", LONGPOLL_SECONDS, MAX_LONGPOLL_SECONDS)?,
         format: format_of(query.get("format")?.map(String::as_str))?,
+        device: query
+            .get("device")?
+            .map(|d| super::routes::device_id(d, "bad_query"))
+            .transpose()?,
     };
     serve(&api, connection, &headers, request).await
 }
@@ -283,6 +291,7 @@ struct FeedBody {
     feed: Option<String>,
     timeout: Option<f64>,
     format: Option<String>,
+    device: Option<String>,
 }
 
 /// `POST /v1/changes` with `{"prefix", "since", "limit", "feed",
@@ -320,6 +329,10 @@ pub(super) async fn changes_post(
         longpoll: longpoll_of(body.feed.as_deref())?,
         timeout,
         format: format_of(body.format.as_deref())?,
+        device: body
+            .device
+            .map(|d| super::routes::device_id(&d, "bad_json"))
+            .transpose()?,
     };
     serve(&api, connection, &headers, request).await
 }
@@ -370,10 +383,10 @@ async fn serve(
         };
         let now = tokio::time::Instant::now();
         let Some(watch) = watch.as_mut() else {
-            return render(api, &request, page);
+            return answer(api, headers, &request, page);
         };
         if !page.entries.is_empty() || page.more || now >= deadline {
-            return render(api, &request, page);
+            return answer(api, headers, &request, page);
         }
         cursor = FeedCursor {
             frontier: page.frontier,
@@ -381,6 +394,27 @@ async fn serve(
         };
         hold(&mut watch.woken, &mut local, here, deadline).await;
     }
+}
+
+/// Records the page in the device ledger, if a device asked, and renders
+/// it.
+fn answer(
+    api: &Api,
+    headers: &HeaderMap,
+    request: &FeedRequest,
+    page: ChangesPage,
+) -> Result<HttpResponse, ApiError> {
+    if let Some(device) = request.device {
+        api.ledger.pulled(
+            device,
+            api.token_name(headers),
+            crate::node::admin::unix_ms(),
+            page.entries.len(),
+            !page.more,
+            page.reconcile,
+        );
+    }
+    render(api, request, page)
 }
 
 /// `{"changes": [...], "next": cursor, "more": bool}`; a deleted key is

@@ -48,14 +48,16 @@ pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// What the routes call the node through.
 pub(super) struct Api {
-    core: Inbox,
-    tokens: tokio::sync::watch::Receiver<Arc<TokenRegistry>>,
-    watches: Arc<watch::Watches>,
+    pub(in crate::node) core: Inbox,
+    pub(in crate::node) tokens: tokio::sync::watch::Receiver<Arc<TokenRegistry>>,
+    pub(in crate::node) watches: Arc<watch::Watches>,
     /// Per partition, whether this node coordinates its reads itself
     /// (published by the core): then a held watch needs no re-read.
-    local_reads: tokio::sync::watch::Receiver<Arc<Vec<bool>>>,
+    pub(in crate::node) local_reads: tokio::sync::watch::Receiver<Arc<Vec<bool>>>,
     /// The cluster's partition count (change feed cursors name it).
-    partitions: u16,
+    pub(in crate::node) partitions: u16,
+    /// Devices' pushes and pulls through this node (`kvctl devices`).
+    pub(in crate::node) ledger: Arc<crate::node::devices::DeviceLedger>,
 }
 
 /// How a connection authenticated, put in each request's extensions.
@@ -115,6 +117,18 @@ impl Api {
             .authorize(secret, key, access, super::admin::unix_ms())
             .map(|_| ())
             .map_err(denied)
+    }
+
+    /// The name of the token the request carries, if any (for the device
+    /// ledger; the request was authorized already).
+    fn token_name(&self, headers: &HeaderMap) -> Option<String> {
+        let secret = bearer(headers).ok()??;
+        let registry = self.tokens.borrow().clone();
+        let name = registry
+            .authenticate(secret, super::admin::unix_ms())
+            .ok()
+            .map(|t| t.name.clone());
+        name
     }
 
     /// For node-level routes (status): any valid token, or a certificate.
@@ -243,21 +257,11 @@ pub(super) fn https_config(
 pub(super) async fn start(
     addr: SocketAddr,
     security: HttpSecurity,
-    core: Inbox,
-    tokens: tokio::sync::watch::Receiver<Arc<TokenRegistry>>,
-    local_reads: tokio::sync::watch::Receiver<Arc<Vec<bool>>>,
-    watches: Arc<watch::Watches>,
-    partitions: u16,
+    api: Api,
 ) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
     let listener = TcpListener::bind(addr).await?;
     let bound = listener.local_addr()?;
-    let router = routes::router(Arc::new(Api {
-        core,
-        tokens,
-        watches,
-        local_reads,
-        partitions,
-    }));
+    let router = routes::router(Arc::new(api));
     let security = Arc::new(security);
     let task = tokio::spawn(async move {
         let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));

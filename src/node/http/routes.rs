@@ -950,6 +950,19 @@ fn batch_result(key: &[u8], result: Result<Response, ApiError>) -> serde_json::V
     }
 }
 
+/// A device id as requests carry it: 1 to 16 hex digits.
+pub(super) fn device_id(text: &str, code: &'static str) -> Result<u64, ApiError> {
+    u64::from_str_radix(text, 16)
+        .ok()
+        .filter(|_| !text.is_empty() && text.len() <= 16 && !text.starts_with('+'))
+        .ok_or_else(|| {
+            ApiError::bad_request(
+                code,
+                format!("device {text:?}: expected 1 to 16 hex digits"),
+            )
+        })
+}
+
 /// Runs a batch: operations on the same key in the order given, operations
 /// on different keys concurrently; one result per operation, in order.
 async fn batch(
@@ -967,17 +980,7 @@ async fn batch(
     }
     let Batch { ops, device } = parse_json(&read_body(&headers, body, MAX_JSON_BYTES).await?)?;
     let device = device
-        .map(|text| {
-            u64::from_str_radix(&text, 16)
-                .ok()
-                .filter(|_| !text.is_empty() && text.len() <= 16)
-                .ok_or_else(|| {
-                    ApiError::bad_request(
-                        "bad_json",
-                        format!("device {text:?}: expected 1 to 16 hex digits"),
-                    )
-                })
-        })
+        .map(|text| device_id(&text, "bad_json"))
         .transpose()?;
     if ops.len() > MAX_BATCH_OPS {
         return Err(ApiError::new(
@@ -1020,7 +1023,11 @@ async fn batch(
             // write applied before an earlier one would hide it for good.
             let mut held_back = false;
             for (i, call) in calls {
-                let pushed = matches!(&call, Ok((Request::Pushed { .. }, _, _)));
+                let pushed_seq = match &call {
+                    Ok((Request::Pushed { seq, .. }, _, _)) => Some(*seq),
+                    _ => None,
+                };
+                let pushed = pushed_seq.is_some();
                 let result = match call {
                     Ok(_) if pushed && held_back => Err(ApiError::new(
                         StatusCode::SERVICE_UNAVAILABLE,
@@ -1031,12 +1038,14 @@ async fn batch(
                     Err(e) => Err(e),
                 };
                 held_back |= pushed && result.is_err();
-                results.push((i, batch_result(&key, result)));
+                let applied = pushed_seq.filter(|_| result.is_ok());
+                results.push((i, batch_result(&key, result), applied));
             }
             results
         });
     }
     let mut results = vec![serde_json::Value::Null; count];
+    let (mut applied_writes, mut max_seq) = (0u64, 0u64);
     while let Some(done) = tasks.join_next().await {
         let done = done.map_err(|e| {
             ApiError::new(
@@ -1045,9 +1054,23 @@ async fn batch(
                 format!("a batch task failed: {e}"),
             )
         })?;
-        for (i, result) in done {
+        for (i, result, applied) in done {
             results[i] = result;
+            if let Some(seq) = applied {
+                applied_writes += 1;
+                max_seq = max_seq.max(seq);
+            }
         }
+    }
+    if let Some(device) = device {
+        let token = api.token_name(&headers);
+        api.ledger.pushed(
+            device,
+            token,
+            crate::node::admin::unix_ms(),
+            applied_writes,
+            max_seq,
+        );
     }
     Ok(json_body(&serde_json::json!({ "results": results })))
 }
