@@ -59,6 +59,31 @@ fn run_until_ok(line: &str, limit: Duration) -> String {
     }
 }
 
+/// The path of an example's binary, built first if `cargo test` did not
+/// build it (a run filtered to this test does not).
+fn example_binary(name: &str) -> std::path::PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    // target/<profile>/deps/dev-<hash> -> target/<profile>/examples/<name>
+    let path = exe
+        .parent()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .join("examples")
+        .join(name);
+    if !path.exists() {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let status = Command::new(cargo)
+            .args(["build", "--example", name])
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .status()
+            .unwrap();
+        assert!(status.success(), "building example {name}");
+    }
+    assert!(path.exists(), "{} is missing", path.display());
+    path
+}
+
 #[test]
 fn the_dev_cluster_answers_the_curl_lines_it_prints() {
     assert!(
@@ -77,10 +102,17 @@ fn the_dev_cluster_answers_the_curl_lines_it_prints() {
     let mut dev = Dev(child);
     let stdout = dev.0.stdout.take().unwrap();
     let mut curls = Vec::new();
+    let mut example = None;
     for line in BufReader::new(stdout).lines() {
         let line = line.unwrap();
         if line.trim_start().starts_with("curl ") {
             curls.push(line.trim().to_string());
+        }
+        if let Some(args) = line
+            .trim()
+            .strip_prefix("cargo run --example device_sync -- ")
+        {
+            example = Some(args.split(' ').map(String::from).collect::<Vec<_>>());
         }
         if line.starts_with("Ctrl-C") {
             break;
@@ -99,6 +131,21 @@ fn the_dev_cluster_answers_the_curl_lines_it_prints() {
     assert!(added.contains("\"value\":5"), "{added}");
     let added = run(&curls[2]).unwrap();
     assert!(added.contains("\"value\":10"), "{added}");
+
+    // The device example, run as printed: it checks its own outcome (the
+    // devices converge, the counter is exact) and fails otherwise.
+    let example = example.expect("`gossipkv dev` prints how to run examples/device_sync.rs");
+    let output = Command::new(example_binary("device_sync"))
+        .args(&example)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success() && text.contains("converged: one note, 800 steps on both"),
+        "{text}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(text.contains("2 siblings"), "{text}");
 
     // A write refused before its body is read still gets its JSON answer:
     // over HTTP/2 an answer sent before the request's end resets the

@@ -839,7 +839,10 @@ async fn kvctl_devices_lists_each_device_merged_across_the_nodes_it_used() {
         .unwrap();
     assert_eq!(refused.status(), 400);
     let text = refused.text().await.unwrap();
-    assert!(text.contains("xyz") && text.contains("hex digits"), "{text}");
+    assert!(
+        text.contains("xyz") && text.contains("hex digits"),
+        "{text}"
+    );
 
     // A clean restart keeps node 1's rows; the ledger is per node, so the
     // phone's later pull through node 2 shows as a second node.

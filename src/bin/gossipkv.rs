@@ -308,6 +308,12 @@ async fn dev(args: DevArgs) -> Result<()> {
         addrs[0],
         admin.display()
     );
+    println!(
+        "a phone and a laptop edit offline and sync through it (docs/device-sync.md):\n  cargo run --example device_sync -- {} https://{} https://{}",
+        dir.display(),
+        https[0],
+        https[https.len() - 1]
+    );
     println!("Ctrl-C stops the cluster");
     let mut any_exit = Box::pin(futures_first_exit(&mut children));
     tokio::select! {

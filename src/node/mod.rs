@@ -337,8 +337,8 @@ pub async fn run(
                 ledger: ledger.clone(),
             };
             let (bound, task) = http::start(addr, security, api)
-            .await
-            .map_err(|source| NodeError::Listen { addr, source })?;
+                .await
+                .map_err(|source| NodeError::Listen { addr, source })?;
             if plain {
                 warn!(%bound, "the HTTP API is PLAIN HTTP WITH NO AUTHENTICATION: anyone who reaches {bound} can read and write every key (--http-plain)");
             } else {
