@@ -867,3 +867,179 @@ async fn kvctl_devices_lists_each_device_merged_across_the_nodes_it_used() {
     );
     assert!(row["pulled_entries"].as_u64().unwrap() >= 6, "{row}");
 }
+
+/// Puts `keys` (each with `value`, no context) through the clients, 48 at
+/// a time: how the bulk test loads the cluster.
+async fn put_all(
+    clients: &[std::sync::Arc<gossipkv::client::Client>],
+    keys: Vec<String>,
+    value: &'static [u8],
+) {
+    let keys = std::sync::Arc::new(keys);
+    let next = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut tasks = tokio::task::JoinSet::new();
+    for t in 0..48 {
+        let client = clients[t % clients.len()].clone();
+        let (keys, next) = (keys.clone(), next.clone());
+        tasks.spawn(async move {
+            loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let Some(key) = keys.get(i) else { return };
+                client.put(key.as_bytes(), value, None).await.unwrap();
+            }
+        });
+    }
+    while let Some(done) = tasks.join_next().await {
+        done.unwrap();
+    }
+}
+
+/// The scale: a device pulls a prefix of 10,000 keys, goes
+/// offline; the cluster takes 100,000 writes of which 500 match the
+/// subscription; the device makes 200 edits, 100 of them concurrent with
+/// the cluster's edits of the same keys; one sync. Afterwards the device
+/// holds exactly what a fresh pull of the prefix holds, the concurrent
+/// edits are siblings on both sides, the counter is exact, and the bytes
+/// pulled are within 1.5x the changed entries' encoded size plus a
+/// constant.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_catches_up_on_500_of_100000_writes_with_200_edits_of_its_own() {
+    let _slot = SLOTS.acquire().await.unwrap();
+    let (cluster, clients) = started(3).await;
+    let clients: Vec<_> = clients.into_iter().map(std::sync::Arc::new).collect();
+    let secret = token(&cluster, "user/9/").await;
+    let http = tokened(&cluster);
+    let dir = tempfile::tempdir().unwrap();
+    let base = format!("https://{}", cluster.http[0]);
+    put_all(
+        &clients,
+        (0..10_000).map(|i| format!("user/9/k{i:05}")).collect(),
+        b"v0",
+    )
+    .await;
+    let mut device = Device::open(
+        dir.path().join("device"),
+        &base,
+        http.clone(),
+        Some(secret.clone()),
+    )
+    .unwrap();
+    device.set_page_size(1000);
+    let initial = device.pull(b"user/9/", |_| {}).await.unwrap();
+    assert_eq!(initial.entries, 10_000, "{initial:?}");
+
+    // Offline. The cluster: 490 new keys and 10 counter adds under the
+    // prefix, 99,500 writes elsewhere.
+    let others: Vec<String> = (0..99_500).map(|i| format!("other/{i:06}")).collect();
+    put_all(&clients, others, b"elsewhere").await;
+    put_all(
+        &clients,
+        (0..490).map(|i| format!("user/9/n{i:03}")).collect(),
+        b"cluster",
+    )
+    .await;
+    for i in 0..10 {
+        clients[i % 3]
+            .counter_add(b"user/9/count", 1)
+            .await
+            .unwrap();
+    }
+    // The device: 100 of the same new keys (concurrent), 90 edits of keys
+    // it has seen (superseding them), 10 counter adds.
+    for i in 0..100 {
+        device
+            .write(DeviceOp::Put {
+                key: format!("user/9/n{i:03}").into_bytes(),
+                value: b"device".to_vec(),
+            })
+            .unwrap();
+    }
+    for i in 0..90 {
+        device
+            .write(DeviceOp::Put {
+                key: format!("user/9/k{i:05}").into_bytes(),
+                value: b"edited".to_vec(),
+            })
+            .unwrap();
+    }
+    for _ in 0..10 {
+        device
+            .write(DeviceOp::CounterAdd {
+                key: b"user/9/count".to_vec(),
+                amount: 100,
+            })
+            .unwrap();
+    }
+    let (pushed, pulled) = device.sync(&[b"user/9/"]).await.unwrap();
+    assert_eq!((pushed.applied, pushed.deferred), (200, 0), "{pushed:?}");
+    assert_eq!(device.pending().unwrap(), 0, "every edit came back applied");
+
+    // The changed entries: the cluster's 491 keys and the device's 90.
+    let mut changed: Vec<String> = (0..490).map(|i| format!("user/9/n{i:03}")).collect();
+    changed.extend((0..90).map(|i| format!("user/9/k{i:05}")));
+    changed.push("user/9/count".into());
+    let changed_bytes: usize = changed
+        .iter()
+        .map(|k| device.entry_bytes(k.as_bytes()).unwrap().unwrap())
+        .sum();
+    assert_eq!(pulled.entries, changed.len(), "{pulled:?}");
+    assert!(
+        (pulled.bytes as f64) <= 1.5 * changed_bytes as f64 + 4096.0,
+        "{} bytes pulled for {changed_bytes} bytes of changed entries",
+        pulled.bytes
+    );
+
+    // Both sides: siblings where both edited, the device's edits alone
+    // where only it did, an exact counter.
+    for i in (0..490).step_by(7) {
+        let key = format!("user/9/n{i:03}");
+        let expected: Vec<Vec<u8>> = if i < 100 {
+            vec![b"cluster".to_vec(), b"device".to_vec()]
+        } else {
+            vec![b"cluster".to_vec()]
+        };
+        assert_eq!(values(&device, &key), expected, "{key} on the device");
+        let record = clients[i % 3].get(key.as_bytes()).await.unwrap().unwrap();
+        let Value::Register(mut on_cluster) = record.value else {
+            panic!("{key}")
+        };
+        on_cluster.sort();
+        assert_eq!(on_cluster, expected, "{key} on the cluster");
+    }
+    assert_eq!(values(&device, "user/9/k00005"), [b"edited".to_vec()]);
+    assert_eq!(values(&device, "user/9/k00095"), [b"v0".to_vec()]);
+    assert_eq!(counter(&device, "user/9/count"), 1010);
+    assert_eq!(clients[1].counter(b"user/9/count").await.unwrap(), 1010);
+
+    // The device agrees with the cluster on the whole prefix: a fresh
+    // device pulling it from another node holds the same records.
+    let fresh = Device::open(
+        dir.path().join("fresh"),
+        &format!("https://{}", cluster.http[2]),
+        http,
+        Some(secret),
+    )
+    .unwrap();
+    let full = fresh.pull(b"user/9/", |_| {}).await.unwrap();
+    assert_eq!(full.entries, 10_000 + 490 + 1, "{full:?}");
+    let mut differing = Vec::new();
+    for i in 0..10_000 {
+        let key = format!("user/9/k{i:05}");
+        if device.get(key.as_bytes()).unwrap() != fresh.get(key.as_bytes()).unwrap() {
+            differing.push(key);
+        }
+    }
+    for key in &changed {
+        if device.get(key.as_bytes()).unwrap() != fresh.get(key.as_bytes()).unwrap() {
+            differing.push(key.clone());
+        }
+    }
+    assert!(
+        differing.is_empty(),
+        "device and cluster differ on {differing:?}"
+    );
+    assert!(
+        device.get(b"other/000001").unwrap().is_none(),
+        "outside the subscription"
+    );
+}
