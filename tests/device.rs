@@ -1043,3 +1043,129 @@ async fn a_device_catches_up_on_500_of_100000_writes_with_200_edits_of_its_own()
         "outside the subscription"
     );
 }
+
+/// Pushes keep their exactly-once promise while the primary replica of
+/// partitions moves: a node leaves (a join keeps every primary: the
+/// planner hands a newcomer the slots it cares least about), and a device
+/// pushing counter adds again and again through another node (every push
+/// resends what no pull has confirmed) ends with every counter exact, on
+/// the cluster and on the device, once the layout completes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pushes_while_primaries_move_apply_each_write_once() {
+    let _slot = SLOTS.acquire().await.unwrap();
+    let cluster = Cluster::start(4);
+    let tls = cluster.client_tls();
+    let mut clients = Vec::new();
+    for i in 0..4 {
+        clients.push(common::client(cluster.addr(i), &tls).await);
+    }
+    common::eventually("four members and a complete first layout", || async {
+        for c in &clients {
+            match c.status().await {
+                Ok(s)
+                    if s.members_alive == 4
+                        && s.layout_version >= 1
+                        && s.layout_version == s.layout_completed => {}
+                _ => return false,
+            }
+        }
+        true
+    })
+    .await;
+    let secret = token(&cluster, "user/5/").await;
+    let http = tokened(&cluster);
+    let dir = tempfile::tempdir().unwrap();
+    // Data for the hand-off to move, so that it takes a while.
+    let clients: Vec<_> = clients.into_iter().map(std::sync::Arc::new).collect();
+    put_all(
+        &clients,
+        (0..3000).map(|i| format!("bulk/{i:04}")).collect(),
+        &[7; 200],
+    )
+    .await;
+    let device = Device::open(
+        dir.path().join("device"),
+        &format!("https://{}", cluster.http[1]),
+        http,
+        Some(secret),
+    )
+    .unwrap();
+    const KEYS: usize = 40;
+    // Applied once before the leave: the records the new primaries need.
+    for k in 0..KEYS {
+        device
+            .write(DeviceOp::CounterAdd {
+                key: format!("user/5/c{k:02}").into_bytes(),
+                amount: 1,
+            })
+            .unwrap();
+    }
+    common::eventually("the first writes are applied", || async {
+        let _ = device.sync(&[b"user/5/"]).await;
+        device.pending().unwrap() == 0
+    })
+    .await;
+    let mut waves = 1i64;
+    let admin =
+        gossipkv::client::Client::connect_admin(cluster.addr(0), Some(&cluster.admin_tls()))
+            .await
+            .unwrap();
+    let left = admin.request(&Request::Leave).await.unwrap();
+    assert_eq!(left, NodeResponse::Done);
+    let remaining = &clients[1..];
+    let complete = || async {
+        for c in remaining {
+            match c.status().await {
+                Ok(s) if s.layout_version == s.layout_completed && s.layout_version > 1 => {}
+                _ => return false,
+            }
+        }
+        true
+    };
+    let mut deferred = 0;
+    // Waves of writes until the hand-off completes (at most 300).
+    loop {
+        let done = complete().await;
+        for k in 0..KEYS {
+            device
+                .write(DeviceOp::CounterAdd {
+                    key: format!("user/5/c{k:02}").into_bytes(),
+                    amount: 1,
+                })
+                .unwrap();
+        }
+        waves += 1;
+        // Twice: the second push resends every write the first applied.
+        for _ in 0..2 {
+            if let Ok(r) = device.push().await {
+                deferred += r.deferred;
+            }
+        }
+        let _ = device.pull(b"user/5/", |_| {}).await;
+        if done || waves == 300 {
+            break;
+        }
+    }
+    assert!(complete().await, "the hand-off did not complete");
+    assert!(
+        deferred > 0,
+        "no push met a moving primary: the test tested nothing"
+    );
+    common::eventually("every write is applied and pulled back", || async {
+        let _ = device.sync(&[b"user/5/"]).await;
+        device.pending().unwrap() == 0
+    })
+    .await;
+    for k in 0..KEYS {
+        let key = format!("user/5/c{k:02}");
+        assert_eq!(counter(&device, &key), waves, "{key} on the device");
+        for c in remaining {
+            assert_eq!(
+                c.counter(key.as_bytes()).await.unwrap(),
+                waves,
+                "{key} on the cluster"
+            );
+        }
+    }
+    eprintln!("{waves} waves; {deferred} pushed writes were deferred while primaries moved");
+}
