@@ -397,6 +397,26 @@ impl Device {
         }
     }
 
+    /// GETs `url`: its body if answered 200, counted in `report.bytes`
+    /// either way.
+    async fn get_counted(
+        &self,
+        url: String,
+        report: &mut PullReport,
+    ) -> Result<Vec<u8>, DeviceError> {
+        let response = self.request(self.http.get(url)).send().await?;
+        let status = response.status().as_u16();
+        let body = response.bytes().await?;
+        report.bytes += body.len() as u64;
+        if status != 200 {
+            return Err(DeviceError::Refused {
+                status,
+                body: String::from_utf8_lossy(&body).into_owned(),
+            });
+        }
+        Ok(body.to_vec())
+    }
+
     /// Sends the logged writes, in order, [`PUSH_BATCH`] at a time. Sending
     /// again what was applied changes nothing, so a push cut anywhere is
     /// simply pushed again.
@@ -562,16 +582,7 @@ impl Device {
             if let Some(cursor) = &cursor {
                 url.push_str(&format!("&since={cursor}"));
             }
-            let response = self.request(self.http.get(url)).send().await?;
-            let status = response.status().as_u16();
-            let body = response.bytes().await?;
-            report.bytes += body.len() as u64;
-            if status != 200 {
-                return Err(DeviceError::Refused {
-                    status,
-                    body: String::from_utf8_lossy(&body).into_owned(),
-                });
-            }
+            let body = self.get_counted(url, &mut report).await?;
             let page: BinaryPage = postcard::from_bytes(&body)
                 .map_err(|e| DeviceError::Protocol(format!("a feed page: {e}")))?;
             // An empty `next`: the cursor asked with is still the one.
@@ -624,16 +635,7 @@ impl Device {
             if let Some(after) = &after {
                 url.push_str(&format!("&start_after={after}"));
             }
-            let response = self.request(self.http.get(url)).send().await?;
-            let status = response.status().as_u16();
-            let body = response.bytes().await?;
-            report.bytes += body.len() as u64;
-            if status != 200 {
-                return Err(DeviceError::Refused {
-                    status,
-                    body: String::from_utf8_lossy(&body).into_owned(),
-                });
-            }
+            let body = self.get_counted(url, report).await?;
             let page: serde_json::Value = serde_json::from_slice(&body)
                 .map_err(|e| DeviceError::Protocol(format!("a listing: {e}")))?;
             for listed in page["keys"].as_array().into_iter().flatten() {

@@ -712,13 +712,16 @@ async fn a_device_pushing_through_a_node_that_then_stops_loses_nothing() {
     assert_eq!(counter(&phone, "user/1/n"), 20);
 }
 
-fn kvctl_devices(cluster: &Cluster, node: usize) -> serde_json::Value {
+/// Runs `kvctl devices` (admin certificate) through `node`, with `args`
+/// before the command; its standard output.
+fn kvctl_devices_output(cluster: &Cluster, node: usize, args: &[&str]) -> Vec<u8> {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_kvctl"))
         .arg("--node")
         .arg(cluster.addr(node).to_string())
         .arg("--tls-dir")
         .arg(cluster.path().join("admin"))
-        .args(["--output", "json", "devices"])
+        .args(args)
+        .arg("devices")
         .output()
         .unwrap();
     assert!(
@@ -726,7 +729,11 @@ fn kvctl_devices(cluster: &Cluster, node: usize) -> serde_json::Value {
         "kvctl devices: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    serde_json::from_slice(&out.stdout).unwrap()
+    out.stdout
+}
+
+fn kvctl_devices(cluster: &Cluster, node: usize) -> serde_json::Value {
+    serde_json::from_slice(&kvctl_devices_output(cluster, node, &["--output", "json"])).unwrap()
 }
 
 fn device_row<'a>(listing: &'a serde_json::Value, device: &Device) -> &'a serde_json::Value {
@@ -819,15 +826,7 @@ async fn kvctl_devices_lists_each_device_merged_across_the_nodes_it_used() {
     );
     assert_eq!(row["nodes"], serde_json::json!(["node-2"]), "{row}");
     assert_eq!(listing["devices"].as_array().unwrap().len(), 2, "{listing}");
-    let table = std::process::Command::new(env!("CARGO_BIN_EXE_kvctl"))
-        .arg("--node")
-        .arg(cluster.addr(2).to_string())
-        .arg("--tls-dir")
-        .arg(cluster.path().join("admin"))
-        .arg("devices")
-        .output()
-        .unwrap();
-    let table = String::from_utf8(table.stdout).unwrap();
+    let table = String::from_utf8(kvctl_devices_output(&cluster, 2, &[])).unwrap();
     assert!(table.contains(&format!("{:x}", phone.id())), "{table}");
     assert!(table.contains("tombstone purge"), "{table}");
     // A malformed device id is refused, naming it.
