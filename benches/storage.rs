@@ -360,8 +360,23 @@ fn main() {
         dir.path().display(),
         if quick { "quick" } else { "full" }
     );
-    bench_put_and_get(dir.path(), &sizes);
-    bench_put_durable(dir.path(), &sizes);
-    bench_put_grouped(dir.path(), &sizes);
-    bench_changes_since(dir.path(), &sizes);
+    // `--only NAME` runs one phase (for profiling it alone).
+    let args: Vec<String> = std::env::args().collect();
+    let only = args
+        .iter()
+        .position(|a| a == "--only")
+        .and_then(|i| args.get(i + 1).cloned());
+    let run = |name: &str| only.as_deref().is_none_or(|o| o == name);
+    if run("put_and_get") {
+        bench_put_and_get(dir.path(), &sizes);
+    }
+    if run("put_durable") {
+        bench_put_durable(dir.path(), &sizes);
+    }
+    if run("put_grouped") {
+        bench_put_grouped(dir.path(), &sizes);
+    }
+    if run("changes_since") {
+        bench_changes_since(dir.path(), &sizes);
+    }
 }

@@ -198,6 +198,42 @@ fn own_dot(store: &Store, context: &CausalContext) -> Dot {
     Dot::new(store.node_id(), context.get(store.node_id()))
 }
 
+/// The change index lists each entry of a partition once, every live key
+/// among them, as stored; and the partition's stats count the same.
+fn check_index(store: &Store) -> Result<(), TestCaseError> {
+    let live: BTreeSet<Vec<u8>> = store
+        .scan_prefix(b"")
+        .unwrap()
+        .map(|r| r.unwrap().0)
+        .collect();
+    let one_per_chunk = ChunkLimits {
+        max_entries: 1,
+        max_bytes: 1 << 20,
+    };
+    for p in 0..store.partitions() {
+        let mut listed = BTreeSet::new();
+        for chunk in store
+            .changes_since_with(p, &VersionVector::new(), one_per_chunk)
+            .unwrap()
+        {
+            for e in chunk.unwrap().entries {
+                prop_assert_eq!(
+                    store.entry_bytes(&e.key).unwrap(),
+                    Some(e.entry.clone()),
+                    "listed entry differs from the stored one"
+                );
+                prop_assert!(listed.insert(e.key), "an entry was listed twice");
+            }
+        }
+        for key in live.iter().filter(|k| store.partition_of(k) == p) {
+            prop_assert!(listed.contains(key), "a live key is missing from the index");
+        }
+        let stats = store.partition_stats(p).unwrap();
+        prop_assert_eq!(stats.entries, listed.len() as u64, "partition stats");
+    }
+    Ok(())
+}
+
 fn dump(store: &Store) -> (Vec<(Vec<u8>, Record)>, Vec<VersionVector>) {
     let rows = store
         .scan_prefix(b"")
@@ -210,12 +246,15 @@ fn dump(store: &Store) -> (Vec<(Vec<u8>, Record)>, Vec<VersionVector>) {
     (rows, versions)
 }
 
-fn run(n: usize, steps: &[Step]) -> Result<(), TestCaseError> {
+/// `log_rows`: the stores' change log size, so that cases run with the
+/// index folded at every commit, now and then, and never.
+fn run(n: usize, steps: &[Step], log_rows: u64) -> Result<(), TestCaseError> {
     let stores: Vec<Store> = (0..n)
         .map(|i| {
             let options = StoreOptions::default()
                 .node_id(NodeId(i as u64 + 1))
-                .partitions(PARTITIONS);
+                .partitions(PARTITIONS)
+                .change_log_rows(log_rows);
             Store::open_in_memory(options).unwrap()
         })
         .collect();
@@ -345,6 +384,13 @@ fn run(n: usize, steps: &[Step]) -> Result<(), TestCaseError> {
                     let own = stores[from].partition_version(p).unwrap();
                     if stores[to].partition_version(p).unwrap().dominates(&own) {
                         stores[from].drop_partition(p).unwrap();
+                        let left = stores[from]
+                            .scan_prefix(b"")
+                            .unwrap()
+                            .filter(|r| stores[from].partition_of(&r.as_ref().unwrap().0) == p)
+                            .count();
+                        prop_assert_eq!(left, 0, "a dropped partition kept live keys");
+                        prop_assert_eq!(stores[from].partition_stats(p).unwrap().entries, 0);
                         // Its last chunk may be of a dropped partition.
                         last_chunk.remove(&from);
                     }
@@ -365,6 +411,9 @@ fn run(n: usize, steps: &[Step]) -> Result<(), TestCaseError> {
         }
     }
 
+    for store in &stores {
+        check_index(store)?;
+    }
     // Full sync: everything into store 0, then store 0 into everyone.
     for i in 1..n {
         pull(&stores[i], &stores[0]).unwrap();
@@ -373,6 +422,9 @@ fn run(n: usize, steps: &[Step]) -> Result<(), TestCaseError> {
         pull(&stores[0], &stores[i]).unwrap();
     }
 
+    for store in &stores {
+        check_index(store)?;
+    }
     let reference = dump(&stores[0]);
     for (i, store) in stores.iter().enumerate().skip(1) {
         prop_assert_eq!(&dump(store), &reference, "store {} differs from store 0", i);
@@ -412,8 +464,11 @@ proptest! {
     #![proptest_config(ProptestConfig { cases: 96, ..ProptestConfig::default() })]
 
     #[test]
-    fn synced_stores_converge_to_the_crdt_semantics((n, steps) in scenario()) {
-        run(n, &steps)?;
+    fn synced_stores_converge_to_the_crdt_semantics(
+        (n, steps) in scenario(),
+        log_rows in prop_oneof![Just(0u64), Just(2), Just(5), Just(1_000_000)],
+    ) {
+        run(n, &steps, log_rows)?;
     }
 }
 

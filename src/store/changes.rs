@@ -15,6 +15,7 @@
 //! (vectors only grow). A stream cut short leaves the receiver with the dots
 //! it did receive, so the next exchange resumes from there.
 
+use super::index::IndexView;
 use super::tables::*;
 use super::write::Writer;
 use super::{read_version, Store};
@@ -88,7 +89,7 @@ pub struct ApplyReport {
 pub struct ChangeStream {
     _txn: ReadTransaction,
     entries: ReadOnlyTable<&'static [u8], &'static [u8]>,
-    changes: ReadOnlyTable<(u16, u64, u64), &'static [u8]>,
+    index: IndexView,
     partition: u16,
     since: VersionVector,
     source: VersionVector,
@@ -121,11 +122,11 @@ impl Store {
         let source = read_version(&txn.open_table(VERSIONS)?, partition)?;
         let purged = read_version(&txn.open_table(PURGED)?, partition)?;
         let entries = txn.open_table(ENTRIES)?;
-        let changes = txn.open_table(CHANGES)?;
+        let index = IndexView::open(&txn, self, partition, None)?;
         let mut stream = ChangeStream {
             _txn: txn,
             entries,
-            changes,
+            index,
             partition,
             since,
             source,
@@ -220,12 +221,12 @@ impl Store {
     pub fn partition_stats(&self, partition: u16) -> Result<PartitionStats> {
         self.check_partition(partition)?;
         let txn = self.db.begin_read()?;
-        let changes = txn.open_table(CHANGES)?;
+        let index = IndexView::open(&txn, self, partition, None)?;
         let entries = txn.open_table(ENTRIES)?;
         let mut keys = std::collections::BTreeSet::new();
-        for row in changes.range((partition, 0u64, 0u64)..=(partition, u64::MAX, u64::MAX))? {
-            keys.insert(row?.1.value().to_vec());
-        }
+        index.keys(|key| {
+            keys.insert(key.to_vec());
+        })?;
         let mut stats = PartitionStats::default();
         for key in keys {
             if let Some(bytes) = entries.get(key.as_slice())? {
@@ -253,62 +254,49 @@ impl ChangeStream {
 
     /// The smallest origin node at or after `from` with rows in the index.
     fn first_origin_from(&self, from: u64) -> Result<Option<NodeId>> {
-        let start = (self.partition, from, 0u64);
-        let end = (self.partition, u64::MAX, u64::MAX);
-        match self.changes.range(start..=end)?.next() {
-            Some(row) => Ok(Some(NodeId(row?.0.value().1))),
-            None => Ok(None),
-        }
-    }
-
-    /// Whether an entry reached through origin `via` is sent there: it is
-    /// sent at the first origin, in walk order, whose dot `since` lacks, so
-    /// that an entry indexed by several uncovered dots goes out once.
-    fn first_uncovered_origin_is(&self, entry: &Entry, via: NodeId) -> bool {
-        entry
-            .index_dots()
-            .into_iter()
-            .find(|&d| !self.since.covers(d))
-            .is_some_and(|d| d.node == via)
+        self.index.first_origin_from(from)
     }
 
     fn next_chunk(&mut self) -> Result<ChangeChunk> {
         let mut entries = Vec::new();
         let mut bytes = 0usize;
         while let Some((origin, from_seq)) = self.cursor {
-            let start = (self.partition, origin.0, from_seq);
-            let end = (self.partition, origin.0, u64::MAX);
             let mut next_cursor = None;
-            for row in self.changes.range(start..=end)? {
-                let (position, key) = row?;
-                let (_, _, seq) = position.value();
-                if entries.len() >= self.limits.max_entries || bytes >= self.limits.max_bytes {
+            let ChangeStream {
+                index,
+                entries: table,
+                since,
+                limits,
+                partition,
+                ..
+            } = &*self;
+            index.walk(origin, from_seq, |seq, key| {
+                if entries.len() >= limits.max_entries || bytes >= limits.max_bytes {
                     next_cursor = Some((origin, seq));
-                    break;
+                    return Ok(false);
                 }
-                if self.since.covers(crate::crdt::Dot::new(origin, seq)) {
-                    continue;
+                if since.covers(crate::crdt::Dot::new(origin, seq)) {
+                    return Ok(true);
                 }
-                let key = key.value();
-                let stored = self.entries.get(key)?.ok_or_else(|| Error::Corrupt {
+                let stored = table.get(key)?.ok_or_else(|| Error::Corrupt {
                     what: "change index".into(),
                     reason: format!(
-                        "row ({}, {origin}, {seq}) names missing key {}",
-                        self.partition,
+                        "row ({partition}, {origin}, {seq}) names missing key {}",
                         show_key(key)
                     ),
                 })?;
                 let encoded = stored.value();
                 let entry = super::decode_entry(key, encoded)?;
-                if !self.first_uncovered_origin_is(&entry, origin) {
-                    continue;
+                if !first_uncovered_origin_is(since, &entry, origin) {
+                    return Ok(true);
                 }
                 bytes += key.len() + encoded.len();
                 entries.push(RemoteEntry {
                     key: key.to_vec(),
                     entry: encoded.to_vec(),
                 });
-            }
+                Ok(true)
+            })?;
             match next_cursor {
                 Some(cursor) => {
                     self.cursor = Some(cursor);
@@ -352,6 +340,17 @@ impl Iterator for ChangeStream {
         }
         Some(chunk)
     }
+}
+
+/// Whether an entry reached through origin `via` is sent there: it is
+/// sent at the first origin, in walk order, whose dot `since` lacks, so
+/// that an entry indexed by several uncovered dots goes out once.
+fn first_uncovered_origin_is(since: &VersionVector, entry: &Entry, via: NodeId) -> bool {
+    entry
+        .index_dots()
+        .into_iter()
+        .find(|&d| !since.covers(d))
+        .is_some_and(|d| d.node == via)
 }
 
 /// A chunk whose entries are decoded and checked (see `Store::check_chunk`).

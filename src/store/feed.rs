@@ -46,15 +46,17 @@
 //! the rows of its longest such prefix (the partition's `changes` rows when
 //! it has none) and skips keys outside the exact prefix: its reads are
 //! proportional to the changes under that indexed prefix the frontier does
-//! not cover, plus one seek per origin, never to the store.
+//! not cover, plus one seek per origin, never to the store; rows not yet
+//! folded from the change log are read beside them (`index.rs`).
 
 use super::changes::{ChunkLimits, RemoteEntry};
+use super::index::IndexView;
 use super::tables::*;
 use super::{decode_entry, read_version, Store};
 use crate::crdt::entry::Entry;
 use crate::crdt::{Dot, NodeId, VersionVector};
 use crate::error::{show_key, Error, Result};
-use redb::{ReadOnlyTable, ReadableDatabase, ReadableTable};
+use redb::{ReadableDatabase, ReadableTable};
 use serde::{Deserialize, Serialize};
 
 /// How many `/`-terminated prefixes of a key the feed index holds rows for:
@@ -99,63 +101,6 @@ pub struct FeedPage {
     /// The source purged tombstones the reader's frontier did not cover:
     /// the reader may hold keys deleted since (see the module docs).
     pub reconcile: bool,
-}
-
-enum FeedIndex {
-    Partition(ReadOnlyTable<(u16, u64, u64), &'static [u8]>),
-    Prefix(ReadOnlyTable<(u64, u16, u64, u64), &'static [u8]>, u64),
-}
-
-impl FeedIndex {
-    /// The smallest origin at or after `from` with rows in the partition.
-    fn first_origin_from(&self, partition: u16, from: u64) -> Result<Option<NodeId>> {
-        let row = match self {
-            FeedIndex::Partition(t) => t
-                .range((partition, from, 0u64)..=(partition, u64::MAX, u64::MAX))?
-                .next()
-                .map(|r| r.map(|(k, _)| k.value().1)),
-            FeedIndex::Prefix(t, p) => t
-                .range((*p, partition, from, 0u64)..=(*p, partition, u64::MAX, u64::MAX))?
-                .next()
-                .map(|r| r.map(|(k, _)| k.value().2)),
-        };
-        Ok(row.transpose()?.map(NodeId))
-    }
-
-    /// Calls `visit(seq, key)` for the rows of `origin` from `from_seq` on,
-    /// in order, until it answers false.
-    fn walk(
-        &self,
-        partition: u16,
-        origin: NodeId,
-        from_seq: u64,
-        mut visit: impl FnMut(u64, &[u8]) -> Result<bool>,
-    ) -> Result<()> {
-        match self {
-            FeedIndex::Partition(t) => {
-                for row in
-                    t.range((partition, origin.0, from_seq)..=(partition, origin.0, u64::MAX))?
-                {
-                    let (position, key) = row?;
-                    if !visit(position.value().2, key.value())? {
-                        break;
-                    }
-                }
-            }
-            FeedIndex::Prefix(t, p) => {
-                let p = *p;
-                for row in t.range(
-                    (p, partition, origin.0, from_seq)..=(p, partition, origin.0, u64::MAX),
-                )? {
-                    let (position, key) = row?;
-                    if !visit(position.value().3, key.value())? {
-                        break;
-                    }
-                }
-            }
-        }
-        Ok(())
-    }
 }
 
 /// Whether `entry`, reached through `via`, goes out there: at the first of
@@ -203,24 +148,32 @@ impl Store {
             });
         }
         let purged = read_version(&txn.open_table(PURGED)?, partition)?;
+        let reconcile = !since.is_empty() && !since.dominates(&purged);
+        if since.dominates(&source) {
+            // Every entry's dots are in `source`: nothing to send, and no
+            // index to read.
+            return Ok(FeedPage {
+                frontier: since,
+                complete: true,
+                reconcile,
+                ..FeedPage::default()
+            });
+        }
         let stored = txn.open_table(ENTRIES)?;
-        let index = match feed_index_prefix(prefix) {
-            Some(p) => FeedIndex::Prefix(txn.open_table(PREFIX_CHANGES)?, prefix_hash(p)),
-            None => FeedIndex::Partition(txn.open_table(CHANGES)?),
-        };
+        let index = IndexView::open(&txn, self, partition, feed_index_prefix(prefix))?;
         let max_entries = limits.max_entries;
         let max_bytes = limits.max_bytes.max(1);
         let mut page = FeedPage {
             frontier: since.clone(),
-            reconcile: !since.is_empty() && !since.dominates(&purged),
+            reconcile,
             ..FeedPage::default()
         };
         let mut bytes = 0usize;
-        let mut next_origin = index.first_origin_from(partition, 0)?;
+        let mut next_origin = index.first_origin_from(0)?;
         while let Some(origin) = next_origin {
             let mut stopped_at = None;
             let from = since.base(origin).saturating_add(1);
-            index.walk(partition, origin, from, |seq, key| {
+            index.walk(origin, from, |seq, key| {
                 if page.entries.len() >= max_entries || bytes >= max_bytes {
                     stopped_at = Some(seq);
                     return Ok(false);
@@ -255,7 +208,7 @@ impl Store {
             }
             page.frontier.join_node_upto(&source, origin, u64::MAX);
             next_origin = match origin.0.checked_add(1) {
-                Some(next) => index.first_origin_from(partition, next)?,
+                Some(next) => index.first_origin_from(next)?,
                 None => None,
             };
         }
@@ -492,7 +445,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("db");
         {
-            let s = Store::open(&path, StoreOptions::default().partitions(1)).unwrap();
+            let options = StoreOptions::default().partitions(1).change_log_rows(0);
+            let s = Store::open(&path, options).unwrap();
             s.put(b"a/b/c", b"v", None).unwrap();
             s.put(b"a/x", b"v", None).unwrap();
         }

@@ -11,6 +11,7 @@ mod changes;
 mod devices;
 mod feed;
 mod group;
+mod index;
 mod partition;
 mod tables;
 pub(crate) mod write;
@@ -40,6 +41,9 @@ use tables::*;
 pub const MAX_KEY_BYTES: usize = 8 * 1024;
 /// The largest register value or set member accepted, in bytes.
 pub const MAX_VALUE_BYTES: usize = 4 * 1024 * 1024;
+
+/// Default of [`StoreOptions::change_log_rows`].
+pub const DEFAULT_CHANGE_LOG_ROWS: u64 = 1024;
 
 /// When a commit is on disk.
 #[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
@@ -77,6 +81,11 @@ pub struct StoreOptions {
     /// page panic. It reads the whole file once, so opening costs time in
     /// proportion to the store's size.
     pub verify_on_open: bool,
+    /// Change index rows the change log gathers before a commit folds them
+    /// into the per-partition index (see `index.rs`; default 1,024). Larger
+    /// saves page writes under scattered writes, and costs each read of the
+    /// index a scan of up to this many rows.
+    pub change_log_rows: u64,
 }
 
 impl Default for StoreOptions {
@@ -88,6 +97,7 @@ impl Default for StoreOptions {
             cache_bytes: None,
             clock: Arc::new(SystemClock),
             verify_on_open: true,
+            change_log_rows: DEFAULT_CHANGE_LOG_ROWS,
         }
     }
 }
@@ -100,6 +110,7 @@ impl std::fmt::Debug for StoreOptions {
             .field("durability", &self.durability)
             .field("cache_bytes", &self.cache_bytes)
             .field("verify_on_open", &self.verify_on_open)
+            .field("change_log_rows", &self.change_log_rows)
             .finish_non_exhaustive()
     }
 }
@@ -127,6 +138,12 @@ impl StoreOptions {
 
     pub fn verify_on_open(mut self, verify: bool) -> Self {
         self.verify_on_open = verify;
+        self
+    }
+
+    /// See [`StoreOptions::change_log_rows`]; 0 folds at every commit.
+    pub fn change_log_rows(mut self, rows: u64) -> Self {
+        self.change_log_rows = rows;
         self
     }
 }
@@ -183,8 +200,11 @@ pub struct Store {
     node: NodeId,
     partitions: u16,
     durability: Durability,
+    /// See [`StoreOptions::change_log_rows`].
+    change_log_rows: u64,
     clock: Arc<dyn WallClock>,
     writer: Mutex<WriterState>,
+    log_cache: Mutex<index::LogCache>,
     /// Per partition, whether local writes are accepted (see `writable`),
     /// kept beside the writer state so that asking never waits for a
     /// commit in progress.
@@ -309,7 +329,9 @@ impl Store {
                 }
                 Some(format) => {
                     let found = u32::from_le_bytes(fixed(&format, &path, META_FORMAT)?);
-                    if found != FORMAT_VERSION {
+                    if UPGRADABLE_FORMATS.contains(&found) {
+                        meta.insert(META_FORMAT, FORMAT_VERSION.to_le_bytes().as_slice())?;
+                    } else if found != FORMAT_VERSION {
                         return Err(Error::UnsupportedFormat {
                             found,
                             supported: FORMAT_VERSION,
@@ -365,6 +387,7 @@ impl Store {
         // Create the other tables so that read transactions find them.
         txn.open_table(ENTRIES)?;
         txn.open_table(CHANGES)?;
+        txn.open_table(CHANGE_LOG)?;
         txn.open_table(TOMBSTONES)?;
         txn.open_table(PURGED)?;
         let has_feed_index = txn.open_table(META)?.get(META_FEED_INDEX)?.is_some();
@@ -431,8 +454,10 @@ impl Store {
             node,
             partitions,
             durability: options.durability,
+            change_log_rows: options.change_log_rows,
             clock: options.clock,
             observer: std::sync::OnceLock::new(),
+            log_cache: Mutex::new(index::LogCache::default()),
             writable: versions
                 .iter()
                 .zip(&issued_floor)
@@ -650,6 +675,12 @@ impl Store {
 
     /// The writer lock. A panic while it was held cannot leave it
     /// inconsistent: the vectors are only replaced after a commit.
+    fn log_cache(&self) -> MutexGuard<'_, index::LogCache> {
+        self.log_cache
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
     fn writer(&self) -> MutexGuard<'_, WriterState> {
         self.writer
             .lock()

@@ -6,6 +6,9 @@
 //! - `changes`: (partition, origin node, seq) -> user key. One row per
 //!   entry and node in its causal context, at that node's highest dot. A
 //!   node's writes append at the end of its range.
+//! - `change_log`: position -> (partition, origin, seq, user key): rows of
+//!   the change index not yet folded into `changes`, in commit order. Rows
+//!   whose entry lost that dot are left here and skipped (see `index.rs`).
 //! - `prefix_changes`: (hash of a prefix, partition, origin node, seq) ->
 //!   user key. The rows of `changes` again, once per `/`-terminated prefix
 //!   of the key (its first few): what lets a change feed for a prefix read
@@ -21,16 +24,19 @@
 //! - `devices`: device id -> encoded `DeviceRecord`: the node-local device
 //!   ledger (see `devices.rs`), outside every invariant below.
 //!
-//! Invariant: every write commits the entry, its `changes` rows, its
-//! `tombstones` row and its partition's version vector in one transaction;
-//! `prefix_changes` holds exactly the rows of `changes` under each indexed
-//! prefix of their key.
+//! Invariant: every write commits the entry, its change index rows (in
+//! `change_log`, or folded into `changes`), its `tombstones` row and its
+//! partition's version vector in one transaction; `changes` holds only
+//! live rows; `prefix_changes` holds exactly the rows of `changes` under
+//! each indexed prefix of their key.
 
 use redb::TableDefinition;
 
 pub(crate) const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 pub(crate) const ENTRIES: TableDefinition<&[u8], &[u8]> = TableDefinition::new("entries");
 pub(crate) const CHANGES: TableDefinition<(u16, u64, u64), &[u8]> = TableDefinition::new("changes");
+pub(crate) const CHANGE_LOG: TableDefinition<u64, (u16, u64, u64, &[u8])> =
+    TableDefinition::new("change_log");
 pub(crate) const PREFIX_CHANGES: TableDefinition<(u64, u16, u64, u64), &[u8]> =
     TableDefinition::new("prefix_changes");
 pub(crate) const VERSIONS: TableDefinition<u16, &[u8]> = TableDefinition::new("partition_versions");
@@ -60,5 +66,13 @@ pub(crate) const META_EXPOSED: &str = "exposed";
 /// existed get it built on open).
 pub(crate) const META_FEED_INDEX: &str = "feed_index";
 
-/// Version of the store's file layout.
-pub(crate) const FORMAT_VERSION: u32 = 1;
+/// The position the next `change_log` row takes when the log is empty
+/// (written by each fold): positions never repeat (see `index.rs`).
+pub(crate) const META_CHANGE_LOG_NEXT: &str = "change_log_next";
+
+/// Version of the store's file layout. 2: the change log. A format-1 store
+/// is upgraded on open (it has no log rows); builds that know only format 1
+/// refuse a format-2 store, whose index they would read without the log.
+pub(crate) const FORMAT_VERSION: u32 = 2;
+/// The older layouts this build opens and upgrades.
+pub(crate) const UPGRADABLE_FORMATS: [u32; 1] = [1];

@@ -9,6 +9,7 @@
 //! the reverse.
 
 use super::feed::{feed_prefixes, prefix_hash};
+use super::index;
 use super::tables::*;
 use super::{
     decode_entry, encode_version, Durability, Store, WriterState, MAX_KEY_BYTES, MAX_VALUE_BYTES,
@@ -325,6 +326,10 @@ pub(super) struct Writer<'t> {
     store: &'t Store,
     entries: Table<'t, &'static [u8], &'static [u8]>,
     changes: Table<'t, (u16, u64, u64), &'static [u8]>,
+    change_log: Table<'t, u64, (u16, u64, u64, &'static [u8])>,
+    /// Positions of the log's first row and of the next row appended.
+    log_first: u64,
+    log_next: u64,
     prefix_changes: Table<'t, (u64, u16, u64, u64), &'static [u8]>,
     tombstones: Table<'t, (u16, &'static [u8]), ()>,
     versions_table: Table<'t, u16, &'static [u8]>,
@@ -347,7 +352,33 @@ pub(super) struct Writer<'t> {
 
 impl<'t> Writer<'t> {
     fn new(store: &'t Store, txn: &'t WriteTransaction, state: &'t WriterState) -> Result<Self> {
+        let change_log = txn.open_table(CHANGE_LOG)?;
+        let meta = txn.open_table(META)?;
+        let (log_first, log_next) = match (change_log.first()?, change_log.last()?) {
+            (Some((first, _)), Some((last, _))) => (
+                first.value(),
+                last.value().checked_add(1).ok_or_else(|| Error::Corrupt {
+                    what: "change log".into(),
+                    reason: "its positions are exhausted".into(),
+                })?,
+            ),
+            _ => {
+                let next = match meta.get(META_CHANGE_LOG_NEXT)? {
+                    Some(v) => {
+                        u64::from_le_bytes(v.value().try_into().map_err(|_| Error::Corrupt {
+                            what: "metadata".into(),
+                            reason: format!("{META_CHANGE_LOG_NEXT} is not 8 bytes"),
+                        })?)
+                    }
+                    None => 0,
+                };
+                (next, next)
+            }
+        };
         Ok(Writer {
+            change_log,
+            log_first,
+            log_next,
             store,
             entries: txn.open_table(ENTRIES)?,
             changes: txn.open_table(CHANGES)?,
@@ -355,7 +386,7 @@ impl<'t> Writer<'t> {
             tombstones: txn.open_table(TOMBSTONES)?,
             versions_table: txn.open_table(VERSIONS)?,
             purged_table: txn.open_table(PURGED)?,
-            meta: txn.open_table(META)?,
+            meta,
             committed: &state.versions,
             touched: BTreeMap::new(),
             dropped: Vec::new(),
@@ -621,11 +652,10 @@ impl<'t> Writer<'t> {
             self.remove_row(partition, key, *dot)?;
         }
         for dot in after.iter().filter(|d| !before.contains(d)) {
-            self.changes.insert((partition, dot.node.0, dot.seq), key)?;
-            for p in feed_prefixes(key) {
-                self.prefix_changes
-                    .insert((prefix_hash(p), partition, dot.node.0, dot.seq), key)?;
-            }
+            // Appended to the log, folded into `changes` later (`index.rs`).
+            self.change_log
+                .insert(self.log_next, (partition, dot.node.0, dot.seq, key))?;
+            self.log_next += 1;
         }
         let encoded = entry.encode();
         self.entries.insert(key, encoded.as_slice())?;
@@ -666,6 +696,21 @@ impl<'t> Writer<'t> {
         let mut removed = 0;
         for ((p, node, seq), key) in rows {
             self.remove_row(p, &key, Dot::new(NodeId(node), seq))?;
+            if self.entries.remove(key.as_slice())?.is_some() {
+                removed += 1;
+            }
+        }
+        // Entries whose rows are still in the log; the rows go stale.
+        let mut logged = Vec::new();
+        for row in self.change_log.iter()? {
+            let (_, row) = row?;
+            let (p, _, _, key) = row.value();
+            index::check_partition(p, self.store.partitions)?;
+            if p == partition {
+                logged.push(key.to_vec());
+            }
+        }
+        for key in logged {
             if self.entries.remove(key.as_slice())?.is_some() {
                 removed += 1;
             }
@@ -722,8 +767,40 @@ impl<'t> Writer<'t> {
         Ok(keys)
     }
 
-    /// Persists the changed version vectors and the clock.
+    /// Moves the log's live rows into `changes` and `prefix_changes`
+    /// (with the entries as this transaction left them) and empties it.
+    fn fold_change_log(&mut self) -> Result<()> {
+        let mut rows = Vec::new();
+        for row in self.change_log.iter()? {
+            let (_, row) = row?;
+            let (p, origin, seq, key) = row.value();
+            index::check_partition(p, self.store.partitions)?;
+            rows.push((p, origin, seq, key.to_vec()));
+        }
+        for (partition, origin, seq, key) in rows {
+            if !index::is_live(&self.entries, &key, Dot::new(NodeId(origin), seq))? {
+                continue;
+            }
+            self.changes
+                .insert((partition, origin, seq), key.as_slice())?;
+            for p in feed_prefixes(&key) {
+                self.prefix_changes
+                    .insert((prefix_hash(p), partition, origin, seq), key.as_slice())?;
+            }
+        }
+        self.change_log.retain(|_, _| false)?;
+        self.meta
+            .insert(META_CHANGE_LOG_NEXT, self.log_next.to_le_bytes().as_slice())?;
+        self.log_first = self.log_next;
+        Ok(())
+    }
+
+    /// Persists the changed version vectors and the clock, and folds the
+    /// change log once it is long enough.
     fn flush(&mut self) -> Result<()> {
+        if self.log_next - self.log_first >= self.store.change_log_rows.max(1) {
+            self.fold_change_log()?;
+        }
         for (&p, vv) in &self.touched {
             self.versions_table
                 .insert(p, encode_version(vv).as_slice())?;
