@@ -61,7 +61,7 @@ fn counter(device: &Device, key: &str) -> i64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn devices_edit_offline_and_converge_with_the_cluster_through_any_node() {
     let _slot = SLOTS.acquire().await.unwrap();
-    let (cluster, clients) = started(3).await;
+    let (cluster, mut clients) = started(3).await;
     let secret = token(&cluster, "user/1/").await;
     let http = tokened(&cluster);
     let base = |node: usize| format!("https://{}", cluster.http[node]);
@@ -238,7 +238,10 @@ async fn devices_edit_offline_and_converge_with_the_cluster_through_any_node() {
             .await
             .unwrap();
     }
+    // Written to every replica (W=3) so that whichever node the pull
+    // reads holds all 20: at W=1 the answer may come before replication.
     for i in 20..40 {
+        clients[i % 3].set_quorum(3, 1);
         clients[i % 3]
             .put(format!("user/1/k{i}").as_bytes(), &[b'x'; 100], None)
             .await
