@@ -466,7 +466,7 @@ proptest! {
     #[test]
     fn synced_stores_converge_to_the_crdt_semantics(
         (n, steps) in scenario(),
-        log_rows in prop_oneof![Just(0u64), Just(2), Just(5), Just(1_000_000)],
+        log_rows in prop_oneof![Just(0u64), Just(16), Just(40), Just(1_000_000)],
     ) {
         run(n, &steps, log_rows)?;
     }

@@ -2,13 +2,16 @@
 //!
 //! Logically the index is one row (partition, origin, seq) -> key per entry
 //! and node in its causal context, at that node's highest dot. It is kept
-//! in two tables so that a commit writes it in one place:
-//! - `change_log`: rows appended in commit order. A group of writes to
-//!   keys spread over many partitions dirties one or two leaf pages here,
-//!   where inserting into `changes` would dirty a page per partition.
+//! in two tables so that a commit writes it in few places:
+//! - `change_log`: rows appended in commit order, in [`LOG_BUCKETS`]
+//!   buckets of partitions. A group of writes to keys spread over many
+//!   partitions dirties a leaf page per bucket here, where inserting into
+//!   `changes` would dirty a page per partition and writer.
 //! - `changes` (and `prefix_changes`): rows by partition, what walks read.
-//!   Once the log holds [`StoreOptions::change_log_rows`] rows, a commit
-//!   folds it in: every page of `changes` it touches then takes many rows.
+//!   Once a bucket holds its share of [`StoreOptions::change_log_rows`], a
+//!   commit folds that bucket in (one bucket per commit, so that no commit
+//!   pays for the whole log): every page of `changes` it touches then takes
+//!   many rows.
 //!
 //! A row leaves the index when its entry no longer has that dot (a newer
 //! write, a purge, a dropped partition). Writers delete such rows from
@@ -21,17 +24,20 @@
 //!
 //! A walk reads the log's rows of its partition into memory first, from a
 //! cache of the log by partition that each read extends with the rows
-//! appended since (`LogCache`); a fold empties the log and the cache.
-//! Log positions only grow, across folds too (`META_CHANGE_LOG_NEXT`).
+//! appended since (`LogCache`). Log positions only grow
+//! (`META_CHANGE_LOG_NEXT`), and a fold counts itself
+//! (`META_CHANGE_LOG_FOLDS`), so a snapshot names which rows it holds.
 //!
 //! [`StoreOptions::change_log_rows`]: super::StoreOptions::change_log_rows
 
 use super::feed::prefix_hash;
-use super::tables::{CHANGES, CHANGE_LOG, ENTRIES, PREFIX_CHANGES};
+use super::tables::{
+    CHANGES, CHANGE_LOG, ENTRIES, META, META_CHANGE_LOG_FOLDS, META_CHANGE_LOG_NEXT, PREFIX_CHANGES,
+};
 use super::{decode_entry, Store};
 use crate::crdt::{Dot, NodeId};
 use crate::error::{Error, Result};
-use redb::{ReadOnlyTable, ReadTransaction, ReadableTable};
+use redb::{ReadOnlyTable, ReadTransaction, ReadableTable, WriteTransaction};
 use std::collections::{BTreeMap, HashMap};
 
 /// The table a walk reads beside the log.
@@ -193,14 +199,68 @@ fn recent_before<'a>(
     Ok(true)
 }
 
+/// Buckets of the change log: partition `p` is in bucket `p % LOG_BUCKETS`.
+pub(super) const LOG_BUCKETS: u16 = 8;
+
+pub(super) fn bucket_of(partition: u16) -> u16 {
+    partition % LOG_BUCKETS
+}
+
+/// The writer's account of the change log.
+#[derive(Copy, Clone, Debug, Default)]
+pub(super) struct LogState {
+    /// The position of the next row.
+    pub(super) next: u64,
+    /// Folds so far.
+    pub(super) folds: u64,
+    /// Rows (live or not) in each bucket.
+    pub(super) rows: [u64; LOG_BUCKETS as usize],
+}
+
+impl LogState {
+    /// Counts the log's rows (at open).
+    pub(super) fn read(txn: &WriteTransaction, partitions: u16) -> Result<LogState> {
+        let meta = txn.open_table(META)?;
+        let mut state = LogState {
+            next: meta_u64(&meta, META_CHANGE_LOG_NEXT)?,
+            folds: meta_u64(&meta, META_CHANGE_LOG_FOLDS)?,
+            rows: Default::default(),
+        };
+        for row in txn.open_table(CHANGE_LOG)?.iter()? {
+            let (at, row) = row?;
+            let (bucket, position) = at.value();
+            let (p, ..) = row.value();
+            check_row(bucket, p, partitions)?;
+            state.rows[usize::from(bucket)] += 1;
+            state.next = state.next.max(position.saturating_add(1));
+        }
+        Ok(state)
+    }
+}
+
+/// A u64 metadata field; 0 when absent.
+pub(super) fn meta_u64(
+    meta: &impl ReadableTable<&'static str, &'static [u8]>,
+    name: &str,
+) -> Result<u64> {
+    match meta.get(name)? {
+        Some(v) => Ok(u64::from_le_bytes(v.value().try_into().map_err(|_| {
+            Error::Corrupt {
+                what: "metadata".into(),
+                reason: format!("{name} is not 8 bytes"),
+            }
+        })?)),
+        None => Ok(0),
+    }
+}
+
 /// The change log's rows by partition, read once from a snapshot and
 /// extended as the log grows, so that a walk does not scan the whole log.
-/// Log positions only grow (a fold empties the log, and the next row takes
-/// the next position), so every snapshot whose log starts at `first` holds
-/// the rows this cache holds below its own end.
+/// Between two snapshots with the same fold count, the log only gained
+/// rows, at positions past the older one's `META_CHANGE_LOG_NEXT`.
 #[derive(Default)]
 pub(super) struct LogCache {
-    first: u64,
+    folds: u64,
     next: u64,
     by_partition: HashMap<u16, Vec<CachedRow>>,
 }
@@ -221,29 +281,29 @@ impl LogCache {
         partitions: u16,
         partition: u16,
     ) -> Result<Vec<(u64, u64, Vec<u8>)>> {
-        let log = txn.open_table(CHANGE_LOG)?;
-        let (first, next) = match (log.first()?, log.last()?) {
-            (Some((first, _)), Some((last, _))) => (first.value(), last.value().saturating_add(1)),
-            _ => return Ok(Vec::new()),
-        };
-        if self.first != first || self.next < first {
+        let meta = txn.open_table(META)?;
+        let next = meta_u64(&meta, META_CHANGE_LOG_NEXT)?;
+        let folds = meta_u64(&meta, META_CHANGE_LOG_FOLDS)?;
+        if self.folds != folds {
             *self = LogCache {
-                first,
-                next: first,
-                by_partition: HashMap::new(),
+                folds,
+                ..LogCache::default()
             };
         }
         if self.next < next {
-            for row in log.range(self.next..next)? {
-                let (position, row) = row?;
-                let (p, origin, seq, key) = row.value();
-                check_partition(p, partitions)?;
-                self.by_partition.entry(p).or_default().push(CachedRow {
-                    position: position.value(),
-                    origin,
-                    seq,
-                    key: key.to_vec(),
-                });
+            let log = txn.open_table(CHANGE_LOG)?;
+            for bucket in 0..LOG_BUCKETS {
+                for row in log.range((bucket, self.next)..(bucket, next))? {
+                    let (at, row) = row?;
+                    let (p, origin, seq, key) = row.value();
+                    check_row(bucket, p, partitions)?;
+                    self.by_partition.entry(p).or_default().push(CachedRow {
+                        position: at.value().1,
+                        origin,
+                        seq,
+                        key: key.to_vec(),
+                    });
+                }
             }
             self.next = next;
         }
@@ -256,6 +316,18 @@ impl LogCache {
             .map(|r| (r.origin, r.seq, r.key.clone()))
             .collect())
     }
+}
+
+/// A log row must name a partition of the store, in the bucket it is in.
+pub(super) fn check_row(bucket: u16, partition: u16, partitions: u16) -> Result<()> {
+    check_partition(partition, partitions)?;
+    if bucket_of(partition) != bucket {
+        return Err(Error::Corrupt {
+            what: "change log".into(),
+            reason: format!("a row of partition {partition} is in bucket {bucket}"),
+        });
+    }
+    Ok(())
 }
 
 pub(super) fn check_partition(partition: u16, partitions: u16) -> Result<()> {
@@ -312,13 +384,15 @@ mod tests {
     fn log_rows_survive_a_reopen_and_fold_once_the_log_is_full() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("db");
+        // One partition: every row in bucket 0, which folds at 80 / 8.
+        let options = || options(80).partitions(1);
         {
-            let s = Store::open(&path, options(10)).unwrap();
+            let s = Store::open(&path, options()).unwrap();
             for i in 0..9 {
                 s.put(format!("k{i}").as_bytes(), b"v", None).unwrap();
             }
         }
-        let s = Store::open(&path, options(10)).unwrap();
+        let s = Store::open(&path, options()).unwrap();
         assert_eq!(listed(&s), 9, "unfolded rows are read after a reopen");
         let log_len = |s: &Store| {
             let txn = redb::ReadableDatabase::begin_read(&s.db).unwrap();
@@ -371,32 +445,30 @@ mod tests {
     }
 
     #[test]
-    fn a_log_row_naming_a_partition_out_of_range_is_corruption() {
+    fn a_log_row_of_a_partition_out_of_range_or_in_the_wrong_bucket_fails_the_open() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("db");
         drop(Store::open(&path, options(100)).unwrap());
-        {
-            let db = redb::Database::open(&path).unwrap();
-            let txn = db.begin_write().unwrap();
-            txn.open_table(CHANGE_LOG)
-                .unwrap()
-                .insert(0, (9u16, 1u64, 1u64, b"k".as_slice()))
-                .unwrap();
-            txn.commit().unwrap();
-        }
-        let s = Store::open(&path, options(100)).unwrap();
-        match s.changes_since(0, &VersionVector::new()) {
-            Err(Error::Corrupt { what, reason }) => {
-                assert_eq!(what, "change log");
-                assert!(reason.contains("partition 9"), "{reason}");
+        for bad in [
+            (9u16, "partition 9 of 4"),
+            (2, "partition 2 is in bucket 1"),
+        ] {
+            {
+                let db = redb::Database::open(&path).unwrap();
+                let txn = db.begin_write().unwrap();
+                txn.open_table(CHANGE_LOG)
+                    .unwrap()
+                    .insert((1, 0), (bad.0, 1u64, 1u64, b"k".as_slice()))
+                    .unwrap();
+                txn.commit().unwrap();
             }
-            other => panic!("expected Corrupt, got {:?}", other.map(|_| ())),
+            match Store::open(&path, options(100)) {
+                Err(Error::Corrupt { what, reason }) => {
+                    assert_eq!(what, "change log");
+                    assert!(reason.contains(bad.1), "{reason}");
+                }
+                other => panic!("expected Corrupt, got {other:?}"),
+            }
         }
-        drop(s);
-        // A commit that folds the log meets the row too, and commits nothing.
-        let s = Store::open(&path, options(0)).unwrap();
-        let err = s.put(b"k", b"v", None).unwrap_err();
-        assert!(matches!(err, Error::Corrupt { .. }), "{err}");
-        assert_eq!(s.get(b"k").unwrap(), None);
     }
 }

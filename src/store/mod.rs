@@ -43,7 +43,7 @@ pub const MAX_KEY_BYTES: usize = 8 * 1024;
 pub const MAX_VALUE_BYTES: usize = 4 * 1024 * 1024;
 
 /// Default of [`StoreOptions::change_log_rows`].
-pub const DEFAULT_CHANGE_LOG_ROWS: u64 = 1024;
+pub const DEFAULT_CHANGE_LOG_ROWS: u64 = 8192;
 
 /// When a commit is on disk.
 #[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
@@ -81,10 +81,11 @@ pub struct StoreOptions {
     /// page panic. It reads the whole file once, so opening costs time in
     /// proportion to the store's size.
     pub verify_on_open: bool,
-    /// Change index rows the change log gathers before a commit folds them
-    /// into the per-partition index (see `index.rs`; default 1,024). Larger
-    /// saves page writes under scattered writes, and costs each read of the
-    /// index a scan of up to this many rows.
+    /// Change index rows the change log gathers before commits fold them
+    /// into the per-partition index, a bucket at a time (see `index.rs`;
+    /// default 8,192). Larger saves page writes under scattered writes,
+    /// makes the commit that folds a bucket longer, and costs reads of the
+    /// index more rows to check.
     pub change_log_rows: u64,
 }
 
@@ -162,6 +163,8 @@ struct WriterState {
     /// A commit failed after its entries left: its dots may be held
     /// elsewhere, so the writer must change before the next local write.
     needs_new_writer: bool,
+    /// See `index::LogState`.
+    log: index::LogState,
 }
 
 /// The writer id of `node` at `epoch`: the node id itself at 0, else a
@@ -448,6 +451,7 @@ impl Store {
                 *slot = seq.value();
             }
         }
+        let log = index::LogState::read(&txn, partitions)?;
         txn.commit()?;
         Ok(Store {
             db,
@@ -470,6 +474,7 @@ impl Store {
                 writer,
                 epoch,
                 exposure_recorded: false,
+                log,
                 needs_new_writer: false,
             }),
         })

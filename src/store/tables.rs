@@ -6,9 +6,10 @@
 //! - `changes`: (partition, origin node, seq) -> user key. One row per
 //!   entry and node in its causal context, at that node's highest dot. A
 //!   node's writes append at the end of its range.
-//! - `change_log`: position -> (partition, origin, seq, user key): rows of
-//!   the change index not yet folded into `changes`, in commit order. Rows
-//!   whose entry lost that dot are left here and skipped (see `index.rs`).
+//! - `change_log`: (bucket, position) -> (partition, origin, seq, user
+//!   key): rows of the change index not yet folded into `changes`, in
+//!   commit order within each of a few buckets of partitions. Rows whose
+//!   entry lost that dot are left here and skipped (see `index.rs`).
 //! - `prefix_changes`: (hash of a prefix, partition, origin node, seq) ->
 //!   user key. The rows of `changes` again, once per `/`-terminated prefix
 //!   of the key (its first few): what lets a change feed for a prefix read
@@ -35,7 +36,7 @@ use redb::TableDefinition;
 pub(crate) const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 pub(crate) const ENTRIES: TableDefinition<&[u8], &[u8]> = TableDefinition::new("entries");
 pub(crate) const CHANGES: TableDefinition<(u16, u64, u64), &[u8]> = TableDefinition::new("changes");
-pub(crate) const CHANGE_LOG: TableDefinition<u64, (u16, u64, u64, &[u8])> =
+pub(crate) const CHANGE_LOG: TableDefinition<(u16, u64), (u16, u64, u64, &[u8])> =
     TableDefinition::new("change_log");
 pub(crate) const PREFIX_CHANGES: TableDefinition<(u64, u16, u64, u64), &[u8]> =
     TableDefinition::new("prefix_changes");
@@ -66,9 +67,11 @@ pub(crate) const META_EXPOSED: &str = "exposed";
 /// existed get it built on open).
 pub(crate) const META_FEED_INDEX: &str = "feed_index";
 
-/// The position the next `change_log` row takes when the log is empty
-/// (written by each fold): positions never repeat (see `index.rs`).
+/// The position the next `change_log` row takes (written by each commit
+/// that appends rows): positions never repeat (see `index.rs`).
 pub(crate) const META_CHANGE_LOG_NEXT: &str = "change_log_next";
+/// How many times a bucket of `change_log` was folded (see `index.rs`).
+pub(crate) const META_CHANGE_LOG_FOLDS: &str = "change_log_folds";
 
 /// Version of the store's file layout. 2: the change log. A format-1 store
 /// is upgraded on open (it has no log rows); builds that know only format 1

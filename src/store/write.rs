@@ -288,7 +288,7 @@ impl Store {
             Durability::Immediate => redb::Durability::Immediate,
             Durability::Buffered => redb::Durability::None,
         }))?;
-        let (result, touched, dropped, hlc, written) = {
+        let (result, touched, dropped, hlc, written, log) = {
             let mut writer = Writer::new(self, &txn, state)?;
             let result = f(&mut writer)?;
             writer.flush()?;
@@ -298,6 +298,7 @@ impl Store {
                 writer.dropped,
                 writer.hlc,
                 writer.written,
+                writer.log,
             )
         };
         before_commit(&result);
@@ -312,6 +313,7 @@ impl Store {
             self.refresh_writable(state, p);
         }
         state.hlc = hlc;
+        state.log = log;
         if let (Some(observer), Some(keys)) = (self.observer.get(), written) {
             if !keys.is_empty() {
                 observer(&keys);
@@ -326,10 +328,10 @@ pub(super) struct Writer<'t> {
     store: &'t Store,
     entries: Table<'t, &'static [u8], &'static [u8]>,
     changes: Table<'t, (u16, u64, u64), &'static [u8]>,
-    change_log: Table<'t, u64, (u16, u64, u64, &'static [u8])>,
-    /// Positions of the log's first row and of the next row appended.
-    log_first: u64,
-    log_next: u64,
+    change_log: Table<'t, (u16, u64), (u16, u64, u64, &'static [u8])>,
+    /// The change log as this transaction leaves it.
+    pub(super) log: index::LogState,
+    log_appended: bool,
     prefix_changes: Table<'t, (u64, u16, u64, u64), &'static [u8]>,
     tombstones: Table<'t, (u16, &'static [u8]), ()>,
     versions_table: Table<'t, u16, &'static [u8]>,
@@ -354,31 +356,10 @@ impl<'t> Writer<'t> {
     fn new(store: &'t Store, txn: &'t WriteTransaction, state: &'t WriterState) -> Result<Self> {
         let change_log = txn.open_table(CHANGE_LOG)?;
         let meta = txn.open_table(META)?;
-        let (log_first, log_next) = match (change_log.first()?, change_log.last()?) {
-            (Some((first, _)), Some((last, _))) => (
-                first.value(),
-                last.value().checked_add(1).ok_or_else(|| Error::Corrupt {
-                    what: "change log".into(),
-                    reason: "its positions are exhausted".into(),
-                })?,
-            ),
-            _ => {
-                let next = match meta.get(META_CHANGE_LOG_NEXT)? {
-                    Some(v) => {
-                        u64::from_le_bytes(v.value().try_into().map_err(|_| Error::Corrupt {
-                            what: "metadata".into(),
-                            reason: format!("{META_CHANGE_LOG_NEXT} is not 8 bytes"),
-                        })?)
-                    }
-                    None => 0,
-                };
-                (next, next)
-            }
-        };
         Ok(Writer {
             change_log,
-            log_first,
-            log_next,
+            log: state.log,
+            log_appended: false,
             store,
             entries: txn.open_table(ENTRIES)?,
             changes: txn.open_table(CHANGES)?,
@@ -653,9 +634,14 @@ impl<'t> Writer<'t> {
         }
         for dot in after.iter().filter(|d| !before.contains(d)) {
             // Appended to the log, folded into `changes` later (`index.rs`).
-            self.change_log
-                .insert(self.log_next, (partition, dot.node.0, dot.seq, key))?;
-            self.log_next += 1;
+            let bucket = index::bucket_of(partition);
+            self.change_log.insert(
+                (bucket, self.log.next),
+                (partition, dot.node.0, dot.seq, key),
+            )?;
+            self.log.next += 1;
+            self.log.rows[usize::from(bucket)] += 1;
+            self.log_appended = true;
         }
         let encoded = entry.encode();
         self.entries.insert(key, encoded.as_slice())?;
@@ -702,10 +688,11 @@ impl<'t> Writer<'t> {
         }
         // Entries whose rows are still in the log; the rows go stale.
         let mut logged = Vec::new();
-        for row in self.change_log.iter()? {
+        let bucket = index::bucket_of(partition);
+        for row in self.change_log.range((bucket, 0)..=(bucket, u64::MAX))? {
             let (_, row) = row?;
             let (p, _, _, key) = row.value();
-            index::check_partition(p, self.store.partitions)?;
+            index::check_row(bucket, p, self.store.partitions)?;
             if p == partition {
                 logged.push(key.to_vec());
             }
@@ -767,14 +754,15 @@ impl<'t> Writer<'t> {
         Ok(keys)
     }
 
-    /// Moves the log's live rows into `changes` and `prefix_changes`
+    /// Moves a bucket's live log rows into `changes` and `prefix_changes`
     /// (with the entries as this transaction left them) and empties it.
-    fn fold_change_log(&mut self) -> Result<()> {
+    fn fold_change_log(&mut self, bucket: u16) -> Result<()> {
         let mut rows = Vec::new();
-        for row in self.change_log.iter()? {
+        let range = (bucket, 0)..=(bucket, u64::MAX);
+        for row in self.change_log.range(range.clone())? {
             let (_, row) = row?;
             let (p, origin, seq, key) = row.value();
-            index::check_partition(p, self.store.partitions)?;
+            index::check_row(bucket, p, self.store.partitions)?;
             rows.push((p, origin, seq, key.to_vec()));
         }
         for (partition, origin, seq, key) in rows {
@@ -788,19 +776,46 @@ impl<'t> Writer<'t> {
                     .insert((prefix_hash(p), partition, origin, seq), key.as_slice())?;
             }
         }
-        self.change_log.retain(|_, _| false)?;
-        self.meta
-            .insert(META_CHANGE_LOG_NEXT, self.log_next.to_le_bytes().as_slice())?;
-        self.log_first = self.log_next;
+        self.change_log.retain_in(range, |_, _| false)?;
+        self.log.rows[usize::from(bucket)] = 0;
+        self.log.folds += 1;
+        self.meta.insert(
+            META_CHANGE_LOG_FOLDS,
+            self.log.folds.to_le_bytes().as_slice(),
+        )?;
         Ok(())
     }
 
-    /// Persists the changed version vectors and the clock, and folds the
-    /// change log once it is long enough.
-    fn flush(&mut self) -> Result<()> {
-        if self.log_next - self.log_first >= self.store.change_log_rows.max(1) {
-            self.fold_change_log()?;
+    /// Folds the fullest bucket of the change log once it holds its share
+    /// of `change_log_rows` (every bucket with rows when that is 0).
+    fn fold_full_bucket(&mut self) -> Result<()> {
+        let share = self.store.change_log_rows / u64::from(index::LOG_BUCKETS);
+        if share == 0 {
+            for bucket in 0..index::LOG_BUCKETS {
+                if self.log.rows[usize::from(bucket)] > 0 {
+                    self.fold_change_log(bucket)?;
+                }
+            }
+            return Ok(());
         }
+        let (fullest, rows) = (0..index::LOG_BUCKETS)
+            .map(|b| (b, self.log.rows[usize::from(b)]))
+            .max_by_key(|&(_, rows)| rows)
+            .unwrap_or_default();
+        if rows >= share {
+            self.fold_change_log(fullest)?;
+        }
+        Ok(())
+    }
+
+    /// Persists the changed version vectors and the clock, and the change
+    /// log's position; folds a bucket of the log that is full.
+    fn flush(&mut self) -> Result<()> {
+        if self.log_appended {
+            self.meta
+                .insert(META_CHANGE_LOG_NEXT, self.log.next.to_le_bytes().as_slice())?;
+        }
+        self.fold_full_bucket()?;
         for (&p, vv) in &self.touched {
             self.versions_table
                 .insert(p, encode_version(vv).as_slice())?;
