@@ -36,8 +36,11 @@ use redb::TableDefinition;
 pub(crate) const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 pub(crate) const ENTRIES: TableDefinition<&[u8], &[u8]> = TableDefinition::new("entries");
 pub(crate) const CHANGES: TableDefinition<(u16, u64, u64), &[u8]> = TableDefinition::new("changes");
-pub(crate) const CHANGE_LOG: TableDefinition<(u16, u64), (u16, u64, u64, &[u8])> =
-    TableDefinition::new("change_log");
+/// A `change_log` key: (bucket, position).
+pub(crate) type LogAt = (u16, u64);
+/// A `change_log` row: (partition, origin, seq, key).
+pub(crate) type LogRow = (u16, u64, u64, &'static [u8]);
+pub(crate) const CHANGE_LOG: TableDefinition<LogAt, LogRow> = TableDefinition::new("change_log");
 pub(crate) const PREFIX_CHANGES: TableDefinition<(u64, u16, u64, u64), &[u8]> =
     TableDefinition::new("prefix_changes");
 pub(crate) const VERSIONS: TableDefinition<u16, &[u8]> = TableDefinition::new("partition_versions");

@@ -328,7 +328,7 @@ pub(super) struct Writer<'t> {
     store: &'t Store,
     entries: Table<'t, &'static [u8], &'static [u8]>,
     changes: Table<'t, (u16, u64, u64), &'static [u8]>,
-    change_log: Table<'t, (u16, u64), (u16, u64, u64, &'static [u8])>,
+    change_log: Table<'t, LogAt, LogRow>,
     /// The change log as this transaction leaves it.
     pub(super) log: index::LogState,
     log_appended: bool,
