@@ -353,6 +353,12 @@ fn write_seed_corpora() {
             stream: 1,
             partition: 2,
             phase: 1,
+            since: vv.clone(),
+        },
+        Message::FenceRequest {
+            stream: 2,
+            partition: 1,
+            layout: 3,
             since: vv,
         },
         Message::Layout(layout),
@@ -375,10 +381,10 @@ fn write_seed_corpora() {
         core.push(Message::Chunk {
             stream: 1,
             index: i as u32,
-            purpose: if i == 0 {
-                StreamPurpose::Repair
-            } else {
-                StreamPurpose::Migration { phase: 2 }
+            purpose: match i {
+                0 => StreamPurpose::Repair,
+                1 => StreamPurpose::Fence { layout: 3 },
+                _ => StreamPurpose::Migration { phase: 2 },
             },
             chunk,
         });

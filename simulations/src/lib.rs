@@ -8,6 +8,7 @@
 
 pub mod feed;
 pub mod ledger;
+pub mod push;
 pub mod quorum;
 pub mod scenarios;
 pub mod sim;

@@ -19,6 +19,7 @@ pub const SCENARIOS: &[&str] = &[
     "isolated-restart",
     "quorum",
     "feed",
+    "push-handover",
 ];
 
 /// What a scenario is run with.
@@ -98,6 +99,7 @@ pub fn run(name: &str, params: &Params) -> Outcome {
         "isolated-restart" => isolated_restart(params),
         "quorum" => crate::quorum::quorum(params),
         "feed" => crate::feed::feed(params),
+        "push-handover" => crate::push::push_handover(params),
         other => Err(fail(format!(
             "unknown scenario {other:?}; scenarios: {}",
             SCENARIOS.join(", ")

@@ -147,6 +147,9 @@ pub struct Sim {
     pub answered_twice: Vec<u64>,
     /// Crashes that lost a group whose entries had gone out (see `crash`).
     pub flushes_lost: u64,
+    /// Nodes that layout messages do not reach (a node slow to hear of a
+    /// new layout); everything else reaches them.
+    pub withhold_layout: BTreeSet<NodeId>,
 }
 
 fn encode<T: serde::Serialize>(tag: u8, message: &T) -> postcard::Result<Vec<u8>> {
@@ -202,6 +205,7 @@ impl Sim {
             replies: HashMap::new(),
             answered_twice: Vec::new(),
             flushes_lost: 0,
+            withhold_layout: BTreeSet::new(),
         }
     }
 
@@ -483,6 +487,14 @@ impl Sim {
         for output in outputs {
             match output {
                 Output::Send { to, message } => {
+                    let withheld = matches!(message, Message::Layout(_))
+                        && self
+                            .by_addr
+                            .get(&to)
+                            .is_some_and(|id| self.withhold_layout.contains(id));
+                    if withheld {
+                        continue;
+                    }
                     if let Ok(bytes) = encode(TAG_CORE, &message) {
                         self.send(from, to, bytes, message.kind());
                     }

@@ -128,3 +128,15 @@ fn a_feed_reader_sees_each_state_once_and_ends_with_the_replicas_state() {
         assert_eq!(report.get("feed_keys_checked"), Some(40.0));
     }
 }
+
+#[test]
+fn pushes_are_applied_once_while_their_primary_moves() {
+    for seed in 1..=3 {
+        let report = check("push-handover", &small(seed, Some(4), 0));
+        assert!(report.get("pushes").unwrap() >= 50.0);
+        assert!(
+            report.get("answers_lost").unwrap() >= 10.0,
+            "too few retries to test exactly once"
+        );
+    }
+}

@@ -943,6 +943,13 @@ impl<C> Coordinator<C> {
             let ready =
                 replica.store().writable(partition) && layout.is_complete_replica(me, partition);
             match primary {
+                Some(p) if p == me && ready && !replica.push_fenced(partition) => {
+                    let response = fail(
+                        ErrorCode::Unavailable,
+                        format!("this node became the primary replica of partition {partition} in layout v{version} and is confirming that no other node still applies pushed writes there; retry the push shortly"),
+                    );
+                    return self.answer(caller, response);
+                }
                 Some(p) if p == me && ready => {}
                 Some(p) if p == me => {
                     let response = fail(

@@ -15,6 +15,8 @@ pub enum StreamPurpose {
     Repair,
     /// Migration of a partition the receiver takes over, in phase 1 or 2.
     Migration { phase: u8 },
+    /// The answer to a `FenceRequest` for layout version `layout`.
+    Fence { layout: u64 },
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -61,6 +63,18 @@ pub enum Message {
     Layout(LayoutState),
     /// The sender's API token registry, which differs from the receiver's.
     Tokens(TokenRegistry),
+    /// The sender is the primary replica of `partition` (the one replica
+    /// that applies devices' pushed writes) in layout version `layout`, and
+    /// asks for what `since` lacks, sent once the receiver knows that
+    /// layout and has committed every write it took before: from then on
+    /// the receiver applies no pushed write of the partition. See
+    /// `Replica::push_fenced`.
+    FenceRequest {
+        stream: u64,
+        partition: u16,
+        layout: u64,
+        since: VersionVector,
+    },
 }
 
 /// Enough of a layout state to tell whether two differ: the versions for
@@ -84,6 +98,11 @@ impl Message {
                 purpose: StreamPurpose::Repair,
                 ..
             } => "repair",
+            Message::Chunk {
+                purpose: StreamPurpose::Fence { .. },
+                ..
+            }
+            | Message::FenceRequest { .. } => "fence",
             Message::Chunk { .. } | Message::MigrateRequest { .. } => "migration",
             Message::Layout(_) | Message::Tokens(_) => "layout",
         }

@@ -209,6 +209,16 @@ enum StoreWait {
         bytes: u64,
         /// The source's vector, on a stream's last chunk.
         complete: Option<VersionVector>,
+        /// The layout version of the push fence it answers, if any.
+        fence: Option<u64>,
+    },
+    /// Everything queued before it is committed: answer a fence request.
+    FenceBarrier {
+        from: NodeId,
+        stream: u64,
+        partition: u16,
+        layout: u64,
+        since: VersionVector,
     },
     Purge {
         partition: u16,
@@ -278,6 +288,20 @@ pub struct Replica {
     out: Vec<Output>,
     /// Store writes queued, by token.
     storing: HashMap<u64, StoreWait>,
+    /// Per partition this node is the primary replica of: its push fence
+    /// (see `push_fenced`).
+    fences: BTreeMap<u16, PushFence>,
+}
+
+/// A primary replica's confirmation that no other node still applies
+/// pushed writes of a partition, for one layout version.
+#[derive(Debug)]
+struct PushFence {
+    layout: u64,
+    /// Nodes that answered: they knew the layout and sent what they held.
+    answered: std::collections::BTreeSet<NodeId>,
+    started: Duration,
+    asked: Option<Duration>,
 }
 
 impl Replica {
@@ -320,6 +344,7 @@ impl Replica {
             stats: ReplicaStats::default(),
             out: Vec::new(),
             storing: HashMap::new(),
+            fences: BTreeMap::new(),
         }
     }
 
@@ -498,6 +523,15 @@ impl Replica {
                 self.check_partition(from, "a migration request", partition)?;
                 let purpose = StreamPurpose::Migration { phase };
                 self.stream_changes(from, stream, partition, &since, purpose)?;
+            }
+            Message::FenceRequest {
+                stream,
+                partition,
+                layout,
+                since,
+            } => {
+                self.check_partition(from, "a fence request", partition)?;
+                self.on_fence_request(from, stream, partition, layout, since);
             }
             Message::Layout(state) => self.on_layout(from, state)?,
         }
@@ -757,12 +791,16 @@ impl Replica {
                 }
                 Some(phase)
             }
-            StreamPurpose::Repair => {
+            StreamPurpose::Repair | StreamPurpose::Fence { .. } => {
                 if !self.layout.holds(self.id, partition) {
                     return Ok(());
                 }
                 None
             }
+        };
+        let fence = match purpose {
+            StreamPurpose::Fence { layout } => Some(layout),
+            _ => None,
         };
         // Committed with the node's other writes; the chunks of a stream
         // commit in the order queued, so the last one's claim still comes
@@ -786,6 +824,7 @@ impl Replica {
             migration,
             bytes: chunk.payload_bytes() as u64,
             complete,
+            fence,
         };
         self.queue_store(GroupWrite::Chunk(chunk), wait);
         Ok(())
@@ -809,6 +848,7 @@ impl Replica {
     fn on_stored(&mut self, wait: StoreWait, outcome: Result<GroupOutcome, String>) {
         let partition = match &wait {
             StoreWait::Chunk { partition, .. }
+            | StoreWait::FenceBarrier { partition, .. }
             | StoreWait::Purge { partition }
             | StoreWait::Drop { partition } => *partition,
         };
@@ -821,6 +861,7 @@ impl Replica {
                     migration,
                     bytes,
                     complete,
+                    fence,
                 },
                 Ok(GroupOutcome::Applied(report)),
             ) => {
@@ -846,6 +887,13 @@ impl Replica {
                         .entry((partition, from))
                         .or_default()
                         .join(&source_version);
+                    if let Some(layout) = fence {
+                        if let Some(f) = self.fences.get_mut(&partition) {
+                            if f.layout == layout {
+                                f.answered.insert(from);
+                            }
+                        }
+                    }
                     if let (Some(phase), true) = (migration, migrating) {
                         if let Err(e) = self.migration_phase_done(partition, phase) {
                             self.out.push(Output::Event(ReplicaEvent::StoreFailed {
@@ -854,6 +902,24 @@ impl Replica {
                             }));
                         }
                     }
+                }
+            }
+            (
+                StoreWait::FenceBarrier {
+                    from,
+                    stream,
+                    partition,
+                    layout,
+                    since,
+                },
+                Ok(_),
+            ) => {
+                let purpose = StreamPurpose::Fence { layout };
+                if let Err(e) = self.stream_changes(from, stream, partition, &since, purpose) {
+                    self.out.push(Output::Event(ReplicaEvent::StoreFailed {
+                        partition,
+                        reason: e.to_string(),
+                    }));
                 }
             }
             (StoreWait::Purge { partition }, Ok(GroupOutcome::Purged(purged))) => {
@@ -902,6 +968,156 @@ impl Replica {
         let token = self.fresh_id();
         self.storing.insert(token, wait);
         self.out.push(Output::Store { token, write });
+    }
+
+    // ---- push fences ----
+    //
+    // A device's pushed write is applied by one replica only, the
+    // partition's primary (first replica of the current layout), so that a
+    // retry meets the record of the first attempt. When the primary moves,
+    // a node that has not heard of the new layout yet still applies pushes
+    // as the old primary. So a new primary applies none until every other
+    // node it can reach has answered a fence request: the answer is sent
+    // once that node knows the new layout (it applies no more pushes of
+    // the partition) and has committed what it took before, and streams
+    // what the new primary lacks. A retry then meets the first attempt's
+    // record here. Nodes that are down cannot apply pushes; one that comes
+    // back up is asked too before the next push. A node cut off from the
+    // new primary but reachable by devices is the case this cannot cover.
+
+    /// Whether this node may apply pushed writes of `partition` now: it is
+    /// the primary replica and its fence for the current layout is done.
+    /// The first layout needs none (no earlier primary existed).
+    pub fn push_fenced(&self, partition: u16) -> bool {
+        let version = self.layout.current().version();
+        if version <= 1 {
+            return true;
+        }
+        self.fences
+            .get(&partition)
+            .is_some_and(|f| f.layout == version && self.fence_waiting(f).is_empty())
+    }
+
+    /// Partitions this node is the primary of and still fences: (partition,
+    /// nodes yet to answer).
+    pub fn push_fences_pending(&self) -> Vec<(u16, Vec<NodeId>)> {
+        let version = self.layout.current().version();
+        if version <= 1 {
+            return Vec::new();
+        }
+        self.fences
+            .iter()
+            .filter(|(_, f)| f.layout == version)
+            .map(|(&p, f)| (p, self.fence_waiting(f)))
+            .filter(|(_, waiting)| !waiting.is_empty())
+            .collect()
+    }
+
+    /// The nodes a fence still needs an answer from: every member up, and
+    /// members of the layout not heard from yet (for a while).
+    fn fence_waiting(&self, fence: &PushFence) -> Vec<NodeId> {
+        let mut nodes: std::collections::BTreeSet<NodeId> =
+            self.membership.alive().into_iter().collect();
+        if self.now.saturating_sub(fence.started) < self.config.migration_timeout {
+            let layout_nodes = self.layout.current().nodes();
+            let old_nodes = self.layout.completed().nodes();
+            for n in layout_nodes.into_iter().chain(old_nodes) {
+                if self.membership.addr_of(n).is_none() {
+                    nodes.insert(n);
+                }
+            }
+        }
+        nodes.remove(&self.id);
+        nodes.retain(|n| !fence.answered.contains(n));
+        nodes.into_iter().collect()
+    }
+
+    /// Starts a fence for each partition this node became the primary of,
+    /// and asks the nodes that have not answered (again, after a while).
+    fn drive_fences(&mut self) {
+        let version = self.layout.current().version();
+        let me = self.id;
+        let primary: std::collections::BTreeSet<u16> = (0..self.store.partitions())
+            .filter(|&p| self.layout.current().replicas(p).first() == Some(&me))
+            .collect();
+        self.fences
+            .retain(|p, f| f.layout == version && primary.contains(p));
+        if version <= 1 {
+            return;
+        }
+        let now = self.now;
+        let retry = self.config.maintenance_interval * 2;
+        let mut requests = Vec::new();
+        for p in primary {
+            self.fences.entry(p).or_insert_with(|| PushFence {
+                layout: version,
+                answered: Default::default(),
+                started: now,
+                asked: None,
+            });
+            let fence = &self.fences[&p];
+            if fence.asked.is_some_and(|t| now.saturating_sub(t) < retry) {
+                continue;
+            }
+            let waiting = self.fence_waiting(fence);
+            if !waiting.is_empty() {
+                requests.push((p, waiting));
+            }
+        }
+        if requests.is_empty() {
+            return;
+        }
+        let Ok(versions) = self.store.partition_versions() else {
+            return;
+        };
+        for (p, waiting) in requests {
+            if let Some(f) = self.fences.get_mut(&p) {
+                f.asked = Some(now);
+            }
+            for n in waiting {
+                if self.membership.addr_of(n).is_none() {
+                    continue;
+                }
+                let stream = self.fresh_id();
+                let message = Message::FenceRequest {
+                    stream,
+                    partition: p,
+                    layout: version,
+                    since: versions[usize::from(p)].clone(),
+                };
+                self.send(n, message);
+            }
+        }
+    }
+
+    /// Answers a fence request once this node knows the layout it names
+    /// (until then it may still apply pushes as an earlier primary; the
+    /// requester asks again) and every write queued before is committed.
+    fn on_fence_request(
+        &mut self,
+        from: NodeId,
+        stream: u64,
+        partition: u16,
+        layout: u64,
+        since: VersionVector,
+    ) {
+        if self.layout.current().version() < layout {
+            return;
+        }
+        let barrier = ChangeChunk {
+            partition,
+            entries: Vec::new(),
+            complete: None,
+            purged: None,
+        };
+        let wait = StoreWait::FenceBarrier {
+            from,
+            stream,
+            partition,
+            layout,
+            since,
+        };
+        self.queue_store(GroupWrite::Chunk(barrier), wait);
     }
 
     // ---- API tokens ----
@@ -1030,6 +1246,7 @@ impl Replica {
         // Migrations of partitions no longer gained stop.
         let pending = self.layout.pending_migrations(self.id);
         self.migrations.retain(|p, _| pending.contains(p));
+        self.drive_fences();
     }
 
     /// The member specs the layout should be computed from: live members
@@ -1162,6 +1379,7 @@ impl Replica {
             }
         }
         self.drive_migrations();
+        self.drive_fences();
         self.hand_off();
         self.finish_leaving();
     }
