@@ -8,9 +8,11 @@
 //! applies pushes) loses them to a capacity change, and for a while hears
 //! nothing of the new layout: it still thinks it is the primary and
 //! applies what reaches it, while the new primary takes the retries.
-//! Afterwards every replica's counter must equal the adds pushed: a retry
-//! applied by the new primary after the old one applied the first attempt
-//! counts twice.
+//! On even seeds the old primary is also cut off from every other node
+//! for that while (they see it down; devices still reach it). Afterwards
+//! every replica's counter must equal the adds pushed: a retry applied by
+//! the new primary after the old one applied the first attempt counts
+//! twice.
 
 use crate::scenarios::{cluster, fail, settle, Outcome, Params, Report};
 use crate::sim::NetConfig;
@@ -69,6 +71,11 @@ pub fn push_handover(params: &Params) -> Outcome {
     if keys.is_empty() {
         return Err(fail("the capacity change moved no primary off node 2"));
     }
+    let cut = params.seed.is_multiple_of(2);
+    if cut {
+        let others: Vec<NodeId> = sim.node_ids().into_iter().filter(|&n| n != old).collect();
+        sim.split(&[old], &others);
+    }
 
     let mut expected: BTreeMap<Vec<u8>, i64> = BTreeMap::new();
     let (mut pushes, mut lost, mut refused, mut attempts, mut unanswered) =
@@ -93,6 +100,7 @@ pub fn push_handover(params: &Params) -> Outcome {
             }
             if !sim.withhold_layout.is_empty() && sim.now >= release {
                 sim.withhold_layout.clear();
+                sim.heal();
             }
             let up = sim.up_nodes();
             let node = up[sim.rng().random_range(0..up.len())];
@@ -154,6 +162,7 @@ pub fn push_handover(params: &Params) -> Outcome {
     report.metric("answers_lost", lost as f64, "answers");
     report.metric("refused_while_moving", refused as f64, "answers");
     report.metric("unanswered", unanswered as f64, "calls");
+    report.metric("old_primary_cut_off", f64::from(u8::from(cut)), "bool");
     report.metric("applied_twice", 0.0, "writes");
     Ok(report)
 }

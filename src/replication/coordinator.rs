@@ -943,6 +943,13 @@ impl<C> Coordinator<C> {
             let ready =
                 replica.store().writable(partition) && layout.is_complete_replica(me, partition);
             match primary {
+                Some(p) if p == me && replica.is_leaving() => {
+                    let response = fail(
+                        ErrorCode::Unavailable,
+                        format!("this node is leaving the cluster and no longer applies pushed writes (partition {partition}); retry the push shortly"),
+                    );
+                    return self.answer(caller, response);
+                }
                 Some(p) if p == me && ready && !replica.push_fenced(partition) => {
                     let response = fail(
                         ErrorCode::Unavailable,

@@ -432,6 +432,12 @@ impl Replica {
 
     /// True once a decommission finished: nothing is held, the membership
     /// was told, the process may stop.
+    /// Whether this node is leaving the cluster (it applies no pushed
+    /// writes from then on: see `push_fenced`).
+    pub fn is_leaving(&self) -> bool {
+        self.leaving
+    }
+
     pub fn has_left(&self) -> bool {
         self.left
     }
@@ -982,8 +988,9 @@ impl Replica {
     // the partition) and has committed what it took before, and streams
     // what the new primary lacks. A retry then meets the first attempt's
     // record here. Nodes that are down cannot apply pushes; one that comes
-    // back up is asked too before the next push. A node cut off from the
-    // new primary but reachable by devices is the case this cannot cover.
+    // back up is asked too before the next push. Members that are down
+    // (or cut off from here) are waited for until they would leave the
+    // layout. A leaving node applies no pushes.
 
     /// Whether this node may apply pushed writes of `partition` now: it is
     /// the primary replica and its fence for the current layout is done.
@@ -1013,11 +1020,31 @@ impl Replica {
             .collect()
     }
 
-    /// The nodes a fence still needs an answer from: every member up, and
-    /// members of the layout not heard from yet (for a while).
+    /// The nodes a fence still needs an answer from: every member up;
+    /// every member down for less than `remove_down_after` (a node cut off
+    /// from this one may be up for devices and still apply pushes as an
+    /// old primary, of a partition it may have dropped here since; one
+    /// down that long leaves the layout); and members of the layout not
+    /// heard from yet, for a while.
     fn fence_waiting(&self, fence: &PushFence) -> Vec<NodeId> {
-        let mut nodes: std::collections::BTreeSet<NodeId> =
-            self.membership.alive().into_iter().collect();
+        let mut nodes: std::collections::BTreeSet<NodeId> = Default::default();
+        for member in self.membership.members() {
+            let waited = match member.state {
+                MemberState::Alive | MemberState::Suspect => true,
+                // Down since the last maintenance pass counts from now.
+                MemberState::Down => {
+                    let down_for = self
+                        .down_since
+                        .get(&member.id)
+                        .map_or(Duration::ZERO, |&t| self.now.saturating_sub(t));
+                    down_for < self.config.remove_down_after
+                }
+                MemberState::Left => false,
+            };
+            if waited {
+                nodes.insert(member.id);
+            }
+        }
         if self.now.saturating_sub(fence.started) < self.config.migration_timeout {
             let layout_nodes = self.layout.current().nodes();
             let old_nodes = self.layout.completed().nodes();
