@@ -378,6 +378,15 @@ pub struct DevicesInfo {
     /// and why. Devices never hold a purge back: one away across a purge
     /// reconciles its prefixes (docs/device-sync.md).
     pub purge_held: Vec<PurgeHold>,
+    /// Partitions this node became the primary replica of whose pushed
+    /// writes wait for its push fence, and the nodes it waits for.
+    pub push_held: Vec<PushHold>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PushHold {
+    pub partition: u16,
+    pub waiting_for: Vec<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -815,6 +815,8 @@ async fn kvctl_devices_lists_each_device_merged_across_the_nodes_it_used() {
 
     let listing = kvctl_devices(&cluster, 2);
     assert_eq!(listing["unanswered"], serde_json::json!([]), "{listing}");
+    // A steady cluster's first layout holds back no pushed write.
+    assert_eq!(listing["push_held"], serde_json::json!([]), "{listing}");
     let row = device_row(&listing, &phone);
     assert_eq!(row["token"], "devices-user/7/", "{row}");
     assert_eq!(row["pushed_writes"], 5, "{row}");
@@ -832,6 +834,7 @@ async fn kvctl_devices_lists_each_device_merged_across_the_nodes_it_used() {
     let table = String::from_utf8(kvctl_devices_output(&cluster, 2, &[])).unwrap();
     assert!(table.contains(&format!("{:x}", phone.id())), "{table}");
     assert!(table.contains("tombstone purge"), "{table}");
+    assert!(table.contains("pushed writes: none held back"), "{table}");
     // A malformed device id is refused, naming it.
     let refused = http
         .get(format!("{}/v1/changes?prefix=user/7/&device=xyz", base(0)))

@@ -496,6 +496,7 @@ impl Ctl {
         let mut merged: BTreeMap<u64, (gossipkv::store::DeviceRecord, Vec<String>)> =
             BTreeMap::new();
         let mut held = Vec::new();
+        let mut pushes_held = Vec::new();
         let mut unanswered = Vec::new();
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -531,6 +532,9 @@ impl Ctl {
             for hold in info.purge_held {
                 held.push((name.clone(), hold));
             }
+            for hold in info.push_held {
+                pushes_held.push((name.clone(), hold));
+            }
         }
         let age = |t: u64| (t > 0).then(|| now.saturating_sub(t) as f64 / 1e3);
         let stamp = |t: u64| (t > 0).then(|| gossipkv::certs::rfc3339((t / 1000) as i64));
@@ -550,6 +554,9 @@ impl Ctl {
             })).collect::<Vec<_>>(),
             "purge_held": held.iter().map(|(node, h)| json!({
                 "node": node, "partition": h.partition, "reason": h.reason,
+            })).collect::<Vec<_>>(),
+            "push_held": pushes_held.iter().map(|(node, h)| json!({
+                "node": node, "partition": h.partition, "waiting_for": h.waiting_for,
             })).collect::<Vec<_>>(),
             "unanswered": unanswered.iter().map(|(node, e)| json!({
                 "node": node, "error": e,
@@ -599,6 +606,18 @@ impl Ctl {
                     .map(|(node, h)| vec![node.clone(), h.partition.to_string(), h.reason.clone()])
                     .collect();
                 table(&["node", "partition", "reason"], rows);
+            }
+            if pushes_held.is_empty() {
+                say!("pushed writes: none held back");
+            } else {
+                say!("pushed writes held back (a new primary confirming that no other node still applies them; devices push again later):");
+                let rows = pushes_held
+                    .iter()
+                    .map(|(node, h)| {
+                        vec![node.clone(), h.partition.to_string(), h.waiting_for.join(", ")]
+                    })
+                    .collect();
+                table(&["node", "partition", "waiting for"], rows);
             }
             for (node, e) in &unanswered {
                 say!("{node} did not answer ({e}): its devices are missing above");

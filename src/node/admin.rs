@@ -5,7 +5,7 @@ use super::coordinate::ClientReply;
 use super::Core;
 use crate::client::{
     DevicesInfo, ErrorCode, Failure, LayoutInfo, MemberInfo, MigrationsInfo, NodeStatus,
-    PartitionInfo, PurgeHold, ReplicaView, Request, Response, TokenInfo, WireRecord,
+    PartitionInfo, PurgeHold, PushHold, ReplicaView, Request, Response, TokenInfo, WireRecord,
 };
 use crate::crdt::NodeId;
 use crate::replication::tokens;
@@ -134,6 +134,15 @@ impl Core {
                 now_ms: unix_ms(),
                 devices: self.ledger.snapshot(),
                 purge_held: self.purge_held(),
+                push_held: self
+                    .replica
+                    .push_fences_pending()
+                    .into_iter()
+                    .map(|(partition, nodes)| PushHold {
+                        partition,
+                        waiting_for: nodes.into_iter().map(|n| self.node_name(n)).collect(),
+                    })
+                    .collect(),
             }),
             Request::Join { seed } => {
                 let outputs = self.replica.join(self.now(), seed);

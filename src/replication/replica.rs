@@ -430,14 +430,14 @@ impl Replica {
         self.drain()
     }
 
-    /// True once a decommission finished: nothing is held, the membership
-    /// was told, the process may stop.
     /// Whether this node is leaving the cluster (it applies no pushed
     /// writes from then on: see `push_fenced`).
     pub fn is_leaving(&self) -> bool {
         self.leaving
     }
 
+    /// True once a decommission finished: nothing is held, the membership
+    /// was told, the process may stop.
     pub fn has_left(&self) -> bool {
         self.left
     }
@@ -987,9 +987,8 @@ impl Replica {
     // once that node knows the new layout (it applies no more pushes of
     // the partition) and has committed what it took before, and streams
     // what the new primary lacks. A retry then meets the first attempt's
-    // record here. Nodes that are down cannot apply pushes; one that comes
-    // back up is asked too before the next push. Members that are down
-    // (or cut off from here) are waited for until they would leave the
+    // record here. A member that is down, or cut off from here while
+    // devices still reach it, is waited for until it would leave the
     // layout. A leaving node applies no pushes.
 
     /// Whether this node may apply pushed writes of `partition` now: it is

@@ -354,10 +354,8 @@ pub(super) struct Writer<'t> {
 
 impl<'t> Writer<'t> {
     fn new(store: &'t Store, txn: &'t WriteTransaction, state: &'t WriterState) -> Result<Self> {
-        let change_log = txn.open_table(CHANGE_LOG)?;
-        let meta = txn.open_table(META)?;
         Ok(Writer {
-            change_log,
+            change_log: txn.open_table(CHANGE_LOG)?,
             log: state.log,
             log_appended: false,
             store,
@@ -367,7 +365,7 @@ impl<'t> Writer<'t> {
             tombstones: txn.open_table(TOMBSTONES)?,
             versions_table: txn.open_table(VERSIONS)?,
             purged_table: txn.open_table(PURGED)?,
-            meta,
+            meta: txn.open_table(META)?,
             committed: &state.versions,
             touched: BTreeMap::new(),
             dropped: Vec::new(),
