@@ -51,9 +51,10 @@ enum Main {
 pub(super) struct IndexView {
     main: Main,
     partition: u16,
-    /// The live log rows of the partition (under the prefix): (origin, seq)
-    /// -> key.
+    /// The log rows of the partition (under the prefix), live or not:
+    /// (origin, seq) -> key. A walk checks each it reaches.
     recent: BTreeMap<(u64, u64), Vec<u8>>,
+    entries: ReadOnlyTable<&'static [u8], &'static [u8]>,
 }
 
 impl IndexView {
@@ -70,20 +71,16 @@ impl IndexView {
             None => Main::Partition(txn.open_table(CHANGES)?),
         };
         let candidates = store.log_cache().rows(txn, store.partitions, partition)?;
-        let entries = txn.open_table(ENTRIES)?;
-        let mut recent = BTreeMap::new();
-        for (origin, seq, key) in candidates {
-            if prefix.is_some_and(|pre| !key.starts_with(pre)) {
-                continue;
-            }
-            if is_live(&entries, &key, Dot::new(NodeId(origin), seq))? {
-                recent.insert((origin, seq), key);
-            }
-        }
+        let recent = candidates
+            .into_iter()
+            .filter(|(_, _, key)| prefix.is_none_or(|pre| key.starts_with(pre)))
+            .map(|(origin, seq, key)| ((origin, seq), key))
+            .collect();
         Ok(IndexView {
             main,
             partition,
             recent,
+            entries: txn.open_table(ENTRIES)?,
         })
     }
 
@@ -122,6 +119,7 @@ impl IndexView {
             .range((origin.0, from_seq)..=(origin.0, u64::MAX))
             .map(|(&(_, seq), key)| (seq, key.as_slice()))
             .peekable();
+        let live = |seq: u64, key: &[u8]| is_live(&self.entries, key, Dot::new(origin, seq));
         let partition = self.partition;
         match &self.main {
             Main::Partition(t) => {
@@ -130,7 +128,7 @@ impl IndexView {
                 {
                     let (position, key) = row?;
                     let seq = position.value().2;
-                    if !recent_before(&mut recent, Some(seq), &mut visit)?
+                    if !recent_before(&mut recent, Some(seq), &live, &mut visit)?
                         || !visit(seq, key.value())?
                     {
                         return Ok(());
@@ -144,7 +142,7 @@ impl IndexView {
                 )? {
                     let (position, key) = row?;
                     let seq = position.value().3;
-                    if !recent_before(&mut recent, Some(seq), &mut visit)?
+                    if !recent_before(&mut recent, Some(seq), &live, &mut visit)?
                         || !visit(seq, key.value())?
                     {
                         return Ok(());
@@ -152,7 +150,7 @@ impl IndexView {
                 }
             }
         }
-        recent_before(&mut recent, None, &mut visit)?;
+        recent_before(&mut recent, None, &live, &mut visit)?;
         Ok(())
     }
 
@@ -174,12 +172,13 @@ impl IndexView {
     }
 }
 
-/// Visits the log rows in `recent` below `upto` (all for `None`) and skips
-/// one at `upto` (the main table's row for the same dot); false once
+/// Visits the live log rows in `recent` below `upto` (all for `None`) and
+/// skips one at `upto` (the main table's row for the same dot); false once
 /// `visit` said stop.
 fn recent_before<'a>(
     recent: &mut std::iter::Peekable<impl Iterator<Item = (u64, &'a [u8])>>,
     upto: Option<u64>,
+    live: &impl Fn(u64, &[u8]) -> Result<bool>,
     visit: &mut impl FnMut(u64, &[u8]) -> Result<bool>,
 ) -> Result<bool> {
     while let Some(&(seq, key)) = recent.peek() {
@@ -192,7 +191,7 @@ fn recent_before<'a>(
             _ => {}
         }
         recent.next();
-        if !visit(seq, key)? {
+        if live(seq, key)? && !visit(seq, key)? {
             return Ok(false);
         }
     }
