@@ -17,8 +17,8 @@
 //! write, a purge, a dropped partition). Writers delete such rows from
 //! `changes` and `prefix_changes`, but not from the log, which is never
 //! searched by dot: a log row is *live* only while its key's entry has its
-//! dot among its index dots. Readers and the fold check that, so stale log
-//! rows cost a read and are never seen. A row can be both in the log and
+//! dot among its index dots. Walks check each log row they reach, and the
+//! fold every row, so stale log rows cost a read and are never seen. A row can be both in the log and
 //! in `changes` (an entry removed and merged back with the same dots);
 //! walks yield it once.
 //!
