@@ -473,24 +473,40 @@ impl Ctl {
         let Response::ClusterMembers(members) = self.call(Request::ClusterMembers, 1).await? else {
             anyhow::bail!("unexpected answer")
         };
-        let mut answers = Vec::new();
-        for m in &members {
-            let answer = async {
-                let addr: SocketAddr = m.addr.parse()?;
-                let addr = if m.state == "self" { self.node } else { addr };
-                let client = self.connect(addr, true).await?;
-                let answer = client.request(&Request::Devices).await;
-                client.close().await;
-                match answer? {
-                    Response::Devices(info) => Ok(info),
-                    other => anyhow::bail!("unexpected answer {other:?}"),
-                }
+        // All members at once, each within 5 s: a slow or dead node costs
+        // the listing 5 s, not 5 s per node.
+        let mut asking = tokio::task::JoinSet::new();
+        for (i, m) in members.iter().enumerate() {
+            let addr = match m.state.as_str() {
+                "self" => Ok(self.node),
+                _ => m.addr.parse::<SocketAddr>().map_err(anyhow::Error::from),
             };
-            let answer = tokio::time::timeout(Duration::from_secs(5), answer)
-                .await
-                .unwrap_or_else(|_| Err(anyhow::anyhow!("no answer in 5 s")));
-            answers.push((m.name.clone(), answer));
+            let tls = self.tls.clone();
+            asking.spawn(async move {
+                let answer = async {
+                    let client = Client::connect_admin(addr?, tls.as_ref()).await?;
+                    let answer = client.request(&Request::Devices).await;
+                    client.close().await;
+                    match answer? {
+                        Response::Devices(info) => Ok(info),
+                        other => anyhow::bail!("unexpected answer {other:?}"),
+                    }
+                };
+                let answer = tokio::time::timeout(Duration::from_secs(5), answer)
+                    .await
+                    .unwrap_or_else(|_| Err(anyhow::anyhow!("no answer in 5 s")));
+                (i, answer)
+            });
         }
+        let mut answered = Vec::new();
+        while let Some(joined) = asking.join_next().await {
+            answered.push(joined?);
+        }
+        answered.sort_by_key(|(i, _)| *i);
+        let answers: Vec<_> = answered
+            .into_iter()
+            .map(|(i, answer)| (members[i].name.clone(), answer))
+            .collect();
         // Per device: the merged record, each node's clock skew folded in
         // by turning its times into ages at that node.
         let mut merged: BTreeMap<u64, (gossipkv::store::DeviceRecord, Vec<String>)> =
