@@ -71,9 +71,31 @@ pub fn push_handover(params: &Params) -> Outcome {
     if keys.is_empty() {
         return Err(fail("the capacity change moved no primary off node 2"));
     }
+    // Partitions whose primary stayed keep their fence from the layout
+    // before: only moved ones wait (here, for node 2).
+    let moved: Vec<u16> = (0..partitions)
+        .filter(|&p| before.replicas(p).first() != after.replicas(p).first())
+        .collect();
+    let others: Vec<NodeId> = sim.node_ids().into_iter().filter(|&n| n != old).collect();
+    sim.run_until_condition(Duration::from_millis(100), Duration::from_secs(30), |s| {
+        others.iter().all(|&n| {
+            s.replica(n)
+                .is_some_and(|r| r.layout().current().version() > version)
+        })
+    })
+    .ok_or_else(|| fail("the new layout did not reach every node but node 2"))?;
+    for &n in &others {
+        let replica = sim.replica(n).ok_or_else(|| fail("a node is down"))?;
+        for (p, waiting) in replica.push_fences_pending() {
+            if !moved.contains(&p) {
+                return Err(fail(format!(
+                    "node {n} fences partition {p}, whose primary did not move (waiting for {waiting:?})"
+                )));
+            }
+        }
+    }
     let cut = params.seed.is_multiple_of(2);
     if cut {
-        let others: Vec<NodeId> = sim.node_ids().into_iter().filter(|&n| n != old).collect();
         sim.split(&[old], &others);
     }
 

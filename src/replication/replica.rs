@@ -300,6 +300,9 @@ struct PushFence {
     layout: u64,
     /// Nodes that answered: they knew the layout and sent what they held.
     answered: std::collections::BTreeSet<NodeId>,
+    /// Carried from the first layout, before which no node was a primary:
+    /// nothing to wait for.
+    from_first: bool,
     started: Duration,
     asked: Option<Duration>,
 }
@@ -1026,6 +1029,9 @@ impl Replica {
     /// down that long leaves the layout); and members of the layout not
     /// heard from yet, for a while.
     fn fence_waiting(&self, fence: &PushFence) -> Vec<NodeId> {
+        if fence.from_first {
+            return Vec::new();
+        }
         let mut nodes: std::collections::BTreeSet<NodeId> = Default::default();
         for member in self.membership.members() {
             let waited = match member.state {
@@ -1066,18 +1072,40 @@ impl Replica {
         let primary: std::collections::BTreeSet<u16> = (0..self.store.partitions())
             .filter(|&p| self.layout.current().replicas(p).first() == Some(&me))
             .collect();
-        self.fences
-            .retain(|p, f| f.layout == version && primary.contains(p));
+        // A partition this node was the primary of in the layout just
+        // before keeps its fence: no other node was its primary in between,
+        // and the nodes that answered know that layout (so they apply no
+        // pushes there as an older primary). Any other gap starts afresh.
+        let now = self.now;
+        self.fences.retain(|p, f| {
+            primary.contains(p) && (f.layout == version || f.layout.saturating_add(1) == version)
+        });
+        for f in self.fences.values_mut() {
+            if f.layout != version {
+                f.layout = version;
+                f.started = now;
+                f.asked = None;
+            }
+        }
         if version <= 1 {
+            for &p in &primary {
+                self.fences.entry(p).or_insert_with(|| PushFence {
+                    layout: version,
+                    answered: Default::default(),
+                    from_first: true,
+                    started: now,
+                    asked: None,
+                });
+            }
             return;
         }
-        let now = self.now;
         let retry = self.config.maintenance_interval * 2;
         let mut requests = Vec::new();
         for p in primary {
             self.fences.entry(p).or_insert_with(|| PushFence {
                 layout: version,
                 answered: Default::default(),
+                from_first: false,
                 started: now,
                 asked: None,
             });
