@@ -15,7 +15,7 @@
 //! (vectors only grow). A stream cut short leaves the receiver with the dots
 //! it did receive, so the next exchange resumes from there.
 
-use super::index::IndexView;
+use super::index::{first_uncovered_is, IndexView};
 use super::tables::*;
 use super::write::Writer;
 use super::{read_version, Store};
@@ -287,7 +287,7 @@ impl ChangeStream {
                 })?;
                 let encoded = stored.value();
                 let entry = super::decode_entry(key, encoded)?;
-                if !first_uncovered_origin_is(since, &entry, origin) {
+                if !first_uncovered_is(&entry, since, origin) {
                     return Ok(true);
                 }
                 bytes += key.len() + encoded.len();
@@ -340,17 +340,6 @@ impl Iterator for ChangeStream {
         }
         Some(chunk)
     }
-}
-
-/// Whether an entry reached through origin `via` is sent there: it is
-/// sent at the first origin, in walk order, whose dot `since` lacks, so
-/// that an entry indexed by several uncovered dots goes out once.
-fn first_uncovered_origin_is(since: &VersionVector, entry: &Entry, via: NodeId) -> bool {
-    entry
-        .index_dots()
-        .into_iter()
-        .find(|&d| !since.covers(d))
-        .is_some_and(|d| d.node == via)
 }
 
 /// A chunk whose entries are decoded and checked (see `Store::check_chunk`).

@@ -50,11 +50,10 @@
 //! folded from the change log are read beside them (`index.rs`).
 
 use super::changes::{ChunkLimits, RemoteEntry};
-use super::index::IndexView;
+use super::index::{first_uncovered_is, IndexView};
 use super::tables::*;
 use super::{decode_entry, read_version, Store};
-use crate::crdt::entry::Entry;
-use crate::crdt::{Dot, NodeId, VersionVector};
+use crate::crdt::{Dot, VersionVector};
 use crate::error::{show_key, Error, Result};
 use redb::{ReadableDatabase, ReadableTable};
 use serde::{Deserialize, Serialize};
@@ -101,16 +100,6 @@ pub struct FeedPage {
     /// The source purged tombstones the reader's frontier did not cover:
     /// the reader may hold keys deleted since (see the module docs).
     pub reconcile: bool,
-}
-
-/// Whether `entry`, reached through `via`, goes out there: at the first of
-/// its dots `since` lacks, so that an entry with several goes out once.
-fn first_uncovered_is(entry: &Entry, since: &VersionVector, via: NodeId) -> bool {
-    entry
-        .index_dots()
-        .into_iter()
-        .find(|&d| !since.covers(d))
-        .is_some_and(|d| d.node == via)
 }
 
 impl Store {
@@ -240,6 +229,7 @@ pub(super) fn build_index(txn: &redb::WriteTransaction) -> Result<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::crdt::NodeId;
     use crate::store::StoreOptions;
 
     #[test]

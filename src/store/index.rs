@@ -35,7 +35,8 @@ use super::tables::{
     CHANGES, CHANGE_LOG, ENTRIES, META, META_CHANGE_LOG_FOLDS, META_CHANGE_LOG_NEXT, PREFIX_CHANGES,
 };
 use super::{decode_entry, Store};
-use crate::crdt::{Dot, NodeId};
+use crate::crdt::entry::Entry;
+use crate::crdt::{Dot, NodeId, VersionVector};
 use crate::error::{Error, Result};
 use redb::{ReadOnlyTable, ReadTransaction, ReadableTable, WriteTransaction};
 use std::collections::{BTreeMap, HashMap};
@@ -170,6 +171,17 @@ impl IndexView {
         }
         Ok(())
     }
+}
+
+/// Whether `entry`, reached in a walk through origin `via`, goes out there:
+/// at the first of its dots `since` lacks (in walk order), so that an entry
+/// indexed by several uncovered dots goes out once.
+pub(super) fn first_uncovered_is(entry: &Entry, since: &VersionVector, via: NodeId) -> bool {
+    entry
+        .index_dots()
+        .into_iter()
+        .find(|&d| !since.covers(d))
+        .is_some_and(|d| d.node == via)
 }
 
 /// Visits the live log rows in `recent` below `upto` (all for `None`) and
@@ -404,6 +416,29 @@ mod tests {
         assert_eq!(listed(&s), 9);
         s.put(b"k1", b"w", None).unwrap();
         assert_eq!(listed(&s), 9);
+    }
+
+    #[test]
+    fn a_change_log_position_that_is_not_8_bytes_fails_the_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db");
+        drop(Store::open(&path, options(100)).unwrap());
+        {
+            let db = redb::Database::open(&path).unwrap();
+            let txn = db.begin_write().unwrap();
+            txn.open_table(META)
+                .unwrap()
+                .insert(super::META_CHANGE_LOG_NEXT, [1u8, 2, 3].as_slice())
+                .unwrap();
+            txn.commit().unwrap();
+        }
+        match Store::open(&path, options(100)) {
+            Err(Error::Corrupt { what, reason }) => {
+                assert_eq!(what, "metadata");
+                assert!(reason.contains("change_log_next"), "{reason}");
+            }
+            other => panic!("expected Corrupt, got {other:?}"),
+        }
     }
 
     #[test]
