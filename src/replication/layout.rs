@@ -303,6 +303,185 @@ impl Layout {
     }
 }
 
+/// A change the load planner makes to a layout (see `rebalance.rs`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum LayoutMove {
+    /// `to`, already a replica of `partition`, becomes its first replica
+    /// (the one that coordinates its writes) in place of `from`. No data
+    /// moves.
+    Lead {
+        partition: u16,
+        from: NodeId,
+        to: NodeId,
+    },
+    /// `to`, not a replica of `partition`, takes the place of replica
+    /// `from` (same position in the order): `to` receives the partition.
+    Replace {
+        partition: u16,
+        from: NodeId,
+        to: NodeId,
+    },
+}
+
+impl LayoutMove {
+    pub fn partition(&self) -> u16 {
+        match *self {
+            LayoutMove::Lead { partition, .. } | LayoutMove::Replace { partition, .. } => partition,
+        }
+    }
+}
+
+/// Why a set of [`LayoutMove`]s cannot be applied to a layout.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum MoveError {
+    #[error("partition {partition} does not exist")]
+    NoPartition { partition: u16 },
+    #[error("node {node} is not a replica of partition {partition}")]
+    NotReplica { partition: u16, node: NodeId },
+    #[error("node {node} is not the first replica of partition {partition}")]
+    NotFirst { partition: u16, node: NodeId },
+    #[error("node {node} already holds partition {partition}")]
+    AlreadyReplica { partition: u16, node: NodeId },
+    #[error("node {node} is not a member with capacity")]
+    NotEligible { node: NodeId },
+    #[error("partition {partition} would break its zone bounds")]
+    ZoneBounds { partition: u16 },
+    #[error("node {node} would hold {after} replicas instead of {before}: a plan must keep every node's replica count, or the next layout would undo it")]
+    SlotCount {
+        node: NodeId,
+        before: usize,
+        after: usize,
+    },
+}
+
+/// The zone bounds of a member set, to check a replica set against
+/// without building a layout.
+pub struct ZoneRules {
+    members: Members,
+}
+
+impl ZoneRules {
+    pub fn new(replicas: u8, nodes: &[NodeSpec]) -> ZoneRules {
+        ZoneRules {
+            members: Members::new(replicas, nodes),
+        }
+    }
+
+    /// Whether `node` is a member with capacity >= 1.
+    pub fn eligible(&self, node: NodeId) -> bool {
+        self.members.ids.binary_search(&node).is_ok()
+    }
+
+    /// Whether `replicas` (eligible nodes) keeps every zone within its
+    /// bounds. A node that is not eligible breaks them.
+    pub fn allows(&self, replicas: &[NodeId]) -> bool {
+        let mut per_zone = vec![0usize; self.members.zones.len()];
+        for node in replicas {
+            let Ok(i) = self.members.ids.binary_search(node) else {
+                return false;
+            };
+            per_zone[self.members.zone_of[i]] += 1;
+        }
+        let full = replicas.len() >= self.members.r;
+        per_zone
+            .iter()
+            .enumerate()
+            .all(|(z, &n)| n <= self.members.zone_hi[z] && (!full || n >= self.members.zone_lo[z]))
+    }
+}
+
+impl Layout {
+    /// This layout with `moves` applied in order, as the next version.
+    /// Refused unless every move names replicas as they are at its turn,
+    /// every partition keeps its zone bounds, and every node ends with
+    /// as many replicas as it began with: then [`Layout::next`] with the
+    /// same members finds nothing to undo (its steps 2 to 4 act only on
+    /// gone nodes, broken zone bounds and slot counts off quota).
+    pub fn with_moves(
+        &self,
+        nodes: &[NodeSpec],
+        moves: &[LayoutMove],
+    ) -> Result<Layout, MoveError> {
+        let rules = ZoneRules::new(self.replicas, nodes);
+        let mut next = self.clone();
+        for m in moves {
+            let p = m.partition();
+            let replicas = next
+                .assignment
+                .get_mut(usize::from(p))
+                .ok_or(MoveError::NoPartition { partition: p })?;
+            match *m {
+                LayoutMove::Lead {
+                    partition,
+                    from,
+                    to,
+                } => {
+                    if replicas.first() != Some(&from) {
+                        return Err(MoveError::NotFirst {
+                            partition,
+                            node: from,
+                        });
+                    }
+                    let at =
+                        replicas
+                            .iter()
+                            .position(|&n| n == to)
+                            .ok_or(MoveError::NotReplica {
+                                partition,
+                                node: to,
+                            })?;
+                    replicas.swap(0, at);
+                }
+                LayoutMove::Replace {
+                    partition,
+                    from,
+                    to,
+                } => {
+                    if !rules.eligible(to) {
+                        return Err(MoveError::NotEligible { node: to });
+                    }
+                    if replicas.contains(&to) {
+                        return Err(MoveError::AlreadyReplica {
+                            partition,
+                            node: to,
+                        });
+                    }
+                    let at =
+                        replicas
+                            .iter()
+                            .position(|&n| n == from)
+                            .ok_or(MoveError::NotReplica {
+                                partition,
+                                node: from,
+                            })?;
+                    replicas[at] = to;
+                    if !rules.allows(replicas) {
+                        return Err(MoveError::ZoneBounds { partition });
+                    }
+                }
+            }
+        }
+        let before = self.slot_counts();
+        let after = next.slot_counts();
+        for node in before.keys().chain(after.keys()) {
+            let (b, a) = (
+                before.get(node).copied().unwrap_or(0),
+                after.get(node).copied().unwrap_or(0),
+            );
+            if a != b {
+                return Err(MoveError::SlotCount {
+                    node: *node,
+                    before: b,
+                    after: a,
+                });
+            }
+        }
+        next.version = self.version.saturating_add(1);
+        Ok(next)
+    }
+}
+
 /// The elements of `a` not in `b`, ascending and distinct.
 fn sorted_difference(a: &[NodeId], b: &[NodeId]) -> Vec<NodeId> {
     let set: BTreeSet<NodeId> = a.iter().filter(|n| !b.contains(n)).copied().collect();

@@ -10,5 +10,6 @@ pub mod layout;
 pub mod layout_state;
 pub mod membership;
 pub mod message;
+pub mod rebalance;
 pub mod replica;
 pub mod tokens;
