@@ -8,6 +8,7 @@
 
 pub mod feed;
 pub mod ledger;
+pub mod load;
 pub mod push;
 pub mod quorum;
 pub mod scenarios;

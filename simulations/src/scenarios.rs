@@ -20,6 +20,9 @@ pub const SCENARIOS: &[&str] = &[
     "quorum",
     "feed",
     "push-handover",
+    "hotspot",
+    "noise",
+    "shifting",
 ];
 
 /// What a scenario is run with.
@@ -100,6 +103,9 @@ pub fn run(name: &str, params: &Params) -> Outcome {
         "quorum" => crate::quorum::quorum(params),
         "feed" => crate::feed::feed(params),
         "push-handover" => crate::push::push_handover(params),
+        "hotspot" => crate::load::hotspot(params),
+        "noise" => crate::load::noise(params),
+        "shifting" => crate::load::shifting(params),
         other => Err(fail(format!(
             "unknown scenario {other:?}; scenarios: {}",
             SCENARIOS.join(", ")

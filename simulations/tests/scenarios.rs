@@ -141,3 +141,38 @@ fn pushes_are_applied_once_while_their_primary_moves() {
         );
     }
 }
+
+fn load_model(seed: u64) -> Params {
+    Params {
+        partitions: 256,
+        ..small(seed, None, 10_000)
+    }
+}
+
+#[test]
+fn hotspot_is_balanced_in_bounded_moves_without_flaps() {
+    for seed in 1..=3 {
+        let report = check("hotspot", &load_model(seed));
+        assert!(report.get("initial_max_over_mean_load").unwrap() >= 2.0);
+        assert!(report.get("max_over_mean_load").unwrap() <= 1.25);
+        assert_eq!(report.get("flaps"), Some(0.0));
+    }
+}
+
+#[test]
+fn noise_moves_nothing() {
+    for seed in 1..=3 {
+        let report = check("noise", &load_model(seed));
+        assert_eq!(report.get("moves"), Some(0.0));
+        assert_eq!(report.get("flaps"), Some(0.0));
+    }
+}
+
+#[test]
+fn shifting_hot_set_is_followed_without_oscillation() {
+    for seed in 1..=2 {
+        let report = check("shifting", &load_model(seed));
+        assert_eq!(report.get("flaps"), Some(0.0));
+        assert!(report.get("worst_max_over_mean_load_before_shift").unwrap() <= 1.25);
+    }
+}

@@ -174,6 +174,10 @@ pub struct RebalanceConfig {
     pub cooldown: Duration,
     /// The most moves in one plan (a swap is two).
     pub max_moves: usize,
+    /// How long a layout must have served before its loads are measured
+    /// well enough to plan from (a few half-lives of the meter): callers
+    /// wait this long after a layout change.
+    pub settle: Duration,
 }
 
 impl Default for RebalanceConfig {
@@ -184,6 +188,7 @@ impl Default for RebalanceConfig {
             margin: 0.05,
             cooldown: Duration::from_secs(600),
             max_moves: 8,
+            settle: Duration::from_secs(60),
         }
     }
 }
@@ -223,6 +228,10 @@ pub struct Plan {
     pub max_ratio_after: f64,
     /// Why the plan is empty, or what it does, in words.
     pub summary: String,
+    /// Whether balancing goes on with the next plan (pass it as
+    /// `continuing`): the busiest node is still above the aim, and this
+    /// plan moved something or partitions are cooling down.
+    pub continues: bool,
 }
 
 impl Plan {
@@ -242,8 +251,42 @@ pub fn plan_id(layout: &Layout, moves: &[LayoutMove]) -> u64 {
     xxhash_rust::xxh3::xxh3_64(&bytes)
 }
 
-/// Partitions that moved recently: partition -> when.
-pub type Cooling = BTreeMap<u16, Duration>;
+/// When a partition last moved, and the nodes it left (as leader or as
+/// holder) with when.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Moved {
+    pub at: Duration,
+    pub left: Vec<(NodeId, Duration)>,
+}
+
+/// Partitions that moved: partition -> its moves.
+pub type Cooling = BTreeMap<u16, Moved>;
+
+/// How long a partition is not given back to a node it left, in cool-downs.
+const NO_RETURN_COOLDOWNS: u32 = 10;
+
+/// Records applied moves in `cooling`, and forgets what is too old to
+/// matter.
+pub fn record_moves(
+    cooling: &mut Cooling,
+    moves: &[LayoutMove],
+    now: Duration,
+    config: &RebalanceConfig,
+) {
+    let horizon = config.cooldown * NO_RETURN_COOLDOWNS;
+    for m in cooling.values_mut() {
+        m.left.retain(|(_, at)| now.saturating_sub(*at) < horizon);
+    }
+    cooling.retain(|_, m| !m.left.is_empty() || now.saturating_sub(m.at) < config.cooldown);
+    for m in moves {
+        let from = match *m {
+            LayoutMove::Lead { from, .. } | LayoutMove::Replace { from, .. } => from,
+        };
+        let entry = cooling.entry(m.partition()).or_default();
+        entry.at = now;
+        entry.left.push((from, now));
+    }
+}
 
 /// Estimated load per (node, partition), updated as the plan moves them.
 struct Estimates<'a> {
@@ -330,6 +373,7 @@ pub fn plan(
     nodes: &[NodeSpec],
     reports: &BTreeMap<NodeId, LoadReport>,
     cooling: &Cooling,
+    continuing: bool,
     now: Duration,
     config: &RebalanceConfig,
 ) -> Plan {
@@ -373,6 +417,11 @@ pub fn plan(
         ),
         max_ratio_before: max_before,
         max_ratio_after: max_before,
+        continues: continuing
+            && max_before > config.aim
+            && cooling
+                .values()
+                .any(|m| now.saturating_sub(m.at) < config.cooldown),
         summary,
     };
     if let Some(missing) = eligible.iter().find(|s| !reports.contains_key(&s.id)) {
@@ -384,7 +433,14 @@ pub fn plan(
     if total <= 0.0 {
         return empty("no load measured: nothing to balance".into());
     }
-    if max_before <= config.trigger {
+    // Hysteresis: a new round of balancing starts above the trigger; one
+    // whose last plan stopped short of the aim (bounded moves) goes on.
+    let start = if continuing {
+        config.aim
+    } else {
+        config.trigger
+    };
+    if max_before <= start {
         return empty(format!(
             "the busiest node is at {max_before:.2}x its share, under the trigger of {:.2}x: nothing to do",
             config.trigger
@@ -393,7 +449,16 @@ pub fn plan(
     let frozen = |p: u16| {
         cooling
             .get(&p)
-            .is_some_and(|&at| now.saturating_sub(at) < config.cooldown)
+            .is_some_and(|m| now.saturating_sub(m.at) < config.cooldown)
+    };
+    // A partition is not given back to a node it left recently: that is
+    // a flap, whatever the loads say.
+    let returning = |p: u16, to: NodeId| {
+        cooling.get(&p).is_some_and(|m| {
+            m.left.iter().any(|&(n, at)| {
+                n == to && now.saturating_sub(at) < config.cooldown * NO_RETURN_COOLDOWNS
+            })
+        })
     };
     let mut touched: BTreeSet<u16> = BTreeSet::new();
     let mut moves: Vec<PlannedMove> = Vec::new();
@@ -403,9 +468,14 @@ pub fn plan(
             break;
         }
         let room = config.max_moves - moves.len();
-        let Some(step) = best_step(&est, &rules, hot, room, |p| {
-            frozen(p) || touched.contains(&p)
-        }) else {
+        let Some(step) = best_step(
+            &est,
+            &rules,
+            hot,
+            room,
+            |p| frozen(p) || touched.contains(&p),
+            returning,
+        ) else {
             break;
         };
         if step.worst >= ratio - 1e-9 {
@@ -418,7 +488,10 @@ pub fn plan(
         moves.extend(step.moves);
     }
     let (_, max_after) = est.max_ratio();
-    if moves.is_empty() || max_before - max_after <= config.margin {
+    // A new round of balancing must be worth it; one under way only has
+    // to make progress towards the aim.
+    let margin = if continuing { 1e-6 } else { config.margin };
+    if moves.is_empty() || max_before - max_after <= margin {
         return empty(format!(
             "the busiest node is at {max_before:.2}x its share, but no move allowed (cool-down, zones, replica counts) lowers that by more than {:.2}",
             config.margin
@@ -439,6 +512,7 @@ pub fn plan(
             moves.len() - data,
             data
         ),
+        continues: max_after > config.aim,
         moves,
         max_ratio_before: max_before,
         max_ratio_after: max_after,
@@ -477,6 +551,7 @@ fn best_step(
     hot: NodeId,
     room: usize,
     unavailable: impl Fn(u16) -> bool,
+    returning: impl Fn(u16, NodeId) -> bool,
 ) -> Option<Step> {
     let layout = &est.layout;
     let hot_load = est.load.get(&hot).copied().unwrap_or(0.0);
@@ -498,10 +573,15 @@ fn best_step(
         }
         (a.bytes, a.moves.len(), a.to) < (b.bytes, b.moves.len(), b.to)
     };
-    let mut best: Option<Step> = None;
+    let (mut best_lead, mut best_swap): (Option<Step>, Option<Step>) = (None, None);
     let mut offer = |step: Step| {
+        let best = if step.bytes == 0 && step.moves.len() == 1 {
+            &mut best_lead
+        } else {
+            &mut best_swap
+        };
         if best.as_ref().is_none_or(|b| better(&step, b)) {
-            best = Some(step);
+            *best = Some(step);
         }
     };
     // Per receiving node, its coolest partitions that may move.
@@ -530,7 +610,7 @@ fn best_step(
         let replicas = layout.replicas(p);
         if replicas.first() == Some(&hot) {
             for &to in &replicas[1..] {
-                if !est.target.contains_key(&to) {
+                if !est.target.contains_key(&to) || returning(p, to) {
                     continue;
                 }
                 let transfer = load_p - est.of(to, p);
@@ -559,7 +639,7 @@ fn best_step(
             continue;
         }
         for (&to, candidates) in &coolest {
-            if replicas.contains(&to) {
+            if replicas.contains(&to) || returning(p, to) {
                 continue;
             }
             let mut with_to = replicas.to_vec();
@@ -574,6 +654,9 @@ fn best_step(
                 let transfer = load_p - load_q;
                 if transfer <= 0.0 {
                     break;
+                }
+                if returning(q, hot) {
+                    continue;
                 }
                 let mut with_hot = layout.replicas(q).to_vec();
                 if let Some(slot) = with_hot.iter_mut().find(|n| **n == to) {
@@ -614,7 +697,23 @@ fn best_step(
             }
         }
     }
-    best
+    // A lead change moves no data: take it when it does at least half
+    // what the best swap would for the busiest node.
+    let hot_ratio = if hot_target > 0.0 {
+        hot_load / hot_target
+    } else {
+        0.0
+    };
+    match (best_lead, best_swap) {
+        (Some(lead), Some(swap)) => {
+            if hot_ratio - lead.worst >= 0.5 * (hot_ratio - swap.worst) {
+                Some(lead)
+            } else {
+                Some(swap)
+            }
+        }
+        (lead, swap) => lead.or(swap),
+    }
 }
 
 fn apply_step(est: &mut Estimates<'_>, hot: NodeId, step: &Step) {
@@ -760,6 +859,7 @@ mod tests {
                 &nodes,
                 &reports,
                 &Cooling::new(),
+                false,
                 Duration::ZERO,
                 &config,
             );
@@ -803,6 +903,7 @@ mod tests {
                 &nodes,
                 &reports,
                 &Cooling::new(),
+                false,
                 Duration::ZERO,
                 &RebalanceConfig::default(),
             );
@@ -823,6 +924,7 @@ mod tests {
             &nodes,
             &reports,
             &Cooling::new(),
+            false,
             Duration::ZERO,
             &config,
         );
@@ -832,16 +934,26 @@ mod tests {
             &nodes,
             &reports,
             &Cooling::new(),
+            false,
             Duration::ZERO,
             &config,
         );
         assert_eq!(first.id, again.id);
-        let cooling: Cooling = (0..64).map(|p| (p, Duration::from_secs(100))).collect();
+        let mut cooling = Cooling::new();
+        let all: Vec<LayoutMove> = (0..64)
+            .map(|p| LayoutMove::Lead {
+                partition: p,
+                from: NodeId(0),
+                to: NodeId(0),
+            })
+            .collect();
+        record_moves(&mut cooling, &all, Duration::from_secs(100), &config);
         let frozen = plan(
             &layout,
             &nodes,
             &reports,
             &cooling,
+            false,
             Duration::from_secs(200),
             &config,
         );
@@ -851,6 +963,7 @@ mod tests {
             &nodes,
             &reports,
             &cooling,
+            false,
             Duration::from_secs(100) + config.cooldown,
             &config,
         );
@@ -861,6 +974,7 @@ mod tests {
             &nodes,
             &reports,
             &Cooling::new(),
+            false,
             Duration::ZERO,
             &config,
         );
@@ -930,7 +1044,7 @@ mod tests {
             }
             let reports = reports(&layout, &rates, 0.1, &mut rng);
             let config = RebalanceConfig { max_moves: 12, ..RebalanceConfig::default() };
-            let plan = plan(&layout, &nodes, &reports, &Cooling::new(), Duration::ZERO, &config);
+            let plan = plan(&layout, &nodes, &reports, &Cooling::new(), false, Duration::ZERO, &config);
             let next = layout.with_moves(&nodes, &plan.layout_moves()).expect("applies");
             prop_assert!(next.changes_to(&next.next(&nodes)).is_empty());
             prop_assert!(plan.max_ratio_after <= plan.max_ratio_before + 1e-9);
