@@ -149,6 +149,12 @@ pub enum Request {
     /// The device ledger of the node asked (the devices that synced
     /// through it), and what holds back its tombstone purges.
     Devices,
+    /// A load-balancing plan for the current layout (nothing changes).
+    LayoutPlan,
+    /// Apply the plan with this id, made by the node asked.
+    LayoutApply {
+        id: u64,
+    },
 }
 
 impl Request {
@@ -179,7 +185,9 @@ impl Request {
             | Request::TokenCreate { .. }
             | Request::TokenList
             | Request::TokenRevoke { .. }
-            | Request::Devices => None,
+            | Request::Devices
+            | Request::LayoutPlan
+            | Request::LayoutApply { .. } => None,
         }
     }
 
@@ -207,6 +215,7 @@ impl Request {
                 | Request::TokenCreate { .. }
                 | Request::TokenList
                 | Request::TokenRevoke { .. }
+                | Request::LayoutApply { .. }
         )
     }
 
@@ -225,6 +234,8 @@ impl Request {
                 | Request::TokenList
                 | Request::TokenRevoke { .. }
                 | Request::Devices
+                | Request::LayoutPlan
+                | Request::LayoutApply { .. }
         )
     }
 }
@@ -365,6 +376,48 @@ pub enum Response {
     /// How many tokens a revoke took out of force.
     Revoked(u32),
     Devices(DevicesInfo),
+    LayoutPlan(PlanInfo),
+    /// A plan was applied: the layout version it made.
+    LayoutApplied {
+        version: u64,
+    },
+}
+
+/// A load-balancing plan (`Request::LayoutPlan`), nodes by name.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct PlanInfo {
+    /// What `kvctl layout apply` takes (16 hex digits).
+    pub id: String,
+    pub layout_version: u64,
+    pub summary: String,
+    pub moves: Vec<PlanMove>,
+    pub nodes: Vec<PlanNode>,
+    pub max_ratio_before: f64,
+    pub max_ratio_after: f64,
+}
+
+// The planner's figures are finite (never NaN), so equality is total.
+impl Eq for PlanInfo {}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct PlanMove {
+    /// "lead" (the coordinating role moves, no data) or "replica".
+    pub kind: String,
+    pub partition: u16,
+    pub from: String,
+    pub to: String,
+    pub ops_per_sec: f64,
+    pub keys: u64,
+    pub bytes: u64,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct PlanNode {
+    pub node: String,
+    /// Its share of the cluster's work by capacity (ops/s).
+    pub target: f64,
+    pub before: f64,
+    pub after: f64,
 }
 
 /// One node's device ledger (`Request::Devices`).

@@ -66,13 +66,16 @@ enum Command {
     ///
     /// Example: kvctl members
     Members,
-    /// Layout version, replicas per partition, pending moves.
+    /// Layout version, replicas per partition, pending moves; `layout plan`
+    /// and `layout apply PLAN_ID` balance load (docs/rebalancing.md).
     ///
     /// Example: kvctl layout --partition 17
     Layout {
         /// Show one partition only.
         #[arg(long)]
         partition: Option<u16>,
+        #[command(subcommand)]
+        action: Option<LayoutAction>,
     },
     /// The partitions this node holds: entries, bytes, digest, version vector.
     ///
@@ -182,6 +185,24 @@ enum Command {
     /// Example: kvctl token create --name app1 --prefix app1/ --read --write --expires 30d
     #[command(subcommand)]
     Token(TokenCommand),
+}
+
+#[derive(Subcommand)]
+enum LayoutAction {
+    /// Propose moves that take load off overloaded nodes: each move, the
+    /// load, keys and bytes it moves, and every node's load before and
+    /// after. Changes nothing.
+    ///
+    /// Example: kvctl layout plan
+    Plan,
+    /// Apply a plan made by `layout plan` on the same node, exactly as
+    /// shown. Refused if it was applied already or the layout changed.
+    ///
+    /// Example: kvctl layout apply 3f2a9c0d11e4b7a8
+    Apply {
+        /// The plan's id (16 hex digits).
+        plan_id: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -749,7 +770,93 @@ impl Ctl {
                     )
                 });
             }
-            Command::Layout { partition } => {
+            Command::Layout {
+                action: Some(LayoutAction::Plan),
+                ..
+            } => {
+                let Response::LayoutPlan(plan) = self.call(Request::LayoutPlan, 1).await? else {
+                    anyhow::bail!("unexpected answer")
+                };
+                let value = serde_json::to_value(&plan)?;
+                self.emit(value, || {
+                    say!(
+                        "plan {} for layout v{}: {}",
+                        plan.id,
+                        plan.layout_version,
+                        plan.summary
+                    );
+                    if plan.moves.is_empty() {
+                        return;
+                    }
+                    say!();
+                    say!(
+                        "{:<8} {:>9} {:<20} {:<20} {:>10} {:>10} {:>12}",
+                        "move",
+                        "partition",
+                        "from",
+                        "to",
+                        "ops/s",
+                        "keys",
+                        "bytes"
+                    );
+                    for m in &plan.moves {
+                        say!(
+                            "{:<8} {:>9} {:<20} {:<20} {:>10.0} {:>10} {:>12}",
+                            m.kind,
+                            m.partition,
+                            m.from,
+                            m.to,
+                            m.ops_per_sec,
+                            m.keys,
+                            m.bytes
+                        );
+                    }
+                    say!();
+                    say!(
+                        "{:<20} {:>10} {:>10} {:>10} {:>8} {:>8}",
+                        "node",
+                        "share",
+                        "before",
+                        "after",
+                        "x before",
+                        "x after"
+                    );
+                    for n in &plan.nodes {
+                        let x = |l: f64| if n.target > 0.0 { l / n.target } else { 0.0 };
+                        say!(
+                            "{:<20} {:>10.0} {:>10.0} {:>10.0} {:>8.2} {:>8.2}",
+                            n.node,
+                            n.target,
+                            n.before,
+                            n.after,
+                            x(n.before),
+                            x(n.after)
+                        );
+                    }
+                    say!();
+                    say!("apply with: kvctl layout apply {}", plan.id);
+                });
+            }
+            Command::Layout {
+                action: Some(LayoutAction::Apply { plan_id }),
+                ..
+            } => {
+                let id = u64::from_str_radix(plan_id.trim(), 16).map_err(|_| {
+                    anyhow::anyhow!("{plan_id:?} is not a plan id (16 hex digits, as `kvctl layout plan` prints)")
+                })?;
+                let Response::LayoutApplied { version } =
+                    self.call(Request::LayoutApply { id }, 1).await?
+                else {
+                    anyhow::bail!("unexpected answer")
+                };
+                self.emit(json!({"plan": plan_id, "layout_version": version}), || {
+                    say!("plan {plan_id} applied: layout v{version} (see kvctl migrations for the data it moves)");
+                });
+            }
+            Command::Layout {
+                partition,
+                action: None,
+            } => {
                 let Response::Layout(layout) = self.call(Request::Layout, 1).await? else {
                     anyhow::bail!("unexpected answer")
                 };

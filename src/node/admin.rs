@@ -129,6 +129,8 @@ impl Core {
                     elapsed_ms: progress.elapsed.as_millis() as u64,
                 })
             }
+            Request::LayoutPlan => self.plan_layout(),
+            Request::LayoutApply { id } => self.apply_plan(id),
             Request::Devices => Response::Devices(DevicesInfo {
                 node: self.name.clone(),
                 now_ms: unix_ms(),

@@ -81,6 +81,8 @@ pub struct FileConfig {
     pub http_plain: bool,
     #[serde(default)]
     pub limits: LimitsConfig,
+    #[serde(default)]
+    pub rebalance: super::RebalanceSettings,
 }
 
 impl FileConfig {
@@ -142,6 +144,8 @@ pub struct NodeConfig {
     pub http_plain: bool,
     /// Resource bounds, validated.
     pub limits: LimitsConfig,
+    /// Load metering and the rebalance planner, validated.
+    pub rebalance: super::RebalanceSettings,
 }
 
 fn addr(field: &'static str, text: &str) -> Result<SocketAddr, ConfigError> {
@@ -270,6 +274,9 @@ impl NodeConfig {
         file.limits
             .validate()
             .map_err(|(field, reason)| ConfigError::Invalid { field, reason })?;
+        file.rebalance
+            .validate()
+            .map_err(|(field, reason)| ConfigError::Invalid { field, reason })?;
         Ok(NodeConfig {
             node_id,
             data_dir,
@@ -285,6 +292,7 @@ impl NodeConfig {
             http_listen,
             http_plain: file.http_plain,
             limits: file.limits,
+            rebalance: file.rebalance,
         })
     }
 }

@@ -30,6 +30,8 @@ pub mod limits;
 mod listen;
 pub mod metrics;
 mod peers;
+mod rebalance;
+pub use rebalance::RebalanceSettings;
 mod reload;
 mod remote_watch;
 mod storage;
@@ -47,7 +49,7 @@ use crate::crdt::NodeId;
 use crate::replication::coordinator::{reads_locally, Coordinator, CoordinatorConfig, StoreJob};
 use crate::replication::layout::NodeSpec;
 use crate::replication::layout_state::LayoutState;
-use crate::replication::membership::{LoadFigures, MemberState, MembershipConfig, NodeMeta};
+use crate::replication::membership::{MemberState, MembershipConfig, NodeMeta};
 use crate::replication::replica::{
     MembershipEventKind, Output, Replica, ReplicaConfig, ReplicaEvent, Timer,
 };
@@ -389,6 +391,9 @@ pub async fn run(
         metrics,
         last_heard: HashMap::new(),
         requests_at_publish: 0,
+        load_published: None,
+        rebalancing: rebalance::Rebalancing::new(partitions, &config.rebalance),
+        config_rebalance: config.rebalance.clone(),
         sizes_refreshed: None,
         name: name.clone(),
         twin_warned: None,
@@ -458,6 +463,10 @@ struct Core {
     last_heard: HashMap<NodeId, Instant>,
     /// Client requests served when the load figures were last published.
     requests_at_publish: u64,
+    /// When the load figures were last gossiped.
+    load_published: Option<Instant>,
+    rebalancing: rebalance::Rebalancing,
+    config_rebalance: rebalance::RebalanceSettings,
     sizes_refreshed: Option<Instant>,
     /// This node's name (its certificate's).
     name: String,
@@ -743,18 +752,36 @@ impl Core {
             .unwrap_or_else(|| node.to_string())
     }
 
-    /// Gossips this node's load with its metadata (every 30 s, with sizes).
-    fn publish_load(&mut self, keys: u64, bytes: u64) {
-        let requests = self.metrics.client_requests.load(Relaxed);
-        let elapsed = SIZES_INTERVAL.as_secs().max(1);
-        let ops_per_sec = requests.saturating_sub(self.requests_at_publish) / elapsed;
-        self.requests_at_publish = requests;
+    /// Gossips this node's load with its metadata: request rate and
+    /// per-partition work every `rebalance.load_report_interval_ms`,
+    /// sizes as last measured (every 30 s).
+    fn publish_load(&mut self, sizes: Option<(u64, u64)>) {
+        let now = Instant::now();
+        let interval = self.config_rebalance.report_interval();
+        let due = self
+            .load_published
+            .is_none_or(|at| now.duration_since(at) >= interval);
+        if !due && sizes.is_none() {
+            return;
+        }
         let mut meta = self.replica.membership().meta().clone();
-        meta.load = LoadFigures {
-            keys,
-            bytes,
-            ops_per_sec,
-        };
+        if let Some((keys, bytes)) = sizes {
+            meta.load.keys = keys;
+            meta.load.bytes = bytes;
+        }
+        if due {
+            let requests = self.metrics.client_requests.load(Relaxed);
+            let elapsed = self
+                .load_published
+                .map_or(interval, |at| now.duration_since(at))
+                .as_secs_f64()
+                .max(0.001);
+            meta.load.ops_per_sec =
+                (requests.saturating_sub(self.requests_at_publish) as f64 / elapsed) as u64;
+            self.requests_at_publish = requests;
+            meta.load.partitions = self.load_report();
+            self.load_published = Some(now);
+        }
         let outputs = self.replica.set_meta(self.now(), meta);
         self.carry_out(outputs);
     }
@@ -813,8 +840,8 @@ impl Core {
         );
         core.insert("storage_queued_writes", storage.queued.load(Relaxed));
         drop(core);
-        if sizes {
-            self.publish_load(status.entries_held, status.bytes_held);
-        }
+        let version = self.replica.layout().current().version();
+        self.rebalancing.layout_age(version);
+        self.publish_load(sizes.then_some((status.entries_held, status.bytes_held)));
     }
 }

@@ -132,6 +132,19 @@ impl LayoutState {
         true
     }
 
+    /// Adopts `next`, a layout made from `current` (version + 1) by the
+    /// load planner. Refused (false) during a transition or if `next` is
+    /// not the next version.
+    pub fn install(&mut self, next: Layout) -> bool {
+        if self.in_transition() || next.version() != self.current.version().saturating_add(1) {
+            return false;
+        }
+        self.current = next;
+        self.ready.clear();
+        self.try_complete();
+        true
+    }
+
     fn try_complete(&mut self) {
         if !self.in_transition() {
             self.ready.clear();

@@ -71,6 +71,8 @@ pub struct LoadFigures {
     pub keys: u64,
     pub bytes: u64,
     pub ops_per_sec: u64,
+    /// Work per partition, for the load planner (bounded size).
+    pub partitions: super::rebalance::LoadReport,
 }
 
 /// What a node declares about itself; disseminated to every member.
@@ -1560,6 +1562,20 @@ mod tests {
                 keys: generation,
                 bytes: 1000 * generation,
                 ops_per_sec: i as u64,
+                // A full report with the largest figures: what a busy node
+                // gossips must still fit the packets these tests send.
+                partitions: crate::replication::rebalance::LoadReport {
+                    work: u64::MAX,
+                    held: u32::MAX,
+                    hot: (0..crate::replication::rebalance::MAX_HOT_PARTITIONS as u16)
+                        .map(|p| crate::replication::rebalance::PartitionLoad {
+                            partition: u16::MAX - p,
+                            ops_per_sec: u64::MAX,
+                            keys: u64::MAX,
+                            bytes: u64::MAX,
+                        })
+                        .collect(),
+                },
             },
         }
     }

@@ -454,6 +454,49 @@ impl Replica {
         self.drain()
     }
 
+    /// The members as the layout sees them now (what the planner plans
+    /// for).
+    pub fn layout_specs(&mut self, now: Duration) -> Vec<NodeSpec> {
+        self.now = now;
+        self.desired_specs()
+    }
+
+    /// Applies the load planner's `moves` to the current layout, which must
+    /// still be version `base` and not changing. The new layout spreads by
+    /// gossip like any other; [`Layout::next`] keeps it (see
+    /// `Layout::with_moves`).
+    pub fn apply_layout_moves(
+        &mut self,
+        now: Duration,
+        base: u64,
+        moves: &[super::layout::LayoutMove],
+    ) -> Result<Vec<Output>, String> {
+        self.now = now;
+        let current = self.layout.current().version();
+        if self.layout.in_transition() {
+            return Err(format!(
+                "layout v{current} is still being applied (complete up to v{}): wait until it completes",
+                self.layout.completed().version()
+            ));
+        }
+        if current != base {
+            return Err(format!(
+                "the layout changed since the plan was made (v{base}, now v{current}): make a new plan"
+            ));
+        }
+        let specs = self.desired_specs();
+        let next = self
+            .layout
+            .current()
+            .with_moves(&specs, moves)
+            .map_err(|e| format!("the plan no longer fits the cluster: {e}; make a new plan"))?;
+        if !self.layout.install(next) {
+            return Err("the layout changed while the plan was applied: make a new plan".into());
+        }
+        self.layout_changed();
+        Ok(self.drain())
+    }
+
     #[must_use]
     pub fn handle_timer(&mut self, now: Duration, timer: Timer) -> Vec<Output> {
         self.now = now;
