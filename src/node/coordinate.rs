@@ -32,12 +32,6 @@ impl Core {
             let response = self.serve(call.request);
             return self.answer(reply, response);
         }
-        if let Some(key) = call.request.key() {
-            // Coordinating a call is the work of a write or read plus the
-            // quorum around it: two units (see `replication::rebalance`).
-            let partition = self.replica.store().partition_of(key);
-            self.meter(partition, 2);
-        }
         let outputs = self
             .coordinator
             .call(&self.replica, self.now(), call, Caller::Client(reply));
@@ -48,21 +42,10 @@ impl Core {
         // Peers forward the calls of clients that reached them; admin
         // requests are never forwarded, so a peer sending one is not
         // relaying a client (the coordinator refuses it).
-        match &message {
-            CoordMessage::Coordinate { call, .. } => {
-                if call.request.is_admin() {
-                    warn!(peer = %self.node_name(from), "refused an admin request sent by a peer");
-                } else if let Some(key) = call.request.key() {
-                    let partition = self.replica.store().partition_of(key);
-                    self.meter(partition, 2);
-                }
+        if let CoordMessage::Coordinate { call, .. } = &message {
+            if call.request.is_admin() {
+                warn!(peer = %self.node_name(from), "refused an admin request sent by a peer");
             }
-            CoordMessage::Replicate { items } => {
-                for item in items {
-                    self.meter(item.partition, 1);
-                }
-            }
-            _ => {}
         }
         let outputs = self
             .coordinator

@@ -152,13 +152,12 @@ fn refuse(message: String) -> Response {
 }
 
 impl Core {
-    /// Meters a client call coordinated here or an entry replicated here.
-    pub(super) fn meter(&mut self, partition: u16, work: u64) {
-        self.rebalancing.meter.count(partition, work);
-    }
-
-    /// Folds the counts into rates and returns the report to gossip.
+    /// Folds the work counted since the last report into the decayed
+    /// rates and returns the report to gossip.
     pub(super) fn load_report(&mut self) -> LoadReport {
+        for (partition, work) in self.coordinator.take_work() {
+            self.rebalancing.meter.count(partition, work);
+        }
         self.rebalancing.meter.tick(self.now());
         let held = self.replica.layout().current().partitions_of(self.id);
         let store = self.replica.store().clone();

@@ -388,6 +388,8 @@ pub struct Coordinator<C> {
     /// The same, oldest first, to forget them after a while.
     taken_order: VecDeque<(Duration, (NodeId, u64))>,
     queued_client_writes: usize,
+    /// Work per partition since `take_work`.
+    work: HashMap<u16, u64>,
     stats: CoordinatorStats,
 }
 
@@ -587,11 +589,18 @@ impl<C> Coordinator<C> {
             next_id: first_id,
             queued_client_writes: 0,
             stats: CoordinatorStats::default(),
+            work: HashMap::new(),
         }
     }
 
     pub fn stats(&self) -> &CoordinatorStats {
         &self.stats
+    }
+
+    /// Work done per partition since the last call: 2 per call coordinated
+    /// here (not forwarded), 1 per replicated entry taken.
+    pub fn take_work(&mut self) -> HashMap<u16, u64> {
+        std::mem::take(&mut self.work)
     }
 
     /// When [`Coordinator::expire`] has something to do next.
@@ -1044,6 +1053,9 @@ impl<C> Coordinator<C> {
             }
         }
         let others: Vec<NodeId> = replicas[1..].to_vec();
+        // Coordinating is the call's own read or write plus the quorum
+        // around it: two units of work (see `rebalance`).
+        *self.work.entry(partition).or_insert(0) += 2;
         if is_write {
             self.start_write(now, call, caller, key, partition, others, quorum);
         } else {
@@ -1227,6 +1239,7 @@ impl<C> Coordinator<C> {
             .into_iter()
             .map(|item| {
                 acks.push((item.id, item.ack));
+                *self.work.entry(item.partition).or_insert(0) += 1;
                 GroupWrite::Merge {
                     partition: item.partition,
                     key: item.key,

@@ -119,6 +119,16 @@ impl Cluster {
         cluster
     }
 
+    /// `n` nodes, each reading `config` (TOML) through `--config`.
+    pub fn start_with_config(n: usize, config: &str) -> Cluster {
+        let mut cluster = Cluster::forming_with_config(n, Some(config));
+        for _ in 1..n {
+            let seed = cluster.nodes.first().map(|(_, a)| *a);
+            cluster.spawn_node(seed, 1, Some(config));
+        }
+        cluster
+    }
+
     /// Only the first node of a new cluster, which makes the first layout
     /// once `expect_nodes` nodes are up (`--expect-nodes`), so that the
     /// first layout already has every node.
@@ -290,9 +300,13 @@ pub async fn settled(clients: &[Client], n: usize) {
                 let Ok(s) = c.status().await else {
                     return false;
                 };
+                // Every node holds every partition with 3 nodes or fewer;
+                // with more, some (each partition has 3 replicas).
+                let held_all = s.partitions_held == 256;
                 if s.members_alive != n
                     || s.layout_version != s.layout_completed
-                    || s.partitions_held != 256
+                    || s.layout_version == 0
+                    || (n <= 3 && !held_all)
                 {
                     return false;
                 }

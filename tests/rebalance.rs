@@ -1,0 +1,195 @@
+//! Load-aware rebalancing on a real 4-node cluster: a skewed client load
+//! makes one node hot, `layout plan` proposes moves off it, `apply` makes
+//! them, the hot node's share of the work falls, nothing acknowledged is
+//! lost, and a plan cannot be applied twice.
+
+mod common;
+
+use common::{client, eventually, settled, Cluster};
+use gossipkv::client::{Client, Request, Response};
+use gossipkv::{Store, StoreOptions};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+const CONFIG: &str = "[rebalance]\nload_report_interval_ms = 300\nhalf_life_secs = 2\nsettle_secs = 2\ncooldown_secs = 600\n";
+
+/// Each node's share of the cluster's work, as its gossiped load says.
+async fn shares(admin: &Client) -> Vec<(String, f64)> {
+    let Ok(Response::ClusterMembers(members)) = admin.request(&Request::ClusterMembers).await
+    else {
+        return Vec::new();
+    };
+    let work: Vec<(String, f64)> = members
+        .iter()
+        .map(|m| {
+            (
+                m.name.clone(),
+                m.load.as_ref().map_or(0.0, |l| l.partitions.work as f64),
+            )
+        })
+        .collect();
+    let total: f64 = work.iter().map(|(_, w)| w).sum();
+    work.into_iter()
+        .map(|(n, w)| (n, if total > 0.0 { w / total } else { 0.0 }))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plan_takes_load_off_the_hot_node_and_applies_once() {
+    let cluster = Cluster::start_with_config(4, CONFIG);
+    let tls = cluster.client_tls();
+    let mut clients = Vec::new();
+    for i in 0..4 {
+        clients.push(client(cluster.addr(i), &tls).await);
+    }
+    settled(&clients, 4).await;
+    let clients: Vec<Arc<Client>> = clients.into_iter().map(Arc::new).collect();
+    let admin = Client::connect_admin(cluster.addr(0), Some(&cluster.admin_tls()))
+        .await
+        .unwrap();
+    let Ok(Response::Layout(layout)) = admin.request(&Request::Layout).await else {
+        panic!("no layout");
+    };
+    // Hot keys: those whose partition node-1 coordinates (its first
+    // replica), in four partitions.
+    let partitions = layout.replicas.len() as u16;
+    let dir = tempfile::tempdir().unwrap();
+    let local = Store::open(
+        dir.path().join("p.redb"),
+        StoreOptions::default().partitions(partitions),
+    )
+    .unwrap();
+    let hot_node = "node-1";
+    let mut hot_partitions = Vec::new();
+    let mut hot_keys = Vec::new();
+    for i in 0..100_000u32 {
+        let key = format!("hot-{i}");
+        let p = local.partition_of(key.as_bytes());
+        if layout.replicas[usize::from(p)].first().map(String::as_str) != Some(hot_node) {
+            continue;
+        }
+        if !hot_partitions.contains(&p) {
+            if hot_partitions.len() == 4 {
+                continue;
+            }
+            hot_partitions.push(p);
+        }
+        hot_keys.push(key);
+        if hot_keys.len() == 200 {
+            break;
+        }
+    }
+    assert_eq!(hot_partitions.len(), 4, "{hot_partitions:?}");
+
+    // The load: puts to the hot keys through every node, bounded in count
+    // and time, until told to stop.
+    let stop = Arc::new(AtomicBool::new(false));
+    let acknowledged = Arc::new(std::sync::Mutex::new(HashMap::new()));
+    let attempted = Arc::new(std::sync::Mutex::new(HashMap::new()));
+    let mut load = tokio::task::JoinSet::new();
+    for (w, c) in clients.iter().enumerate() {
+        let c = c.clone();
+        let keys = hot_keys.clone();
+        let stop = stop.clone();
+        let acknowledged = acknowledged.clone();
+        let attempted = attempted.clone();
+        load.spawn(async move {
+            let started = Instant::now();
+            for n in 0..200_000usize {
+                if stop.load(Ordering::Relaxed) || started.elapsed() > Duration::from_secs(120) {
+                    break;
+                }
+                let key = &keys[(n * 7 + w) % keys.len()];
+                attempted
+                    .lock()
+                    .unwrap()
+                    .entry(key.clone())
+                    .and_modify(|a| *a += 1)
+                    .or_insert(1i64);
+                if c.counter_add(key.as_bytes(), 1).await.is_ok() {
+                    *acknowledged
+                        .lock()
+                        .unwrap()
+                        .entry(key.clone())
+                        .or_insert(0i64) += 1;
+                }
+            }
+        });
+    }
+
+    // The hot node does more than its share, and a plan moves work off it.
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let plan = loop {
+        assert!(
+            Instant::now() < deadline,
+            "no plan with moves off node-1 in 90 s"
+        );
+        if let Ok(Response::LayoutPlan(p)) = admin.request(&Request::LayoutPlan).await {
+            // The busiest node is the hot one, and moves take work off it.
+            let busiest = p
+                .nodes
+                .iter()
+                .max_by(|a, b| (a.before / a.target).total_cmp(&(b.before / b.target)))
+                .map(|n| n.node.clone());
+            if busiest.as_deref() == Some(hot_node) && p.moves.iter().any(|m| m.from == hot_node) {
+                break p;
+            }
+            eprintln!("plan: {}", p.summary);
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    let before = shares(&admin).await;
+    let hot_before = before
+        .iter()
+        .find(|(n, _)| n == hot_node)
+        .map_or(0.0, |s| s.1);
+    eprintln!(
+        "plan {}: {}; node shares before {before:?}",
+        plan.id, plan.summary
+    );
+    assert!(plan.max_ratio_before > 1.25, "{plan:?}");
+    assert!(plan.max_ratio_after < plan.max_ratio_before);
+
+    let id = u64::from_str_radix(&plan.id, 16).unwrap();
+    let applied = admin.request(&Request::LayoutApply { id }).await.unwrap();
+    let Response::LayoutApplied { version } = applied else {
+        panic!("{applied:?}")
+    };
+    assert!(version > plan.layout_version);
+    // Twice: refused, saying so.
+    let again = admin.request(&Request::LayoutApply { id }).await;
+    let message = format!("{again:?}");
+    assert!(message.contains("already applied"), "{message}");
+    let unknown = admin.request(&Request::LayoutApply { id: id ^ 1 }).await;
+    assert!(format!("{unknown:?}").contains("no plan"), "{unknown:?}");
+
+    // The hot node's share falls under the trigger (1.25x a quarter).
+    eventually("node-1's share of the work falls", || async {
+        let now = shares(&admin).await;
+        let hot = now.iter().find(|(n, _)| n == hot_node).map_or(1.0, |s| s.1);
+        hot < 0.25 * 1.25 && hot < hot_before
+    })
+    .await;
+    stop.store(true, Ordering::Relaxed);
+    while load.join_next().await.is_some() {}
+
+    // Nothing acknowledged is lost: every counter holds at least the adds
+    // acknowledged and at most those attempted, read at R=3 once the
+    // layout settled.
+    let acknowledged = acknowledged.lock().unwrap().clone();
+    let attempted = attempted.lock().unwrap().clone();
+    assert!(!acknowledged.is_empty());
+    let reader = &clients[2];
+    for (key, &acked) in &acknowledged {
+        let tried = attempted.get(key).copied().unwrap_or(0);
+        eventually("every counter holds its acknowledged adds", || async {
+            reader
+                .counter(key.as_bytes())
+                .await
+                .is_ok_and(|v| v >= acked && v <= tried)
+        })
+        .await;
+    }
+}
