@@ -155,6 +155,11 @@ pub enum Request {
     LayoutApply {
         id: u64,
     },
+    /// Set the bytes per second the node asked sends migration chunks at
+    /// (0: unlimited), until it restarts.
+    SetMigrationBudget {
+        bytes_per_sec: u64,
+    },
 }
 
 impl Request {
@@ -187,7 +192,8 @@ impl Request {
             | Request::TokenRevoke { .. }
             | Request::Devices
             | Request::LayoutPlan
-            | Request::LayoutApply { .. } => None,
+            | Request::LayoutApply { .. }
+            | Request::SetMigrationBudget { .. } => None,
         }
     }
 
@@ -216,6 +222,7 @@ impl Request {
                 | Request::TokenList
                 | Request::TokenRevoke { .. }
                 | Request::LayoutApply { .. }
+                | Request::SetMigrationBudget { .. }
         )
     }
 
@@ -236,6 +243,7 @@ impl Request {
                 | Request::Devices
                 | Request::LayoutPlan
                 | Request::LayoutApply { .. }
+                | Request::SetMigrationBudget { .. }
         )
     }
 }
@@ -338,6 +346,30 @@ pub struct MigrationsInfo {
     pub entries: u64,
     pub bytes: u64,
     pub elapsed_ms: u64,
+    /// Each stream in flight into this node.
+    pub streams: Vec<MigrationStreamInfo>,
+    /// This node's budget for sending migration chunks (bytes/s; `None`:
+    /// unlimited), and the chunk bytes waiting for it.
+    pub budget_bytes_per_sec: Option<u64>,
+    pub bytes_queued_to_send: u64,
+}
+
+/// One migration stream into the node asked (`Request::Migrations`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MigrationStreamInfo {
+    pub partition: u16,
+    pub phase: u8,
+    pub source: String,
+    /// What the source announced, once it has.
+    pub entries_total: Option<u64>,
+    pub bytes_total: Option<u64>,
+    pub entries_done: u64,
+    pub bytes_done: u64,
+    pub running_ms: u64,
+    pub since_progress_ms: u64,
+    pub restarts: u32,
+    /// Why the stream is stalled, if it is.
+    pub stalled: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

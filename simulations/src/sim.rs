@@ -333,6 +333,34 @@ impl Sim {
         self.carry_out(id, outputs);
     }
 
+    /// The virtual clock.
+    pub fn now(&self) -> Duration {
+        self.now
+    }
+
+    /// Sets every node's migration budget (bytes/s; `None`: unlimited),
+    /// and the budget of nodes started later.
+    pub fn set_migration_budget(&mut self, budget: Option<u64>) {
+        self.config.migration_budget = budget;
+        let now = self.now;
+        for id in self.node_ids() {
+            let outputs = match self.replica_mut(id) {
+                Some(r) => r.set_migration_budget(now, budget),
+                None => continue,
+            };
+            self.carry_out(id, outputs);
+        }
+    }
+
+    /// Migration chunk bytes each node has sent (the pacer's count).
+    pub fn migration_bytes_sent(&self) -> u64 {
+        self.nodes
+            .values()
+            .filter_map(|n| n.replica.as_ref())
+            .map(|r| r.stats().migration_bytes_sent)
+            .sum()
+    }
+
     /// Stops a node's core at once, keeping its layout as persisted and
     /// its store as the disk holds it: committed data, less the group
     /// being flushed if the draw says the crash lost it (half the time,

@@ -176,3 +176,12 @@ fn shifting_hot_set_is_followed_without_oscillation() {
         assert!(report.get("worst_max_over_mean_load_before_shift").unwrap() <= 1.25);
     }
 }
+
+#[test]
+fn join_under_cuts_a_crash_and_a_budget_resumes_migrations() {
+    for seed in 1..=2 {
+        let report = check("join-interrupted", &small(seed, Some(5), 20_000));
+        assert!(report.get("join_interrupted_bytes_ratio").unwrap() <= 1.75);
+        assert!(report.get("join_interrupted_cuts").unwrap() >= 3.0);
+    }
+}

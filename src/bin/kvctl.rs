@@ -150,14 +150,21 @@ enum Command {
         node_a: SocketAddr,
         node_b: SocketAddr,
     },
-    /// Migrations into the node: partitions done and left, entries and
-    /// bytes moved, rate and ETA.
+    /// Migrations into the node: each stream's source, entries and bytes
+    /// done of those announced, rate, ETA, and why a stalled one is stalled;
+    /// partitions done and left. `--budget` sets how fast the node sends
+    /// migration data to others.
     ///
     /// Example: kvctl migrations --watch
+    /// Example: kvctl migrations --budget 20M
     Migrations {
         /// Refresh until no migration is left.
         #[arg(long)]
         watch: bool,
+        /// Set the node's migration budget in bytes per second (suffixes
+        /// k, M, G; "unlimited" or 0 for none), until it restarts.
+        #[arg(long, value_parser = parse_budget)]
+        budget: Option<u64>,
     },
     /// Join the cluster through a seed (for a node started without seeds).
     ///
@@ -393,6 +400,41 @@ fn human_age(seconds: f64) -> String {
     } else {
         format!("{:.0}d ago", s / 86400.0)
     }
+}
+
+/// A stream's rate (bytes/s since it began) and ETA (bytes left at that
+/// rate), once its source announced its size.
+fn stream_rate(st: &gossipkv::client::MigrationStreamInfo) -> (f64, Option<f64>) {
+    let seconds = st.running_ms as f64 / 1e3;
+    let rate = if seconds > 0.0 {
+        st.bytes_done as f64 / seconds
+    } else {
+        0.0
+    };
+    let eta = st
+        .bytes_total
+        .filter(|_| rate > 0.0)
+        .map(|t| t.saturating_sub(st.bytes_done) as f64 / rate);
+    (rate, eta)
+}
+
+/// A byte rate like `500k`, `20M`, `1G`, `1048576` or `unlimited` (0).
+fn parse_budget(text: &str) -> Result<u64, String> {
+    let t = text.trim();
+    if t.eq_ignore_ascii_case("unlimited") {
+        return Ok(0);
+    }
+    let (digits, scale) = match t.char_indices().last() {
+        Some((i, 'k' | 'K')) => (&t[..i], 1u64 << 10),
+        Some((i, 'm' | 'M')) => (&t[..i], 1 << 20),
+        Some((i, 'g' | 'G')) => (&t[..i], 1 << 30),
+        _ => (t, 1),
+    };
+    digits
+        .parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(scale))
+        .ok_or_else(|| format!("{text:?} is not a byte rate: use a number with an optional k, M or G, or \"unlimited\""))
 }
 
 fn table(header: &[&str], rows: Vec<Vec<String>>) {
@@ -1235,7 +1277,29 @@ impl Ctl {
                 });
             }
             Command::Devices => self.devices().await?,
-            Command::Migrations { watch } => loop {
+            Command::Migrations {
+                budget: Some(bytes_per_sec),
+                ..
+            } => {
+                let Response::Done = self
+                    .call(Request::SetMigrationBudget { bytes_per_sec }, 1)
+                    .await?
+                else {
+                    anyhow::bail!("unexpected answer")
+                };
+                let shown = if bytes_per_sec == 0 {
+                    "unlimited".to_string()
+                } else {
+                    format!("{bytes_per_sec} bytes/s")
+                };
+                self.emit(json!({"budget_bytes_per_sec": (bytes_per_sec > 0).then_some(bytes_per_sec)}), || {
+                    say!("migration budget of {}: {shown} (until it restarts; set rebalance.migration_budget_bytes_per_sec to keep it)", self.node);
+                });
+            }
+            Command::Migrations {
+                watch,
+                budget: None,
+            } => loop {
                 let Response::Migrations(m) = self.call(Request::Migrations, 1).await? else {
                     anyhow::bail!("unexpected answer")
                 };
@@ -1259,11 +1323,50 @@ impl Ctl {
                     "bytes_moved": m.bytes,
                     "partitions_per_second": rate,
                     "eta_seconds": eta,
+                    "streams": m.streams.iter().map(|st| {
+                        let (rate, eta) = stream_rate(st);
+                        json!({
+                            "partition": st.partition, "phase": st.phase, "source": st.source,
+                            "entries_total": st.entries_total, "entries_done": st.entries_done,
+                            "bytes_total": st.bytes_total, "bytes_done": st.bytes_done,
+                            "bytes_per_second": rate, "eta_seconds": eta,
+                            "since_progress_ms": st.since_progress_ms, "restarts": st.restarts,
+                            "stalled": st.stalled,
+                        })
+                    }).collect::<Vec<_>>(),
+                    "budget_bytes_per_sec": m.budget_bytes_per_sec,
+                    "bytes_queued_to_send": m.bytes_queued_to_send,
                 });
                 self.emit(value, || {
-                    if !m.in_flight.is_empty() {
-                        let rows = m.in_flight.iter().map(|(p, s)| vec![p.to_string(), s.clone()]).collect();
-                        table(&["partition", "source"], rows);
+                    if !m.streams.is_empty() {
+                        let rows = m
+                            .streams
+                            .iter()
+                            .map(|st| {
+                                let (rate, eta) = stream_rate(st);
+                                let of = |done: u64, total: Option<u64>| match total {
+                                    Some(t) => format!("{done}/{t}"),
+                                    None => format!("{done}/?"),
+                                };
+                                vec![
+                                    st.partition.to_string(),
+                                    st.source.clone(),
+                                    of(st.entries_done, st.entries_total),
+                                    of(st.bytes_done, st.bytes_total),
+                                    format!("{rate:.0}"),
+                                    eta.map_or("-".into(), |e| format!("{e:.0}s")),
+                                    st.stalled.clone().unwrap_or_else(|| "-".into()),
+                                ]
+                            })
+                            .collect();
+                        table(&["partition", "source", "entries", "bytes", "bytes/s", "eta", "stalled"], rows);
+                    }
+                    if m.budget_bytes_per_sec.is_some() || m.bytes_queued_to_send > 0 {
+                        say!(
+                            "sending: budget {}, {} bytes waiting for it",
+                            m.budget_bytes_per_sec.map_or("unlimited".into(), |b| format!("{b} bytes/s")),
+                            m.bytes_queued_to_send
+                        );
                     }
                     let width = 30;
                     let filled = (m.done * width).checked_div(m.total).unwrap_or(width).min(width);

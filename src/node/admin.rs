@@ -4,8 +4,9 @@
 use super::coordinate::ClientReply;
 use super::Core;
 use crate::client::{
-    DevicesInfo, ErrorCode, Failure, LayoutInfo, MemberInfo, MigrationsInfo, NodeStatus,
-    PartitionInfo, PurgeHold, PushHold, ReplicaView, Request, Response, TokenInfo, WireRecord,
+    DevicesInfo, ErrorCode, Failure, LayoutInfo, MemberInfo, MigrationStreamInfo, MigrationsInfo,
+    NodeStatus, PartitionInfo, PurgeHold, PushHold, ReplicaView, Request, Response, TokenInfo,
+    WireRecord,
 };
 use crate::crdt::NodeId;
 use crate::replication::tokens;
@@ -127,9 +128,39 @@ impl Core {
                     entries: progress.entries,
                     bytes: progress.bytes,
                     elapsed_ms: progress.elapsed.as_millis() as u64,
+                    streams: self
+                        .replica
+                        .migration_streams()
+                        .into_iter()
+                        .map(|m| MigrationStreamInfo {
+                            partition: m.partition,
+                            phase: m.phase,
+                            source: self.node_name(m.source),
+                            entries_total: m.announced.map(|a| a.0),
+                            bytes_total: m.announced.map(|a| a.1),
+                            entries_done: m.entries,
+                            bytes_done: m.bytes,
+                            running_ms: m.running_for.as_millis() as u64,
+                            since_progress_ms: m.since_progress.as_millis() as u64,
+                            restarts: m.restarts,
+                            stalled: m.stalled,
+                        })
+                        .collect(),
+                    budget_bytes_per_sec: self.replica.migration_budget(),
+                    bytes_queued_to_send: self.replica.migration_bytes_queued(),
                 })
             }
             Request::LayoutPlan => self.plan_layout(),
+            Request::SetMigrationBudget { bytes_per_sec } => {
+                let budget = (bytes_per_sec > 0).then_some(bytes_per_sec);
+                let outputs = self.replica.set_migration_budget(self.now(), budget);
+                self.carry_out(outputs);
+                tracing::info!(
+                    "migration budget set to {}",
+                    budget.map_or("unlimited".into(), |b| format!("{b} bytes/s"))
+                );
+                Response::Done
+            }
             Request::LayoutApply { id } => self.apply_plan(id),
             Request::Devices => Response::Devices(DevicesInfo {
                 node: self.name.clone(),

@@ -270,6 +270,7 @@ pub async fn run(
     let replica_config = ReplicaConfig {
         membership: MembershipConfig::lan(16),
         bootstrap_expect: config.seeds.is_empty().then_some(config.expect_nodes),
+        migration_budget: Some(config.rebalance.migration_budget_bytes_per_sec).filter(|&b| b > 0),
         ..ReplicaConfig::default()
     };
     let seed = u64::from(incarnation) ^ id.0 ^ u64::from(std::process::id());
@@ -828,6 +829,7 @@ impl Core {
             stats.migration_entries_received,
         );
         core.insert("migrations_done_total", stats.migrations_done);
+        core.insert("migration_bytes_sent_total", stats.migration_bytes_sent);
         core.insert("partitions_dropped_total", stats.partitions_dropped);
         core.insert("tombstones_purged_total", stats.tombstones_purged);
         core.insert("streams_broken_total", stats.streams_broken);

@@ -41,6 +41,10 @@ pub struct RebalanceSettings {
     pub max_moves: usize,
     /// A layout must have served this long before a plan (default 120 s).
     pub settle_secs: u64,
+    /// Bytes per second this node sends migration chunks at, all streams
+    /// together; 0 (the default): unlimited. `kvctl migrations --budget`
+    /// changes it at run time.
+    pub migration_budget_bytes_per_sec: u64,
 }
 
 impl Default for RebalanceSettings {
@@ -54,6 +58,7 @@ impl Default for RebalanceSettings {
             cooldown_secs: planner.cooldown.as_secs(),
             max_moves: planner.max_moves,
             settle_secs: 120,
+            migration_budget_bytes_per_sec: 0,
         }
     }
 }

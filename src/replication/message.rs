@@ -75,6 +75,24 @@ pub enum Message {
         layout: u64,
         since: VersionVector,
     },
+    /// Sent by a migration source before the chunks of `stream`: what the
+    /// stream carries, for progress, rate and ETA on the receiver.
+    MigrateStart {
+        stream: u64,
+        partition: u16,
+        entries: u64,
+        bytes: u64,
+    },
+    /// The source of migration `stream` is alive and holds its chunks back
+    /// for its migration budget: `bytes_queued` wait.
+    MigrateWaiting {
+        stream: u64,
+        partition: u16,
+        bytes_queued: u64,
+    },
+    /// The receiver of migration `stream` no longer wants it (it took the
+    /// partition from another source, or finished): drop what is queued.
+    MigrateCancel { stream: u64 },
 }
 
 /// Enough of a layout state to tell whether two differ: the versions for
@@ -103,7 +121,11 @@ impl Message {
                 ..
             }
             | Message::FenceRequest { .. } => "fence",
-            Message::Chunk { .. } | Message::MigrateRequest { .. } => "migration",
+            Message::Chunk { .. }
+            | Message::MigrateRequest { .. }
+            | Message::MigrateStart { .. }
+            | Message::MigrateWaiting { .. }
+            | Message::MigrateCancel { .. } => "migration",
             Message::Layout(_) | Message::Tokens(_) => "layout",
         }
     }

@@ -10,6 +10,7 @@ pub mod layout;
 pub mod layout_state;
 pub mod membership;
 pub mod message;
+pub mod pacing;
 pub mod rebalance;
 pub mod replica;
 pub mod tokens;

@@ -67,6 +67,13 @@ pub struct ReplicaConfig {
     pub bootstrap_expect: Option<usize>,
     pub chunk_limits: ChunkLimits,
     pub membership: MembershipConfig,
+    /// Bytes per second this node sends migration chunks at, all streams
+    /// together (`None`: as fast as it can). Changed at run time with
+    /// [`Replica::set_migration_budget`].
+    pub migration_budget: Option<u64>,
+    /// A migration stream without progress this long is shown as stalled
+    /// (it is asked for again after `migration_timeout`).
+    pub migration_stall_after: Duration,
 }
 
 impl Default for ReplicaConfig {
@@ -81,6 +88,8 @@ impl Default for ReplicaConfig {
             bootstrap_expect: None,
             chunk_limits: ChunkLimits::default(),
             membership: MembershipConfig::default(),
+            migration_budget: None,
+            migration_stall_after: Duration::from_secs(5),
         }
     }
 }
@@ -90,6 +99,8 @@ impl Default for ReplicaConfig {
 pub enum Timer {
     AntiEntropy,
     Maintenance,
+    /// Release paced migration chunks.
+    Pace,
     Purge,
     Membership(MembershipTimer),
 }
@@ -187,10 +198,14 @@ pub struct ReplicaStats {
     pub rounds_in_sync: u64,
     pub repair_entries_received: u64,
     pub migration_entries_received: u64,
+    /// Key and entry bytes of migration chunks sent to other nodes.
+    pub migration_bytes_sent: u64,
     pub migrations_done: u64,
     pub partitions_dropped: u64,
     pub tombstones_purged: u64,
     pub streams_broken: u64,
+    /// Migration streams asked for again (a gap, a silent source).
+    pub migration_restarts: u64,
 }
 
 struct Inbound {
@@ -206,6 +221,7 @@ enum StoreWait {
         partition: u16,
         /// The migration phase it belongs to, if any.
         migration: Option<u8>,
+        entries: u64,
         bytes: u64,
         /// The source's vector, on a stream's last chunk.
         complete: Option<VersionVector>,
@@ -249,7 +265,68 @@ struct Migration {
     stream: u64,
     source: NodeId,
     last_progress: Duration,
+    /// When this stream was asked for.
+    started: Duration,
+    /// What the source announced it sends (entries, bytes).
+    announced: Option<(u64, u64)>,
+    /// Entries and bytes of this stream applied.
+    entries: u64,
+    bytes: u64,
+    /// Streams for this partition asked for again after a stall.
+    restarts: u32,
+    /// When the source last sent anything for this stream (chunk,
+    /// announcement or heartbeat): a stream is asked for again only when
+    /// this is old, not when the source is pacing it.
+    last_heard: Duration,
+    /// What the source's last heartbeat said it still holds back.
+    source_queued: Option<u64>,
+    /// When the stream was last asked for.
+    requested_at: Duration,
 }
+
+impl Migration {
+    fn new(phase: u8, stream: u64, source: NodeId, now: Duration, restarts: u32) -> Migration {
+        Migration {
+            phase,
+            stream,
+            source,
+            last_progress: now,
+            started: now,
+            announced: None,
+            entries: 0,
+            bytes: 0,
+            restarts,
+            last_heard: now,
+            source_queued: None,
+            requested_at: now,
+        }
+    }
+}
+
+/// A migration stream into this node, for `kvctl migrations`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MigrationStream {
+    pub partition: u16,
+    pub phase: u8,
+    pub source: NodeId,
+    /// What the source announced (entries, bytes), once it has.
+    pub announced: Option<(u64, u64)>,
+    pub entries: u64,
+    pub bytes: u64,
+    pub running_for: Duration,
+    pub since_progress: Duration,
+    pub restarts: u32,
+    /// Why it is stalled, when it has made no progress for
+    /// `migration_stall_after`.
+    pub stalled: Option<String>,
+}
+
+/// A migration request whose source answers an older stream instead is
+/// sent again after this long.
+const REQUEST_AGAIN_AFTER: Duration = Duration::from_millis(500);
+
+/// The smallest migration chunk under a budget, in payload bytes.
+const MIN_PACED_CHUNK_BYTES: usize = 4096;
 
 /// Peers a node passes a token registry change on to.
 const TOKEN_FANOUT: usize = 3;
@@ -273,6 +350,9 @@ pub struct Replica {
     /// Progress figures and when the current round of migrations began.
     progress: MigrationProgress,
     progress_started: Duration,
+    /// Migration chunks this node sends, within its budget.
+    pacer: super::pacing::Pacer,
+    pace_scheduled: bool,
     /// The latest version vector each peer reported per partition: a lower
     /// bound of what it holds (vectors only grow).
     peer_versions: HashMap<(u16, NodeId), VersionVector>,
@@ -323,6 +403,7 @@ impl Replica {
         let id = store.node_id();
         let membership =
             Membership::new(id, addr, incarnation, meta, config.membership.clone(), seed);
+        let budget = config.migration_budget;
         Replica {
             id,
             store,
@@ -338,6 +419,12 @@ impl Replica {
             migrations: BTreeMap::new(),
             progress: MigrationProgress::default(),
             progress_started: Duration::ZERO,
+            pacer: {
+                let mut pacer = super::pacing::Pacer::default();
+                pacer.set_budget(budget, Duration::ZERO);
+                pacer
+            },
+            pace_scheduled: false,
             peer_versions: HashMap::new(),
             down_since: HashMap::new(),
             unknown_since: HashMap::new(),
@@ -505,6 +592,10 @@ impl Replica {
                 self.anti_entropy_round();
                 self.schedule(self.config.anti_entropy_interval, Timer::AntiEntropy);
             }
+            Timer::Pace => {
+                self.pace_scheduled = false;
+                self.pace();
+            }
             Timer::Maintenance => {
                 self.maintenance();
                 self.schedule(self.config.maintenance_interval, Timer::Maintenance);
@@ -575,6 +666,45 @@ impl Replica {
                 self.check_partition(from, "a migration request", partition)?;
                 let purpose = StreamPurpose::Migration { phase };
                 self.stream_changes(from, stream, partition, &since, purpose)?;
+            }
+            Message::MigrateStart {
+                stream,
+                partition,
+                entries,
+                bytes,
+            } => {
+                self.check_partition(from, "a migration announcement", partition)?;
+                if let Some(m) = self
+                    .migrations
+                    .get_mut(&partition)
+                    .filter(|m| m.stream == stream && m.source == from)
+                {
+                    m.announced = Some((entries, bytes));
+                    m.last_progress = self.now;
+                    m.last_heard = self.now;
+                }
+            }
+            Message::MigrateCancel { stream } => self.pacer.cancel(from, stream),
+            Message::MigrateWaiting {
+                stream,
+                partition,
+                bytes_queued,
+            } => {
+                self.check_partition(from, "a migration heartbeat", partition)?;
+                if let Some(m) = self
+                    .migrations
+                    .get_mut(&partition)
+                    .filter(|m| m.stream == stream && m.source == from)
+                {
+                    m.last_heard = self.now;
+                    m.source_queued = Some(bytes_queued);
+                    // The stream is alive: keep its place in the order.
+                    if let Some(inbound) = self.inbound.get_mut(&(from, stream)) {
+                        inbound.last_chunk = self.now;
+                    }
+                } else {
+                    self.unwanted_stream(from, stream, partition);
+                }
             }
             Message::FenceRequest {
                 stream,
@@ -795,23 +925,130 @@ impl Replica {
         since: &VersionVector,
         purpose: StreamPurpose,
     ) -> Result<(), ReplicaError> {
-        let chunks = self
-            .store
-            .changes_since_with(partition, since, self.config.chunk_limits)?;
+        let migration = matches!(purpose, StreamPurpose::Migration { .. });
+        let mut limits = self.config.chunk_limits;
+        if let (true, Some(budget)) = (migration, self.pacer.budget()) {
+            // Under a budget, chunks of about a quarter second each: a
+            // large chunk would go out on credit and leave every other
+            // stream silent long enough to look stalled.
+            let quarter = usize::try_from(budget / 4).unwrap_or(usize::MAX);
+            limits.max_bytes = limits.max_bytes.min(quarter.max(MIN_PACED_CHUNK_BYTES));
+        }
+        let chunks = self.store.changes_since_with(partition, since, limits)?;
+        if !migration {
+            for (index, chunk) in chunks.enumerate() {
+                let chunk = chunk?;
+                let index = u32::try_from(index).unwrap_or(u32::MAX);
+                self.send(
+                    to,
+                    Message::Chunk {
+                        stream,
+                        index,
+                        purpose,
+                        chunk,
+                    },
+                );
+            }
+            return Ok(());
+        }
+        // A migration: announce what comes, then send it within the
+        // migration budget.
+        let mut paced = Vec::new();
+        let (mut entries, mut bytes) = (0u64, 0u64);
         for (index, chunk) in chunks.enumerate() {
             let chunk = chunk?;
+            let size = chunk.payload_bytes() as u64;
+            entries += chunk.entries.len() as u64;
+            bytes += size;
             let index = u32::try_from(index).unwrap_or(u32::MAX);
-            self.send(
-                to,
-                Message::Chunk {
-                    stream,
-                    index,
-                    purpose,
-                    chunk,
-                },
-            );
+            let message = Message::Chunk {
+                stream,
+                index,
+                purpose,
+                chunk,
+            };
+            paced.push((message, size));
         }
+        self.send(
+            to,
+            Message::MigrateStart {
+                stream,
+                partition,
+                entries,
+                bytes,
+            },
+        );
+        self.pacer.push(to, stream, partition, paced, self.now);
+        self.pace();
         Ok(())
+    }
+
+    /// Sends what the migration budget lets out now, and comes back for
+    /// the rest.
+    fn pace(&mut self) {
+        for (to, message) in self.pacer.release(self.now) {
+            self.stats.migration_bytes_sent = self.pacer.released_bytes;
+            self.send(to, message);
+        }
+        if !self.pacer.is_empty() && !self.pace_scheduled {
+            self.pace_scheduled = true;
+            self.schedule(super::pacing::PACE_INTERVAL, Timer::Pace);
+        }
+    }
+
+    /// Sets the bytes per second this node sends migration chunks at
+    /// (`None` or 0: unlimited).
+    #[must_use]
+    pub fn set_migration_budget(&mut self, now: Duration, budget: Option<u64>) -> Vec<Output> {
+        self.now = now;
+        self.pacer.set_budget(budget, now);
+        self.pace();
+        self.drain()
+    }
+
+    pub fn migration_budget(&self) -> Option<u64> {
+        self.pacer.budget()
+    }
+
+    /// Migration chunk bytes waiting for the budget.
+    pub fn migration_bytes_queued(&self) -> u64 {
+        self.pacer.queued_bytes()
+    }
+
+    /// Every migration stream into this node, with its progress and, if it
+    /// is stalled, why.
+    pub fn migration_streams(&self) -> Vec<MigrationStream> {
+        let alive = self.membership.alive();
+        self.migrations
+            .iter()
+            .map(|(&partition, m)| {
+                let since_progress = self.now.saturating_sub(m.last_progress);
+                let stalled = (since_progress >= self.config.migration_stall_after).then(|| {
+                    let secs = since_progress.as_secs();
+                    if !alive.contains(&m.source) {
+                        format!("its source is not reachable ({secs} s without progress); it is asked of another holder after {} s", self.config.migration_timeout.as_secs())
+                    } else if m.announced.is_none() {
+                        format!("its source has not answered the request for {secs} s; it is asked again after {} s", self.config.migration_timeout.as_secs())
+                    } else if let (Some(queued), true) = (m.source_queued, self.now.saturating_sub(m.last_heard) < self.config.migration_stall_after) {
+                        format!("no chunk for {secs} s: its source holds {queued} bytes of it back for its migration budget")
+                    } else {
+                        format!("no chunk and no word from its source for {secs} s; it is asked again after {} s without word", self.config.migration_timeout.as_secs())
+                    }
+                });
+                MigrationStream {
+                    partition,
+                    phase: m.phase,
+                    source: m.source,
+                    announced: m.announced,
+                    entries: m.entries,
+                    bytes: m.bytes,
+                    running_for: self.now.saturating_sub(m.started),
+                    since_progress,
+                    restarts: m.restarts,
+                    stalled,
+                }
+            })
+            .collect()
     }
 
     fn on_chunk(
@@ -830,8 +1067,24 @@ impl Replica {
         let key = (from, stream);
         let expected = self.inbound.get(&key).map_or(0, |s| s.next);
         if index != expected {
-            if index > expected && self.inbound.remove(&key).is_some() {
+            let broken = index > expected && self.inbound.remove(&key).is_some();
+            if broken {
                 self.stats.streams_broken += 1;
+            }
+            // A migration stream with a gap is asked for again at once,
+            // from what was applied, rather than after the stall timeout:
+            // the source replaces the rest of the broken stream with the
+            // new one, so the gap costs one round trip, not the timeout's
+            // worth of chunks that would be thrown away.
+            let current = self
+                .migrations
+                .get(&partition)
+                .filter(|m| m.stream == stream && m.source == from && index > expected);
+            if let (StreamPurpose::Migration { .. }, Some(m)) = (purpose, current) {
+                let (phase, restarts) = (m.phase, m.restarts + 1);
+                self.migrations.remove(&partition);
+                let alive = self.membership.alive();
+                self.begin_migration(partition, phase, &alive, restarts);
             }
             return Ok(());
         }
@@ -839,7 +1092,13 @@ impl Replica {
             StreamPurpose::Migration { phase } => {
                 let current = self.migrations.get(&partition);
                 if !current.is_some_and(|m| m.stream == stream && m.phase == phase) {
-                    return Ok(()); // a stream this node no longer waits for
+                    // A stream this node no longer waits for. If its source
+                    // is the one asked for the current stream, that request
+                    // was probably lost (a cut): ask again now, so the
+                    // source replaces the old stream instead of spending its
+                    // budget on chunks that are thrown away.
+                    self.unwanted_stream(from, stream, partition);
+                    return Ok(());
                 }
                 Some(phase)
             }
@@ -874,6 +1133,7 @@ impl Replica {
             stream,
             partition,
             migration,
+            entries: chunk.entries.len() as u64,
             bytes: chunk.payload_bytes() as u64,
             complete,
             fence,
@@ -911,6 +1171,7 @@ impl Replica {
                     stream,
                     partition,
                     migration,
+                    entries,
                     bytes,
                     complete,
                     fence,
@@ -933,6 +1194,9 @@ impl Replica {
                 let migrating = current.is_some();
                 if let Some(m) = current {
                     m.last_progress = self.now;
+                    m.last_heard = self.now;
+                    m.entries += entries;
+                    m.bytes += bytes;
                 }
                 if let Some(source_version) = complete {
                     self.peer_versions
@@ -1457,6 +1721,9 @@ impl Replica {
         let horizon = self.now.saturating_sub(self.config.migration_timeout);
         self.rounds.retain(|_, (_, started)| *started >= horizon);
         self.inbound.retain(|_, s| s.last_chunk >= horizon);
+        // Chunks for a node that went away would only spend the budget.
+        let alive = self.membership.alive();
+        self.pacer.retain_receivers(|n| alive.contains(&n));
         let specs = self.desired_specs();
         if self.view_is_sufficient(&specs) {
             let changed = if self.layout.current().version() == 0 {
@@ -1508,14 +1775,13 @@ impl Replica {
             .migrations
             .iter()
             .filter(|(_, m)| {
-                self.now.saturating_sub(m.last_progress) >= timeout || !alive.contains(&m.source)
+                self.now.saturating_sub(m.last_heard) >= timeout || !alive.contains(&m.source)
             })
             .map(|(&p, _)| p)
             .collect();
         for p in stalled {
             if let Some(m) = self.migrations.remove(&p) {
-                let phase = m.phase;
-                self.begin_migration(p, phase, &alive);
+                self.begin_migration(p, m.phase, &alive, m.restarts + 1);
             }
         }
         for p in pending {
@@ -1523,12 +1789,15 @@ impl Replica {
                 break;
             }
             if !self.migrations.contains_key(&p) {
-                self.begin_migration(p, 1, &alive);
+                self.begin_migration(p, 1, &alive, 0);
             }
         }
     }
 
-    fn begin_migration(&mut self, partition: u16, phase: u8, alive: &[NodeId]) {
+    fn begin_migration(&mut self, partition: u16, phase: u8, alive: &[NodeId], restarts: u32) {
+        if restarts > 0 {
+            self.stats.migration_restarts += 1;
+        }
         let sources: Vec<NodeId> = self
             .layout
             .holders(partition)
@@ -1557,12 +1826,7 @@ impl Replica {
         let stream = self.fresh_id();
         self.migrations.insert(
             partition,
-            Migration {
-                phase,
-                stream,
-                source,
-                last_progress: self.now,
-            },
+            Migration::new(phase, stream, source, self.now, restarts),
         );
         if phase == 1 {
             self.out.push(Output::Event(ReplicaEvent::MigrationStarted {
@@ -1572,6 +1836,44 @@ impl Replica {
         }
         self.send(
             source,
+            Message::MigrateRequest {
+                stream,
+                partition,
+                phase,
+                since,
+            },
+        );
+    }
+
+    /// Chunks or a heartbeat of `stream` from `from` arrived, a stream this
+    /// node no longer waits for: cancel it at its source, or, if `from` is
+    /// the source of the current stream, ask for that one again.
+    fn unwanted_stream(&mut self, from: NodeId, stream: u64, partition: u16) {
+        let current_source = self.migrations.get(&partition).map(|m| m.source);
+        if current_source == Some(from) {
+            self.ask_again_if_lost(from, partition);
+        } else {
+            self.send(from, Message::MigrateCancel { stream });
+        }
+    }
+
+    fn ask_again_if_lost(&mut self, from: NodeId, partition: u16) {
+        let Some(m) = self.migrations.get_mut(&partition) else {
+            return;
+        };
+        if m.source != from
+            || m.announced.is_some()
+            || self.now.saturating_sub(m.requested_at) < REQUEST_AGAIN_AFTER
+        {
+            return;
+        }
+        m.requested_at = self.now;
+        let (stream, phase) = (m.stream, m.phase);
+        let Ok(since) = self.store.partition_version(partition) else {
+            return;
+        };
+        self.send(
+            from,
             Message::MigrateRequest {
                 stream,
                 partition,
@@ -1592,12 +1894,7 @@ impl Replica {
             let source = m.source;
             self.migrations.insert(
                 partition,
-                Migration {
-                    phase: 2,
-                    stream,
-                    source,
-                    last_progress: self.now,
-                },
+                Migration::new(2, stream, source, self.now, m.restarts),
             );
             self.send(
                 source,
