@@ -9,12 +9,6 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use tracing_subscriber::EnvFilter;
 
-// A node allocates and frees small buffers per entry on its storage thread
-// (redb pages, encoded entries) and per frame on its event loop; mimalloc's
-// per-thread free lists make that cheaper than glibc's malloc.
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 #[derive(Parser)]
 #[command(
     name = "gossipkv",
