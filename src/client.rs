@@ -160,6 +160,15 @@ pub enum Request {
     SetMigrationBudget {
         bytes_per_sec: u64,
     },
+    /// Set the capacity of the node asked (kept across restarts, over the
+    /// configuration's); the layout follows.
+    SetCapacity {
+        capacity: u32,
+    },
+    /// Set the zone of the node asked (`None`: no zone), kept likewise.
+    SetZone {
+        zone: Option<String>,
+    },
 }
 
 impl Request {
@@ -193,7 +202,9 @@ impl Request {
             | Request::Devices
             | Request::LayoutPlan
             | Request::LayoutApply { .. }
-            | Request::SetMigrationBudget { .. } => None,
+            | Request::SetMigrationBudget { .. }
+            | Request::SetCapacity { .. }
+            | Request::SetZone { .. } => None,
         }
     }
 
@@ -223,6 +234,8 @@ impl Request {
                 | Request::TokenRevoke { .. }
                 | Request::LayoutApply { .. }
                 | Request::SetMigrationBudget { .. }
+                | Request::SetCapacity { .. }
+                | Request::SetZone { .. }
         )
     }
 
@@ -244,6 +257,8 @@ impl Request {
                 | Request::LayoutPlan
                 | Request::LayoutApply { .. }
                 | Request::SetMigrationBudget { .. }
+                | Request::SetCapacity { .. }
+                | Request::SetZone { .. }
         )
     }
 }

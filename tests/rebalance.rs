@@ -193,3 +193,78 @@ async fn a_plan_takes_load_off_the_hot_node_and_applies_once() {
         .await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn set_capacity_moves_replicas_and_survives_a_restart() {
+    let mut cluster = Cluster::start(4);
+    let tls = cluster.client_tls();
+    let mut clients = Vec::new();
+    for i in 0..4 {
+        clients.push(client(cluster.addr(i), &tls).await);
+    }
+    settled(&clients, 4).await;
+    let admin_tls = cluster.admin_tls();
+    let admin = Client::connect_admin(cluster.addr(3), Some(&admin_tls))
+        .await
+        .unwrap();
+    let held = |s: &gossipkv::client::NodeStatus| s.partitions_held;
+    let before = held(&clients[3].status().await.unwrap());
+
+    // Refused, with the reason.
+    let zero = admin.request(&Request::SetCapacity { capacity: 0 }).await;
+    assert!(format!("{zero:?}").contains("at least 1"), "{zero:?}");
+    let long = admin
+        .request(&Request::SetZone {
+            zone: Some("z".repeat(65)),
+        })
+        .await;
+    assert!(format!("{long:?}").contains("1 to 64 bytes"), "{long:?}");
+
+    let done = admin
+        .request(&Request::SetCapacity { capacity: 300 })
+        .await
+        .unwrap();
+    assert_eq!(done, Response::Done);
+    let done = admin
+        .request(&Request::SetZone {
+            zone: Some("rack-b".into()),
+        })
+        .await
+        .unwrap();
+    assert_eq!(done, Response::Done);
+    eventually(
+        "node-4 holds more partitions, the layout settled",
+        || async {
+            clients[3]
+                .status()
+                .await
+                .is_ok_and(|s| held(&s) > before && s.layout_version == s.layout_completed)
+        },
+    )
+    .await;
+
+    // A restart keeps what was set, over the (default) configuration.
+    drop(admin);
+    cluster.stop(3);
+    cluster.restart(3);
+    let admin = Client::connect_admin(cluster.addr(0), Some(&admin_tls))
+        .await
+        .unwrap();
+    eventually(
+        "the restarted node-4 still says capacity 300 in rack-b",
+        || async {
+            let Ok(Response::ClusterMembers(members)) =
+                admin.request(&Request::ClusterMembers).await
+            else {
+                return false;
+            };
+            members.iter().any(|m| {
+                m.name == "node-4"
+                    && m.state == "alive"
+                    && m.capacity == Some(300)
+                    && m.zone.as_deref() == Some("rack-b")
+            })
+        },
+    )
+    .await;
+}

@@ -186,12 +186,33 @@ enum Command {
     ///
     /// Example: kvctl devices --output json
     Devices,
+    /// The node's own placement: `node set-capacity N`, `node set-zone Z`
+    /// (or `--none`). Kept across restarts over the config file's values;
+    /// the layout follows, and `layout plan` uses them.
+    ///
+    /// Example: kvctl --node 127.0.0.1:7001 node set-capacity 200
+    #[command(subcommand)]
+    Node(NodeCommand),
     /// API tokens for the HTTP API (admin certificate): `token create`,
     /// `token list`, `token revoke NAME_OR_ID`.
     ///
     /// Example: kvctl token create --name app1 --prefix app1/ --read --write --expires 30d
     #[command(subcommand)]
     Token(TokenCommand),
+}
+
+#[derive(Subcommand)]
+enum NodeCommand {
+    /// Relative weight in the layout (>= 1): twice the capacity, twice
+    /// the replicas.
+    SetCapacity { capacity: u32 },
+    /// Failure zone (1 to 64 bytes); `--none` for no zone.
+    SetZone {
+        #[arg(required_unless_present = "none")]
+        zone: Option<String>,
+        #[arg(long, conflicts_with = "zone")]
+        none: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -1277,6 +1298,28 @@ impl Ctl {
                 });
             }
             Command::Devices => self.devices().await?,
+            Command::Node(command) => {
+                let (request, what) = match command {
+                    NodeCommand::SetCapacity { capacity } => (
+                        Request::SetCapacity { capacity },
+                        json!({"capacity": capacity}),
+                    ),
+                    NodeCommand::SetZone { zone, .. } => (
+                        Request::SetZone { zone: zone.clone() },
+                        json!({"zone": zone}),
+                    ),
+                };
+                let Response::Done = self.call(request, 1).await? else {
+                    anyhow::bail!("unexpected answer")
+                };
+                self.emit(what.clone(), || {
+                    say!(
+                        "{} set on {}: the layout follows (kvctl layout, kvctl migrations)",
+                        what,
+                        self.node
+                    );
+                });
+            }
             Command::Migrations {
                 budget: Some(bytes_per_sec),
                 ..

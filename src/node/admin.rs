@@ -151,6 +151,8 @@ impl Core {
                 })
             }
             Request::LayoutPlan => self.plan_layout(),
+            Request::SetCapacity { capacity } => self.set_placement(Some(capacity), None),
+            Request::SetZone { zone } => self.set_placement(None, Some(zone)),
             Request::SetMigrationBudget { bytes_per_sec } => {
                 let budget = (bytes_per_sec > 0).then_some(bytes_per_sec);
                 let outputs = self.replica.set_migration_budget(self.now(), budget);

@@ -181,3 +181,106 @@ pub(super) fn save_tokens(dir: &Path, registry: &TokenRegistry) {
         warn!("cannot save the API tokens to {}: {e}", path.display());
     }
 }
+
+pub(super) const PLACEMENT_FILE: &str = "placement.json";
+
+/// Capacity and zone set at run time (`kvctl node set-capacity` /
+/// `set-zone`): they override the configuration's from then on, across
+/// restarts, until set again.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct Placement {
+    pub capacity: Option<u32>,
+    /// `Some(None)`: no zone, whatever the configuration says.
+    #[serde(
+        default,
+        with = "serde_with_none",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub zone: Option<Option<String>>,
+}
+
+/// `zone` in the file: absent (not set), `null` (no zone) or a string.
+mod serde_with_none {
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    pub(super) fn serialize<S: Serializer>(
+        v: &Option<Option<String>>,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
+        v.serialize(s)
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<Option<Option<String>>, D::Error> {
+        Option::<String>::deserialize(d).map(Some)
+    }
+}
+
+pub(super) fn load_placement(dir: &Path) -> Result<Placement, NodeError> {
+    let path = dir.join(PLACEMENT_FILE);
+    let bytes = match std::fs::read(&path) {
+        Ok(bytes) => bytes,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Placement::default()),
+        Err(e) => return Err(file_err("read", &path)(e)),
+    };
+    let placement: Placement = serde_json::from_slice(&bytes).map_err(|e| NodeError::Damaged {
+        path: path.clone(),
+        reason: e.to_string(),
+    })?;
+    if let Some(Some(zone)) = &placement.zone {
+        crate::replication::membership::check_zone(zone).map_err(|reason| NodeError::Damaged {
+            path: path.clone(),
+            reason,
+        })?;
+    }
+    Ok(placement)
+}
+
+pub(super) fn save_placement(dir: &Path, placement: &Placement) -> std::io::Result<()> {
+    let path = dir.join(PLACEMENT_FILE);
+    let tmp = dir.join("placement.json.tmp");
+    let bytes = serde_json::to_vec_pretty(placement).map_err(std::io::Error::other)?;
+    std::fs::write(&tmp, bytes)?;
+    std::fs::File::open(&tmp)?.sync_all()?;
+    std::fs::rename(&tmp, &path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn placement_round_trips_and_bad_files_are_named() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(load_placement(dir.path()).unwrap(), Placement::default());
+        for placement in [
+            Placement {
+                capacity: Some(7),
+                zone: None,
+            },
+            Placement {
+                capacity: None,
+                zone: Some(None),
+            },
+            Placement {
+                capacity: Some(1),
+                zone: Some(Some("eu-west".into())),
+            },
+        ] {
+            save_placement(dir.path(), &placement).unwrap();
+            assert_eq!(load_placement(dir.path()).unwrap(), placement);
+        }
+        for bad in [
+            "{",
+            "{\"capacity\": -1}",
+            "{\"zone\": \"\"}",
+            "{\"other\": 1}",
+        ] {
+            std::fs::write(dir.path().join(PLACEMENT_FILE), bad).unwrap();
+            let e = load_placement(dir.path()).unwrap_err().to_string();
+            assert!(e.contains(PLACEMENT_FILE), "{bad}: {e}");
+        }
+    }
+}

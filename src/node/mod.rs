@@ -235,9 +235,17 @@ pub async fn run(
     )
     .map_err(listen_err)?;
     let incarnation = next_incarnation(&config.data_dir)?;
+    // Capacity and zone an operator set at run time win over the config's.
+    let placement = files::load_placement(&config.data_dir)?;
+    if placement != files::Placement::default() {
+        info!(capacity = ?placement.capacity, zone = ?placement.zone, "capacity or zone set with kvctl ({}) override the configuration", files::PLACEMENT_FILE);
+    }
     let meta = NodeMeta {
-        capacity: config.capacity,
-        zone: config.zone.clone(),
+        capacity: placement.capacity.unwrap_or(config.capacity),
+        zone: placement
+            .zone
+            .clone()
+            .unwrap_or_else(|| config.zone.clone()),
         name: Some(name.clone()),
         load: Default::default(),
     };

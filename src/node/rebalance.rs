@@ -262,6 +262,56 @@ impl Core {
         Response::LayoutPlan(info)
     }
 
+    /// `kvctl node set-capacity` / `set-zone`: saved first (so a restart
+    /// keeps it), then gossiped; the layout follows like after any change
+    /// of capacity or zone.
+    pub(super) fn set_placement(
+        &mut self,
+        capacity: Option<u32>,
+        zone: Option<Option<String>>,
+    ) -> Response {
+        if capacity == Some(0) {
+            return refuse(
+                "capacity must be at least 1 (decommission a node with `kvctl leave`)".into(),
+            );
+        }
+        if let Some(Some(z)) = &zone {
+            if let Err(reason) = crate::replication::membership::check_zone(z) {
+                return refuse(reason);
+            }
+        }
+        let mut placement = match super::files::load_placement(&self.data_dir) {
+            Ok(p) => p,
+            Err(e) => return Response::Error(Failure::new(ErrorCode::Internal, e.to_string())),
+        };
+        if capacity.is_some() {
+            placement.capacity = capacity;
+        }
+        if zone.is_some() {
+            placement.zone = zone.clone();
+        }
+        if let Err(e) = super::files::save_placement(&self.data_dir, &placement) {
+            return Response::Error(Failure::new(
+                ErrorCode::Internal,
+                format!(
+                    "could not save {}: {e}; nothing changed",
+                    super::files::PLACEMENT_FILE
+                ),
+            ));
+        }
+        let mut meta = self.replica.membership().meta().clone();
+        if let Some(c) = capacity {
+            meta.capacity = c;
+        }
+        if let Some(z) = zone {
+            meta.zone = z;
+        }
+        tracing::info!(capacity = meta.capacity, zone = ?meta.zone, "placement set by an operator");
+        let outputs = self.replica.set_meta(self.now(), meta);
+        self.carry_out(outputs);
+        Response::Done
+    }
+
     /// `kvctl layout apply ID`.
     pub(super) fn apply_plan(&mut self, id: u64) -> Response {
         if let Some(&(_, version)) = self.rebalancing.applied.iter().find(|(a, _)| *a == id) {

@@ -93,6 +93,18 @@ pub struct NodeMeta {
 /// Longest zone name kept in [`NodeMeta::zone`], in bytes.
 pub const MAX_ZONE_BYTES: usize = 64;
 
+/// Checks a zone name an operator gives: 1 to [`MAX_ZONE_BYTES`] bytes,
+/// no control characters.
+pub fn check_zone(zone: &str) -> Result<(), String> {
+    if zone.is_empty() || zone.len() > MAX_ZONE_BYTES {
+        return Err(format!("zone {zone:?} must be 1 to {MAX_ZONE_BYTES} bytes"));
+    }
+    if zone.chars().any(char::is_control) {
+        return Err(format!("zone {zone:?} has control characters"));
+    }
+    Ok(())
+}
+
 /// A member's state as this node sees it.
 #[derive(Copy, Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum MemberState {
