@@ -215,6 +215,11 @@ fn calls() -> Vec<Call> {
             expires_in_seconds: Some(60),
         },
         Request::TokenList,
+        Request::LayoutPlan,
+        Request::LayoutApply { id: 0x3f2a_9c0d_11e4_b7a8 },
+        Request::SetMigrationBudget { bytes_per_sec: 1 << 20 },
+        Request::SetCapacity { capacity: 200 },
+        Request::SetZone { zone: Some("rack-b".into()) },
         Request::List {
             prefix: b"user/".to_vec(),
             start_after: None,
@@ -361,6 +366,18 @@ fn write_seed_corpora() {
             layout: 3,
             since: vv,
         },
+        Message::MigrateStart {
+            stream: 1,
+            partition: 2,
+            entries: 1000,
+            bytes: 150_000,
+        },
+        Message::MigrateWaiting {
+            stream: 1,
+            partition: 2,
+            bytes_queued: 4096,
+        },
+        Message::MigrateCancel { stream: 1 },
         Message::Layout(layout),
         Message::Tokens({
             let mut registry = gossipkv::replication::tokens::TokenRegistry::new();
