@@ -216,10 +216,16 @@ fn calls() -> Vec<Call> {
         },
         Request::TokenList,
         Request::LayoutPlan,
-        Request::LayoutApply { id: 0x3f2a_9c0d_11e4_b7a8 },
-        Request::SetMigrationBudget { bytes_per_sec: 1 << 20 },
+        Request::LayoutApply {
+            id: 0x3f2a_9c0d_11e4_b7a8,
+        },
+        Request::SetMigrationBudget {
+            bytes_per_sec: 1 << 20,
+        },
         Request::SetCapacity { capacity: 200 },
-        Request::SetZone { zone: Some("rack-b".into()) },
+        Request::SetZone {
+            zone: Some("rack-b".into()),
+        },
         Request::List {
             prefix: b"user/".to_vec(),
             start_after: None,
