@@ -29,7 +29,21 @@
 //! response_bytes_total = 134217728          # 128 MiB, all clients
 //! frame_read_timeout_ms = 10000  # first byte to last of one frame
 //! inbound_frame_bytes_total = 268435456     # 256 MiB of frames being read
+//!
+//! [rebalance]                    # load metering, plans, migration
+//!                                # (docs/rebalancing.md); defaults shown
+//! load_report_interval_ms = 30000   # how often load is gossiped
+//! half_life_secs = 60            # of the decayed per-partition rates
+//! trigger = 1.25                 # plan above 1.25x a node's share...
+//! aim = 1.10                     # ...down to 1.10x
+//! cooldown_secs = 600            # a moved partition stays this long
+//! max_moves = 8                  # per plan (a swap is two)
+//! settle_secs = 120              # a layout serves this long before a plan
+//! migration_budget_bytes_per_sec = 0   # 0: unlimited
 //! ```
+//!
+//! Capacity and zone set with `kvctl node set-capacity` / `set-zone` are
+//! kept in `DATA_DIR/placement.json` and override the values here.
 
 use super::limits::LimitsConfig;
 use serde::Deserialize;
@@ -350,6 +364,22 @@ mod tests {
             (
                 "data_dir = \"d\"\ninsecure = true\nlisten = \"0.0.0.0:7000\"",
                 "advertise",
+            ),
+            (
+                "data_dir = \"d\"\ninsecure = true\n[rebalance]\ntrigger = 1.05",
+                "rebalance.trigger",
+            ),
+            (
+                "data_dir = \"d\"\ninsecure = true\n[rebalance]\nmax_moves = 0",
+                "rebalance.max_moves",
+            ),
+            (
+                "data_dir = \"d\"\ninsecure = true\n[rebalance]\nload_report_interval_ms = 1",
+                "rebalance.load_report_interval_ms",
+            ),
+            (
+                "data_dir = \"d\"\ninsecure = true\n[rebalance]\nmigration_budget = 1",
+                "migration_budget",
             ),
         ];
         for (text, field) in cases {
