@@ -268,3 +268,89 @@ async fn set_capacity_moves_replicas_and_survives_a_restart() {
     )
     .await;
 }
+
+/// Bytes of migration chunks a node has sent, from its metrics.
+fn migration_bytes_sent(cluster: &Cluster, i: usize) -> f64 {
+    common::scrape(cluster.metrics[i])
+        .lines()
+        .find(|l| l.starts_with("gossipkv_migration_bytes_sent_total"))
+        .and_then(|l| l.split_whitespace().last()?.parse().ok())
+        .unwrap_or(0.0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_migration_budget_bounds_the_bytes_per_second_a_join_moves() {
+    const BUDGET: u64 = 128 << 10;
+    let mut cluster = Cluster::start(3);
+    let tls = cluster.client_tls();
+    let mut clients = Vec::new();
+    for i in 0..3 {
+        clients.push(client(cluster.addr(i), &tls).await);
+    }
+    settled(&clients, 3).await;
+    let clients = Arc::new(clients);
+    let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut loaders = tokio::task::JoinSet::new();
+    for t in 0..16 {
+        let (clients, next) = (clients.clone(), next.clone());
+        loaders.spawn(async move {
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= 12_000 {
+                    return;
+                }
+                let key = format!("budget-{i:06}");
+                clients[t % 3]
+                    .put(key.as_bytes(), &[b'v'; 100], None)
+                    .await
+                    .unwrap();
+            }
+        });
+    }
+    while loaders.join_next().await.is_some() {}
+    let admin_tls = cluster.admin_tls();
+    for i in 0..3 {
+        let admin = Client::connect_admin(cluster.addr(i), Some(&admin_tls))
+            .await
+            .unwrap();
+        let done = admin
+            .request(&Request::SetMigrationBudget {
+                bytes_per_sec: BUDGET,
+            })
+            .await
+            .unwrap();
+        assert_eq!(done, Response::Done);
+        let Ok(Response::Migrations(m)) = admin.request(&Request::Migrations).await else {
+            panic!("no migrations answer");
+        };
+        assert_eq!(m.budget_bytes_per_sec, Some(BUDGET));
+    }
+    let before: Vec<f64> = (0..3).map(|i| migration_bytes_sent(&cluster, i)).collect();
+    let started = Instant::now();
+    cluster.add_node();
+    let newcomer = client(cluster.addr(3), &tls).await;
+    eventually("the fourth node holds its share", || async {
+        newcomer.status().await.is_ok_and(|s| {
+            s.members_alive == 4 && s.layout_version > 1 && s.layout_version == s.layout_completed
+        })
+    })
+    .await;
+    let elapsed = started.elapsed().as_secs_f64();
+    let mut total = 0.0;
+    for (i, b) in before.iter().enumerate() {
+        let sent = migration_bytes_sent(&cluster, i) - b;
+        total += sent;
+        // A second of burst and a chunk of credit on top of the budget.
+        let allowed = BUDGET as f64 * (elapsed + 1.0) + 64.0 * 1024.0;
+        assert!(
+            sent <= allowed,
+            "node {i} sent {sent} bytes in {elapsed:.1} s, budget {BUDGET}/s"
+        );
+    }
+    eprintln!("a join moved {total} bytes in {elapsed:.1} s under {BUDGET} bytes/s per source");
+    // The test is real: the join moved more than one second of budget.
+    assert!(
+        total > 2.0 * BUDGET as f64,
+        "the join moved only {total} bytes"
+    );
+}

@@ -352,6 +352,23 @@ impl Sim {
         }
     }
 
+    /// Applies load-planner moves on `id` (see
+    /// `Replica::apply_layout_moves`).
+    pub fn apply_layout_moves(
+        &mut self,
+        id: NodeId,
+        base: u64,
+        moves: &[gossipkv::replication::layout::LayoutMove],
+    ) -> Result<(), String> {
+        let now = self.now;
+        let replica = self
+            .replica_mut(id)
+            .ok_or_else(|| format!("node {id} is down"))?;
+        let outputs = replica.apply_layout_moves(now, base, moves)?;
+        self.carry_out(id, outputs);
+        Ok(())
+    }
+
     /// Migration chunk bytes each node has sent (the pacer's count).
     pub fn migration_bytes_sent(&self) -> u64 {
         self.nodes
