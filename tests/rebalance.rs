@@ -36,9 +36,25 @@ async fn shares(admin: &Client) -> Vec<(String, f64)> {
         .collect()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_plan_takes_load_off_the_hot_node_and_applies_once() {
-    let cluster = Cluster::start_with_config(4, CONFIG);
+type Counts = Arc<std::sync::Mutex<HashMap<String, i64>>>;
+
+/// A 4-node cluster under a skewed load: counter adds to 200 keys in four
+/// partitions that node-1 coordinates, through every node, until `stop`.
+struct Skewed {
+    cluster: Cluster,
+    clients: Vec<Arc<Client>>,
+    admin: Client,
+    stop: Arc<AtomicBool>,
+    load: tokio::task::JoinSet<()>,
+    acknowledged: Counts,
+    attempted: Counts,
+    layout_version: u64,
+}
+
+const HOT_NODE: &str = "node-1";
+
+async fn skewed(config: &str) -> Skewed {
+    let cluster = Cluster::start_with_config(4, config);
     let tls = cluster.client_tls();
     let mut clients = Vec::new();
     for i in 0..4 {
@@ -61,7 +77,7 @@ async fn a_plan_takes_load_off_the_hot_node_and_applies_once() {
         StoreOptions::default().partitions(partitions),
     )
     .unwrap();
-    let hot_node = "node-1";
+    let hot_node = HOT_NODE;
     let mut hot_partitions = Vec::new();
     let mut hot_keys = Vec::new();
     for i in 0..100_000u32 {
@@ -119,6 +135,47 @@ async fn a_plan_takes_load_off_the_hot_node_and_applies_once() {
         });
     }
 
+    Skewed {
+        cluster,
+        clients,
+        admin,
+        stop,
+        load,
+        acknowledged,
+        attempted,
+        layout_version: layout.version,
+    }
+}
+
+impl Skewed {
+    /// Stops the load, then checks that every counter holds at least the
+    /// adds acknowledged and at most those attempted.
+    async fn nothing_lost(mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        while self.load.join_next().await.is_some() {}
+        let acknowledged = self.acknowledged.lock().unwrap().clone();
+        let attempted = self.attempted.lock().unwrap().clone();
+        assert!(!acknowledged.is_empty());
+        let reader = &self.clients[2];
+        for (key, &acked) in &acknowledged {
+            let tried = attempted.get(key).copied().unwrap_or(0);
+            eventually("every counter holds its acknowledged adds", || async {
+                reader
+                    .counter(key.as_bytes())
+                    .await
+                    .is_ok_and(|v| v >= acked && v <= tried)
+            })
+            .await;
+        }
+        drop(self.cluster);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plan_takes_load_off_the_hot_node_and_applies_once() {
+    let skewed = skewed(CONFIG).await;
+    let admin = &skewed.admin;
+    let hot_node = HOT_NODE;
     // The hot node does more than its share, and a plan moves work off it.
     let deadline = Instant::now() + Duration::from_secs(90);
     let plan = loop {
@@ -140,7 +197,7 @@ async fn a_plan_takes_load_off_the_hot_node_and_applies_once() {
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     };
-    let before = shares(&admin).await;
+    let before = shares(admin).await;
     let hot_before = before
         .iter()
         .find(|(n, _)| n == hot_node)
@@ -167,31 +224,33 @@ async fn a_plan_takes_load_off_the_hot_node_and_applies_once() {
 
     // The hot node's share falls under the trigger (1.25x a quarter).
     eventually("node-1's share of the work falls", || async {
-        let now = shares(&admin).await;
+        let now = shares(admin).await;
         let hot = now.iter().find(|(n, _)| n == hot_node).map_or(1.0, |s| s.1);
         hot < 0.25 * 1.25 && hot < hot_before
     })
     .await;
-    stop.store(true, Ordering::Relaxed);
-    while load.join_next().await.is_some() {}
+    skewed.nothing_lost().await;
+}
 
-    // Nothing acknowledged is lost: every counter holds at least the adds
-    // acknowledged and at most those attempted, read at R=3 once the
-    // layout settled.
-    let acknowledged = acknowledged.lock().unwrap().clone();
-    let attempted = attempted.lock().unwrap().clone();
-    assert!(!acknowledged.is_empty());
-    let reader = &clients[2];
-    for (key, &acked) in &acknowledged {
-        let tried = attempted.get(key).copied().unwrap_or(0);
-        eventually("every counter holds its acknowledged adds", || async {
-            reader
-                .counter(key.as_bytes())
-                .await
-                .is_ok_and(|v| v >= acked && v <= tried)
-        })
-        .await;
-    }
+/// With `rebalance.auto = true` nobody applies anything: the lowest live
+/// node plans and applies on its own, and the hot node's share falls.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn automatic_mode_takes_load_off_the_hot_node_by_itself() {
+    let config = format!("{CONFIG}auto = true\n");
+    let skewed = skewed(&config).await;
+    let admin = &skewed.admin;
+    eventually("the automatic planner moves work off node-1", || async {
+        let Ok(Response::Layout(layout)) = admin.request(&Request::Layout).await else {
+            return false;
+        };
+        let now = shares(admin).await;
+        let hot = now.iter().find(|(n, _)| n == HOT_NODE).map_or(1.0, |s| s.1);
+        layout.version > skewed.layout_version
+            && layout.version == layout.completed
+            && hot < 0.25 * 1.25
+    })
+    .await;
+    skewed.nothing_lost().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

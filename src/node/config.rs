@@ -40,6 +40,8 @@
 //! max_moves = 8                  # per plan (a swap is two)
 //! settle_secs = 120              # a layout serves this long before a plan
 //! migration_budget_bytes_per_sec = 0   # 0: unlimited
+//! auto = false                   # true: the lowest live node plans and
+//!                                # applies by itself
 //! ```
 //!
 //! Capacity and zone set with `kvctl node set-capacity` / `set-zone` are

@@ -853,5 +853,6 @@ impl Core {
         let version = self.replica.layout().current().version();
         self.rebalancing.layout_age(version);
         self.publish_load(sizes.then_some((status.entries_held, status.bytes_held)));
+        self.auto_rebalance();
     }
 }

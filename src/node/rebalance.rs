@@ -45,6 +45,9 @@ pub struct RebalanceSettings {
     /// together; 0 (the default): unlimited. `kvctl migrations --budget`
     /// changes it at run time.
     pub migration_budget_bytes_per_sec: u64,
+    /// Plan and apply without an operator (default false): the live member
+    /// with the smallest id does, at most once per report interval.
+    pub auto: bool,
 }
 
 impl Default for RebalanceSettings {
@@ -59,6 +62,7 @@ impl Default for RebalanceSettings {
             max_moves: planner.max_moves,
             settle_secs: 120,
             migration_budget_bytes_per_sec: 0,
+            auto: false,
         }
     }
 }
@@ -117,6 +121,9 @@ const KEPT_PLANS: usize = 16;
 
 pub(super) struct Rebalancing {
     pub(super) meter: PartitionMeter,
+    auto: bool,
+    interval: Duration,
+    last_auto: Option<Instant>,
     config: RebalanceConfig,
     cooling: Cooling,
     continuing: bool,
@@ -131,6 +138,9 @@ impl Rebalancing {
     pub(super) fn new(partitions: u16, settings: &RebalanceSettings) -> Self {
         Rebalancing {
             meter: PartitionMeter::new(partitions, Duration::from_secs(settings.half_life_secs)),
+            auto: settings.auto,
+            interval: settings.report_interval(),
+            last_auto: None,
             config: settings.planner(),
             cooling: Cooling::new(),
             continuing: false,
@@ -209,6 +219,42 @@ impl Core {
                 .collect(),
             max_ratio_before: plan.max_ratio_before,
             max_ratio_after: plan.max_ratio_after,
+        }
+    }
+
+    /// Automatic mode (`rebalance.auto`): one proposer at a time, the live
+    /// member with the smallest id, as for capacity layouts; it plans at
+    /// most once per report interval and applies what it plans.
+    pub(super) fn auto_rebalance(&mut self) {
+        let r = &mut self.rebalancing;
+        if !r.auto || r.last_auto.is_some_and(|at| at.elapsed() < r.interval) {
+            return;
+        }
+        r.last_auto = Some(Instant::now());
+        let lowest = self
+            .replica
+            .membership()
+            .alive()
+            .into_iter()
+            .chain([self.id])
+            .min();
+        if lowest != Some(self.id) {
+            return;
+        }
+        let Response::LayoutPlan(plan) = self.plan_layout() else {
+            return; // a layout change in progress, or loads still settling
+        };
+        if plan.moves.is_empty() {
+            return;
+        }
+        let Ok(id) = u64::from_str_radix(&plan.id, 16) else {
+            return;
+        };
+        if let Response::Error(e) = self.apply_plan(id) {
+            tracing::warn!(
+                "automatic rebalancing could not apply its plan: {}",
+                e.message
+            );
         }
     }
 
