@@ -40,6 +40,8 @@
 //! max_moves = 8                  # per plan (a swap is two)
 //! settle_secs = 120              # a layout serves this long before a plan
 //! migration_budget_bytes_per_sec = 0   # 0: unlimited
+//! migration_stall_secs = 5       # kvctl migrations calls a stream
+//!                                # without progress this long stalled
 //! auto = false                   # true: the lowest live node plans and
 //!                                # applies by itself
 //! ```

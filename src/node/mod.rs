@@ -279,6 +279,7 @@ pub async fn run(
         membership: MembershipConfig::lan(16),
         bootstrap_expect: config.seeds.is_empty().then_some(config.expect_nodes),
         migration_budget: Some(config.rebalance.migration_budget_bytes_per_sec).filter(|&b| b > 0),
+        migration_stall_after: Duration::from_secs(config.rebalance.migration_stall_secs),
         ..ReplicaConfig::default()
     };
     let seed = u64::from(incarnation) ^ id.0 ^ u64::from(std::process::id());

@@ -45,6 +45,9 @@ pub struct RebalanceSettings {
     /// together; 0 (the default): unlimited. `kvctl migrations --budget`
     /// changes it at run time.
     pub migration_budget_bytes_per_sec: u64,
+    /// A migration stream into this node without progress this long is
+    /// shown as stalled by `kvctl migrations`, with the reason (default 5).
+    pub migration_stall_secs: u64,
     /// Plan and apply without an operator (default false): the live member
     /// with the smallest id does, at most once per report interval.
     pub auto: bool,
@@ -62,6 +65,7 @@ impl Default for RebalanceSettings {
             max_moves: planner.max_moves,
             settle_secs: 120,
             migration_budget_bytes_per_sec: 0,
+            migration_stall_secs: 5,
             auto: false,
         }
     }
@@ -89,6 +93,12 @@ impl RebalanceSettings {
             return Err((
                 "rebalance.trigger",
                 format!("{} must be a ratio above aim ({})", self.trigger, self.aim),
+            ));
+        }
+        if self.migration_stall_secs == 0 {
+            return Err((
+                "rebalance.migration_stall_secs",
+                "must be at least 1".into(),
             ));
         }
         if self.max_moves == 0 || self.max_moves > 1024 {
