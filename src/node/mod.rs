@@ -851,8 +851,10 @@ impl Core {
         );
         core.insert("storage_queued_writes", storage.queued.load(Relaxed));
         drop(core);
-        let version = self.replica.layout().current().version();
-        self.rebalancing.layout_age(version);
+        // Loads describe a layout once its transition is over: time the
+        // settling from the completed version.
+        let completed = self.replica.layout().completed().version();
+        self.rebalancing.layout_age(completed);
         self.publish_load(sizes.then_some((status.entries_held, status.bytes_held)));
         self.auto_rebalance();
     }

@@ -7,7 +7,7 @@
 //! - A plan is applied only by the node that made it, only once, and only
 //!   to the layout it was made from (same version, no change in
 //!   progress); anything else is refused with one line saying why.
-//! - Plans are refused until the current layout has served for
+//! - Plans are refused until the current layout has been complete for
 //!   `settle_secs`: loads measured across a layout change describe
 //!   neither layout.
 //! - The cool-down and the "continuing" state of the planner live here, in
@@ -39,7 +39,8 @@ pub struct RebalanceSettings {
     pub cooldown_secs: u64,
     /// Most moves in one plan, a swap counting two (default 8).
     pub max_moves: usize,
-    /// A layout must have served this long before a plan (default 120 s).
+    /// A layout must have been complete this long before a plan (default
+    /// 120 s).
     pub settle_secs: u64,
     /// Bytes per second this node sends migration chunks at, all streams
     /// together; 0 (the default): unlimited. `kvctl migrations --budget`
@@ -140,7 +141,7 @@ pub(super) struct Rebalancing {
     plans: VecDeque<Plan>,
     /// (plan id, layout version it made).
     applied: VecDeque<(u64, u64)>,
-    /// When this node last saw the layout change (version, at).
+    /// When this node first saw the completed layout version (version, at).
     layout_seen: Option<(u64, Instant)>,
 }
 
@@ -160,7 +161,7 @@ impl Rebalancing {
         }
     }
 
-    /// How long the layout of `version` has been in force here.
+    /// How long the completed layout `version` has been in force here.
     pub(super) fn layout_age(&mut self, version: u64) -> Duration {
         match self.layout_seen {
             Some((v, at)) if v == version => at.elapsed(),
@@ -281,7 +282,7 @@ impl Core {
         let age = self.rebalancing.layout_age(version);
         if age < self.rebalancing.config.settle {
             return refuse(format!(
-                "layout v{version} has served for {}s here; loads are measured for {}s after a change before planning (rebalance.settle_secs)",
+                "layout v{version} has been complete for {}s here; loads are measured for {}s after a change completes before planning (rebalance.settle_secs)",
                 age.as_secs(),
                 self.rebalancing.config.settle.as_secs()
             ));
