@@ -166,7 +166,39 @@ async fn every_command_answers_with_the_right_facts_in_table_and_json() {
     let migrations = ctl.json(&["migrations"]);
     assert_eq!(migrations["in_flight"], serde_json::json!([]));
     assert_eq!(migrations["partitions_left"], 0);
+    assert_eq!(migrations["streams"], serde_json::json!([]));
+    assert_eq!(migrations["budget_bytes_per_sec"], serde_json::Value::Null);
     assert!(ctl.ok(&["migrations"]).contains("partitions"));
+
+    // Rebalancing: a plan on a layout that has just completed is refused
+    // until its loads settle, saying so; changes need an admin certificate
+    // and a well-formed value.
+    let (code, line) = ctl.fails(&["layout", "plan"]);
+    assert_eq!(code, 1, "{line}");
+    assert!(line.contains("settle_secs"), "{line}");
+    let (code, line) = ctl.fails(&["layout", "apply", "not-hex"]);
+    assert_eq!(code, 1, "{line}");
+    assert!(line.contains("not a plan id"), "{line}");
+    let (code, line) = ctl.fails(&["migrations", "--budget", "1M"]);
+    assert_eq!(code, 1, "{line}");
+    let (code, line) = ctl.fails(&["migrations", "--budget", "fast"]);
+    assert_eq!(code, 2, "{line}");
+    assert!(line.contains("not a byte rate"), "{line}");
+    let admin = Ctl {
+        node: cluster.addr(0),
+        tls: cluster.dir.path().join("admin"),
+    };
+    let set = admin.json(&["migrations", "--budget", "1M"]);
+    assert_eq!(set["budget_bytes_per_sec"], 1 << 20);
+    assert_eq!(admin.json(&["migrations"])["budget_bytes_per_sec"], 1 << 20);
+    admin.ok(&["migrations", "--budget", "unlimited"]);
+    assert_eq!(
+        admin.json(&["migrations"])["budget_bytes_per_sec"],
+        serde_json::Value::Null
+    );
+    let (code, line) = admin.fails(&["node", "set-capacity", "0"]);
+    assert_eq!(code, 1, "{line}");
+    assert!(line.contains("at least 1"), "{line}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

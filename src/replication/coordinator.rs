@@ -598,7 +598,8 @@ impl<C> Coordinator<C> {
     }
 
     /// Work done per partition since the last call: 2 per call coordinated
-    /// here (not forwarded), 1 per replicated entry taken.
+    /// here (not forwarded), 1 per replicated entry taken or entry read for
+    /// another coordinator.
     pub fn take_work(&mut self) -> HashMap<u16, u64> {
         std::mem::take(&mut self.work)
     }
@@ -655,6 +656,11 @@ impl<C> Coordinator<C> {
             CoordMessage::Replicate { items } => self.on_replicate(from, items),
             CoordMessage::Replicated { acks } => self.on_replicated(from, acks),
             CoordMessage::Fetch { id, key } => {
+                // Serving a read at R > 1 for a coordinator: one unit.
+                *self
+                    .work
+                    .entry(replica.store().partition_of(&key))
+                    .or_insert(0) += 1;
                 let entry = replica.store().entry_bytes(&key).ok().flatten();
                 self.out.push(CoordOutput::Send {
                     to: from,
