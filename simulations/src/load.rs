@@ -29,7 +29,7 @@
 use crate::scenarios::{fail, Outcome, Params, Report};
 use gossipkv::replication::layout::{Layout, LayoutMove, NodeSpec};
 use gossipkv::replication::rebalance::{
-    plan, record_moves, Cooling, LoadReport, PartitionMeter, RebalanceConfig,
+    plan, record_moves, Cooling, LoadReport, PartitionLoad, PartitionMeter, RebalanceConfig,
 };
 use gossipkv::NodeId;
 use rand::rngs::StdRng;
@@ -149,13 +149,19 @@ impl Model {
         self.shares = shares;
     }
 
+    /// The work of partition `p` on its replica of rank `rank` (the first
+    /// replica coordinates: twice the others').
+    fn work(&self, p: u16, rank: usize) -> f64 {
+        let rate = TOTAL_OPS * self.shares[usize::from(p)] * self.noise[usize::from(p)];
+        rate * if rank == 0 { 2.0 } else { 1.0 }
+    }
+
     /// True work per node in the layout being served.
     fn true_loads(&self) -> BTreeMap<NodeId, f64> {
         let mut load: BTreeMap<NodeId, f64> = self.nodes.iter().map(|s| (s.id, 0.0)).collect();
         for p in 0..self.serving.partitions() {
-            let rate = TOTAL_OPS * self.shares[usize::from(p)] * self.noise[usize::from(p)];
             for (i, n) in self.serving.replicas(p).iter().enumerate() {
-                *load.entry(*n).or_default() += rate * if i == 0 { 2.0 } else { 1.0 };
+                *load.entry(*n).or_default() += self.work(p, i);
             }
         }
         load
@@ -186,10 +192,9 @@ impl Model {
         }
         let now = Duration::from_secs(round);
         for p in 0..self.serving.partitions() {
-            let rate = TOTAL_OPS * self.shares[usize::from(p)] * self.noise[usize::from(p)];
-            for (i, n) in self.serving.replicas(p).iter().enumerate() {
-                let work = rate * if i == 0 { 2.0 } else { 1.0 };
-                if let Some(meter) = self.meters.get_mut(n) {
+            for (i, &n) in self.serving.replicas(p).iter().enumerate() {
+                let work = self.work(p, i);
+                if let Some(meter) = self.meters.get_mut(&n) {
                     meter.count(p, work.round() as u64);
                 }
             }
@@ -224,14 +229,6 @@ impl Model {
         self.continuing = plan.continues;
         if plan.moves.is_empty() {
             return;
-        }
-        if std::env::var_os("LOAD_TRACE").is_some() {
-            eprintln!(
-                "t={} true={:.2} plan: {}",
-                now.as_secs(),
-                self.max_over_mean(),
-                plan.summary
-            );
         }
         let moves = plan.layout_moves();
         let Ok(next) = self.layout.with_moves(&self.nodes, &moves) else {
@@ -277,55 +274,34 @@ impl Model {
     /// Moves a greedy planner with exact loads, no cool-down and no bound
     /// per plan makes from this state.
     fn greedy_moves(&self) -> usize {
-        let mut meters: BTreeMap<NodeId, PartitionMeter> = self
-            .nodes
-            .iter()
-            .map(|s| {
-                (
-                    s.id,
-                    PartitionMeter::new(self.layout.partitions(), Duration::from_millis(1)),
-                )
-            })
-            .collect();
-        for p in 0..self.layout.partitions() {
-            let rate = TOTAL_OPS * self.shares[usize::from(p)] * self.noise[usize::from(p)];
-            for (i, n) in self.layout.replicas(p).iter().enumerate() {
-                if let Some(meter) = meters.get_mut(n) {
-                    meter.count(p, (rate * if i == 0 { 2.0 } else { 1.0 }).round() as u64);
-                }
-            }
-        }
-        for meter in meters.values_mut() {
-            meter.tick(Duration::ZERO);
-        }
+        // Exact: every partition named (the bound on the report is the
+        // production planner's handicap, not the reference's).
         let mut reports = BTreeMap::new();
-        for (n, meter) in &mut meters {
-            // Refill after the first tick (which only starts the clock).
-            for p in self.layout.partitions_of(*n) {
-                let i = self
-                    .layout
-                    .replicas(p)
-                    .iter()
-                    .position(|m| m == n)
-                    .unwrap_or(1);
-                let rate = TOTAL_OPS * self.shares[usize::from(p)] * self.noise[usize::from(p)];
-                meter.count(p, (rate * if i == 0 { 2.0 } else { 1.0 }).round() as u64);
-            }
-            meter.tick(Duration::from_secs(1));
-            let held = self.layout.partitions_of(*n);
-            // Exact: every partition named (the bound on the report is the
-            // production planner's handicap, not the reference's).
-            let mut report = meter.report(&held, |_| (0, 0));
-            report.hot = held
+        for s in &self.nodes {
+            let held = self.layout.partitions_of(s.id);
+            let hot: Vec<PartitionLoad> = held
                 .iter()
-                .map(|&p| gossipkv::replication::rebalance::PartitionLoad {
-                    partition: p,
-                    ops_per_sec: meter.rate(p).round() as u64,
-                    keys: 0,
-                    bytes: 0,
+                .map(|&p| {
+                    let rank = self
+                        .layout
+                        .replicas(p)
+                        .iter()
+                        .position(|m| *m == s.id)
+                        .unwrap_or(1);
+                    PartitionLoad {
+                        partition: p,
+                        ops_per_sec: self.work(p, rank).round() as u64,
+                        keys: 0,
+                        bytes: 0,
+                    }
                 })
                 .collect();
-            reports.insert(*n, report);
+            let report = LoadReport {
+                work: hot.iter().map(|h| h.ops_per_sec).sum(),
+                held: u32::try_from(held.len()).unwrap_or(u32::MAX),
+                hot,
+            };
+            reports.insert(s.id, report);
         }
         // The fewest moves that bring every node under the trigger, one
         // best move at a time.

@@ -403,7 +403,6 @@ pub async fn run(
         requests_at_publish: 0,
         load_published: None,
         rebalancing: rebalance::Rebalancing::new(partitions, &config.rebalance),
-        config_rebalance: config.rebalance.clone(),
         sizes_refreshed: None,
         name: name.clone(),
         twin_warned: None,
@@ -476,7 +475,6 @@ struct Core {
     /// When the load figures were last gossiped.
     load_published: Option<Instant>,
     rebalancing: rebalance::Rebalancing,
-    config_rebalance: rebalance::RebalanceSettings,
     sizes_refreshed: Option<Instant>,
     /// This node's name (its certificate's).
     name: String,
@@ -767,7 +765,7 @@ impl Core {
     /// sizes as last measured (every 30 s).
     fn publish_load(&mut self, sizes: Option<(u64, u64)>) {
         let now = Instant::now();
-        let interval = self.config_rebalance.report_interval();
+        let interval = self.rebalancing.interval;
         let due = self
             .load_published
             .is_none_or(|at| now.duration_since(at) >= interval);

@@ -133,7 +133,9 @@ const KEPT_PLANS: usize = 16;
 pub(super) struct Rebalancing {
     pub(super) meter: PartitionMeter,
     auto: bool,
-    interval: Duration,
+    /// `load_report_interval_ms`: how often load is gossiped, and how
+    /// often automatic mode plans.
+    pub(super) interval: Duration,
     last_auto: Option<Instant>,
     config: RebalanceConfig,
     cooling: Cooling,

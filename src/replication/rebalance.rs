@@ -391,6 +391,7 @@ pub fn plan(
         .map(|r| r.work as f64)
         .sum();
     let capacity: f64 = eligible.iter().map(|s| f64::from(s.capacity)).sum();
+    let targets = est_targets(&eligible, total, capacity);
     let mut est = Estimates {
         layout: layout.clone(),
         reports,
@@ -399,10 +400,7 @@ pub fn plan(
             .iter()
             .map(|s| (s.id, reports.get(&s.id).map_or(0.0, |r| r.work as f64)))
             .collect(),
-        target: eligible
-            .iter()
-            .map(|s| (s.id, total * f64::from(s.capacity) / capacity.max(1.0)))
-            .collect(),
+        target: targets.clone(),
     };
     let before = est.load.clone();
     let (_, max_before) = est.max_ratio();
@@ -410,11 +408,7 @@ pub fn plan(
         id: plan_id(layout, &[]),
         base_version: layout.version(),
         moves: Vec::new(),
-        nodes: balances(
-            &est_targets(eligible.as_slice(), total, capacity),
-            &before,
-            &before,
-        ),
+        nodes: balances(&targets, &before, &before),
         max_ratio_before: max_before,
         max_ratio_after: max_before,
         continues: continuing
