@@ -25,6 +25,29 @@ fn lead_changes_and_swaps_apply_once_spread_and_stay() {
         from: p0[0],
         to: p0[1],
     }];
+    // Nothing moves to a node the applying node does not see up.
+    let down = p0[1];
+    let applier = (1..=4)
+        .map(NodeId)
+        .find(|n| *n != down)
+        .expect("another node");
+    sim.crash(down);
+    sim.run_until_condition(Duration::from_secs(1), Duration::from_secs(120), |s| {
+        s.replica(applier)
+            .is_some_and(|r| !r.membership().alive().contains(&down))
+    })
+    .expect("the crash is noticed");
+    let refused = sim.apply_layout_moves(applier, v, &lead);
+    assert!(refused.unwrap_err().contains("not up"));
+    sim.restart(down);
+    sim.run_until_condition(Duration::from_secs(1), Duration::from_secs(300), |s| {
+        s.converged()
+            && s.up_nodes().iter().all(|&id| {
+                s.replica(id)
+                    .is_some_and(|r| r.membership().alive().len() == 3)
+            })
+    })
+    .expect("the restarted node is back");
     let stale = sim.apply_layout_moves(NodeId(1), v.saturating_sub(1), &lead);
     assert!(stale.unwrap_err().contains("layout changed"));
     sim.apply_layout_moves(NodeId(1), v, &lead)

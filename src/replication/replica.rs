@@ -571,6 +571,18 @@ impl Replica {
                 "the layout changed since the plan was made (v{base}, now v{current}): make a new plan"
             ));
         }
+        // A move to a node this node does not see up would leave the
+        // partition waiting for it: plan from a node that sees the cluster.
+        let alive = self.membership.alive();
+        for m in moves {
+            let (super::layout::LayoutMove::Lead { to, .. }
+            | super::layout::LayoutMove::Replace { to, .. }) = *m;
+            if to != self.id && !alive.contains(&to) {
+                return Err(format!(
+                    "node {to} is not up as this node sees it: make a new plan once it is"
+                ));
+            }
+        }
         let specs = self.desired_specs();
         let next = self
             .layout
@@ -987,9 +999,9 @@ impl Replica {
     /// the rest.
     fn pace(&mut self) {
         for (to, message) in self.pacer.release(self.now) {
-            self.stats.migration_bytes_sent = self.pacer.released_bytes;
             self.send(to, message);
         }
+        self.stats.migration_bytes_sent = self.pacer.released_bytes;
         if !self.pacer.is_empty() && !self.pace_scheduled {
             self.pace_scheduled = true;
             self.schedule(super::pacing::PACE_INTERVAL, Timer::Pace);
