@@ -89,6 +89,13 @@ pub enum Error {
     Incompatible(String),
     #[error("storage error: {0}")]
     Storage(#[from] redb::Error),
+    /// The write-ahead log could not be read or written.
+    #[error("write-ahead log {path}: {source}")]
+    WriteAheadLog {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 macro_rules! from_redb {

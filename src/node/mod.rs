@@ -215,6 +215,8 @@ pub async fn run(
     std::fs::create_dir_all(&config.data_dir).map_err(file_err("create", &config.data_dir))?;
     let options = StoreOptions {
         node_id: name.as_deref().map(NodeId::from_name),
+        write_ahead_log: true,
+        checkpoint_interval: config.checkpoint_interval,
         ..StoreOptions::default()
     };
     let store_path = config.data_dir.join(STORE_FILE);

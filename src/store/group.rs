@@ -9,6 +9,7 @@
 //! its own dot; grouping changes nothing in the causal model.
 
 use super::tables::{META, META_EXPOSED};
+use super::wal::LoggedEntry;
 use super::write::{Op, Writer};
 use super::{ApplyReport, ChangeChunk};
 use super::{Record, Store};
@@ -129,18 +130,124 @@ impl Store {
             txn.commit()?;
             state.exposure_recorded = true;
         }
-        let result = self.write_locked(
-            &mut state,
-            |w| self.apply_group(w, writes),
-            Some(redb::Durability::Immediate),
-            |outcomes: &Vec<Result<GroupOutcome>>| before_durable(outcomes),
-        );
+        let hook = |outcomes: &Vec<Result<GroupOutcome>>| before_durable(outcomes);
+        let logged = state.wal.as_ref().is_some_and(|wal| !wal.checkpoint_due())
+            && writes.iter().all(|w| {
+                matches!(
+                    w,
+                    GroupWrite::Local(_) | GroupWrite::Pushed { .. } | GroupWrite::Merge { .. }
+                )
+            });
+        let result = if logged {
+            self.write_locked(
+                &mut state,
+                |w| self.apply_group(w, writes),
+                Some(redb::Durability::None),
+                hook,
+            )
+            .and_then(|outcomes| {
+                let entries = self.logged_entries(writes, &outcomes);
+                match state.wal.as_mut() {
+                    Some(wal) if !entries.is_empty() => match wal.append(&entries) {
+                        Ok(()) => Ok(outcomes),
+                        Err(source) => {
+                            tracing::error!("{}: append failed: {source}; the next commit flushes the store instead", wal.path().display());
+                            Err(Error::WriteAheadLog {
+                                path: wal.path().display().to_string(),
+                                source,
+                            })
+                        }
+                    },
+                    _ => Ok(outcomes),
+                }
+            })
+        } else if state.wal.is_some() {
+            // Chunks, purges and drops are not logged: their group flushes.
+            self.checkpoint_locked(&mut state, |w| self.apply_group(w, writes), hook)
+        } else {
+            self.write_locked(
+                &mut state,
+                |w| self.apply_group(w, writes),
+                Some(redb::Durability::Immediate),
+                hook,
+            )
+        };
         if result.is_err() {
             // Nothing of the group committed, but if it failed after the
             // hook its entries left: never issue their dots again.
             state.needs_new_writer = true;
         }
         result
+    }
+
+    /// What the write-ahead log records of a group: every entry it changed,
+    /// as it left it.
+    fn logged_entries(
+        &self,
+        writes: &[GroupWrite],
+        outcomes: &[Result<GroupOutcome>],
+    ) -> Vec<LoggedEntry> {
+        writes
+            .iter()
+            .zip(outcomes)
+            .filter_map(|(write, outcome)| match (write, outcome) {
+                (
+                    GroupWrite::Local(op) | GroupWrite::Pushed { op, .. },
+                    Ok(GroupOutcome::Local {
+                        entry: Some(entry), ..
+                    }),
+                ) => Some(LoggedEntry {
+                    partition: self.partition_of(op.key()),
+                    key: op.key().to_vec(),
+                    entry: entry.clone(),
+                }),
+                (
+                    GroupWrite::Merge {
+                        partition,
+                        key,
+                        entry,
+                    },
+                    Ok(GroupOutcome::Merged { changed: true }),
+                ) => Some(LoggedEntry {
+                    partition: *partition,
+                    key: key.clone(),
+                    entry: entry.clone(),
+                }),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Runs `f` in a transaction that flushes, and with a write-ahead log
+    /// starts the log's next generation: everything logged before is now
+    /// durable in the file itself.
+    pub(super) fn checkpoint_locked<R>(
+        &self,
+        state: &mut super::WriterState,
+        f: impl FnOnce(&mut Writer<'_>) -> Result<R>,
+        before_commit: impl FnOnce(&R),
+    ) -> Result<R> {
+        let next = state.wal.as_ref().map(|wal| wal.generation + 1);
+        let result = self.write_locked(
+            state,
+            |w| {
+                let r = f(w)?;
+                if let Some(generation) = next {
+                    w.set_wal_generation(generation)?;
+                }
+                Ok(r)
+            },
+            Some(redb::Durability::Immediate),
+            before_commit,
+        )?;
+        if let (Some(wal), Some(generation)) = (state.wal.as_mut(), next) {
+            if let Err(e) = wal.reset(generation) {
+                // The file holds everything; the log is tried again at the
+                // next commit, which flushes until then.
+                tracing::error!("{}: could not start a new log: {e}", wal.path().display());
+            }
+        }
+        Ok(result)
     }
 
     fn apply_group(

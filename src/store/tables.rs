@@ -69,6 +69,9 @@ pub(crate) const META_EXPOSED: &str = "exposed";
 /// Present once `prefix_changes` holds every row (stores made before it
 /// existed get it built on open).
 pub(crate) const META_FEED_INDEX: &str = "feed_index";
+/// The generation of the write-ahead log that continues this file's
+/// last durable commit (absent: 0; see `wal.rs`).
+pub(crate) const META_WAL_GENERATION: &str = "wal_generation";
 
 /// The position the next `change_log` row takes (written by each commit
 /// that appends rows): positions never repeat (see `index.rs`).

@@ -575,9 +575,21 @@ impl<'t> Writer<'t> {
         key: &[u8],
         incoming: Entry,
     ) -> Result<bool> {
-        let dots = incoming.index_dots();
         let what = format!("remote entry for key {}", show_key(key));
-        self.check_issued(partition, &what, &dots)?;
+        self.check_issued(partition, &what, &incoming.index_dots())?;
+        self.merge_logged(partition, key, incoming)
+    }
+
+    /// [`Writer::merge_remote`] without the check of this node's dots: for
+    /// the store's own write-ahead log, whose local writes carry dots the
+    /// last durable commit has not issued yet.
+    pub(super) fn merge_logged(
+        &mut self,
+        partition: u16,
+        key: &[u8],
+        incoming: Entry,
+    ) -> Result<bool> {
+        let dots = incoming.index_dots();
         if dots.iter().all(|&d| self.version(partition).covers(d)) {
             return Ok(false);
         }
@@ -803,6 +815,15 @@ impl<'t> Writer<'t> {
         if rows >= share {
             self.fold_change_log(fullest)?;
         }
+        Ok(())
+    }
+
+    /// Records the write-ahead log generation that continues this commit.
+    pub(super) fn set_wal_generation(&mut self, generation: u64) -> Result<()> {
+        self.meta.insert(
+            super::tables::META_WAL_GENERATION,
+            generation.to_le_bytes().as_slice(),
+        )?;
         Ok(())
     }
 
