@@ -28,6 +28,7 @@ pub const TARGETS: &[&str] = &[
     "node_config",
     "store_file",
     "feed_cursor",
+    "write_ahead_log",
 ];
 
 /// Runs the target called `name` (see [`TARGETS`]) on `data`.
@@ -44,6 +45,7 @@ pub fn run(name: &str, data: &[u8]) {
         "node_config" => node_config(data),
         "store_file" => store_file(data),
         "feed_cursor" => feed_cursor(data),
+        "write_ahead_log" => write_ahead_log(data),
         other => panic!("no fuzz target {other}"),
     }
 }
@@ -244,6 +246,38 @@ pub fn store_file(data: &[u8]) {
         }
     }
     let _ = std::fs::remove_file(&path);
+}
+
+/// A write-ahead log's bytes beside a new store (generation 0), opened
+/// with the log as a node opens its store after a crash: decoded, every
+/// entry checked and merged.
+pub fn write_ahead_log(data: &[u8]) {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let Ok(dir) = tempfile_dir(&NEXT) else {
+        return;
+    };
+    let path = dir.join("store.redb");
+    let options = StoreOptions::default()
+        .node_id(NodeId(1))
+        .partitions(4)
+        .verify_on_open(false);
+    let created = Store::open(&path, options.clone()).is_ok();
+    if created && std::fs::write(crate::store::wal_path(&path), data).is_ok() {
+        if let Ok(store) = Store::open(&path, options.write_ahead_log(true)) {
+            read_everything(&store);
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+fn tempfile_dir(next: &AtomicU64) -> std::io::Result<std::path::PathBuf> {
+    let dir = std::env::temp_dir().join(format!(
+        "gossipkv-fuzz-wal-{}-{}",
+        std::process::id(),
+        next.fetch_add(1, Ordering::Relaxed)
+    ));
+    std::fs::create_dir_all(&dir)?;
+    Ok(dir)
 }
 
 /// Every read a node makes of its store: all keys, every partition's

@@ -15,6 +15,7 @@ use gossipkv::replication::layout::NodeSpec;
 use gossipkv::replication::layout_state::LayoutState;
 use gossipkv::replication::membership::{Membership, MembershipConfig, MembershipOutput, NodeMeta};
 use gossipkv::replication::message::{LayoutSummary, Message, StreamPurpose};
+use gossipkv::store::wal::{self, LoggedEntry};
 use gossipkv::store::{ChangeChunk, RemoteEntry};
 use gossipkv::transport::frame;
 use gossipkv::{NodeId, Store, StoreOptions, Value, VersionVector};
@@ -571,4 +572,19 @@ fn write_seed_corpora() {
     let file = std::fs::read(&path).unwrap();
     println!("store file: {} bytes", file.len());
     write_seeds("store_file", vec![file]);
+
+    // Logs of generation 0 (what a new store expects) holding entries of
+    // the populated store, whole and with a torn last record.
+    let logged: Vec<LoggedEntry> = entries(&s)
+        .into_iter()
+        .map(|e| LoggedEntry {
+            partition: s.partition_of(&e.key),
+            key: e.key,
+            entry: e.entry,
+        })
+        .collect();
+    let (first, rest) = logged.split_at(logged.len() / 2);
+    let whole = wal::encode_log(0, &[first.to_vec(), rest.to_vec()]);
+    let torn = whole[..whole.len() - 3].to_vec();
+    write_seeds("write_ahead_log", vec![whole, torn]);
 }

@@ -144,6 +144,16 @@ fn header(generation: u64) -> [u8; HEADER_BYTES] {
     h
 }
 
+/// A whole log: the header of `generation` and one record per group (for
+/// tests and fuzzing seeds).
+pub fn encode_log(generation: u64, groups: &[Vec<LoggedEntry>]) -> Vec<u8> {
+    let mut bytes = header(generation).to_vec();
+    for group in groups {
+        bytes.extend(encode_record(group));
+    }
+    bytes
+}
+
 /// Encodes one record (header and payload).
 pub fn encode_record(entries: &[LoggedEntry]) -> Vec<u8> {
     // A Vec of byte strings always serializes.
@@ -288,13 +298,7 @@ mod tests {
         }
     }
 
-    fn log(generation: u64, records: &[Vec<LoggedEntry>]) -> Vec<u8> {
-        let mut bytes = header(generation).to_vec();
-        for r in records {
-            bytes.extend(encode_record(r));
-        }
-        bytes
-    }
+    use encode_log as log;
 
     #[test]
     fn records_round_trip() {
