@@ -3,7 +3,7 @@
 //! replica's anti-entropy and migration chunks, purges and drops) is
 //! committed by one thread, in groups: each commit takes everything queued
 //! when the previous one finished, in one transaction made durable by one
-//! synced append to the store's write-ahead log, or once a second by a
+//! synced append to the store's write-ahead log, or every 10 s by a
 //! flush of the store's pages (`Store::commit_group_exposed`, `store/wal.rs`). The event loop never waits for a disk
 //! flush; it keeps serving reads, gossip and acknowledgements while a group
 //! is flushed and the next one fills.

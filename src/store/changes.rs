@@ -362,13 +362,17 @@ impl Writer<'_> {
             purged,
         } = chunk;
         for (key, entry) in &decoded {
-            let what = format!("remote entry for key {}", show_key(key));
-            self.check_issued(partition, &what, &entry.index_dots())?;
+            let what = || format!("remote entry for key {}", show_key(key));
+            self.check_issued(partition, what, &entry.index_dots())?;
         }
         if let Some(vv) = &complete {
             let node = self.node();
             let claimed = Dot::new(node, vv.max_seq(node));
-            self.check_issued(partition, "the source's version vector", &[claimed])?;
+            self.check_issued(
+                partition,
+                || "the source's version vector".into(),
+                &[claimed],
+            )?;
         }
         let mut report = ApplyReport::default();
         for (key, entry) in decoded {

@@ -94,14 +94,14 @@ pub struct StoreOptions {
     /// `wal.rs`; default `false`). Only for stores opened from a path.
     pub write_ahead_log: bool,
     /// With `write_ahead_log`: how often a grouped commit flushes redb's
-    /// pages and starts the log afresh (default 1 s). Longer writes
+    /// pages and starts the log afresh (default 10 s). Longer writes
     /// fewer pages under scattered writes, makes that commit take longer
     /// and the replay at open after a crash longer.
     pub checkpoint_interval: std::time::Duration,
 }
 
 /// Default of [`StoreOptions::checkpoint_interval`].
-pub const DEFAULT_CHECKPOINT_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
+pub const DEFAULT_CHECKPOINT_INTERVAL: std::time::Duration = std::time::Duration::from_secs(10);
 
 impl Default for StoreOptions {
     fn default() -> Self {

@@ -551,9 +551,9 @@ impl<'t> Writer<'t> {
         let Some(context) = context else {
             return Ok(entry.context.clone());
         };
-        let what = format!("causal context for key {}", show_key(key));
+        let what = || format!("causal context for key {}", show_key(key));
         let node = self.node();
-        self.check_issued(partition, &what, &[Dot::new(node, context.get(node))])?;
+        self.check_issued(partition, what, &[Dot::new(node, context.get(node))])?;
         let version = self.version(partition);
         let mut known = CausalContext::new();
         for dot in context.dots() {
@@ -575,8 +575,8 @@ impl<'t> Writer<'t> {
         key: &[u8],
         incoming: Entry,
     ) -> Result<bool> {
-        let what = format!("remote entry for key {}", show_key(key));
-        self.check_issued(partition, &what, &incoming.index_dots())?;
+        let what = || format!("remote entry for key {}", show_key(key));
+        self.check_issued(partition, what, &incoming.index_dots())?;
         self.merge_logged(partition, key, incoming)
     }
 
@@ -613,12 +613,18 @@ impl<'t> Writer<'t> {
     /// seen a write of ours that we never made. They appear when a node's
     /// data was lost and its id reused, or when a peer lies; taking them
     /// would make this node reuse those sequence numbers for new writes.
-    pub(super) fn check_issued(&self, partition: u16, what: &str, dots: &[Dot]) -> Result<()> {
+    /// `what` names the claim, for the error only.
+    pub(super) fn check_issued(
+        &self,
+        partition: u16,
+        what: impl FnOnce() -> String,
+        dots: &[Dot],
+    ) -> Result<()> {
         let node = self.node();
         let issued = self.issued(partition);
         match dots.iter().find(|d| d.node == node && d.seq > issued) {
             Some(d) => Err(Error::UnissuedWrite {
-                what: what.to_string(),
+                what: what(),
                 node,
                 claimed: d.seq,
                 issued,
