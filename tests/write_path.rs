@@ -7,9 +7,8 @@
 //!
 //! 1. kill -9 under concurrent writers (W=1 and W=2): no acknowledged write
 //!    is lost, counters stay within [acknowledged, attempted], every node
-//!    agrees.
-//! 1b. kill -9 of a lone node mid-load: every acknowledged write is in its
-//!    own store after the restart (from its write-ahead log).
+//!    agrees. And kill -9 of a lone node mid-load: every acknowledged write
+//!    is in its own store after the restart (from its write-ahead log).
 //! 2. Write loads (one that fills the storage queue to its cap, one at the
 //!    default limits with 64 KiB values): every request succeeds or fails
 //!    with a clear code within the client's timeout, nothing acknowledged
