@@ -297,7 +297,9 @@ fn bench_changes_since(dir: &Path, sizes: &Sizes) {
 /// three nodes: about 66 writes per flush on each), through the storage thread's call, beside raw redb
 /// inserting the same keys in groups of the same size. The store's extra
 /// cost is its change index and version vectors: more dirty pages per
-/// group, each written with its own `pwrite`.
+/// group, each written with its own `pwrite`. Then the same groups made
+/// durable through the write-ahead log, as a node commits them
+/// (`put_grouped60_wal_ratio_vs_flushed`).
 fn bench_put_grouped(dir: &Path, sizes: &Sizes) {
     const GROUP: usize = 60;
     let keys = keys(sizes.grouped_writes, 4);
@@ -336,10 +338,43 @@ fn bench_put_grouped(dir: &Path, sizes: &Sizes) {
         progress("put_grouped", (i + 1) * GROUP, keys.len());
     }
     let ours = start.elapsed();
+    // The same groups durable through the write-ahead log (what a node
+    // does), the final checkpoint (the close) included in the time.
+    let logged = Store::open(
+        dir.join("store-grouped-wal.redb"),
+        StoreOptions::default().write_ahead_log(true),
+    )
+    .expect("open store");
+    let start = Instant::now();
+    for (i, chunk) in keys.chunks(GROUP).enumerate() {
+        let writes: Vec<GroupWrite> = chunk
+            .iter()
+            .enumerate()
+            .map(|(j, key)| {
+                GroupWrite::Local(Op::Put {
+                    key: key.to_vec(),
+                    value: value(i * GROUP + j),
+                    context: None,
+                })
+            })
+            .collect();
+        logged
+            .commit_group_exposed(&writes, |_| {})
+            .expect("commit group");
+        progress("put_grouped_wal", (i + 1) * GROUP, keys.len());
+    }
+    logged.close().expect("close");
+    let with_log = ops_per_sec(keys.len(), start.elapsed());
     let (ours, raw) = (ops_per_sec(keys.len(), ours), ops_per_sec(keys.len(), raw));
     metric("put_grouped60_ops", ours, "ops/s");
     metric("redb_put_grouped60_ops", raw, "ops/s");
     metric("put_grouped60_ratio_vs_redb", ours / raw, "ratio");
+    metric("put_grouped60_wal_ops", with_log, "ops/s");
+    metric(
+        "put_grouped60_wal_ratio_vs_flushed",
+        with_log / ours,
+        "ratio",
+    );
 }
 
 fn main() {
