@@ -143,6 +143,24 @@ fn checkpoints_move_the_log_into_the_file() {
 }
 
 #[test]
+fn an_explicit_checkpoint_empties_the_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("store.redb");
+    let store = Store::open(&path, options(Duration::from_secs(3600))).unwrap();
+    assert!(!store.checkpoint().unwrap(), "nothing logged yet");
+    write(&store, 0, 30);
+    assert!(store.checkpoint().unwrap());
+    assert_eq!(std::fs::metadata(wal_path(&path)).unwrap().len(), 24);
+    let crashed = tempfile::tempdir().unwrap();
+    let image = crash_image(&path, crashed.path());
+    std::fs::remove_file(wal_path(&image)).unwrap();
+    holds_all(
+        &Store::open(&image, StoreOptions::default().node_id(NODE)).unwrap(),
+        30,
+    );
+}
+
+#[test]
 fn a_clean_close_checkpoints() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("store.redb");

@@ -33,6 +33,9 @@ use tokio::sync::mpsc;
 /// on this 2-core test machine.
 const MAX_GROUP_WRITES: usize = 1024;
 const MAX_GROUP_BYTES: usize = 16 << 20;
+/// After this long with nothing queued, the thread checkpoints the store's
+/// write-ahead log (`Store::checkpoint`).
+const IDLE_CHECKPOINT: std::time::Duration = std::time::Duration::from_millis(500);
 
 #[derive(Default)]
 struct Queue {
@@ -133,10 +136,19 @@ fn run(store: &Store, shared: &Shared, stats: &StorageStats, done: &mpsc::Unboun
         {
             let mut queue = lock(&shared.queue);
             while queue.jobs.is_empty() && !queue.closed {
-                queue = shared
+                let (next, waited) = shared
                     .ready
-                    .wait(queue)
+                    .wait_timeout(queue, IDLE_CHECKPOINT)
                     .unwrap_or_else(PoisonError::into_inner);
+                queue = next;
+                if waited.timed_out() && queue.jobs.is_empty() {
+                    // Nobody waits on a commit: flush what the log holds.
+                    drop(queue);
+                    if let Err(e) = store.checkpoint() {
+                        tracing::error!("an idle checkpoint of the store failed: {e}");
+                    }
+                    queue = lock(&shared.queue);
+                }
             }
             if queue.jobs.is_empty() {
                 return;

@@ -180,6 +180,20 @@ impl Store {
         result
     }
 
+    /// Checkpoints the write-ahead log if it holds anything: flushes the
+    /// store's pages and starts the log afresh. A node's storage thread
+    /// calls it when idle, so that readers stop consulting redb's buffer of
+    /// unflushed pages and a crash has little to replay. False if there was
+    /// nothing to do (no log, or an empty one).
+    pub fn checkpoint(&self) -> Result<bool> {
+        let mut state = self.writer();
+        if state.wal.as_ref().is_none_or(|wal| wal.is_empty()) {
+            return Ok(false);
+        }
+        self.checkpoint_locked(&mut state, |_| Ok(()), |_| ())?;
+        Ok(true)
+    }
+
     /// What the write-ahead log records of a group: every entry it changed,
     /// as it left it.
     fn logged_entries(
