@@ -5,7 +5,7 @@
 //! `cargo bench --bench storage` runs the full sizes; `-- --quick` runs a
 //! tenth of them for a smoke test. Progress goes to stderr.
 
-use gossipkv::store::{Durability, GroupWrite, Op};
+use gossipkv::store::{wal_path, Durability, GroupWrite, Op};
 use gossipkv::{Batch, NodeId, Store, StoreOptions, VersionVector};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -299,7 +299,8 @@ fn bench_changes_since(dir: &Path, sizes: &Sizes) {
 /// cost is its change index and version vectors: more dirty pages per
 /// group, each written with its own `pwrite`. Then the same groups made
 /// durable through the write-ahead log, as a node commits them
-/// (`put_grouped60_wal_ratio_vs_flushed`).
+/// (`put_grouped60_wal_ratio_vs_flushed`), and how fast a crash's log of
+/// those writes replays at open (`wal_replay_entries_per_sec`).
 fn bench_put_grouped(dir: &Path, sizes: &Sizes) {
     const GROUP: usize = 60;
     let keys = keys(sizes.grouped_writes, 4);
@@ -365,6 +366,41 @@ fn bench_put_grouped(dir: &Path, sizes: &Sizes) {
     }
     logged.close().expect("close");
     let with_log = ops_per_sec(keys.len(), start.elapsed());
+    // How fast a crash's log replays at open: the same writes, never
+    // checkpointed, the files copied while the store is open.
+    let crashed = dir.join("store-crashed.redb");
+    {
+        let path = dir.join("store-replayed.redb");
+        let store = Store::open(
+            &path,
+            StoreOptions::default()
+                .write_ahead_log(true)
+                .checkpoint_interval(Duration::from_secs(3600)),
+        )
+        .expect("open store");
+        for chunk in keys.chunks(GROUP) {
+            let writes: Vec<GroupWrite> = chunk
+                .iter()
+                .map(|key| {
+                    GroupWrite::Local(Op::Put {
+                        key: key.to_vec(),
+                        value: value(0),
+                        context: None,
+                    })
+                })
+                .collect();
+            store
+                .commit_group_exposed(&writes, |_| {})
+                .expect("commit group");
+        }
+        std::fs::copy(&path, &crashed).expect("copy store");
+        std::fs::copy(wal_path(&path), wal_path(&crashed)).expect("copy log");
+    }
+    let start = Instant::now();
+    let reopened = Store::open(&crashed, StoreOptions::default().write_ahead_log(true))
+        .expect("reopen after the crash");
+    let replay = start.elapsed();
+    assert!(reopened.get(&keys[keys.len() - 1]).expect("get").is_some());
     let (ours, raw) = (ops_per_sec(keys.len(), ours), ops_per_sec(keys.len(), raw));
     metric("put_grouped60_ops", ours, "ops/s");
     metric("redb_put_grouped60_ops", raw, "ops/s");
@@ -374,6 +410,11 @@ fn bench_put_grouped(dir: &Path, sizes: &Sizes) {
         "put_grouped60_wal_ratio_vs_flushed",
         with_log / ours,
         "ratio",
+    );
+    metric(
+        "wal_replay_entries_per_sec",
+        keys.len() as f64 / replay.as_secs_f64(),
+        "entries/s",
     );
 }
 
