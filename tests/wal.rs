@@ -216,6 +216,25 @@ fn a_torn_last_record_is_dropped_and_damage_before_it_is_an_error() {
 }
 
 #[test]
+fn a_store_opened_without_the_option_still_replays_its_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("store.redb");
+    let store = Store::open(&path, options(Duration::from_secs(3600))).unwrap();
+    write(&store, 0, 40);
+    let crashed = tempfile::tempdir().unwrap();
+    let image = crash_image(&path, crashed.path());
+    let plain = Store::open(&image, StoreOptions::default().node_id(NODE)).unwrap();
+    holds_all(&plain, 40);
+    assert!(!wal_path(&image).exists(), "the replayed log is removed");
+    drop(plain);
+    // And the writes are in the file itself now.
+    holds_all(
+        &Store::open(&image, StoreOptions::default().node_id(NODE)).unwrap(),
+        40,
+    );
+}
+
+#[test]
 fn a_log_needs_a_store_opened_from_a_path() {
     let err = Store::open_in_memory(StoreOptions::default().write_ahead_log(true)).unwrap_err();
     assert!(err.to_string().contains("write_ahead_log"), "{err}");

@@ -300,8 +300,19 @@ impl Store {
             })?;
             let (wal, interval) = (options.write_ahead_log, options.checkpoint_interval);
             let store = Self::init(db, options, shown.clone())?;
+            let log = wal_path(path);
             if wal {
-                store.attach_wal(&wal_path(path), interval)?;
+                store.attach_wal(&log, interval)?;
+            } else if log.exists() {
+                // Opened without the log after a run with it (another
+                // program, or the option turned off): its writes must not
+                // be left behind.
+                store.attach_wal(&log, interval)?;
+                store.writer().wal = None;
+                std::fs::remove_file(&log).map_err(|source| Error::WriteAheadLog {
+                    path: log.display().to_string(),
+                    source,
+                })?;
             }
             Ok(store)
         })
