@@ -197,7 +197,17 @@ async fn a_plan_takes_load_off_the_hot_node_and_applies_once() {
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     };
-    let before = shares(admin).await;
+    // The plan may come from the first reports, before the node the admin
+    // asks has heard any load: wait for figures to compare against.
+    let mut before = shares(admin).await;
+    while before.iter().all(|(_, share)| *share == 0.0) {
+        assert!(
+            Instant::now() < deadline,
+            "no member's load was gossiped in 90 s"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        before = shares(admin).await;
+    }
     let hot_before = before
         .iter()
         .find(|(n, _)| n == hot_node)

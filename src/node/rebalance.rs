@@ -300,6 +300,18 @@ impl Core {
             .filter_map(|m| Some((m.id, m.meta?.load.partitions)))
             .collect();
         reports.insert(self.id, own);
+        // A node that has not reported yet (it just started, or its report
+        // has not spread) would count as idle and draw every move.
+        let current = layout.current();
+        let silent = specs.iter().map(|s| s.id).find(|&id| {
+            !current.partitions_of(id).is_empty() && reports.get(&id).is_none_or(|r| r.held == 0)
+        });
+        if let Some(id) = silent {
+            return refuse(format!(
+                "no load report from node {id} yet (nodes report every {} ms, rebalance.load_report_interval_ms): plan once every node holding partitions has reported",
+                self.rebalancing.interval.as_millis()
+            ));
+        }
         let plan = rebalance::plan(
             layout.current(),
             &specs,
