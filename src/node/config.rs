@@ -77,13 +77,9 @@ pub enum ConfigError {
     },
 }
 
-/// Default of `checkpoint_interval_ms`. A checkpoint holds up the writes
-/// queued behind it while it flushes every page dirtied since the last
-/// (tens of ms under a saturating load on the 2-core test machine): every
-/// 10 s that touches few writes, where every 1 s put it in the p99
-/// (`cargo bench --bench cluster`: W=2 C=64 p99 22 ms against 40-53 ms,
-/// and more writes per second). The log is also checkpointed at 64 MiB.
-pub const DEFAULT_CHECKPOINT_INTERVAL_MS: u64 = 10_000;
+/// Default of `checkpoint_interval_ms`: the store's.
+pub const DEFAULT_CHECKPOINT_INTERVAL_MS: u64 =
+    crate::store::DEFAULT_CHECKPOINT_INTERVAL.as_millis() as u64;
 
 /// The file's fields, all optional so that flags can supply them.
 #[derive(Debug, Default, Deserialize)]
