@@ -321,23 +321,7 @@ fn bench_put_grouped(dir: &Path, sizes: &Sizes) {
     let raw = start.elapsed();
     let store = open_store(dir, "store-grouped.redb", Durability::Immediate);
     let start = Instant::now();
-    for (i, chunk) in keys.chunks(GROUP).enumerate() {
-        let writes: Vec<GroupWrite> = chunk
-            .iter()
-            .enumerate()
-            .map(|(j, key)| {
-                GroupWrite::Local(Op::Put {
-                    key: key.to_vec(),
-                    value: value(i * GROUP + j),
-                    context: None,
-                })
-            })
-            .collect();
-        store
-            .commit_group_exposed(&writes, |_| {})
-            .expect("commit group");
-        progress("put_grouped", (i + 1) * GROUP, keys.len());
-    }
+    put_groups(&store, &keys, GROUP, "put_grouped");
     let ours = start.elapsed();
     // The same groups durable through the write-ahead log (what a node
     // does), the final checkpoint (the close) included in the time.
@@ -347,23 +331,7 @@ fn bench_put_grouped(dir: &Path, sizes: &Sizes) {
     )
     .expect("open store");
     let start = Instant::now();
-    for (i, chunk) in keys.chunks(GROUP).enumerate() {
-        let writes: Vec<GroupWrite> = chunk
-            .iter()
-            .enumerate()
-            .map(|(j, key)| {
-                GroupWrite::Local(Op::Put {
-                    key: key.to_vec(),
-                    value: value(i * GROUP + j),
-                    context: None,
-                })
-            })
-            .collect();
-        logged
-            .commit_group_exposed(&writes, |_| {})
-            .expect("commit group");
-        progress("put_grouped_wal", (i + 1) * GROUP, keys.len());
-    }
+    put_groups(&logged, &keys, GROUP, "put_grouped_wal");
     logged.close().expect("close");
     let with_log = ops_per_sec(keys.len(), start.elapsed());
     // How fast a crash's log replays at open: the same writes, never
@@ -378,21 +346,7 @@ fn bench_put_grouped(dir: &Path, sizes: &Sizes) {
                 .checkpoint_interval(Duration::from_secs(3600)),
         )
         .expect("open store");
-        for chunk in keys.chunks(GROUP) {
-            let writes: Vec<GroupWrite> = chunk
-                .iter()
-                .map(|key| {
-                    GroupWrite::Local(Op::Put {
-                        key: key.to_vec(),
-                        value: value(0),
-                        context: None,
-                    })
-                })
-                .collect();
-            store
-                .commit_group_exposed(&writes, |_| {})
-                .expect("commit group");
-        }
+        put_groups(&store, &keys, GROUP, "wal_replay");
         std::fs::copy(&path, &crashed).expect("copy store");
         std::fs::copy(wal_path(&path), wal_path(&crashed)).expect("copy log");
     }
@@ -416,6 +370,28 @@ fn bench_put_grouped(dir: &Path, sizes: &Sizes) {
         keys.len() as f64 / replay.as_secs_f64(),
         "entries/s",
     );
+}
+
+/// Puts `keys` into `store` in groups of `group`, as a node's storage
+/// thread commits them.
+fn put_groups(store: &Store, keys: &[[u8; KEY_BYTES]], group: usize, what: &str) {
+    for (i, chunk) in keys.chunks(group).enumerate() {
+        let writes: Vec<GroupWrite> = chunk
+            .iter()
+            .enumerate()
+            .map(|(j, key)| {
+                GroupWrite::Local(Op::Put {
+                    key: key.to_vec(),
+                    value: value(i * group + j),
+                    context: None,
+                })
+            })
+            .collect();
+        store
+            .commit_group_exposed(&writes, |_| {})
+            .expect("commit group");
+        progress(what, (i + 1) * group, keys.len());
+    }
 }
 
 fn main() {

@@ -4,6 +4,7 @@
 //! of redb's unflushed pages) reopens with every acknowledged write.
 
 use gossipkv::crdt::NodeId;
+use gossipkv::store::wal::HEADER_BYTES;
 use gossipkv::store::{wal_path, GroupOutcome, GroupWrite, Op, Store, StoreOptions};
 use gossipkv::{Error, Record, Value};
 use std::path::{Path, PathBuf};
@@ -104,7 +105,10 @@ fn a_crash_between_checkpoints_loses_no_committed_group() {
     let reopened = Store::open(&image, options(Duration::from_secs(3600))).unwrap();
     holds_all(&reopened, 200);
     // The replay made them durable in the file and emptied the log.
-    assert_eq!(std::fs::metadata(wal_path(&image)).unwrap().len(), 24);
+    assert_eq!(
+        std::fs::metadata(wal_path(&image)).unwrap().len() as usize,
+        HEADER_BYTES
+    );
     // The partition vectors came back with the entries: new writes go on
     // (after a crash, under a new writer epoch) and nothing is refused.
     write(&reopened, 200, 20);
@@ -134,7 +138,10 @@ fn checkpoints_move_the_log_into_the_file() {
     let store = Store::open(&path, options(Duration::ZERO)).unwrap();
     write(&store, 0, 100);
     // The last group of ten was a checkpoint: the log is back to its header.
-    assert_eq!(std::fs::metadata(wal_path(&path)).unwrap().len(), 24);
+    assert_eq!(
+        std::fs::metadata(wal_path(&path)).unwrap().len() as usize,
+        HEADER_BYTES
+    );
     let crashed = tempfile::tempdir().unwrap();
     let image = crash_image(&path, crashed.path());
     std::fs::remove_file(wal_path(&image)).unwrap();
@@ -150,7 +157,10 @@ fn an_explicit_checkpoint_empties_the_log() {
     assert!(!store.checkpoint().unwrap(), "nothing logged yet");
     write(&store, 0, 30);
     assert!(store.checkpoint().unwrap());
-    assert_eq!(std::fs::metadata(wal_path(&path)).unwrap().len(), 24);
+    assert_eq!(
+        std::fs::metadata(wal_path(&path)).unwrap().len() as usize,
+        HEADER_BYTES
+    );
     let crashed = tempfile::tempdir().unwrap();
     let image = crash_image(&path, crashed.path());
     std::fs::remove_file(wal_path(&image)).unwrap();
@@ -166,9 +176,12 @@ fn a_clean_close_checkpoints() {
     let path = dir.path().join("store.redb");
     let store = Store::open(&path, options(Duration::from_secs(3600))).unwrap();
     write(&store, 0, 50);
-    assert!(std::fs::metadata(wal_path(&path)).unwrap().len() > 24);
+    assert!(std::fs::metadata(wal_path(&path)).unwrap().len() as usize > HEADER_BYTES);
     store.close().unwrap();
-    assert_eq!(std::fs::metadata(wal_path(&path)).unwrap().len(), 24);
+    assert_eq!(
+        std::fs::metadata(wal_path(&path)).unwrap().len() as usize,
+        HEADER_BYTES
+    );
     let writer = store.writer_id();
     drop(store);
     let reopened = Store::open(&path, options(Duration::from_secs(3600))).unwrap();
@@ -204,7 +217,7 @@ fn a_torn_last_record_is_dropped_and_damage_before_it_is_an_error() {
     let damaged = crashed.path().join("damaged.redb");
     std::fs::copy(&image, &damaged).unwrap();
     let mut bytes = log.clone();
-    bytes[24 + 12 + 3] ^= 0x40;
+    bytes[HEADER_BYTES + 12 + 3] ^= 0x40;
     std::fs::write(wal_path(&damaged), &bytes).unwrap();
     let err = Store::open(&damaged, options(Duration::from_secs(3600))).unwrap_err();
     assert!(matches!(err, Error::Corrupt { .. }), "{err:?}");
